@@ -1,0 +1,135 @@
+"""LoRA-CLP: a frozen base with ``m`` LoRA adapters per target module, mixed per row by ``w``.
+
+``Delta W(w) = sum_i w_i * B_i A_i`` (times peft's ``lora_alpha / r`` scaling). peft injects the adapters (named
+``objective_0 .. objective_{m-1}``) and runs them all; a forward hook on each ``lora_B`` scales its output by that
+objective's weight, row by row, which is the cheap per-copy path (rank ``r`` per copy). ``B`` starts at zero, so
+the policy equals the base for every ``w`` at initialisation, and the reference policy is the same base with the
+adapters switched off: no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+
+from clp_lightning.conditioning.mixing import WeightingState, resolve_targets
+
+
+def adapter_name(i: int) -> str:
+    return f"objective_{i}"
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters, one set per objective.
+
+    Attributes:
+        r: rank of each adapter.
+        alpha: peft's ``lora_alpha``; the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter input.
+        target_modules: modules that get adapters: ``"attention"``, ``"all"`` (every Linear / Conv1D except the
+            output layer) or module-name patterns, resolved like parameter-mixing targets.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = field(default_factory=lambda: ["attention"])
+
+
+def _lora_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    output = model.get_output_embeddings()
+    names = resolve_targets(model, targets)
+    modules = dict(model.named_modules())
+    # peft adapts Linear / Conv1D; the output layer stays shared (condition it with parameter mixing instead).
+    return [n for n in names if not isinstance(modules[n], nn.Embedding) and modules[n] is not output]
+
+
+def apply_lora_mixing(model: nn.Module, spec: LoraSpec, num_objectives: int, state: WeightingState) -> list[str]:
+    """Freeze ``model`` and inject ``m`` LoRA adapters into the target modules, mixed per row by ``state``.
+
+    Returns:
+        The qualified names of the adapted modules.
+    """
+    if spec.r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {spec.r}")
+    targets = _lora_targets(model, spec.target_modules)
+    if not targets:
+        raise ValueError(
+            f"LoRA target_modules {spec.target_modules!r} select no Linear module of {type(model).__name__}"
+        )
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n in targets),
+    )
+    names = [adapter_name(i) for i in range(num_objectives)]
+    with warnings.catch_warnings():  # several adapters in one model is the point here
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        for name in names:
+            inject_adapter_in_model(config, model, adapter_name=name)
+    for layer in lora_layers(model):
+        layer.set_adapter(names)  # all adapters active at once; the hooks weight them
+        for i, name in enumerate(names):
+            layer.lora_B[name].register_forward_hook(_weight_hook(state, i))
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    return targets
+
+
+def _weight_hook(state: WeightingState, index: int):
+    def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        w = state.rows(output.shape[0])[:, index].to(output.dtype)  # (rows,)
+        return output * w.view(-1, *([1] * (output.dim() - 1)))
+
+    return hook
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the frozen base: every adapter switched off inside the block (the LoRA-CLP reference policy)."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, weights: Tensor) -> nn.Module:
+    """Fold ``sum_i w_i * scale * B_i A_i`` into each base layer and drop the adapters (in place)."""
+    from clp_lightning.conditioning.mixing import _replace_module
+
+    for layer in lora_layers(model):
+        base = layer.get_base_layer()
+        delta = sum(
+            float(w)
+            * layer.scaling[adapter_name(i)]
+            * (layer.lora_B[adapter_name(i)].weight @ layer.lora_A[adapter_name(i)].weight)
+            for i, w in enumerate(weights)
+        )
+        base.weight += delta.t() if layer.fan_in_fan_out else delta
+        _replace_module(model, layer, base)
+    return model

@@ -1,0 +1,315 @@
+"""Parameter-space conditioning: selected modules hold ``m`` copies of their parameters, mixed by ``w``.
+
+The policy at weighting ``w`` uses ``theta_S(w) = sum_i w_i * theta_S^(i)`` for the conditioned subset ``S`` and the
+shared value elsewhere. Each row of a batch may carry its own ``w``.
+
+Cost model (``N`` rows x tokens through a layer of ``out x in`` weights, ``G`` distinct weightings in the batch):
+
+- *grouped*: mix one weight per distinct ``w`` (``G * m * out * in``), then one matmul per group (``N * out * in``);
+  inside ``generate`` the mixed weights are computed once per call and reused at every decoding step;
+- *per-copy*: ``sum_i w_i * (x W_i^T)`` (``m * N * out * in``), never materialising a mixed weight.
+
+:class:`MixedLinear` takes whichever is cheaper; embeddings always gather per copy (``m * N * d``).
+
+Notation: ``m`` objectives, ``B`` rows, ``G`` distinct weightings among the rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+NAMED_TARGETS = ("logits", "attention", "all")
+
+
+class WeightingState:
+    """The weighting every conditioned module of one policy reads during a forward pass.
+
+    The policy sets it around each forward / generate call (:meth:`use`); modules ask for the rows they see, which
+    may be a multiple of the set rows (beam search and ``num_return_sequences`` repeat each row).
+    """
+
+    def __init__(self) -> None:
+        self.weights: Tensor | None = None  # (B, m)
+        self.alpha: Tensor | None = None  # (B,)
+        self.caching = False
+        self._unique: Tensor | None = None  # (G, m)
+        self._inverse: Tensor | None = None  # (B,)
+        self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
+
+    @contextlib.contextmanager
+    def use(self, weights: Tensor, alpha: Tensor | None = None, cache: bool = False) -> Iterator[None]:
+        """Condition on ``weights`` ``(B, m)`` inside the block; ``cache`` reuses mixed weights across calls."""
+        if weights.dim() != 2:
+            raise ValueError(f"weights must have shape (B, m), got {tuple(weights.shape)}")
+        previous = (self.weights, self.alpha, self.caching, self._unique, self._inverse, self._cache)
+        self.weights, self.alpha, self.caching, self._cache = weights, alpha, cache, {}
+        self._unique, self._inverse = torch.unique(weights, dim=0, return_inverse=True)
+        try:
+            yield
+        finally:
+            self.weights, self.alpha, self.caching, self._unique, self._inverse, self._cache = previous
+
+    def _check(self) -> Tensor:
+        if self.weights is None:
+            raise RuntimeError("a conditioned module ran without a weighting: call it inside policy.conditioned(w)")
+        return self.weights
+
+    def _repeat(self, rows: int) -> int:
+        b = self._check().shape[0]
+        if rows % b:
+            raise RuntimeError(f"a conditioned module saw {rows} rows, not a multiple of the {b} weightings set")
+        return rows // b
+
+    def rows(self, rows: int) -> Tensor:
+        """Per-row weights ``(rows, m)``."""
+        return self._check().repeat_interleave(self._repeat(rows), dim=0)
+
+    def groups(self, rows: int) -> tuple[Tensor, Tensor]:
+        """``(unique weightings (G, m), group index of each row (rows,))``."""
+        repeat = self._repeat(rows)
+        assert self._unique is not None and self._inverse is not None
+        return self._unique, self._inverse.repeat_interleave(repeat)
+
+
+class MixedLinear(nn.Module):
+    """A linear layer with ``m`` copies of its weight ``(m, out, in)`` and bias ``(m, out)``, mixed by ``w``.
+
+    Built from an ``nn.Linear`` or a GPT-2 ``Conv1D`` (whose weight is stored transposed); every copy starts at the
+    original value, so the layer equals the original for every ``w`` at initialisation.
+    """
+
+    def __init__(self, layer: nn.Linear | Conv1D, num_objectives: int, state: WeightingState) -> None:
+        super().__init__()
+        weight = layer.weight.detach().t() if isinstance(layer, Conv1D) else layer.weight.detach()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.unsqueeze(0).repeat(num_objectives, 1, 1).contiguous())
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().unsqueeze(0).repeat(num_objectives, 1))
+        self.state = state
+
+    @property
+    def num_objectives(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, copies={self.num_objectives}"
+
+    def mixed(self, weights: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Mixed weight ``(G, out, in)`` and bias ``(G, out)`` for weightings ``(G, m)``."""
+        w = weights.to(self.weight.dtype)
+        bias = None if self.bias is None else w @ self.bias
+        return torch.einsum("gm,moi->goi", w, self.weight), bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[0]
+        unique, inverse = self.state.groups(rows)
+        num_groups, m = unique.shape
+        tokens = x.numel() // self.in_features
+        cached = self.state.caching and id(self) in self.state._cache
+        group_cost = (0 if cached else num_groups * m) + tokens
+        if num_groups > 1 and m * tokens < group_cost:
+            return self._per_copy(x, self.state.rows(rows))
+        if cached:
+            weight, bias = self.state._cache[id(self)]
+        else:
+            weight, bias = self.mixed(unique)
+            if self.state.caching:
+                self.state._cache[id(self)] = (weight, bias)
+        if num_groups == 1:
+            return F.linear(x, weight[0], None if bias is None else bias[0])
+        return self._grouped(x, weight, bias, inverse)
+
+    def _per_copy(self, x: Tensor, w_rows: Tensor) -> Tensor:
+        # (rows, ..., m * out) -> (rows, ..., m, out), weighted sum over the copies
+        m = self.num_objectives
+        flat_bias = None if self.bias is None else self.bias.reshape(-1)
+        y = F.linear(x, self.weight.reshape(m * self.out_features, self.in_features), flat_bias)
+        y = y.unflatten(-1, (m, self.out_features))
+        w = w_rows.to(y.dtype).view(x.shape[0], *([1] * (x.dim() - 2)), m, 1)
+        return (y * w).sum(-2)
+
+    @staticmethod
+    def _grouped(x: Tensor, weight: Tensor, bias: Tensor | None, inverse: Tensor) -> Tensor:
+        order = torch.argsort(inverse, stable=True)
+        counts = torch.bincount(inverse, minlength=weight.shape[0]).tolist()
+        chunks = x.index_select(0, order).split(counts)
+        outs = [F.linear(c, weight[g], None if bias is None else bias[g]) for g, c in enumerate(chunks) if counts[g]]
+        return torch.cat(outs).index_select(0, torch.argsort(order))
+
+    def to_plain(self, weights: Tensor) -> nn.Linear:
+        """An ``nn.Linear`` holding the mixed parameters for one weighting ``(m,)``."""
+        weight, bias = self.mixed(weights.view(1, -1))
+        layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, dtype=self.weight.dtype)
+        layer.weight.data.copy_(weight[0])
+        if bias is not None:
+            layer.bias.data.copy_(bias[0])
+        return layer.to(self.weight.device)
+
+
+class MixedEmbedding(nn.Module):
+    """A token embedding with ``m`` copies ``(m, V, d)``; rows gather from every copy and mix (``m * N * d``)."""
+
+    def __init__(self, layer: nn.Embedding, num_objectives: int, state: WeightingState) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = layer.weight.shape
+        self.padding_idx = layer.padding_idx
+        self.weight = nn.Parameter(layer.weight.detach().unsqueeze(0).repeat(num_objectives, 1, 1).contiguous())
+        self.state = state
+
+    @property
+    def num_objectives(self) -> int:
+        return self.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, copies={self.num_objectives}"
+
+    def forward(self, ids: Tensor) -> Tensor:
+        w = self.state.rows(ids.shape[0]).to(self.weight.dtype)  # (rows, m)
+        per_copy = torch.stack([F.embedding(ids, self.weight[i], self.padding_idx) for i in range(self.num_objectives)])
+        return _mix_rows(per_copy, w)
+
+    def to_plain(self, weights: Tensor) -> nn.Embedding:
+        """An ``nn.Embedding`` holding the mixed table for one weighting ``(m,)``."""
+        table = torch.einsum("m,mvd->vd", weights.to(self.weight.dtype), self.weight)
+        layer = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
+        layer.weight.data = table.detach().clone()
+        return layer
+
+
+def _mix_rows(per_copy: Tensor, w_rows: Tensor) -> Tensor:
+    """``per_copy`` ``(m, rows, ..., d)`` mixed with ``w_rows`` ``(rows, m)`` -> ``(rows, ..., d)``."""
+    w = w_rows.t().reshape(*w_rows.t().shape, *([1] * (per_copy.dim() - 2)))
+    return (per_copy * w).sum(0)
+
+
+# ------------------------------------------------------------------------------------------------- target selection
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that can be conditioned: every Linear / Conv1D and the token embedding, by qualified name.
+
+    The token embedding may appear under several names that share one weight (T5's ``shared``,
+    ``encoder.embed_tokens`` and ``decoder.embed_tokens``); all of them are candidates.
+    """
+    token_embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    token_weight = None if token_embedding is None else token_embedding.weight
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if name and (_is_linear(mod) or (isinstance(mod, nn.Embedding) and mod.weight is token_weight))
+    }
+
+
+def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
+    """Qualified names of the modules selected by ``targets``.
+
+    Args:
+        model: a Hugging Face model.
+        targets: ``"logits"`` (output layer), ``"attention"`` (every linear projection inside an attention block:
+            T5 encoder self-, decoder self- and cross-attention; GPT-2 ``c_attn``/``c_proj``; ``*_proj`` of
+            Llama-style models), ``"all"`` (every Linear / Conv1D and the token embedding; position embeddings and
+            T5's relative-position biases stay shared because they are indexed without a batch dimension), or a
+            list mixing those names with module-name patterns (glob on the qualified name, or a ``.``-suffix such as
+            ``"q"`` or ``"SelfAttention.o"``).
+
+    Raises:
+        ValueError: a pattern matches no conditionable module; the message lists names it could have meant.
+    """
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    if not patterns:
+        raise ValueError("targets is empty; expected 'logits', 'attention', 'all' or module-name patterns")
+    candidates = candidate_modules(model)
+    parents = {name: mod for name, mod in model.named_modules()}
+    selected: dict[str, None] = {}
+    for pattern in patterns:
+        if pattern == "logits":
+            output = model.get_output_embeddings()
+            hits = [n for n, mod in candidates.items() if mod is output]
+        elif pattern == "attention":
+            hits = [
+                n
+                for n, mod in candidates.items()
+                if _is_linear(mod) and "attention" in type(parents[n.rpartition(".")[0]]).__name__.lower()
+            ]
+        elif pattern == "all":
+            hits = list(candidates)
+        else:
+            hits = [
+                n for n in candidates if fnmatch.fnmatchcase(n, pattern) or n == pattern or n.endswith("." + pattern)
+            ]
+        if not hits:
+            close = difflib.get_close_matches(pattern, list(candidates), n=8, cutoff=0.3) or sorted(candidates)[:8]
+            raise ValueError(
+                f"target {pattern!r} matches no Linear/Conv1D/token-embedding module of {type(model).__name__}; "
+                f"did you mean one of {close}? (or one of {list(NAMED_TARGETS)})"
+            )
+        selected.update(dict.fromkeys(hits))
+    return list(selected)
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Swap every reference to ``old`` (T5's encoder and decoder share ``shared`` as ``embed_tokens``)."""
+    for parent in model.modules():
+        for child_name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, child_name, new)
+
+
+@dataclass
+class MixingReport:
+    """What parameter mixing conditioned: module names, parameter counts and the memory the extra copies take."""
+
+    modules: list[str]
+    conditioned_parameters: int  # in one copy
+    extra_parameters: int  # (m - 1) copies
+    extra_bytes: int
+
+
+def apply_parameter_mixing(
+    model: nn.Module, targets: str | Sequence[str], num_objectives: int, state: WeightingState
+) -> MixingReport:
+    """Replace the selected modules of ``model`` in place with ``m``-copy mixed modules reading ``state``."""
+    if num_objectives < 1:
+        raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
+    names = resolve_targets(model, targets)
+    modules = dict(model.named_modules())
+    by_weight: dict[tuple[int, type], nn.Module] = {}  # modules that share a weight share one set of copies
+    per_copy = extra_bytes = 0
+    for name in names:
+        old = modules[name]
+        kind = MixedLinear if _is_linear(old) else MixedEmbedding
+        key = (id(old.weight), kind)
+        if key not in by_weight:
+            by_weight[key] = new = kind(old, num_objectives, state)
+            numel = sum(p.numel() for p in new.parameters()) // num_objectives
+            per_copy += numel
+            extra_bytes += numel * (num_objectives - 1) * new.weight.element_size()
+        _replace_module(model, old, by_weight[key])
+    return MixingReport(names, per_copy, per_copy * (num_objectives - 1), extra_bytes)
+
+
+def mixed_modules(model: nn.Module) -> dict[str, MixedLinear | MixedEmbedding]:
+    """The mixed modules of ``model`` by every qualified name (a shared module appears under each of its names)."""
+    return {
+        n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, (MixedLinear, MixedEmbedding))
+    }
+
+
+def unmix(model: nn.Module, weights: Tensor) -> nn.Module:
+    """Replace every mixed module of ``model`` (in place) with a plain one holding its parameters at ``weights``."""
+    for module in set(mixed_modules(model).values()):
+        _replace_module(model, module, module.to_plain(weights))
+    return model

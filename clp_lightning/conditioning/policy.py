@@ -1,0 +1,415 @@
+"""ConditionalPolicy: a Hugging Face seq2seq or causal LM conditioned on a weighting ``w`` over ``m`` objectives.
+
+Conditioning is any of: prompt (``w`` written into the input), parameter mixing (``m`` copies of selected modules)
+or LoRA-CLP (``m`` LoRA adapters on a frozen base); prompt combines with either of the others.
+
+Notation: ``B`` rows, ``L`` prompt tokens, ``T`` response tokens, ``V`` vocabulary, ``m`` objectives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from clp_lightning.conditioning.lora import LoraSpec, adapters_disabled, apply_lora_mixing, lora_parameters, merge_lora
+from clp_lightning.conditioning.mixing import WeightingState, apply_parameter_mixing, mixed_modules, unmix
+from clp_lightning.conditioning.prompt import PromptConditioner
+from clp_lightning.conditioning.weights import validate_weights
+from clp_lightning.models import count_parameters, load_policy_model, model_kind
+
+
+@dataclass
+class ConditioningConfig:
+    """How the policy is conditioned on the weighting.
+
+    Attributes:
+        prompt: write ``w`` (and ``alpha``) into the input text.
+        prompt_template: prefix format with a ``{weights}`` field.
+        alpha_template: prefix format used when conditioning on ``alpha`` too.
+        prompt_precision: decimals per number in the prefix.
+        targets: parameter-space conditioning: ``"logits"``, ``"attention"``, ``"all"`` or module-name patterns;
+            None for none.
+        lora: LoRA-CLP adapters (``m`` per target module on a frozen base); None for none. Excludes ``targets``.
+        train_shared: with parameter mixing, also train the parameters that are not conditioned (as in the paper);
+            False trains only the copies.
+        condition_on_alpha: the policy also takes the KL strength ``alpha`` (needs ``prompt``).
+    """
+
+    prompt: bool = False
+    prompt_template: str = "<w {weights}> "
+    alpha_template: str = "<w {weights} | kl {alpha}> "
+    prompt_precision: int = 2
+    targets: str | list[str] | None = None
+    lora: LoraSpec | None = None
+    train_shared: bool = True
+    condition_on_alpha: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSpec(**self.lora)
+        if self.targets is not None and self.lora is not None:
+            raise ValueError("conditioning sets both targets (parameter mixing) and lora; choose one")
+        if self.condition_on_alpha and not self.prompt:
+            raise ValueError("condition_on_alpha=True needs prompt=True: alpha is given to the policy in the prompt")
+
+    @property
+    def name(self) -> str:
+        """Short label such as ``prompt+attention``, ``lora`` or ``none``."""
+        parts = (["prompt"] if self.prompt else []) + (["lora"] if self.lora else [])
+        if self.targets is not None:
+            parts.append(self.targets if isinstance(self.targets, str) else "+".join(self.targets))
+        return "+".join(parts) or "none"
+
+
+class PolicyOutput(NamedTuple):
+    """Per-token log-probabilities ``(B, T)`` of the given responses, and their entropies ``(B, T)`` if asked."""
+
+    log_probs: Tensor
+    entropy: Tensor | None
+
+
+def response_log_probs(
+    model: PreTrainedModel,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    return_entropy: bool = False,
+) -> PolicyOutput:
+    """``log p(y_t | x, y_<t)`` for each response token under ``model`` (any seq2seq or causal LM).
+
+    Args:
+        input_ids: prompts ``(B, L)``; causal prompts must be left-padded.
+        attention_mask: ``(B, L)``.
+        response_ids: responses ``(B, T)``, right-padded.
+        response_mask: ``(B, T)``, 1 on response tokens (up to and including EOS).
+        return_entropy: also return the entropy of each next-token distribution (detached).
+
+    Returns:
+        ``PolicyOutput`` with log-probabilities ``(B, T)``, zero where ``response_mask`` is 0.
+    """
+    if model_kind(model) == "seq2seq":
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=response_ids)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=_decoder_mask(response_mask),
+        ).logits
+    else:
+        ids = torch.cat([input_ids, response_ids], dim=1)
+        mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        logits = logits[:, input_ids.shape[1] - 1 : -1]
+    logits = logits.float()
+    log_norm = logits.logsumexp(-1)  # (B, T)
+    log_probs = (logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_norm) * response_mask
+    entropy = None
+    if return_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, -1)
+            entropy = (log_norm - (probs * logits).sum(-1)) * response_mask
+    return PolicyOutput(log_probs, entropy)
+
+
+def _decoder_mask(response_mask: Tensor) -> Tensor:
+    # The decoder input is the response shifted right behind the start token, which is always attended.
+    mask = response_mask.long().roll(1, dims=1)
+    mask[:, 0] = 1
+    return mask
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_token_id: int | Sequence[int] | None) -> Tensor:
+    """1 on tokens up to and including the first EOS of each row ``(B, T)``, 0 after it."""
+    if eos_token_id is None:
+        return torch.ones_like(response_ids)
+    eos = torch.as_tensor(eos_token_id, device=response_ids.device).view(-1)
+    is_eos = torch.isin(response_ids, eos).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+class ConditionalPolicy(nn.Module):
+    """A Hugging Face LM whose behaviour is a function of a weighting ``w`` over ``m`` objectives.
+
+    Args:
+        model: an ``AutoModelForSeq2SeqLM`` or ``AutoModelForCausalLM`` (conditioned in place).
+        tokenizer: its tokenizer; causal tokenizers must pad on the left.
+        num_objectives: ``m``.
+        conditioning: how ``w`` enters the model.
+        max_prompt_length: prompt tokens kept (from the end, so a trailing cue such as ``TL;DR:`` survives),
+            not counting the conditioning prefix.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        num_objectives: int,
+        conditioning: ConditioningConfig | None = None,
+        max_prompt_length: int = 512,
+    ) -> None:
+        super().__init__()
+        if num_objectives < 1:
+            raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
+        self.conditioning = conditioning = conditioning or ConditioningConfig()
+        self.num_objectives = num_objectives
+        self.tokenizer = tokenizer
+        self.kind = model_kind(model)
+        self.max_prompt_length = max_prompt_length
+        if self.kind == "causal" and tokenizer.padding_side != "left":
+            raise ValueError("causal policies generate from left-padded prompts: set tokenizer.padding_side='left'")
+        self.state = WeightingState()
+        self.prompt_conditioner = (
+            PromptConditioner(conditioning.prompt_template, conditioning.alpha_template, conditioning.prompt_precision)
+            if conditioning.prompt
+            else None
+        )
+        self.conditioned_modules: list[str] = []
+        self.extra_parameters = 0
+        if conditioning.targets is not None:
+            report = apply_parameter_mixing(model, conditioning.targets, num_objectives, self.state)
+            self.conditioned_modules, self.extra_parameters = report.modules, report.extra_parameters
+            if not conditioning.train_shared:
+                model.requires_grad_(False)
+                for module in mixed_modules(model).values():
+                    module.requires_grad_(True)
+        elif conditioning.lora is not None:
+            self.conditioned_modules = apply_lora_mixing(model, conditioning.lora, num_objectives, self.state)
+            self.extra_parameters = sum(p.numel() for p in lora_parameters(model))
+        self.model = model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str,
+        num_objectives: int,
+        conditioning: ConditioningConfig | None = None,
+        *,
+        max_prompt_length: int = 512,
+        trust_remote_code: bool = False,
+        torch_dtype: str | None = None,
+        seed: int = 0,
+    ) -> ConditionalPolicy:
+        """Load a model by hub id, local path or ``tiny:<arch>`` and condition it (see :func:`load_policy_model`)."""
+        model, tokenizer = load_policy_model(
+            model_name_or_path, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, seed=seed
+        )
+        return cls(model, tokenizer, num_objectives, conditioning, max_prompt_length)
+
+    # ------------------------------------------------------------------------------------------------ conditioning
+
+    @property
+    def is_lora(self) -> bool:
+        return self.conditioning.lora is not None
+
+    def check_weights(self, weights: Any, rows: int | None = None) -> Tensor:
+        """Validate a batch of weightings and return it as ``(B, m)`` on the model's device."""
+        w = validate_weights(weights, self.num_objectives)
+        w = w.unsqueeze(0).expand(rows or 1, -1) if w.dim() == 1 else w
+        if rows is not None and w.shape[0] != rows:
+            raise ValueError(f"got {w.shape[0]} weightings for {rows} rows")
+        return w.to(self.device)
+
+    @contextlib.contextmanager
+    def conditioned(self, weights: Tensor, alpha: Tensor | None = None, cache: bool = False) -> Iterator[None]:
+        """Mixed modules and adapters read ``weights`` ``(B, m)`` inside the block."""
+        with self.state.use(weights, alpha, cache=cache):
+            yield
+
+    def reference(self) -> contextlib.AbstractContextManager[None]:
+        """For LoRA-CLP, a block in which the model is the frozen base (the reference policy)."""
+        if not self.is_lora:
+            raise RuntimeError("only LoRA-CLP policies carry their reference; others keep a frozen copy")
+        return adapters_disabled(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---------------------------------------------------------------------------------------------------- encoding
+
+    def encode(self, prompts: Sequence[str], weights: Tensor | None = None, alpha: Tensor | None = None) -> dict:
+        """Tokenise prompts, with the conditioning prefix when prompt conditioning is on and ``weights`` is given.
+
+        Returns:
+            ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on the model's device, padded on the tokenizer's side.
+        """
+        tok = self.tokenizer
+        side = tok.truncation_side
+        tok.truncation_side = "left"  # keep the end of the prompt (the TL;DR: cue)
+        try:
+            body = tok(list(prompts), truncation=True, max_length=self.max_prompt_length)["input_ids"]
+        finally:
+            tok.truncation_side = side
+        if self.prompt_conditioner is not None and weights is not None:
+            if alpha is None and self.conditioning.condition_on_alpha:
+                raise ValueError("this policy is conditioned on alpha: pass alpha with the weights")
+            prefixes = self.prompt_conditioner.prefixes(weights.cpu(), None if alpha is None else alpha.cpu())
+            heads = tok(prefixes, add_special_tokens=False)["input_ids"]
+            body = [h + b for h, b in zip(heads, body)]
+        batch = tok.pad({"input_ids": body}, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------------------------------- forward, generate
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_ids: Tensor,
+        response_mask: Tensor,
+        weights: Tensor,
+        alpha: Tensor | None = None,
+        return_entropy: bool = False,
+    ) -> PolicyOutput:
+        """Per-token log-probabilities ``(B, T)`` of ``response_ids`` under ``pi(. | x, w)``; ``weights`` ``(B, m)``."""
+        with self.conditioned(weights, alpha):
+            return response_log_probs(
+                self.model, input_ids, attention_mask, response_ids, response_mask, return_entropy
+            )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        weights: Tensor,
+        alpha: Tensor | None = None,
+        **generation_kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Generate under per-row weightings ``(B, m)``; mixed weights are computed once for the whole call.
+
+        Args:
+            input_ids, attention_mask: prompts from :meth:`encode`.
+            weights: ``(B, m)``.
+            alpha: ``(B,)`` when the policy is conditioned on alpha (already in the prompt; kept for symmetry).
+            **generation_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ``top_k``, ...).
+
+        Returns:
+            ``(response_ids (B', T), response_mask (B', T))`` without the prompt; ``B' = B * num_return_sequences``.
+        """
+        with self.conditioned(weights, alpha, cache=True):
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+        # causal outputs repeat the prompt; seq2seq outputs start with the decoder start token
+        response = out[:, input_ids.shape[1] :] if self.kind == "causal" else out[:, 1:]
+        eos = self.model.generation_config.eos_token_id
+        mask = response_mask_from_ids(response, eos if eos is not None else self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        return response.masked_fill(mask == 0, pad if pad is not None else 0), mask
+
+    def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
+        """Response texts, special tokens dropped."""
+        return self.tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+
+    # -------------------------------------------------------------------------------------------- export, save, load
+
+    def merged_model(self, weights: Tensor | Sequence[float]) -> PreTrainedModel:
+        """A plain Hugging Face model holding the parameters at one weighting ``(m,)`` (no mixing, no adapters).
+
+        With prompt conditioning the merged model still expects the prefix in its input.
+        """
+        w = validate_weights(weights, self.num_objectives)
+        if w.dim() != 1:
+            raise ValueError(f"merged_model takes one weighting (m,), got shape {tuple(w.shape)}")
+        model = copy.deepcopy(self.model)
+        w = w.to(self.device)
+        return merge_lora(model, w) if self.is_lora else unmix(model, w)
+
+    def frozen_reference(self) -> PreTrainedModel | None:
+        """A frozen plain copy of the model as it is now (call before training: every copy still equals the
+        pretrained value), or None for LoRA-CLP, whose reference is the base with adapters off."""
+        if self.is_lora:
+            return None
+        reference = self.merged_model(torch.full((self.num_objectives,), 1.0 / self.num_objectives))
+        return reference.requires_grad_(False).eval()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trained parameters only (for LoRA-CLP: the adapters, a small checkpoint)."""
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_conditioned(self, directory: str | Path) -> Path:
+        """Write the trained parameters (``conditioned.safetensors``) and the spec (``conditioning.json``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.contiguous().cpu() for n, t in self.trainable_state_dict().items()}
+        tmp = directory / "conditioned.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(directory / "conditioned.safetensors")
+        spec = {"num_objectives": self.num_objectives, "conditioning": asdict(self.conditioning)}
+        (directory / "conditioning.json").write_text(json.dumps(spec, indent=2))
+        return directory / "conditioned.safetensors"
+
+    def load_conditioned(self, directory: str | Path) -> None:
+        """Load parameters written by :meth:`save_conditioned` into this (identically conditioned) policy."""
+        directory = Path(directory)
+        spec = json.loads((directory / "conditioning.json").read_text())
+        if spec["num_objectives"] != self.num_objectives or spec["conditioning"] != asdict(self.conditioning):
+            raise ValueError(
+                f"{directory} holds a policy conditioned as {spec}, this one is "
+                f"{{'num_objectives': {self.num_objectives}, 'conditioning': {asdict(self.conditioning)}}}"
+            )
+        tensors = load_file(str(directory / "conditioned.safetensors"), device=str(self.device))
+        expected = set(self.trainable_state_dict())
+        if set(tensors) != expected:
+            raise ValueError(
+                f"{directory}: parameter names differ; missing {sorted(expected - set(tensors))[:5]}, "
+                f"unexpected {sorted(set(tensors) - expected)[:5]}"
+            )
+        self.model.load_state_dict(tensors, strict=False)
+
+    def report(self) -> dict[str, Any]:
+        """Conditioned modules and parameter counts (for logs and benchmark tables)."""
+        bytes_per = next(self.model.parameters()).element_size()
+        return {
+            "conditioning": self.conditioning.name,
+            "num_objectives": self.num_objectives,
+            "conditioned_modules": len(self.conditioned_modules),
+            "total_parameters": count_parameters(self.model),
+            "trainable_parameters": count_parameters(self.model, trainable_only=True),
+            "extra_parameters": self.extra_parameters,
+            "extra_megabytes": self.extra_parameters * bytes_per / 2**20,
+        }
+
+
+@dataclass
+class PolicyConfig:
+    """What the policy is and how it is conditioned (one YAML block).
+
+    Attributes:
+        model_name_or_path: hub id, local directory (e.g. a warm-start checkpoint) or ``tiny:<arch>[-size]``.
+        conditioning: how the weighting enters the model.
+        max_prompt_length: prompt tokens kept, from the end.
+        trust_remote_code: run code shipped with the model; off unless turned on here.
+        torch_dtype: ``float32``, ``bfloat16``, ... or None for the checkpoint's dtype.
+        seed: initialisation seed for ``tiny:`` models.
+    """
+
+    model_name_or_path: str = "tiny:t5"
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    max_prompt_length: int = 512
+    trust_remote_code: bool = False
+    torch_dtype: str | None = None
+    seed: int = 0
+
+    def build(self, num_objectives: int) -> ConditionalPolicy:
+        return ConditionalPolicy.from_pretrained(
+            self.model_name_or_path,
+            num_objectives,
+            self.conditioning,
+            max_prompt_length=self.max_prompt_length,
+            trust_remote_code=self.trust_remote_code,
+            torch_dtype=self.torch_dtype,
+            seed=self.seed,
+        )

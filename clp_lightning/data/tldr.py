@@ -1,0 +1,113 @@
+"""Reddit TL;DR (the filtered SFT split of Stiennon et al. 2020) as prompts for RL, SFT and evaluation.
+
+Three schemas are read, each normalised to one prompt format (``TLDR_TEMPLATE``):
+
+- ``trl``: ``trl-lib/tldr``, columns ``prompt`` (already formatted) and ``completion`` (``" " + summary``);
+- ``carper``: ``CarperAI/openai_summarize_tldr``, columns ``prompt`` and ``label`` (splits train / valid / test);
+- ``raw``: columns ``subreddit``, ``title``, ``post``, ``summary`` (the synthetic data and hand-made files).
+
+Pre-formatted prompts are parsed back into subreddit / title / post so that the post can be truncated and the
+prompt re-formatted with the ``TL;DR:`` cue still at its end. A prompt that does not parse is skipped (counted
+under ``"unparsed prompt"``) rather than kept: its post could neither be truncated safely nor serve as ``source``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from clp_lightning.data.base import SummarizationDataModule, clean_text, skip_row, truncate_words
+
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+
+# Tolerant of the whitespace between markers (CarperAI uses single newlines); the post runs to the LAST "TL;DR:".
+_PROMPT_RE = re.compile(
+    r"^\s*SUBREDDIT:\s*(?:r/)?(?P<subreddit>[^\n]*?)\s*\n\s*TITLE:\s*(?P<title>.*?)\s*\n\s*POST:\s*(?P<post>.*)"
+    r"\s*TL;DR:\s*$",
+    re.DOTALL,
+)
+SCHEMAS = {
+    "trl": ("prompt", "completion"),
+    "carper": ("prompt", "label"),
+    "raw": ("subreddit", "title", "post", "summary"),
+}
+
+
+def format_tldr_prompt(subreddit: str, title: str, post: str) -> str:
+    """The standard TL;DR prompt; it ends with ``"TL;DR:"`` (no trailing space: the summary starts with one)."""
+    return TLDR_TEMPLATE.format(subreddit=subreddit, title=title, post=post)
+
+
+def detect_schema(columns: list[str]) -> str | None:
+    """The first schema in ``SCHEMAS`` whose columns are all present, else ``None``."""
+    return next((name for name, cols in SCHEMAS.items() if set(cols) <= set(columns)), None)
+
+
+class RedditTLDRDataModule(SummarizationDataModule):
+    """Reddit TL;DR prompts, ``source`` = the post, ``reference`` = the human TL;DR.
+
+    Args:
+        path: Hub id (``trl-lib/tldr`` or ``CarperAI/openai_summarize_tldr``) or a local directory.
+        schema: ``"auto"`` picks the schema from the columns; or force ``"trl"``, ``"carper"`` or ``"raw"``.
+        max_post_chars: Truncate longer posts at a word boundary (the prompt keeps its ``TL;DR:`` cue);
+            ``None`` keeps whole posts.
+        truncation_marker: Appended to a truncated post (counted in ``max_post_chars``); ``""`` for none.
+        val_split: Validation split (``"valid"`` for CarperAI).
+        **kwargs: Loading, split and loader options of ``SummarizationDataModule``.
+    """
+
+    def __init__(
+        self,
+        path: str | None = "trl-lib/tldr",
+        schema: Literal["auto", "trl", "carper", "raw"] = "auto",
+        max_post_chars: int | None = None,
+        truncation_marker: str = "...",
+        val_split: str = "validation",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(path=path, val_split=val_split, **kwargs)
+        if schema not in ("auto", *SCHEMAS):
+            raise ValueError(f"schema must be 'auto' or one of {list(SCHEMAS)}, got {schema!r}")
+        if max_post_chars is not None and max_post_chars <= len(truncation_marker):
+            raise ValueError(f"max_post_chars must exceed the marker length, got {max_post_chars}")
+        self.schema = schema
+        self.max_post_chars = max_post_chars
+        self.truncation_marker = truncation_marker
+
+    def _schema(self, columns: list[str], split: str) -> tuple[list[str], dict[str, Any]]:
+        schema = detect_schema(columns) if self.schema == "auto" else self.schema
+        if schema is None:
+            expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in SCHEMAS.items())
+            raise ValueError(f"Cannot detect the TL;DR schema of split {split!r} from columns {columns}; "
+                             f"expected the columns of one of ({expected})")
+        return list(SCHEMAS[schema]), {
+            "schema": schema,
+            "max_post_chars": self.max_post_chars,
+            "marker": self.truncation_marker,
+        }
+
+    @staticmethod
+    def convert_row(row: dict[str, Any], schema: str, max_post_chars: int | None, marker: str) -> dict[str, str]:
+        if schema == "raw":
+            subreddit, title = (clean_text(row[k], k)[0] for k in ("subreddit", "title"))
+            post, reason = clean_text(row["post"], "post")
+        else:
+            prompt, reason = clean_text(row["prompt"], "prompt")
+            match = _PROMPT_RE.match(prompt) if not reason else None
+            if not reason and not match:
+                reason = "unparsed prompt"
+            if reason:
+                return skip_row(reason)
+            subreddit, title, post = (match[k].strip() for k in ("subreddit", "title", "post"))
+            reason = "" if post else "empty post"
+        reference, ref_reason = clean_text(row["summary" if schema == "raw" else SCHEMAS[schema][1]], "reference")
+        if reason or ref_reason:
+            return skip_row(reason or ref_reason)
+        post = truncate_words(post, max_post_chars, marker)
+        return {
+            "prompt": format_tldr_prompt(subreddit, title, post),
+            "source": post,
+            "reference": reference,
+            "id": str(row["id"]),
+            "skip": "",
+        }

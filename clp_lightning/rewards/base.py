@@ -1,0 +1,128 @@
+"""The reward contract: frozen ``nn.Module``s that score batches of text.
+
+Notation: ``B`` is the number of (source, response) pairs scored in one call.
+
+Every reward is called as ``reward(sources, responses, references) -> Tensor[B]`` (float32, on the reward's
+device). It scores in micro-batches of ``batch_size``, never builds an autograd graph and stays in eval mode even when
+the parent LightningModule calls ``train()``. Rewards are ``nn.Module``s so that moving the system (``.to(device)``,
+``.to(dtype)``) moves them too; a reward without weights keeps an empty buffer only to know its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
+    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None (the checkpoint's dtype).
+
+    Raises:
+        ValueError: the name is not a torch floating-point dtype.
+    """
+    if torch_dtype is None:
+        return None
+    dtype = getattr(torch, torch_dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype={torch_dtype!r} is not a floating-point torch dtype, e.g. 'float32', 'bfloat16'")
+    return dtype
+
+
+class Reward(nn.Module):
+    """Base class of all rewards: validation, micro-batching, no-grad scoring and freezing.
+
+    Subclasses implement :meth:`score` on one micro-batch and call :meth:`freeze` at the end of ``__init__``.
+
+    Attributes:
+        name: the objective's name, used in metric keys (``train/reward/<name>``).
+        batch_size: micro-batch size for scoring.
+        is_neural: True when the reward holds model weights; such weights are frozen pretrained copies and can be
+            left out of training checkpoints (they are reloaded from ``model`` on resume).
+        needs_references: True when :meth:`forward` needs ``references``.
+    """
+
+    is_neural: ClassVar[bool] = False
+
+    def __init__(self, name: str, batch_size: int = 32) -> None:
+        super().__init__()
+        if not name:
+            raise ValueError("a reward needs a non-empty name (it becomes the metric key train/reward/<name>)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.name = name
+        self.batch_size = batch_size
+        # Tracks the device for rewards without weights, so every reward returns on the module's device.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    @property
+    def needs_references(self) -> bool:
+        return False
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter or buffer (the anchor guarantees there is one)."""
+        for tensor in self.parameters():
+            return tensor.device
+        return next(self.buffers()).device
+
+    def freeze(self) -> None:
+        """Turn off gradients and switch to eval mode (dropout off) for good."""
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Reward:
+        # A reward is a fixed function: ignore Lightning's model.train() so dropout never turns on.
+        return super().train(False)
+
+    def forward(
+        self,
+        sources: Sequence[str],
+        responses: Sequence[str],
+        references: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Score ``B`` responses.
+
+        Args:
+            sources: ``B`` prompts (post or article text, without the policy's instruction decoration).
+            responses: ``B`` decoded policy outputs.
+            references: ``B`` human references (summaries), or None when the reward does not need them.
+
+        Returns:
+            ``(B,)`` float32 rewards on :attr:`device`.
+        """
+        for arg, value in (("sources", sources), ("responses", responses), ("references", references)):
+            if isinstance(value, str):  # list("abc") would silently score three one-letter texts
+                raise TypeError(f"reward {self.name!r}: {arg} must be a sequence of strings, got a single string")
+        sources, responses = list(sources), list(responses)
+        references = None if references is None else list(references)
+        if len(sources) != len(responses) or (references is not None and len(references) != len(responses)):
+            ref_len = "None" if references is None else len(references)
+            raise ValueError(
+                f"reward {self.name!r}: sources, responses and references must have the same length, got "
+                f"{len(sources)}, {len(responses)} and {ref_len}"
+            )
+        if self.needs_references and references is None:
+            raise ValueError(f"reward {self.name!r} needs references (human summaries), got references=None")
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(responses), self.batch_size):
+                j = i + self.batch_size
+                out.append(self.score(sources[i:j], responses[i:j], None if references is None else references[i:j]))
+        if not out:
+            return torch.zeros(0, device=self.device)
+        return torch.cat([o.to(device=self.device, dtype=torch.float32) for o in out])
+
+    def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
+        """Score one micro-batch of ``b <= batch_size`` pairs; returns ``(b,)`` (any float dtype and device)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, batch_size={self.batch_size}"
+
+
+def to_device(batch: Any, device: torch.device) -> dict[str, Tensor]:
+    """Move a tokenizer's ``BatchEncoding`` (or dict of tensors) to ``device``."""
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,146 @@
+"""Rewards from sequence classifiers: NLI (roberta-large-mnli), faithfulness (bart-faithful-summary-detector) and
+preference reward models (OpenAssistant/reward-model-deberta-v3-large-v2)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding, PreTrainedConfig
+
+from clp_lightning.models import load_pretrained
+from clp_lightning.rewards.base import Reward, parse_dtype, to_device
+
+ClassifierOutput = Literal["logit", "probability", "logit_diff"]
+
+
+def resolve_label(config: PreTrainedConfig, label: int | str, model: str) -> int:
+    """A class index from an index or a label name (matched case-insensitively against ``config.label2id``).
+
+    Raises:
+        ValueError: the index is out of range or the name is unknown; the message lists the model's labels.
+    """
+    num_labels = config.num_labels
+    available = {str(name): int(i) for i, name in config.id2label.items()}
+    if isinstance(label, str) and not label.lstrip("-").isdigit():
+        matches = [i for name, i in available.items() if name.lower() == label.lower()]
+        if not matches:
+            raise ValueError(f"label {label!r} is not a label of {model!r}; available labels: {available}")
+        return matches[0]
+    index = int(label)
+    if not 0 <= index < num_labels:
+        raise ValueError(f"label index {index} is out of range for {model!r} ({num_labels} labels: {available})")
+    return index
+
+
+class SequenceClassifierReward(Reward):
+    """Score with a sequence-classification model: a chosen class's logit, its probability, or a logit difference.
+
+    With ``pair=True`` the model reads ``tokenizer(source, response)`` (NLI premise/hypothesis, question/answer), or
+    ``tokenizer(response, source)`` with ``pair_order="response_source"``. Only the end of the source is truncated
+    to fit ``max_length``, so the response is seen whole unless it alone is longer than ``max_length`` (then both
+    are cut, longest first). With ``pair=False`` the model reads the response alone.
+
+    Typical setups:
+        - ``roberta-large-mnli``: ``pair=True, output="probability", label="entailment"`` (index 2), ``max_length=512``.
+        - ``CogComp/bart-faithful-summary-detector``: ``pair_order="response_source", output="probability",
+          label=1`` (faithful).
+        - ``OpenAssistant/reward-model-deberta-v3-large-v2``: ``pair=True, output="logit", label=0`` (one logit).
+
+    Args:
+        model: hub id, local directory or ``pkg:<package>/<subdir>`` of an ``AutoModelForSequenceClassification``.
+        name: objective name used in metric keys.
+        tokenizer: tokenizer to load; defaults to ``model``'s.
+        pair: classify ``(source, response)`` pairs; False classifies the response alone.
+        pair_order: ``"source_response"`` (NLI premise first, question first) or ``"response_source"`` (the
+            summary first, as bart-faithful-summary-detector expects). Either way only the source is truncated.
+        output: ``"logit"`` of ``label``; ``"probability"`` (softmax over classes, or sigmoid for a one-logit head);
+            ``"logit_diff"``: logit of ``label`` minus logit of ``minus_label``.
+        label: class index or label name (case-insensitive, from the model's ``config.label2id``).
+        minus_label: class subtracted when ``output="logit_diff"``.
+        max_length: maximum tokens per input, special tokens included. Set explicitly: some tokenizers report a
+            huge ``model_max_length``.
+        source_max_chars: cut the source to this many characters before tokenising (saves time on long articles);
+            None keeps it whole.
+        batch_size: micro-batch size.
+        trust_remote_code: run code shipped with the model.
+        torch_dtype: weights' dtype (``"float32"``, ``"bfloat16"``, ...); None keeps the checkpoint's.
+    """
+
+    is_neural = True
+
+    def __init__(
+        self,
+        model: str,
+        name: str = "classifier",
+        tokenizer: str | None = None,
+        pair: bool = True,
+        pair_order: Literal["source_response", "response_source"] = "source_response",
+        output: ClassifierOutput = "probability",
+        label: int | str = 0,
+        minus_label: int | str | None = None,
+        max_length: int = 512,
+        source_max_chars: int | None = None,
+        batch_size: int = 16,
+        trust_remote_code: bool = False,
+        torch_dtype: str | None = None,
+    ) -> None:
+        super().__init__(name=name, batch_size=batch_size)
+        if output not in ("logit", "probability", "logit_diff"):
+            raise ValueError(f"output must be 'logit', 'probability' or 'logit_diff', got {output!r}")
+        if output == "logit_diff" and minus_label is None:
+            raise ValueError("output='logit_diff' needs minus_label (the class whose logit is subtracted)")
+        if pair_order not in ("source_response", "response_source"):
+            raise ValueError(f"pair_order must be 'source_response' or 'response_source', got {pair_order!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        dtype = parse_dtype(torch_dtype)
+        self.model = load_pretrained(
+            AutoModelForSequenceClassification, model, trust_remote_code=trust_remote_code,
+            **({"dtype": dtype} if dtype else {}),
+        )
+        self.tokenizer = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
+        self.pair, self.pair_order, self.output = pair, pair_order, output
+        self.max_length, self.source_max_chars = max_length, source_max_chars
+        self.label = resolve_label(self.model.config, label, model)
+        self.minus_label = None if minus_label is None else resolve_label(self.model.config, minus_label, model)
+        self.freeze()
+
+    def encode(self, sources: list[str], responses: list[str]) -> BatchEncoding:
+        """Tokenise a micro-batch: ``input_ids`` etc. of shape ``(b, <= max_length)``, padded."""
+        kw = dict(max_length=self.max_length, padding=True, return_tensors="pt")
+        if not self.pair:
+            return self.tokenizer(responses, truncation=True, **kw)
+        if self.source_max_chars is not None:
+            sources = [s[: self.source_max_chars] for s in sources]
+        pairs = (sources, responses) if self.pair_order == "source_response" else (responses, sources)
+        try:  # the common case: one fast batched call that cuts only the source
+            return self.tokenizer(*pairs, truncation=self._cut_source, **kw)
+        except Exception:  # tokenizers raises a bare Exception when the response alone is longer than max_length
+            # Only the offending pairs fall back to cutting both sides, so the others keep their whole response.
+            rows = [self._encode_one(first, second) for first, second in zip(*pairs)]
+            return self.tokenizer.pad(rows, padding=True, return_tensors="pt")
+
+    @property
+    def _cut_source(self) -> str:
+        return "only_first" if self.pair_order == "source_response" else "only_second"
+
+    def _encode_one(self, first: str, second: str) -> dict:
+        try:
+            return self.tokenizer(first, second, truncation=self._cut_source, max_length=self.max_length)
+        except Exception:
+            return self.tokenizer(first, second, truncation="longest_first", max_length=self.max_length)
+
+    def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
+        logits = self.model(**to_device(self.encode(sources, responses), self.device)).logits.float()  # (b, labels)
+        if self.output == "logit":
+            return logits[:, self.label]
+        if self.output == "logit_diff":
+            return logits[:, self.label] - logits[:, self.minus_label]
+        if logits.shape[-1] == 1:  # a single-logit head is a binary classifier
+            return torch.sigmoid(logits[:, 0])
+        return logits.softmax(-1)[:, self.label]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pair={self.pair}, output={self.output!r}, label={self.label}"

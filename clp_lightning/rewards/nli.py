@@ -1,0 +1,125 @@
+"""Factuality as textual entailment with a seq2seq NLI model in the style of TRUE (``google/t5_xxl_true_nli_mixture``).
+
+The model reads ``premise: {source} hypothesis: {response}`` and writes ``1`` when the premise entails the
+hypothesis, ``0`` otherwise. The reward is the probability of the entailment token at the first decoder step, so one
+encoder pass and one decoder step score a whole micro-batch (no generation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from clp_lightning.models import load_pretrained
+from clp_lightning.rewards.base import Reward, parse_dtype, to_device
+
+
+def fit_source(
+    tokenizer: PreTrainedTokenizerBase, template: str, source: str, response: str, max_length: int, rounds: int = 4
+) -> str:
+    """Render ``template`` with the end of ``source`` cut, at token boundaries, so the text fits ``max_length`` tokens.
+
+    The response is never cut (unless it cannot fit even with an empty source; then the caller's truncation cuts the
+    end). Cutting is done on characters at token offsets and re-checked, because tokenising a piece alone can differ
+    from tokenising it in context by a token at the boundary.
+
+    Args:
+        tokenizer: a fast tokenizer (offsets are needed).
+        template: a format string with ``{source}`` and ``{response}``.
+        source, response: the texts.
+        max_length: token budget, special tokens included.
+        rounds: how many times to re-check after a cut.
+    """
+    start = len(template.split("{source}", 1)[0].format(response=response))  # where the source begins in the text
+    text = template.format(source=source, response=response)
+    for _ in range(rounds):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        excess = len(enc["input_ids"]) - max_length
+        if excess <= 0:
+            break
+        # Token start offsets that lie inside the source; drop the last `excess` of them.
+        starts = [a for a, b in enc["offset_mapping"] if b > a and a >= start and b <= start + len(source)]
+        keep = len(starts) - excess
+        source = source[: starts[keep] - start] if keep > 0 else ""
+        text = template.format(source=source, response=response)
+        if not source:
+            break
+    return text
+
+
+class Seq2SeqNLIReward(Reward):
+    """Probability that the source entails the response, from a seq2seq NLI model (TRUE T5 format).
+
+    Args:
+        model: hub id, local directory or ``pkg:<package>/<subdir>`` of an ``AutoModelForSeq2SeqLM``
+            (real configs: ``google/t5_xxl_true_nli_mixture``).
+        name: objective name used in metric keys.
+        tokenizer: tokenizer to load; defaults to ``model``'s. Must be a fast tokenizer.
+        template: input format with ``{source}`` (the premise) and ``{response}`` (the hypothesis).
+        entail_token: the output token meaning "entailed".
+        not_entail_token: the output token meaning "not entailed" (used only with ``renormalize``).
+        renormalize: return ``p(entail) / (p(entail) + p(not_entail))`` instead of ``p(entail)`` over the whole
+            vocabulary.
+        max_length: maximum encoder tokens; the end of the source is cut to fit, the response is kept whole.
+        batch_size: micro-batch size.
+        trust_remote_code: run code shipped with the model.
+        torch_dtype: weights' dtype (``"float32"``, ``"bfloat16"``, ...); None keeps the checkpoint's.
+    """
+
+    is_neural = True
+
+    def __init__(
+        self,
+        model: str = "google/t5_xxl_true_nli_mixture",
+        name: str = "nli",
+        tokenizer: str | None = None,
+        template: str = "premise: {source} hypothesis: {response}",
+        entail_token: str = "1",
+        not_entail_token: str = "0",
+        renormalize: bool = False,
+        max_length: int = 512,
+        batch_size: int = 8,
+        trust_remote_code: bool = False,
+        torch_dtype: str | None = None,
+    ) -> None:
+        super().__init__(name=name, batch_size=batch_size)
+        if template.count("{source}") != 1 or template.count("{response}") != 1:
+            raise ValueError(f"template must contain {{source}} and {{response}} once each, got {template!r}")
+        dtype = parse_dtype(torch_dtype)
+        self.model = load_pretrained(
+            AutoModelForSeq2SeqLM, model, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype else {})
+        )
+        self.tokenizer = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
+        if not self.tokenizer.is_fast:
+            raise ValueError(f"{tokenizer or model!r}: Seq2SeqNLIReward needs a fast tokenizer (for source truncation)")
+        start = self.model.config.decoder_start_token_id
+        if start is None:
+            raise ValueError(f"{model!r} has no decoder_start_token_id in its config")
+        self.template, self.max_length, self.renormalize = template, max_length, renormalize
+        self.decoder_start_token_id = int(start)
+        self.entail_id = self._token_id(entail_token)
+        self.not_entail_id = self._token_id(not_entail_token)
+        self.freeze()
+
+    def _token_id(self, token: str) -> int:
+        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"output token {token!r} must be a single token, the tokenizer gives {pieces}")
+        return ids[0]
+
+    def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
+        texts = [fit_source(self.tokenizer, self.template, s, r, self.max_length) for s, r in zip(sources, responses)]
+        enc = to_device(
+            self.tokenizer(texts, max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"),
+            self.device,
+        )
+        start = torch.full((len(texts), 1), self.decoder_start_token_id, dtype=torch.long, device=self.device)
+        logits = self.model(**enc, decoder_input_ids=start).logits[:, 0].float()  # (b, vocab): first decoder step
+        if self.renormalize:
+            return logits[:, [self.entail_id, self.not_entail_id]].softmax(-1)[:, 0]
+        return logits.softmax(-1)[:, self.entail_id]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, template={self.template!r}, renormalize={self.renormalize}"

@@ -1,0 +1,178 @@
+import pytest
+import torch
+from policy_helpers import MODES, PROMPTS, make_policy, perturb, plain_copy
+
+from clp_lightning.conditioning.lora import adapter_name, lora_layers
+from clp_lightning.conditioning.mixing import mixed_modules
+from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig, response_log_probs
+
+GEN = dict(max_new_tokens=8, do_sample=False)
+
+
+def _responses(policy, weights):
+    enc = policy.encode(PROMPTS, weights)
+    ids, mask = policy.generate(**enc, weights=weights, max_new_tokens=6, do_sample=True, top_k=0)
+    return enc, ids, mask
+
+
+def _logits(model, kind, enc, ids):
+    if kind == "seq2seq":
+        return model(**enc, decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=ids)).logits
+    full = torch.cat([enc["input_ids"], ids], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(ids)], 1)
+    return model(input_ids=full, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_one_hot_equals_plain_model_with_copy_i(arch, mode):
+    policy = perturb(make_policy(arch, mode)).eval()
+    torch.manual_seed(0)
+    for i in range(2):
+        w = torch.nn.functional.one_hot(torch.full((len(PROMPTS),), i), 2).float()
+        enc = policy.encode(PROMPTS, w)
+        ids = torch.randint(3, 200, (len(PROMPTS), 5))
+        with policy.conditioned(w):
+            got = _logits(policy.model, policy.kind, enc, ids)
+        want = _logits(plain_copy(arch, policy, i), policy.kind, enc, ids)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), (arch, mode, i, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("mode", ["logits", "attention", "all", "lora"])
+def test_at_initialisation_policy_equals_reference_for_every_w(arch, mode):
+    policy = make_policy(arch, mode).eval()
+    reference = policy.frozen_reference()
+    w = torch.tensor([[1.0, 0.0], [0.2, 0.8], [0.5, 0.5]])
+    enc, ids, mask = _responses(policy, w)
+    got = policy(**enc, response_ids=ids, response_mask=mask, weights=w).log_probs
+    if policy.is_lora:
+        with policy.reference():
+            want = response_log_probs(policy.model, **enc, response_ids=ids, response_mask=mask).log_probs
+    else:
+        want = response_log_probs(reference, **enc, response_ids=ids, response_mask=mask).log_probs
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_per_row_weights_equal_rows_alone(arch, mode):
+    policy = perturb(make_policy(arch, mode)).eval()
+    w = torch.tensor([[0.9, 0.1], [0.0, 1.0], [0.35, 0.65]])
+    enc, ids, mask = _responses(policy, w)
+    batch = policy(**enc, response_ids=ids, response_mask=mask, weights=w)
+    for r in range(len(PROMPTS)):
+        enc_r = policy.encode(PROMPTS[r : r + 1], w[r : r + 1])
+        ids_r = ids[r : r + 1, : int(mask[r].sum())]
+        alone = policy(**enc_r, response_ids=ids_r, response_mask=torch.ones_like(ids_r), weights=w[r : r + 1])
+        assert torch.allclose(batch.log_probs[r, : ids_r.shape[1]], alone.log_probs[0], atol=1e-5), (mode, r)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_greedy_generation_per_row_equals_alone(arch, mode):
+    policy = perturb(make_policy(arch, mode), scale=1.0).eval()
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.4, 0.6]])
+    ids, mask = policy.generate(**policy.encode(PROMPTS, w), weights=w, **GEN)
+    outputs = set()
+    for r in range(len(PROMPTS)):
+        ids_r, mask_r = policy.generate(**policy.encode(PROMPTS[r : r + 1], w[r : r + 1]), weights=w[r : r + 1], **GEN)
+        n = int(mask_r.sum())
+        assert ids[r, :n].tolist() == ids_r[0, :n].tolist(), (mode, r)
+        outputs.add(tuple(ids_r[0, :n].tolist()))
+    # the same prompt under different weightings must be able to differ: the weighting reaches the model
+    same = PROMPTS[0:1] * 2
+    w2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ids2, _ = policy.generate(**policy.encode(same, w2), weights=w2, **GEN)
+    assert not torch.equal(ids2[0], ids2[1])
+
+
+@pytest.mark.parametrize("mode", ["logits", "attention", "all"])
+def test_gradients_reach_every_copy_scaled_by_weight(arch, mode):
+    policy = make_policy(arch, mode)
+    w = torch.tensor([[0.25, 0.75]] * len(PROMPTS))
+    enc, ids, mask = _responses(policy, w)
+    policy(**enc, response_ids=ids, response_mask=mask, weights=w).log_probs.sum().backward()
+    for name, module in mixed_modules(policy.model).items():
+        g = module.weight.grad
+        assert g is not None and g[1].abs().sum() > 0, name
+        assert torch.allclose(g[0] / 0.25, g[1] / 0.75, atol=1e-6, rtol=1e-4), name
+
+
+def test_lora_gradients_scaled_by_weight(arch):
+    policy = make_policy(arch, "lora")
+    with torch.no_grad():  # equal A's, so B_i's gradient differs only by w_i
+        for layer in lora_layers(policy.model):
+            layer.lora_A[adapter_name(1)].weight.copy_(layer.lora_A[adapter_name(0)].weight)
+    w = torch.tensor([[0.25, 0.75]] * len(PROMPTS))
+    enc, ids, mask = _responses(policy, w)
+    policy(**enc, response_ids=ids, response_mask=mask, weights=w).log_probs.sum().backward()
+    for layer in lora_layers(policy.model):
+        g0, g1 = layer.lora_B[adapter_name(0)].weight.grad, layer.lora_B[adapter_name(1)].weight.grad
+        assert g1.abs().sum() > 0 and torch.allclose(g0 / 0.25, g1 / 0.75, atol=1e-6, rtol=1e-4)
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("mode", ["attention", "lora", "all"])
+def test_merged_model_equals_policy_at_w(arch, mode):
+    policy = perturb(make_policy(arch, mode)).eval()
+    w = torch.tensor([0.3, 0.7])
+    enc = policy.encode(PROMPTS)
+    ids = torch.randint(3, 200, (len(PROMPTS), 4))
+    with policy.conditioned(w.expand(len(PROMPTS), -1)):
+        got = _logits(policy.model, policy.kind, enc, ids)
+    merged = policy.merged_model(w)
+    assert not mixed_modules(merged) and not lora_layers(merged)
+    assert torch.allclose(got, _logits(merged, policy.kind, enc, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["lora", "logits"])
+def test_save_and_load_conditioned(tmp_path, mode):
+    policy = perturb(make_policy("gpt2", mode))
+    path = policy.save_conditioned(tmp_path)
+    fresh = make_policy("gpt2", mode)
+    fresh.load_conditioned(tmp_path)
+    for name, tensor in policy.trainable_state_dict().items():
+        assert torch.equal(tensor, fresh.trainable_state_dict()[name])
+    if mode == "lora":  # the adapters alone: a small file
+        assert path.stat().st_size < 0.5 * sum(p.numel() * 4 for p in policy.model.parameters())
+    with pytest.raises(ValueError, match="conditioned as"):
+        make_policy("gpt2", "attention").load_conditioned(tmp_path)
+
+
+def test_bad_inputs_fail_with_clear_messages():
+    with pytest.raises(ValueError, match="matches no Linear.*did you mean"):
+        ConditionalPolicy.from_pretrained("tiny:gpt2", 2, ConditioningConfig(targets=["attn.c_atn"]))
+    policy = make_policy("t5", "attention")
+    with pytest.raises(ValueError, match="expected 2"):
+        policy.check_weights([0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="negative"):
+        policy.check_weights([[1.5, -0.5]])
+    with pytest.raises(ValueError, match="sums to"):
+        policy.merged_model([0.5, 0.6])
+    with pytest.raises(RuntimeError, match="inside policy.conditioned"):
+        policy.model(**policy.encode(["x"]), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="both targets"):
+        ConditioningConfig(targets="logits", lora={"r": 2})
+    with pytest.raises(ValueError, match="needs prompt=True"):
+        ConditioningConfig(condition_on_alpha=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ConditionalPolicy.from_pretrained("./no/such/model", 2)
+
+
+def test_prompt_conditioning_prefixes_and_keeps_the_cue():
+    policy = ConditionalPolicy.from_pretrained(
+        "tiny:gpt2", 2, ConditioningConfig(prompt=True, condition_on_alpha=True), max_prompt_length=12
+    )
+    w = torch.tensor([[0.3, 0.7]])
+    enc = policy.encode(["a very long post that will be cut TL;DR:"], w, torch.tensor([0.1]))
+    text = policy.tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True)
+    assert text.startswith("<w 0.30,0.70 | kl 0.1> ") and text.endswith("TL;DR:")
+    with pytest.raises(ValueError, match="pass alpha"):
+        policy.encode(["x"], w)
+
+
+def test_report_counts_conditioned_parameters():
+    policy = make_policy("gpt2", "logits", m=3)
+    lm = policy.model.get_output_embeddings()
+    report = policy.report()
+    assert report["conditioned_modules"] == 1
+    assert report["extra_parameters"] == 2 * lm.weight[0].numel()
+    assert report["extra_megabytes"] == pytest.approx(report["extra_parameters"] * 4 / 2**20)

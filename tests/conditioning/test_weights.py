@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+
+from clp_lightning.conditioning.prompt import PromptConditioner
+from clp_lightning.conditioning.weights import (
+    DirichletSampler,
+    FixedSampler,
+    OneHotSampler,
+    build_sampler,
+    parse_weights,
+    simplex_grid,
+    validate_weights,
+)
+
+
+def test_validate_accepts_vector_batch_and_string():
+    assert validate_weights([0.3, 0.7]).tolist() == pytest.approx([0.3, 0.7])
+    assert validate_weights("0.25, 0.75", 2).tolist() == [0.25, 0.75]
+    batch = validate_weights(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), 2)
+    assert batch.shape == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([0.2, 0.3, 0.5], "has 3 entries, expected 2"),
+        ([1.2, -0.2], "negative"),
+        ([float("nan"), 1.0], "NaN"),
+        ([0.4, 0.4], "sums to 0.8"),
+        ([[0.5, 0.5], [0.9, 0.3]], "[0.9, 0.3] sums to 1.2"),
+        ([[[0.5, 0.5]]], "shape"),
+    ],
+)
+def test_validate_rejects_with_the_value(value, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        validate_weights(value, 2)
+
+
+def test_parse_weights_error_names_text():
+    assert parse_weights("0.3,0.7") == [0.3, 0.7]
+    with pytest.raises(ValueError, match="'0.3;0.7'"):
+        parse_weights("0.3;0.7")
+
+
+def test_grid_sizes_and_order():
+    grid2 = simplex_grid(2, 0.1)
+    assert grid2.shape == (11, 2)
+    assert torch.allclose(grid2[:, 0], torch.linspace(0, 1, 11))
+    grid3 = simplex_grid(3, 0.25)
+    assert grid3.shape == (15, 3)
+    assert torch.allclose(grid3.sum(-1), torch.ones(15))
+    assert len({tuple(r) for r in grid3.tolist()}) == 15
+    with pytest.raises(ValueError, match="0.3 does not divide 1"):
+        simplex_grid(2, 0.3)
+
+
+def test_dirichlet_deterministic_on_simplex_and_concentration():
+    sampler = DirichletSampler(3, 1.0)
+    a = sampler.sample(500, torch.Generator().manual_seed(1))
+    b = sampler.sample(500, torch.Generator().manual_seed(1))
+    c = sampler.sample(500, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    validate_weights(a, 3)
+    assert a.mean(0).tolist() == pytest.approx([1 / 3] * 3, abs=0.04)
+    skewed = DirichletSampler(2, [8.0, 2.0]).sample(2000, torch.Generator().manual_seed(0))
+    assert skewed[:, 0].mean().item() == pytest.approx(0.8, abs=0.02)  # mean of Dirichlet = a_i / sum(a)
+    sharp = DirichletSampler(2, 100.0).sample(200, torch.Generator().manual_seed(0))
+    assert sharp.std(0).max() < 0.06
+    with pytest.raises(ValueError, match="concentration"):
+        DirichletSampler(2, [1.0, -1.0])
+
+
+def test_one_hot_and_fixed():
+    rows = OneHotSampler(3).sample(300, torch.Generator().manual_seed(0))
+    assert torch.equal(rows.sum(-1), torch.ones(300)) and set(rows.argmax(-1).tolist()) == {0, 1, 2}
+    assert OneHotSampler(3, index=1).sample(2).tolist() == [[0, 1, 0], [0, 1, 0]]
+    assert torch.allclose(FixedSampler("0.2,0.8").sample(2), torch.tensor([[0.2, 0.8]] * 2))
+    with pytest.raises(ValueError, match="expected 3"):
+        build_sampler("fixed", 3, weights=[0.5, 0.5])
+    with pytest.raises(ValueError, match="unknown weight sampler 'uniform'"):
+        build_sampler("uniform", 2)
+
+
+def test_prompt_round_trip_with_and_without_alpha():
+    cond = PromptConditioner(precision=3)
+    w = torch.tensor([[0.125, 0.875], [1.0, 0.0]])
+    texts = cond.apply(["SUBREDDIT: r/x\nTL;DR:", "b"], w)
+    assert texts[0].startswith("<w 0.125,0.875> ")
+    for text, row, prompt in zip(texts, w, ["SUBREDDIT: r/x\nTL;DR:", "b"]):
+        parsed, alpha, rest = cond.parse(text)
+        assert torch.allclose(parsed, row) and alpha is None and rest == prompt
+    with_alpha = cond.apply(["p"], w[:1], torch.tensor([0.05]))[0]
+    parsed, alpha, rest = cond.parse(with_alpha)
+    assert math.isclose(alpha, 0.05) and rest == "p" and torch.allclose(parsed, w[0])
+    custom = PromptConditioner(template="[objectives {weights}] ", separator=" ")
+    assert custom.parse(custom.prefix([0.3, 0.7]) + "x")[2] == "x"
+    with pytest.raises(ValueError, match="does not start with a prefix"):
+        cond.parse("no prefix here")

@@ -1,0 +1,58 @@
+"""CNN/DailyMail: Parquet loading, templates, highlights, truncation, the empty-article row."""
+
+import logging
+from pathlib import Path
+
+import datasets
+import pytest
+
+from clp_lightning.data import CNNDailyMailDataModule
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+FILES = {s: str(FIXTURES / f"cnndm_{s}.parquet") for s in ("train", "validation")}
+
+
+def load(tmp_path, **kwargs):
+    dm = CNNDailyMailDataModule(data_files=FILES, cache_dir=str(tmp_path), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def raw(split):
+    return datasets.Dataset.from_parquet(FILES[split])
+
+
+def test_loads_with_default_template_and_joined_highlights(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="clp_lightning.data"):
+        dm = load(tmp_path)
+    original = raw("train")
+    train = dm.data["train"]
+    assert train["id"] == original["id"][:3]  # the dataset's own ids; the empty article is gone
+    assert train["prompt"][0] == original["article"][0] + "\n\nTL;DR:"
+    assert train["source"][0] == original["article"][0]
+    assert train["reference"][0] == " ".join(original["highlights"][0].split("\n"))
+    assert all("\n" not in r for r in train["reference"])
+    assert dm.skipped == {"train": {"empty article": 1}, "validation": {}}
+    assert "empty article: 1" in caplog.text
+
+
+def test_highlights_can_keep_newlines_and_template_is_configurable(tmp_path):
+    dm = load(tmp_path, join_highlights=False, prompt_template="summarize: {article}")
+    first = dm.data["val"][0]
+    assert first["reference"].count("\n") == 2
+    assert first["prompt"] == "summarize: " + first["source"]
+
+
+def test_article_truncation(tmp_path):
+    dm = load(tmp_path, max_article_chars=120, truncation_marker="")
+    for ex, article in zip(dm.data["val"], raw("validation")["article"]):
+        assert len(ex["source"]) <= 120 and article.startswith(ex["source"])
+        assert article[len(ex["source"])].isspace()
+        assert ex["prompt"] == ex["source"] + "\n\nTL;DR:"
+
+
+def test_bad_template_fails_at_construction():
+    with pytest.raises(ValueError, match="article"):
+        CNNDailyMailDataModule(prompt_template="summarize: {text}")
+    with pytest.raises(ValueError, match="article"):
+        CNNDailyMailDataModule(prompt_template="summarize:")

@@ -1,0 +1,50 @@
+"""Synthetic TL;DR data: determinism, the length spread, references grounded in their posts."""
+
+import re
+from collections import Counter
+
+from clp_lightning.data import TLDR_TEMPLATE, SyntheticTLDRDataModule, generate_examples
+
+
+def words(text):
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def test_same_seed_same_data_different_seed_different():
+    assert generate_examples(50, seed=3) == generate_examples(50, seed=3)
+    assert generate_examples(50, seed=3) != generate_examples(50, seed=4)
+    assert generate_examples(50, seed=3, split="train") != generate_examples(50, seed=3, split="test")
+
+
+def test_examples_are_short_ascii_posts_in_the_raw_schema():
+    examples = generate_examples(500, seed=0)
+    assert all(set(e) == {"subreddit", "title", "post", "summary", "id"} for e in examples)
+    assert all(e["post"].isascii() and e["title"].isascii() and e["summary"].isascii() for e in examples)
+    lengths = [len(e["post"].split()) for e in examples]
+    assert 25 <= min(lengths) and max(lengths) <= 70
+    assert len({e["subreddit"] for e in examples}) == 10
+
+
+def test_references_spread_in_length_and_come_from_the_post():
+    examples = generate_examples(500, seed=0)
+    lengths = Counter(len(e["summary"].split()) for e in examples)
+    assert min(lengths) == 2 and max(lengths) >= 14
+    assert len(lengths) >= 10
+    short, long_ = sum(n for k, n in lengths.items() if k <= 3), sum(n for k, n in lengths.items() if k >= 12)
+    assert short > 50 and long_ > 50  # both ends of the trade-off are well represented
+    for e in examples:
+        assert set(words(e["summary"])) <= set(words(e["post"])), e
+
+
+def test_data_module_uses_the_tldr_format():
+    dm = SyntheticTLDRDataModule(num_train=10, num_val=3, num_test=2, batch_size=4, seed=7)
+    dm.setup("fit")
+    dm.setup("test")
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["prompt"]) == 4
+    example = generate_examples(3, seed=7, split="validation")[0]
+    first = dm.data["val"][0]
+    assert first["prompt"] == TLDR_TEMPLATE.format(**example)
+    assert (first["source"], first["reference"], first["id"]) == (example["post"], example["summary"], example["id"])
+    assert len(dm.data["test"]) == 2
+    assert dm.skipped == {"train": {}, "validation": {}, "test": {}}

@@ -1,0 +1,102 @@
+"""Reddit TL;DR: schema detection, the exact prompt format, truncation, skip accounting."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from clp_lightning.data import RedditTLDRDataModule, format_tldr_prompt
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def load(tmp_path, train, val, val_split="validation", **kwargs):
+    files = {"train": str(FIXTURES / train), val_split: str(FIXTURES / val)}
+    dm = RedditTLDRDataModule(data_files=files, val_split=val_split, cache_dir=str(tmp_path), **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def rows(name):
+    return [json.loads(line) for line in (FIXTURES / name).read_text().splitlines()]
+
+
+def test_format_tldr_prompt():
+    expected = "SUBREDDIT: r/cats\n\nTITLE: Help\n\nPOST: My cat.\n\nTL;DR:"
+    assert format_tldr_prompt("cats", "Help", "My cat.") == expected
+
+
+def test_trl_schema_keeps_the_prompt_exactly_and_strips_the_reference(tmp_path):
+    dm = load(tmp_path, "tldr_trl_train.jsonl", "tldr_trl_validation.jsonl")
+    raw = rows("tldr_trl_validation.jsonl")
+    val = dm.data["val"]
+    assert val["prompt"] == [r["prompt"] for r in raw]  # already in the standard format: unchanged
+    assert val["reference"] == [r["completion"][1:] for r in raw]  # " " + summary -> summary
+    assert val["id"] == [f"validation-{i}" for i in range(len(raw))]
+    first = val[0]
+    assert first["prompt"].endswith("\n\nTL;DR:")
+    assert f"\n\nPOST: {first['source']}\n\nTL;DR:" in first["prompt"]
+    assert dm.skipped == {"train": {}, "validation": {}}
+
+
+def test_carper_schema_is_detected_and_normalised(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="clp_lightning.data"):
+        dm = load(tmp_path, "tldr_carper_train.jsonl", "tldr_carper_valid.jsonl", val_split="valid")
+    trl = load(tmp_path, "tldr_trl_train.jsonl", "tldr_trl_validation.jsonl")
+    # Single newlines between the markers become the standard double newlines; same examples, same prompts.
+    assert dm.data["val"]["prompt"] == trl.data["val"]["prompt"]
+    assert dm.data["val"]["reference"] == trl.data["val"]["reference"]
+    # The marker-less row is counted and logged, not dropped silently.
+    assert dm.skipped == {"train": {"unparsed prompt": 1}, "valid": {}}
+    assert len(dm.data["train"]) == 6
+    assert "'train'" in caplog.text and "unparsed prompt: 1" in caplog.text
+
+
+def test_raw_schema_is_detected(tmp_path):
+    dm = load(tmp_path, "tldr_raw.jsonl", "tldr_raw.jsonl")
+    raw = rows("tldr_raw.jsonl")
+    assert dm.data["train"]["prompt"][0] == format_tldr_prompt(raw[0]["subreddit"], raw[0]["title"], raw[0]["post"])
+    assert dm.data["train"]["source"] == [r["post"] for r in raw]
+
+
+def test_undetectable_schema_lists_the_columns(tmp_path):
+    with pytest.raises(ValueError, match=r"Cannot detect the TL;DR schema of split 'train' from columns \['prompt'\]"):
+        load(tmp_path, "tldr_missing_column.jsonl", "tldr_trl_validation.jsonl")
+
+
+def test_forced_schema_reports_the_missing_column(tmp_path):
+    with pytest.raises(ValueError, match=r"'label' is missing from split 'train'"):
+        load(tmp_path, "tldr_trl_train.jsonl", "tldr_trl_validation.jsonl", schema="carper")
+
+
+def test_long_post_is_truncated_at_a_word_boundary_and_keeps_the_cue(tmp_path):
+    limit = 400
+    dm = load(tmp_path, "tldr_trl_train.jsonl", "tldr_trl_validation.jsonl", max_post_chars=limit)
+    original = {f"train-{i}": r for i, r in enumerate(rows("tldr_trl_train.jsonl"))}
+    truncated = 0
+    for ex in dm.data["train"]:
+        post = original[ex["id"]]["prompt"].split("POST: ", 1)[1].removesuffix("\n\nTL;DR:")
+        assert ex["prompt"].endswith(f"POST: {ex['source']}\n\nTL;DR:")
+        assert len(ex["source"]) <= limit
+        if ex["source"] != post:
+            truncated += 1
+            kept = ex["source"].removesuffix("...")
+            assert ex["source"].endswith("...") and post.startswith(kept)
+            assert post[len(kept)].isspace()  # cut at a word boundary
+    assert truncated == 1  # only the over-long AskReddit post
+
+
+def test_skipped_rows_are_counted_by_reason(tmp_path, caplog):
+    data = tmp_path / "raw.jsonl"
+    good = {"subreddit": "cats", "title": "t", "post": "My cat hides.", "summary": " cat hides "}
+    bad = [{**good, "post": "   "}, {**good, "summary": ""}, {**good, "summary": None}, {**good, "post": None}]
+    data.write_text("\n".join(json.dumps(r) for r in [good, *bad, good]))
+    with caplog.at_level(logging.WARNING, logger="clp_lightning.data"):
+        dm = RedditTLDRDataModule(data_files={"train": str(data), "validation": str(data)}, cache_dir=str(tmp_path))
+        dm.setup("fit")
+    expected = {"empty post": 1, "empty reference": 1, "missing reference": 1, "missing post": 1}
+    assert dm.skipped["train"] == expected
+    assert dm.data["train"]["id"] == ["train-0", "train-5"]  # ids stay the original row numbers
+    assert dm.data["train"]["reference"] == ["cat hides", "cat hides"]
+    assert "skipped 4 of 6 rows" in caplog.text and "missing post: 1" in caplog.text

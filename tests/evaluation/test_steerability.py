@@ -1,0 +1,83 @@
+"""Spearman correlation and monotonicity violations on m = 2 and m = 3 weight grids."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from clp_lightning.evaluation import grid_step, monotonicity_violations, spearman, steerability
+
+
+def grid_m2(n: int = 11) -> torch.Tensor:
+    w1 = torch.linspace(0, 1, n)  # float noise on purpose: 0.1 steps are not exact in binary
+    return torch.stack([w1, 1 - w1], dim=-1)
+
+
+def lattice_m3(step: float = 0.25) -> torch.Tensor:
+    units = round(1 / step)
+    rows = [(a, b, units - a - b) for a, b in itertools.product(range(units + 1), repeat=2) if a + b <= units]
+    return torch.tensor(rows, dtype=torch.float32) * step
+
+
+def test_spearman_by_hand_with_ties():
+    # Ranks of y with the tie at 7 averaged: [1, 2, 3.5, 5, 3.5]; centred rank products sum to 8,
+    # squared deviations to 10 and 9.5.
+    assert spearman(torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([5.0, 6, 7, 8, 7])) == pytest.approx(8 / 95**0.5)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 0.5, -3])) == pytest.approx(-1.0)
+    # Monotone but nonlinear: ranks only.
+    assert spearman(torch.tensor([0.0, 0.1, 0.2, 0.3]), torch.tensor([1.0, 10, 100, 1000])) == pytest.approx(1.0)
+
+
+def test_spearman_undefined_is_nan_and_shape_errors():
+    assert math.isnan(spearman(torch.tensor([1.0, 2, 3]), torch.tensor([4.0, 4, 4])))
+    assert math.isnan(spearman(torch.tensor([1.0]), torch.tensor([2.0])))
+    with pytest.raises(ValueError, match=r"got \(3,\) and \(2,\)"):
+        spearman(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 2]))
+
+
+def test_grid_step():
+    assert grid_step(grid_m2()) == pytest.approx(0.1)
+    assert grid_step(lattice_m3()) == pytest.approx(0.25)
+    assert grid_step(torch.tensor([[0.5, 0.5]])) == 0.0
+
+
+def test_monotonicity_m2_counts_consecutive_decreases():
+    weights = grid_m2()
+    r1 = torch.tensor([0.0, 1, 2, 1.5, 3, 4, 5, 4.9, 6, 7, 8])  # drops 2 -> 1.5 and 5 -> 4.9 as w_1 grows
+    r2 = torch.tensor([10.0, 9, 8, 7, 6, 6.5, 4, 3, 2, 1, 0])  # along w_2 (right to left): 4 -> 6.5 -> 6 drops once
+    means = torch.stack([r1, r2], dim=-1)
+    assert monotonicity_violations(weights, means, 0) == 2
+    assert monotonicity_violations(weights, means, 0, tol=0.2) == 1  # 0.1 drop is within tolerance
+    assert monotonicity_violations(weights, means, 1) == 1
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    assert monotonicity_violations(weights[perm], means[perm], 0) == 2  # row order does not matter
+    rho, violations = steerability(weights, means)
+    assert violations.tolist() == [2, 1]
+    assert rho[0] > 0.9 and rho[1] > 0.9
+
+
+def test_monotonicity_m3_lattice():
+    weights = lattice_m3()
+    assert weights.shape == (15, 3)
+    # Adjacent pairs for objective i: a point a and an objective j != i with a_j >= one step. In units of the
+    # step (coordinates summing to 4) 10 points have a_j >= 1 for each j, so 2 * 10 = 20 pairs per objective.
+    assert [monotonicity_violations(weights, -weights, i) for i in range(3)] == [20, 20, 20]
+    assert [monotonicity_violations(weights, weights, i) for i in range(3)] == [0, 0, 0]
+
+    means = weights.clone()
+    spike = (weights - torch.tensor([0.5, 0.25, 0.25])).abs().sum(-1).argmin()
+    means[spike, 0] = 10.0
+    # Moving a step onto objective 0 from the spike leads to (0.75, 0, 0.25) and (0.75, 0.25, 0): both drop.
+    # Steps into the spike go up; objectives 1 and 2 are unchanged.
+    rho, violations = steerability(weights, means)
+    assert violations.tolist() == [2, 0, 0]
+    assert rho[1:].tolist() == [pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def test_monotonicity_errors():
+    with pytest.raises(ValueError, match="i=2 out of range for m=2"):
+        monotonicity_violations(grid_m2(), grid_m2(), 2)
+    with pytest.raises(ValueError, match=r"got \(11, 2\) and \(10, 2\)"):
+        monotonicity_violations(grid_m2(), grid_m2()[:10], 0)

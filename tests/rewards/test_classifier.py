@@ -1,0 +1,122 @@
+"""SequenceClassifierReward against logits computed directly from the same tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from clp_lightning.rewards import SequenceClassifierReward
+
+SOURCES = ["the quick brown fox jumps over the lazy dog " * 6, "a short premise", "rain in spain"]
+RESPONSES = ["a fox jumps", "short", "it rains mainly on the plain"]
+
+
+@pytest.fixture(scope="module")
+def direct(classifier_dir):
+    """Logits of the classifier computed without the reward class, with its dropout off."""
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    tok = AutoTokenizer.from_pretrained(classifier_dir)
+
+    def logits(sources, responses, max_length=64):
+        enc = tok(sources, responses, truncation="only_first", max_length=max_length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return model(**enc).logits
+
+    return logits
+
+
+@pytest.fixture(scope="module")
+def reward(classifier_dir):
+    return SequenceClassifierReward(str(classifier_dir), output="probability", label=2, max_length=64)
+
+
+def test_probability_is_softmax_of_logits(reward, direct):
+    expected = direct(SOURCES, RESPONSES).softmax(-1)[:, 2]
+    torch.testing.assert_close(reward(SOURCES, RESPONSES), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "select"),
+    [
+        (dict(output="logit", label=1), lambda z: z[:, 1]),
+        (dict(output="logit_diff", label="entailment", minus_label="contradiction"), lambda z: z[:, 2] - z[:, 0]),
+    ],
+)
+def test_logit_outputs(classifier_dir, direct, kwargs, select):
+    reward = SequenceClassifierReward(str(classifier_dir), max_length=64, **kwargs)
+    torch.testing.assert_close(reward(SOURCES, RESPONSES), select(direct(SOURCES, RESPONSES)), rtol=1e-5, atol=1e-6)
+
+
+def test_label_names_resolve_case_insensitively(classifier_dir):
+    assert SequenceClassifierReward(str(classifier_dir), label="ENTAILMENT").label == 2
+    assert SequenceClassifierReward(str(classifier_dir), label="1").label == 1
+    with pytest.raises(ValueError, match="'faithful'.*contradiction.*neutral.*entailment"):
+        SequenceClassifierReward(str(classifier_dir), label="faithful")
+    with pytest.raises(ValueError, match="out of range"):
+        SequenceClassifierReward(str(classifier_dir), label=3)
+    with pytest.raises(ValueError, match="minus_label"):
+        SequenceClassifierReward(str(classifier_dir), output="logit_diff", label=2)
+    with pytest.raises(ValueError, match="output"):
+        SequenceClassifierReward(str(classifier_dir), output="softmax")
+
+
+def test_pair_truncation_cuts_the_source_and_keeps_the_response(classifier_dir, minilm_tokenizer):
+    reward = SequenceClassifierReward(str(classifier_dir), max_length=20)
+    response = "the response must survive whole"
+    source = "an extremely long source post about many things " * 10
+    enc = reward.encode([source, "tiny"], [response, response])
+    assert enc["input_ids"].shape[1] == 20
+    response_ids = minilm_tokenizer(response, add_special_tokens=False)["input_ids"]
+    long_row = enc["input_ids"][0].tolist()
+    assert long_row[-len(response_ids) - 1 : -1] == response_ids  # [.. source .. SEP] response [SEP]
+    assert long_row[1] == minilm_tokenizer.convert_tokens_to_ids("an")  # the source's start is kept, its end cut
+
+
+def test_response_longer_than_max_length_falls_back_per_pair(classifier_dir, minilm_tokenizer):
+    reward = SequenceClassifierReward(str(classifier_dir), max_length=16)
+    long_response = "word " * 40
+    enc = reward.encode(["a source", "another source text here"], [long_response, "kept whole"])
+    assert enc["input_ids"].shape[1] == 16
+    kept = minilm_tokenizer("kept whole", add_special_tokens=False)["input_ids"]
+    row = [t for t in enc["input_ids"][1].tolist() if t != minilm_tokenizer.pad_token_id]
+    assert row[-len(kept) - 1 : -1] == kept  # the other pair still used only_first truncation
+    assert reward(["a source", "x"], [long_response, "y"]).shape == (2,)
+
+
+def test_single_text_mode_and_source_chars(classifier_dir, minilm_tokenizer):
+    single = SequenceClassifierReward(str(classifier_dir), pair=False, max_length=64)
+    enc = single.encode(["ignored source"], ["only this"])
+    assert minilm_tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True) == "only this"
+    cut = SequenceClassifierReward(str(classifier_dir), source_max_chars=5, max_length=64)
+    enc = cut.encode(["abcde fghij"], ["resp"])
+    assert minilm_tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True) == "abcde resp"
+
+
+def test_torch_dtype_loads_weights_in_that_dtype(classifier_dir):
+    reward = SequenceClassifierReward(str(classifier_dir), torch_dtype="float64", max_length=32)
+    assert next(reward.model.parameters()).dtype == torch.float64
+    assert reward(["a"], ["b"]).dtype == torch.float32
+
+
+def test_response_first_order_still_cuts_only_the_source(classifier_dir, minilm_tokenizer):
+    reward = SequenceClassifierReward(str(classifier_dir), pair_order="response_source", max_length=20)
+    response = "the summary comes first"
+    enc = reward.encode(["an extremely long source article about many things " * 10], [response])
+    ids = enc["input_ids"][0].tolist()
+    response_ids = minilm_tokenizer(response, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 20 and ids[1 : 1 + len(response_ids)] == response_ids  # [CLS] response [SEP] source [SEP]
+    assert ids[2 + len(response_ids)] == minilm_tokenizer.convert_tokens_to_ids("an")
+    with pytest.raises(ValueError, match="pair_order"):
+        SequenceClassifierReward(str(classifier_dir), pair_order="summary_first")
+
+
+def test_single_logit_head(tmp_path, classifier_dir):
+    """A preference reward model (one logit): ``logit`` is the raw score, ``probability`` its sigmoid."""
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir, num_labels=1, id2label={0: "LABEL_0"},
+                                                               label2id={"LABEL_0": 0}, ignore_mismatched_sizes=True)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(classifier_dir).save_pretrained(tmp_path)
+    logit = SequenceClassifierReward(str(tmp_path), output="logit", label=0, max_length=32)(["q"], ["a"])
+    prob = SequenceClassifierReward(str(tmp_path), output="probability", label=0, max_length=32)(["q"], ["a"])
+    torch.testing.assert_close(prob, torch.sigmoid(logit))

