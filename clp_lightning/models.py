@@ -134,31 +134,87 @@ def build_byte_tokenizer(kind: ModelKind = "seq2seq") -> PreTrainedTokenizerFast
     return fast
 
 
-def build_tiny_model(arch: str = "t5", size: str = "tiny", seed: int = 0, **overrides: int) -> PreTrainedModel:
+def build_bpe_tokenizer(
+    texts: list[str], vocab_size: int = 1024, kind: ModelKind = "seq2seq"
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts); any string still encodes.
+
+    Same special tokens and padding sides as :func:`build_byte_tokenizer`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    if kind == "seq2seq":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        bos_token="</s>" if kind == "causal" else None,
+        padding_side="left" if kind == "causal" else "right", model_max_length=1024,
+    )
+
+
+def build_tiny_tokenizer(spec: str | None, kind: ModelKind) -> PreTrainedTokenizerFast:
+    """Tokenizer of a ``tiny:`` model: ``None``/``"bytes"`` (256 bytes) or ``"synthetic-bpe[-<vocab>]"`` (BPE trained
+    on the project's synthetic TL;DR data: ~4x shorter sequences than bytes, for the quick start)."""
+    if spec in (None, "bytes"):
+        return build_byte_tokenizer(kind)
+    if spec.startswith("synthetic-bpe"):
+        from clp_lightning.data.synthetic import generate_examples
+
+        vocab = int(spec.rpartition("-")[2]) if spec.count("-") == 2 else 1024
+        rows = generate_examples(4000, seed=0, split="train")
+        texts = [r[k] for r in rows for k in ("title", "post", "summary")]
+        return build_bpe_tokenizer(texts, vocab, kind)
+    raise ValueError(f"unknown tiny tokenizer {spec!r}; expected 'bytes' or 'synthetic-bpe[-<vocab size>]'")
+
+
+def build_tiny_model(
+    arch: str = "t5", size: str = "tiny", seed: int = 0, vocab_size: int | None = None, **overrides: int
+) -> PreTrainedModel:
     """A randomly initialised T5 or GPT-2 built from a ``transformers`` config, sized for the byte tokenizer.
 
     Args:
         arch: ``"t5"`` or ``"gpt2"``.
         size: a key of ``TINY_SIZES[arch]`` (``tiny``, ``small``, ``60m``).
         seed: initialisation seed; the same seed gives the same weights.
+        vocab_size: vocabulary size (default: the byte tokenizer's).
         **overrides: config fields to change (e.g. ``tie_word_embeddings=False``).
     """
     if arch not in TINY_SIZES:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {sorted(TINY_SIZES)}")
     if size not in TINY_SIZES[arch]:
         raise ValueError(f"unknown size {size!r} for {arch!r}; expected one of {sorted(TINY_SIZES[arch])}")
-    vocab_size = len(build_byte_tokenizer())
+    vocab_size = vocab_size or len(build_byte_tokenizer())
     fields = {**TINY_SIZES[arch][size], **overrides}
     if arch == "t5":
         config = T5Config(
-            vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-            dropout_rate=0.0, feed_forward_proj="relu", **fields,
+            vocab_size=vocab_size,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            dropout_rate=0.0,
+            feed_forward_proj="relu",
+            **fields,
         )
         cls = AutoModelForSeq2SeqLM
     else:
         config = GPT2Config(
-            vocab_size=vocab_size, n_positions=512, bos_token_id=1, eos_token_id=1, pad_token_id=0,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **fields,
+            vocab_size=vocab_size,
+            n_positions=512,
+            bos_token_id=1,
+            eos_token_id=1,
+            pad_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **fields,
         )
         cls = AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):
@@ -184,6 +240,7 @@ def load_policy_model(
     trust_remote_code: bool = False,
     torch_dtype: str | None = None,
     seed: int = 0,
+    tokenizer: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a seq2seq or causal policy and its tokenizer.
 
@@ -193,14 +250,17 @@ def load_policy_model(
         trust_remote_code: off unless a config turns it on.
         torch_dtype: ``"float32"``, ``"bfloat16"``, ... or None for the checkpoint's dtype.
         seed: initialisation seed for ``tiny:`` models.
+        tokenizer: for ``tiny:`` models, ``"bytes"`` (default) or ``"synthetic-bpe"``; otherwise a tokenizer id or
+            path to use instead of the model's own.
 
     Returns:
         ``(model, tokenizer)``; causal tokenizers pad on the left and always have a pad token.
     """
     if name_or_path.startswith(TINY_PREFIX):
         arch, size = parse_tiny_name(name_or_path)
-        model = build_tiny_model(arch, size, seed=seed)
-        tokenizer = build_byte_tokenizer(model_kind(model))
+        tok = build_tiny_tokenizer(tokenizer, "seq2seq" if arch == "t5" else "causal")
+        model = build_tiny_model(arch, size, seed=seed, vocab_size=len(tok))
+        tokenizer = tok
     else:
         path = resolve_path(name_or_path)
         _check_exists(path)
@@ -210,7 +270,7 @@ def load_policy_model(
         auto_cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
         dtype_kw = {"dtype": getattr(torch, torch_dtype)} if torch_dtype else {}
         model = load_pretrained(auto_cls, path, trust_remote_code=trust_remote_code, **dtype_kw)
-        tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+        tokenizer = load_pretrained(AutoTokenizer, tokenizer or path, trust_remote_code=trust_remote_code)
     if model_kind(model) == "causal":
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:

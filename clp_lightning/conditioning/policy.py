@@ -140,6 +140,20 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_id: int | Sequence[in
     return (~after_eos).long()
 
 
+@torch.no_grad()
+def generate_responses(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """``model.generate`` returning only the responses ``(B', T)``, padded after EOS, and their masks ``(B', T)``."""
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    # causal outputs repeat the prompt; seq2seq outputs start with the decoder start token
+    response = out[:, input_ids.shape[1] :] if model_kind(model) == "causal" else out[:, 1:]
+    eos = model.generation_config.eos_token_id
+    mask = response_mask_from_ids(response, eos if eos is not None else tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id
+    return response.masked_fill(mask == 0, pad if pad is not None else 0), mask
+
+
 class ConditionalPolicy(nn.Module):
     """A Hugging Face LM whose behaviour is a function of a weighting ``w`` over ``m`` objectives.
 
@@ -201,11 +215,14 @@ class ConditionalPolicy(nn.Module):
         trust_remote_code: bool = False,
         torch_dtype: str | None = None,
         seed: int = 0,
+        tokenizer: str | None = None,
     ) -> ConditionalPolicy:
         """Load a model by hub id, local path or ``tiny:<arch>`` and condition it (see :func:`load_policy_model`)."""
-        model, tokenizer = load_policy_model(
-            model_name_or_path, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, seed=seed
+        model, tok = load_policy_model(
+            model_name_or_path, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, seed=seed,
+            tokenizer=tokenizer,
         )
+        tokenizer = tok
         return cls(model, tokenizer, num_objectives, conditioning, max_prompt_length)
 
     # ------------------------------------------------------------------------------------------------ conditioning
@@ -301,13 +318,7 @@ class ConditionalPolicy(nn.Module):
             ``(response_ids (B', T), response_mask (B', T))`` without the prompt; ``B' = B * num_return_sequences``.
         """
         with self.conditioned(weights, alpha, cache=True):
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
-        # causal outputs repeat the prompt; seq2seq outputs start with the decoder start token
-        response = out[:, input_ids.shape[1] :] if self.kind == "causal" else out[:, 1:]
-        eos = self.model.generation_config.eos_token_id
-        mask = response_mask_from_ids(response, eos if eos is not None else self.tokenizer.eos_token_id)
-        pad = self.tokenizer.pad_token_id
-        return response.masked_fill(mask == 0, pad if pad is not None else 0), mask
+            return generate_responses(self.model, self.tokenizer, input_ids, attention_mask, **generation_kwargs)
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
         """Response texts, special tokens dropped."""
@@ -394,6 +405,7 @@ class PolicyConfig:
         trust_remote_code: run code shipped with the model; off unless turned on here.
         torch_dtype: ``float32``, ``bfloat16``, ... or None for the checkpoint's dtype.
         seed: initialisation seed for ``tiny:`` models.
+        tokenizer: ``tiny:`` models: ``bytes`` or ``synthetic-bpe``; others: a tokenizer to use instead of the model's.
     """
 
     model_name_or_path: str = "tiny:t5"
@@ -402,6 +414,11 @@ class PolicyConfig:
     trust_remote_code: bool = False
     torch_dtype: str | None = None
     seed: int = 0
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.conditioning, dict):
+            self.conditioning = ConditioningConfig(**self.conditioning)
 
     def build(self, num_objectives: int) -> ConditionalPolicy:
         return ConditionalPolicy.from_pretrained(
@@ -412,4 +429,5 @@ class PolicyConfig:
             trust_remote_code=self.trust_remote_code,
             torch_dtype=self.torch_dtype,
             seed=self.seed,
+            tokenizer=self.tokenizer,
         )

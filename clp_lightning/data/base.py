@@ -23,7 +23,7 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 log = logging.getLogger("clp_lightning.data")
 
@@ -269,12 +269,26 @@ class SummarizationDataModule(L.LightningDataModule):
         return DataLoader(self.data[role], num_workers=self.num_workers, collate_fn=collate_prompts, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        # A seeded generator makes the order per epoch reproducible; under DDP Lightning swaps in a
-        # DistributedSampler, which shuffles with its own seed.
-        generator = torch.Generator().manual_seed(self.seed)
-        return self._loader(
-            "train", batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=self.drop_last
-        )
+        # The order of each epoch is a function of (seed, epoch), and a run resumed mid-epoch skips the batches
+        # already trained on (see state_dict). Under DDP Lightning wraps the sampler to split it across ranks.
+        self._sampler = ResumableShuffleSampler(len(self.data["train"]), self.seed)
+        if self._resume is not None:
+            self._sampler.resume(self._resume["epoch"], self._resume["samples_done"])
+            self._resume = None
+        return self._loader("train", batch_size=self.batch_size, sampler=self._sampler, drop_last=self.drop_last)
+
+    _resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training epoch stands (saved in checkpoints, so that a resumed run continues the epoch)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "samples_done": batches * self.batch_size * trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", batch_size=self.val_batch_size)
@@ -284,3 +298,27 @@ class SummarizationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", batch_size=self.val_batch_size)
+
+
+class ResumableShuffleSampler(Sampler[int]):
+    """A seeded permutation per epoch (``seed + epoch``) that can start part-way into an epoch."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self._skip_epoch, self._skip = -1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        """Skip the first ``samples_done`` indices of ``epoch`` (already trained on before the interruption)."""
+        self._skip_epoch, self._skip = epoch, samples_done
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        if self.epoch == self._skip_epoch:
+            order, self._skip_epoch = order[self._skip :], -1
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.size

@@ -21,7 +21,21 @@ def tldr(tmp_path, **kwargs):
 
 def train_ids(dm, epochs=1):
     loader = dm.train_dataloader()
-    return [[i for batch in loader for i in batch["id"]] for _ in range(epochs)]
+    out = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)  # as Lightning does at the start of every epoch
+        out.append([i for batch in loader for i in batch["id"]])
+    return out
+
+
+def test_resumed_epoch_skips_the_batches_already_seen():
+    dm = SyntheticTLDRDataModule(num_train=32, num_val=4, batch_size=4, seed=0)
+    dm.setup("fit")
+    full = train_ids(dm, epochs=2)
+    dm.load_state_dict({"epoch": 1, "samples_done": 12})
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    assert [i for batch in loader for i in batch["id"]] == full[1][12:]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,3 @@
+from clp_lightning.cli import main
+
+main()

@@ -1,0 +1,244 @@
+"""Grid evaluation: the policy at every weighting of a simplex grid, each validation epoch.
+
+Logs ``val/pareto/hypervolume``, ``val/steerability/<objective>``, ``val/monotonicity_violations/<objective>``,
+``val/reward/<objective>/w=<w>`` and ``val/kl``; a figure of the front (TensorBoard image and PNG); a text table of
+responses at several weightings; and the numbers as files in ``<log_dir>/evaluation/`` (``epoch_<n>.json`` and
+``metrics.csv``). The same code runs in ``fit`` and in ``validate`` on a checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from clp_lightning.conditioning.weights import simplex_grid, validate_weights
+from clp_lightning.config import GenerationSettings
+from clp_lightning.evaluation import ParetoSteerabilityMetric
+
+log = logging.getLogger(__name__)
+
+
+def weight_label(w: Tensor | list[float]) -> str:
+    values = w.tolist() if isinstance(w, Tensor) else list(w)
+    return ",".join(f"{v:.2f}" for v in values)
+
+
+class GridEvaluation(L.Callback):
+    """Evaluates the policy over a grid of weightings on the validation prompts.
+
+    Args:
+        grid_step: lattice step of the grid (``m = 2``: 0.1 gives 11 points; ``m = 3``: 0.25 gives 15).
+        every_n_epochs: evaluate every n-th validation epoch (and always on the last one of ``validate``).
+        max_prompts: validation prompts used per evaluation (None: every prompt of the val loader).
+        generation: decoding settings (greedy by default, so that evaluations are repeatable).
+        ref_point: hypervolume reference point, one value per objective; None takes the reference policy's mean
+            rewards at the first evaluation and keeps it fixed for the rest of the run.
+        sample_prompts: prompts shown in the text table of responses.
+        sample_weightings: weightings shown in the text table (default: the grid's corners and its centre).
+        output_dir: where report files go (default ``<log_dir>/evaluation``).
+    """
+
+    def __init__(
+        self,
+        grid_step: float = 0.1,
+        every_n_epochs: int = 1,
+        max_prompts: int | None = None,
+        generation: GenerationSettings | None = None,
+        ref_point: list[float] | None = None,
+        sample_prompts: int = 3,
+        sample_weightings: list[list[float]] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.grid_step, self.every_n_epochs, self.max_prompts = grid_step, every_n_epochs, max_prompts
+        self.generation = generation or GenerationSettings(do_sample=False)
+        self.ref_point_config = ref_point
+        self.sample_prompts, self.sample_weightings_config = sample_prompts, sample_weightings
+        self.output_dir_config = output_dir
+        self.history: list[dict[str, Any]] = []
+        self.last: dict[str, Any] | None = None
+        self.metric: ParetoSteerabilityMetric | None = None
+
+    # -------------------------------------------------------------------------------------------------- set-up
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        m = pl_module.num_objectives
+        self.names: list[str] = pl_module.objective_names
+        self.grid = simplex_grid(m, self.grid_step)
+        if self.ref_point_config is not None and len(self.ref_point_config) != m:
+            raise ValueError(f"ref_point {self.ref_point_config} has {len(self.ref_point_config)} values, "
+                             f"expected {m} (one per objective {self.names})")
+        corners = torch.eye(m)
+        default = torch.cat([corners, torch.full((1, m), 1.0 / m)])
+        samples = self.sample_weightings_config
+        self.sample_weightings = default if samples is None else validate_weights(samples, m, name="sample weighting")
+        ref = None if self.ref_point_config is None else torch.tensor(self.ref_point_config)
+        if self.metric is None:
+            self.metric = ParetoSteerabilityMetric(self.grid, ref_point=ref)
+        self.metric.to(pl_module.device)
+        if self._pending_ref is not None:
+            self.metric.set_reference_point(self._pending_ref.to(pl_module.device), overwrite=True)
+            self._pending_ref = None
+
+    _pending_ref: Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------- evaluation
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.metric is not None
+        self.metric.reset()
+        self._seen = 0
+        self._ref_sum: Tensor | None = None
+        self._ref_rows: list[Tensor] = []
+        self._samples: list[dict[str, Any]] = []
+        self._run = not trainer.sanity_checking
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._run or (self.max_prompts is not None and self._seen >= self.max_prompts):
+            return
+        assert self.metric is not None
+        if self.max_prompts is not None:
+            keep = self.max_prompts - self._seen
+            batch = {k: v[:keep] for k, v in batch.items()}
+        self._seen += len(batch["prompt"])
+        was_training = pl_module.training
+        pl_module.eval()
+        out = pl_module.evaluate_weightings(batch, self.grid, self.generation)
+        self.metric.update(out["point"], out["rewards"], out["kl"])
+        if not self.metric.has_reference_point:
+            self._ref_rows.append(pl_module.evaluate_reference(batch, self.generation))
+        self._collect_samples(pl_module, batch)
+        pl_module.train(was_training)
+
+    def _collect_samples(self, pl_module: L.LightningModule, batch: dict[str, list[str]]) -> None:
+        need = self.sample_prompts - len(self._samples)
+        if need <= 0:
+            return
+        sub = {k: v[:need] for k, v in batch.items()}
+        out = pl_module.evaluate_weightings(sub, self.sample_weightings, self.generation)
+        n = len(sub["prompt"])
+        for p in range(n):
+            rows = [
+                {"weights": weight_label(self.sample_weightings[g]), "response": out["texts"][g * n + p],
+                 "rewards": out["rewards"][g * n + p].tolist()}
+                for g in range(self.sample_weightings.shape[0])
+            ]
+            self._samples.append({"prompt": sub["prompt"][p], "responses": rows})
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._run:
+            return
+        assert self.metric is not None
+        if not self.metric.has_reference_point:
+            rows = torch.cat(self._ref_rows) if self._ref_rows else torch.zeros(0, len(self.names))
+            self.metric.set_reference_point(rows.to(pl_module.device))  # collective: averaged over ranks
+        result = self.metric.compute()
+        report = self._report(trainer, result)
+        self._log(pl_module, report)
+        self.history.append({"epoch": report["epoch"], "step": report["step"], "rewards": report["rewards"]})
+        self.last = report
+        if trainer.is_global_zero:
+            self._write(trainer, report)
+
+    # ---------------------------------------------------------------------------------------------------- reports
+
+    def _report(self, trainer: L.Trainer, result: dict[str, Tensor]) -> dict[str, Any]:
+        return {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "objectives": self.names,
+            "grid": self.grid.tolist(),
+            "rewards": result["rewards"].tolist(),
+            "kl": result["kl"].tolist(),
+            "front_mask": result["front_mask"].tolist(),
+            "hypervolume": float(result["hypervolume"]),
+            "ref_point": self.metric.ref_point.tolist(),
+            "steerability": dict(zip(self.names, result["spearman"].tolist())),
+            "monotonicity_violations": dict(zip(self.names, result["violations"].tolist())),
+            "samples": self._samples,
+        }
+
+    def _log(self, pl_module: L.LightningModule, report: dict[str, Any]) -> None:
+        metrics = {"val/pareto/hypervolume": report["hypervolume"], "val/kl": sum(report["kl"]) / len(report["kl"]),
+                   "val/pareto/front_size": float(sum(report["front_mask"]))}
+        for i, name in enumerate(self.names):
+            metrics[f"val/steerability/{name}"] = report["steerability"][name]
+            metrics[f"val/monotonicity_violations/{name}"] = float(report["monotonicity_violations"][name])
+            for w, rewards in zip(report["grid"], report["rewards"]):
+                metrics[f"val/reward/{name}/w={weight_label(w)}"] = rewards[i]
+        # already reduced across ranks by the metric: every rank logs the same numbers
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_epoch=True, sync_dist=False)
+
+    def output_dir(self, trainer: L.Trainer) -> Path:
+        base = self.output_dir_config or Path(trainer.log_dir or trainer.default_root_dir) / "evaluation"
+        return Path(base)
+
+    def _write(self, trainer: L.Trainer, report: dict[str, Any]) -> None:
+        from clp_lightning.evaluation.plots import front_figure
+
+        directory = self.output_dir(trainer)
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = f"epoch_{report['epoch']:03d}_step_{report['step']:06d}" if trainer.state.fn == "fit" else "validate"
+        (directory / f"{stem}.json").write_text(json.dumps(report, indent=2))
+        (directory / "latest.json").write_text(json.dumps(report, indent=2))
+        self._append_csv(directory / "metrics.csv", report, trainer.state.fn)
+        figure = front_figure(report, self.history[:-1])
+        figure.savefig(directory / f"{stem}_front.png", dpi=100)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure("val/pareto/front", figure, global_step=report["step"])
+            experiment.add_text("val/samples", samples_markdown(report), global_step=report["step"])
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+    def _append_csv(self, path: Path, report: dict[str, Any], stage: str) -> None:
+        fields = ["stage", "epoch", "step", "hypervolume", "kl"] + [f"steerability/{n}" for n in self.names] + [
+            f"reward/{n}/w={weight_label(w)}" for w in report["grid"] for n in self.names]
+        row = {"stage": stage, "epoch": report["epoch"], "step": report["step"],
+               "hypervolume": report["hypervolume"], "kl": sum(report["kl"]) / len(report["kl"])}
+        row.update({f"steerability/{n}": report["steerability"][n] for n in self.names})
+        for w, rewards in zip(report["grid"], report["rewards"]):
+            row.update({f"reward/{n}/w={weight_label(w)}": r for n, r in zip(self.names, rewards)})
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        ref = None if self.metric is None or not self.metric.has_reference_point else self.metric.ref_point.cpu()
+        return {"ref_point": ref, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._pending_ref = state_dict.get("ref_point")
+
+
+def samples_markdown(report: dict[str, Any]) -> str:
+    """The text table of responses at several weightings, as Markdown (TensorBoard renders it)."""
+    names = report["objectives"]
+    lines = []
+    for sample in report["samples"]:
+        lines.append(f"**prompt:** {sample['prompt'][-300:]!r}\n")
+        lines.append("| w | response | " + " | ".join(names) + " |")
+        lines.append("|---|---|" + "---|" * len(names))
+        for row in sample["responses"]:
+            rewards = " | ".join(f"{r:.3f}" for r in row["rewards"])
+            lines.append(f"| {row['weights']} | {row['response']!r} | {rewards} |")
+        lines.append("")
+    return "\n".join(lines)

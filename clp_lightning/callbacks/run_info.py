@@ -1,0 +1,50 @@
+"""Records what a run needs to be reproduced: seed, git revision, versions (the resolved config is saved by the CLI)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import transformers
+
+
+def git_revision(cwd: str | Path | None = None) -> str | None:
+    """The current commit (with ``-dirty`` if the tree has changes), or None outside a git checkout."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunInfo(L.Callback):
+    """Writes ``run_info.json`` (seed, git revision, command line, versions) into the run's log directory."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        info = {
+            "stage": stage,
+            "seed": _seed(),
+            "git_revision": git_revision(Path(__file__).resolve().parent),
+            "argv": sys.argv,
+            "versions": {"torch": torch.__version__, "lightning": L.__version__, "transformers": transformers.__version__},
+            "world_size": trainer.world_size,
+        }
+        (directory / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def _seed() -> int | None:
+    import os
+
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value is not None else None

@@ -1,0 +1,42 @@
+"""Command line: ``clp fit|validate|test|predict --config conf/<file>.yaml`` (LightningCLI) and ``clp quickstart``.
+
+The model is any LightningModule of the project (``CLPModule`` for RL, ``SFTModule`` for the warm start) and the
+data any LightningDataModule, both chosen in the YAML with ``class_path``. Configs may use OmegaConf
+interpolation (``${...}``) so that shared values are written once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class CLPCLI(LightningCLI):
+    """LightningCLI with OmegaConf interpolation, subclass mode for model and data, and the seed from the config."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``clp`` and ``python -m clp_lightning``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["quickstart"]:
+        from clp_lightning.quickstart import quickstart
+
+        quickstart(argv[1:])
+        return
+    CLPCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Small typed settings shared by the training system and the evaluation callback (their docstrings become --help)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from clp_lightning.conditioning.weights import WeightSampler, build_sampler
+
+
+@dataclass
+class SamplerConfig:
+    """Distribution ``Q`` of the weighting given to each prompt during training.
+
+    Attributes:
+        kind: ``dirichlet`` (``concentration``), ``one_hot`` (``index``: fixed objective, or random when None) or
+            ``fixed`` (``weights``: fixed-weighting policies and single-reward experts).
+        concentration: Dirichlet ``beta`` (scalar) or one value per objective; 1 is uniform on the simplex.
+        index: objective of the one-hot sampler.
+        weights: the fixed weighting, e.g. ``[1.0, 0.0]``.
+    """
+
+    kind: Literal["dirichlet", "one_hot", "fixed"] = "dirichlet"
+    concentration: float | list[float] = 1.0
+    index: int | None = None
+    weights: list[float] | None = None
+
+    def build(self, num_objectives: int) -> WeightSampler:
+        if self.kind == "dirichlet":
+            return build_sampler("dirichlet", num_objectives, concentration=self.concentration)
+        if self.kind == "one_hot":
+            return build_sampler("one_hot", num_objectives, index=self.index)
+        if self.weights is None:
+            raise ValueError("sampler kind 'fixed' needs weights, e.g. weights: [1.0, 0.0]")
+        return build_sampler("fixed", num_objectives, weights=self.weights)
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are generated.
+
+    Attributes:
+        max_new_tokens: response length cap.
+        min_new_tokens: responses are at least this long.
+        do_sample: sample (training) or decode greedily.
+        temperature: sampling temperature; 1 samples from the policy itself, as REINFORCE needs.
+        top_k: 0 disables top-k filtering (so the sample comes from the policy, not a truncation of it).
+        top_p: 1 disables nucleus filtering.
+    """
+
+    max_new_tokens: int = 48
+    min_new_tokens: int = 0
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        args: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
+        if self.do_sample:
+            args.update(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        else:
+            args.update(do_sample=False, num_beams=1)
+        return {**args, **self.extra}
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up and a schedule over the run's optimizer steps.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: steps of linear warm-up from 0.
+        schedule: after warm-up: ``constant``, ``linear`` (to 0) or ``cosine`` (to 0).
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+
+    def build(self, params: list[torch.nn.Parameter], total_steps: int) -> dict[str, Any]:
+        """``configure_optimizers`` output for ``params`` over ``total_steps`` optimizer steps."""
+        import math
+
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        warmup, total = self.warmup_steps, max(total_steps, 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            if self.schedule == "linear":
+                return 1.0 - progress
+            if self.schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses (recursively) as dicts, so checkpoints hold only types that ``weights_only=True`` loads."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def coerce(value: Any, cls: type) -> Any:
+    """Build ``cls`` from a dict (hyper-parameters read back from a checkpoint); instances and None pass through."""
+    return cls(**value) if isinstance(value, dict) else value

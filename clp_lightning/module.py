@@ -1,0 +1,319 @@
+"""CLPModule: the system that trains one steerable policy on several rewards with KL-regularised policy gradient.
+
+One training step: prompts -> a weighting per prompt -> ``k`` responses per prompt -> rewards -> per-objective
+normalisation -> scalarisation with ``w`` -> KL penalty from the frozen reference -> leave-one-out advantages ->
+REINFORCE loss. Batch vocabulary (see :func:`batch_plan`): ``P`` prompts per device micro-batch, ``k`` samples per
+prompt, ``N = P * k`` sequences, ``m`` objectives.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from clp_lightning import algorithms as alg
+from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig, generate_responses, response_log_probs
+from clp_lightning.conditioning.weights import validate_weights
+from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
+from clp_lightning.rewards import Reward, RewardNormalizer
+
+log = logging.getLogger(__name__)
+
+
+def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int = 1, world_size: int = 1) -> dict:
+    """Every batch size of a run, derived in one place from the four numbers that define it."""
+    for name, value in (("batch_size", prompts_per_device), ("samples_per_prompt", samples_per_prompt),
+                        ("accumulate_grad_batches", accumulate), ("world_size", world_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return {
+        "prompts_per_device": prompts_per_device,
+        "samples_per_prompt": samples_per_prompt,
+        "sequences_per_device": prompts_per_device * samples_per_prompt,
+        "prompts_per_optimizer_step": prompts_per_device * accumulate * world_size,
+        "sequences_per_optimizer_step": prompts_per_device * samples_per_prompt * accumulate * world_size,
+    }
+
+
+class CLPModule(L.LightningModule):
+    """Conditional Language Policy training.
+
+    Args:
+        policy: the model, its loading and its conditioning on ``w``.
+        rewards: the ``m`` objectives, in order (their ``name`` is used in logs).
+        sampler: distribution of the training weightings (Dirichlet by default).
+        samples_per_prompt: ``k`` responses per (prompt, ``w``); at least 2 with the leave-one-out baseline.
+        kl_coef: KL strength ``alpha`` (when not conditioned on alpha).
+        alpha_range: ``[low, high]``: sample ``alpha`` per prompt from this range and give it to the policy
+            (needs ``conditioning.condition_on_alpha``); None uses ``kl_coef``.
+        alpha_log_uniform: sample ``alpha`` log-uniformly in ``alpha_range``.
+        kl_in_loss: put the KL in the loss (per-token k2 estimator) instead of as a per-sequence reward penalty.
+        kl_estimator: estimator of the per-sequence KL penalty in the reward (``k1`` is unbiased).
+        baseline: ``rloo`` (leave-one-out over the ``k`` samples) or ``mean`` (batch mean).
+        whiten_advantages: standardise advantages over the batch.
+        normalization: per-objective reward normalisation: ``running`` mean/std, ``batch`` or ``none``.
+        generation: sampling settings for training rollouts.
+        optimizer: AdamW settings, warm-up and schedule.
+        disable_dropout: turn the policy's dropout off, so responses are scored under the distribution that
+            sampled them.
+        weight_seed: seed of the weighting and alpha sampler (its state is saved in checkpoints).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        rewards: Sequence[Reward],
+        sampler: SamplerConfig | None = None,
+        samples_per_prompt: int = 4,
+        kl_coef: float = 0.05,
+        alpha_range: tuple[float, float] | None = None,
+        alpha_log_uniform: bool = False,
+        kl_in_loss: bool = False,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+        baseline: Literal["rloo", "mean"] = "rloo",
+        whiten_advantages: bool = False,
+        normalization: Literal["running", "batch", "none"] = "running",
+        generation: GenerationSettings | None = None,
+        optimizer: OptimizerConfig | None = None,
+        disable_dropout: bool = True,
+        weight_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["rewards"])
+        policy, sampler = coerce(policy, PolicyConfig), coerce(sampler, SamplerConfig)
+        generation, optimizer = coerce(generation, GenerationSettings), coerce(optimizer, OptimizerConfig)
+        rewards = list(rewards)
+        names = [r.name for r in rewards]
+        if not rewards:
+            raise ValueError("rewards is empty: CLP needs at least one reward (one per objective)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique (they name the objectives in logs), got {names}")
+        if baseline == "rloo" and samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt={samples_per_prompt}: the leave-one-out baseline needs k >= 2")
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        if alpha_range is not None:
+            if not policy.conditioning.condition_on_alpha:
+                raise ValueError("alpha_range is set but the policy is not conditioned on alpha "
+                                 "(set policy.conditioning.condition_on_alpha: true and prompt: true)")
+            alpha_low, alpha_high = alpha_range
+            if not 0 <= alpha_low <= alpha_high:
+                raise ValueError(f"alpha_range {list(alpha_range)} must satisfy 0 <= low <= high")
+        elif policy.conditioning.condition_on_alpha:
+            raise ValueError("policy is conditioned on alpha but alpha_range is None; set e.g. alpha_range: [0.01, 0.5]")
+        self.objective_names = names
+        self.num_objectives = len(rewards)
+        self.sampler = (sampler or SamplerConfig()).build(self.num_objectives)
+        self.samples_per_prompt = samples_per_prompt
+        self.kl_coef, self.alpha_range, self.alpha_log_uniform = kl_coef, alpha_range, alpha_log_uniform
+        self.kl_in_loss, self.kl_estimator = kl_in_loss, kl_estimator
+        self.baseline, self.whiten_advantages = baseline, whiten_advantages
+        self.generation = generation or GenerationSettings()
+        self.generation.kwargs()  # validate now, not at the first step
+        self.optimizer_config = optimizer or OptimizerConfig()
+
+        self.policy: ConditionalPolicy = policy.build(self.num_objectives)
+        if disable_dropout:
+            for module in self.policy.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        self.reference = self.policy.frozen_reference()  # None for LoRA-CLP: adapters off is the reference
+        self.rewards = nn.ModuleList(rewards)
+        self.normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
+        self.weight_generator = torch.Generator().manual_seed(weight_seed)
+
+    # --------------------------------------------------------------------------------------------------- helpers
+
+    def sample_weights(self, num_prompts: int) -> tuple[Tensor, Tensor]:
+        """A weighting ``(P, m)`` and a KL strength ``(P,)`` per prompt."""
+        weights = validate_weights(self.sampler.sample(num_prompts, self.weight_generator), self.num_objectives)
+        if self.alpha_range is None:
+            alpha = torch.full((num_prompts,), self.kl_coef)
+        else:
+            low, high = self.alpha_range
+            alpha = alg.sample_alpha(num_prompts, low, high, self.weight_generator, self.alpha_log_uniform)
+        return weights.to(self.device), alpha.to(self.device)
+
+    def reference_log_probs(self, prompts: Sequence[str], response_ids: Tensor, response_mask: Tensor) -> Tensor:
+        """``log pi_ref(y_t | x)`` ``(N, T)``: the reference sees the prompt without any conditioning."""
+        enc = self.policy.encode(prompts)
+        with torch.no_grad():
+            if self.reference is None:
+                with self.policy.reference():
+                    return response_log_probs(self.policy.model, **enc, response_ids=response_ids,
+                                              response_mask=response_mask).log_probs
+            return response_log_probs(self.reference, **enc, response_ids=response_ids,
+                                      response_mask=response_mask).log_probs
+
+    def score(self, sources: Sequence[str], responses: Sequence[str], references: Sequence[str]) -> Tensor:
+        """Raw rewards ``(N, m)``, one column per objective."""
+        return torch.stack([r(sources, responses, references) for r in self.rewards], dim=-1).to(self.device)
+
+    def alpha_for_policy(self, alpha: Tensor) -> Tensor | None:
+        return alpha if self.policy.conditioning.condition_on_alpha else None
+
+    # --------------------------------------------------------------------------------------------------- training
+
+    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> Tensor:
+        rollout = self._rollout(batch)
+        rewards = self._score(batch, rollout)
+        advantages, stats = self._advantages(rollout, rewards)
+        loss = alg.reinforce_loss(rollout["seq_logp"], advantages, rollout.get("kl_loss"), rollout["alpha_rows"])
+        self._log_train(loss, rollout, rewards, stats)
+        return loss
+
+    def _rollout(self, batch: dict[str, list[str]]) -> dict[str, Any]:
+        """Sample ``k`` responses per prompt under its weighting and compute their log-probabilities."""
+        k = self.samples_per_prompt
+        weights, alpha = self.sample_weights(len(batch["prompt"]))
+        w_rows, alpha_rows = weights.repeat_interleave(k, 0), alpha.repeat_interleave(k, 0)  # (N, m), (N,)
+        prompts = [p for p in batch["prompt"] for _ in range(k)]
+        enc = self.policy.encode(prompts, w_rows, self.alpha_for_policy(alpha_rows))
+        response_ids, response_mask = self.policy.generate(
+            **enc, weights=w_rows, alpha=self.alpha_for_policy(alpha_rows), **self.generation.kwargs()
+        )
+        out = self.policy(**enc, response_ids=response_ids, response_mask=response_mask, weights=w_rows,
+                          alpha=self.alpha_for_policy(alpha_rows), return_entropy=True)
+        ref_logp = self.reference_log_probs(prompts, response_ids, response_mask)
+        rollout = {
+            "weights": w_rows, "alpha_rows": alpha_rows, "response_ids": response_ids, "response_mask": response_mask,
+            "seq_logp": alg.sequence_log_probs(out.log_probs, response_mask),
+            "seq_kl": alg.sequence_kl(out.log_probs.detach(), ref_logp, response_mask, self.kl_estimator),
+            "entropy": alg.masked_mean(out.entropy, response_mask),
+            "texts": self.policy.decode(response_ids, response_mask),
+        }
+        if self.kl_in_loss:
+            rollout["kl_loss"] = alg.kl_loss(out.log_probs, ref_logp, response_mask, "k2")
+        return rollout
+
+    def _score(self, batch: dict[str, list[str]], rollout: dict[str, Any]) -> Tensor:
+        k = self.samples_per_prompt
+        repeat = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
+        return self.score(repeat(batch["source"]), rollout["texts"], repeat(batch["reference"]))
+
+    def _advantages(self, rollout: dict[str, Any], rewards: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        normalized = self.normalizer(rewards, update=True)  # (N, m)
+        scalar = alg.scalarize(normalized, rollout["weights"])  # (N,)
+        total = scalar if self.kl_in_loss else alg.kl_penalized_rewards(scalar, rollout["seq_kl"], rollout["alpha_rows"])
+        if self.baseline == "rloo":
+            advantages = alg.rloo_advantages(total, self.samples_per_prompt)
+        else:
+            advantages = alg.batch_mean_advantages(total)
+        if self.whiten_advantages:
+            advantages = alg.whiten(advantages)
+        return advantages, {"scalarized": scalar, "total": total}
+
+    def _log_train(self, loss: Tensor, rollout: dict[str, Any], rewards: Tensor, stats: dict[str, Tensor]) -> None:
+        n = rewards.shape[0]
+        metrics = {
+            "train/loss": loss.detach(),
+            "train/kl": rollout["seq_kl"].mean(),
+            "train/reward_scalarized": stats["scalarized"].mean(),
+            "train/reward_total": stats["total"].mean(),
+            "train/response_length": rollout["response_mask"].sum(-1).float().mean(),
+            "train/entropy": rollout["entropy"].mean(),
+        }
+        metrics.update({f"train/reward/{name}": rewards[:, i].mean() for i, name in enumerate(self.objective_names)})
+        self.log_dict(metrics, prog_bar=False, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
+        self.log("reward", stats["scalarized"].mean(), prog_bar=True, on_step=True, batch_size=n, logger=False)
+
+    # ------------------------------------------------------------------------------------------------- evaluation
+
+    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        # The grid evaluation runs in the GridEvaluation callback (on_validation_batch_end).
+        pass
+
+    @torch.no_grad()
+    def evaluate_weightings(
+        self, batch: dict[str, list[str]], grid: Tensor, generation: GenerationSettings
+    ) -> dict[str, Any]:
+        """Responses, raw rewards and KL for every prompt of ``batch`` at every weighting of ``grid`` ``(G, m)``.
+
+        One generation pass covers the whole grid (rows ordered grid-point-major: row ``g * P + p``).
+
+        Returns:
+            ``{"point": (G*P,), "rewards": (G*P, m), "kl": (G*P,), "texts": list[str]}``
+        """
+        num_prompts, num_points = len(batch["prompt"]), grid.shape[0]
+        w_rows = grid.to(self.device).repeat_interleave(num_prompts, 0)
+        alpha = torch.full((w_rows.shape[0],), self.kl_coef if self.alpha_range is None else self.alpha_range[0],
+                           device=self.device)
+        prompts = batch["prompt"] * num_points
+        enc = self.policy.encode(prompts, w_rows, self.alpha_for_policy(alpha))
+        ids, mask = self.policy.generate(**enc, weights=w_rows, alpha=self.alpha_for_policy(alpha),
+                                         **generation.kwargs())
+        logp = self.policy(**enc, response_ids=ids, response_mask=mask, weights=w_rows,
+                           alpha=self.alpha_for_policy(alpha)).log_probs
+        kl = alg.sequence_kl(logp, self.reference_log_probs(prompts, ids, mask), mask, "k1")
+        texts = self.policy.decode(ids, mask)
+        rewards = self.score(batch["source"] * num_points, texts, batch["reference"] * num_points)
+        point = torch.arange(num_points, device=self.device).repeat_interleave(num_prompts)
+        return {"point": point, "rewards": rewards, "kl": kl, "texts": texts, "weights": w_rows}
+
+    @torch.no_grad()
+    def evaluate_reference(self, batch: dict[str, list[str]], generation: GenerationSettings) -> Tensor:
+        """Raw rewards ``(P, m)`` of the reference policy's responses (the default hypervolume reference point)."""
+        enc = self.policy.encode(batch["prompt"])
+        if self.reference is None:
+            with self.policy.reference():
+                ids, mask = generate_responses(self.policy.model, self.policy.tokenizer, **enc, **generation.kwargs())
+        else:
+            ids, mask = generate_responses(self.reference, self.policy.tokenizer, **enc, **generation.kwargs())
+        return self.score(batch["source"], self.policy.decode(ids, mask), batch["reference"])
+
+    # ------------------------------------------------------------------------------------------ optimizer, ckpts
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"policy conditioned as {self.policy.conditioning.name!r} has no trainable parameters")
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        return self.optimizer_config.build(params, int(total))
+
+    def _excluded_keys(self) -> set[str]:
+        """Frozen weights rebuilt from the config at load time: rewards, reference, frozen policy parameters."""
+        params = self.policy.named_parameters(remove_duplicate=False)  # tied weights appear under every name
+        frozen = {f"policy.{n}" for n, p in params if not p.requires_grad}
+        state = super().state_dict()
+        return frozen | {k for k in state if k.startswith(("rewards.", "reference."))}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        excluded = self._excluded_keys()
+        checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in excluded}
+        checkpoint["clp"] = {
+            "weight_generator": self.weight_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "objective_names": self.objective_names,
+            "conditioning": asdict(self.policy.conditioning),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        current = super().state_dict()
+        for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
+            checkpoint["state_dict"].setdefault(key, current[key])
+        clp = checkpoint.get("clp", {})
+        if clp.get("objective_names", self.objective_names) != self.objective_names:
+            raise ValueError(f"checkpoint objectives {clp['objective_names']} differ from the config's "
+                             f"{self.objective_names}")
+        if "weight_generator" in clp:
+            self.weight_generator.set_state(clp["weight_generator"])
+            self._restored_rng = clp["torch_rng"]
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning's own set-up consumed random numbers, so a resumed run samples exactly
+        # the responses the uninterrupted run would have.
+        rng = getattr(self, "_restored_rng", None)
+        if rng is not None:
+            torch.set_rng_state(rng)
+            self._restored_rng = None
+        dm = getattr(self.trainer, "datamodule", None)
+        plan = batch_plan(getattr(dm, "batch_size", 1), self.samples_per_prompt,
+                          self.trainer.accumulate_grad_batches, self.trainer.world_size)
+        log.info("batch plan: %s", plan)

@@ -1,0 +1,109 @@
+"""Supervised warm start: teacher-forced training on (prompt, reference summary) pairs.
+
+Produces the checkpoint that RL starts from and uses as its reference policy: a plain Hugging Face directory
+(``save_pretrained`` of the model and tokenizer), written atomically at the end of the fit, so an RL config points
+``policy.model_name_or_path`` at it and loads it through the ordinary loading code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig, response_log_probs
+from clp_lightning.config import OptimizerConfig, coerce, plain
+
+log = logging.getLogger(__name__)
+
+
+class SFTModule(L.LightningModule):
+    """Maximum likelihood of the reference summaries given the prompts.
+
+    Args:
+        policy: the model to warm-start (its conditioning is ignored: the warm start is unconditioned).
+        output_dir: where the final model and tokenizer are saved (``save_pretrained``); None saves nothing.
+        max_response_length: reference tokens kept (EOS included).
+        optimizer: AdamW settings, warm-up and schedule.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        output_dir: str | None = None,
+        max_response_length: int = 64,
+        optimizer: OptimizerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        policy, optimizer = coerce(policy, PolicyConfig), coerce(optimizer, OptimizerConfig)
+        if max_response_length < 1:
+            raise ValueError(f"max_response_length must be >= 1, got {max_response_length}")
+        self.policy = ConditionalPolicy.from_pretrained(
+            policy.model_name_or_path, 1, None, max_prompt_length=policy.max_prompt_length,
+            trust_remote_code=policy.trust_remote_code, torch_dtype=policy.torch_dtype, seed=policy.seed,
+            tokenizer=policy.tokenizer,
+        )
+        self.output_dir = output_dir
+        self.max_response_length = max_response_length
+        self.optimizer_config = optimizer or OptimizerConfig(lr=1e-4)
+
+    def _targets(self, references: list[str]) -> tuple[Tensor, Tensor]:
+        """Reference summaries as response ids ``(B, T)`` ending in EOS, right-padded, and their mask."""
+        tok = self.policy.tokenizer
+        ids = tok([" " + r for r in references], add_special_tokens=False)["input_ids"]
+        eos = tok.eos_token_id
+        rows = [row[: self.max_response_length - 1] + [eos] for row in ids]
+        width = max(len(r) for r in rows)
+        out = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(out)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return out.to(self.device), mask.to(self.device)
+
+    def _nll(self, batch: dict[str, list[str]]) -> tuple[Tensor, Tensor]:
+        enc = self.policy.encode(batch["prompt"])
+        ids, mask = self._targets(batch["reference"])
+        logp = response_log_probs(self.policy.model, **enc, response_ids=ids, response_mask=mask).log_probs
+        return -logp.sum() / mask.sum(), mask.sum()
+
+    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> Tensor:
+        loss, tokens = self._nll(batch)
+        self.log("train/sft_loss", loss, prog_bar=True, batch_size=int(tokens))
+        return loss
+
+    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        loss, tokens = self._nll(batch)
+        self.log("val/sft_loss", loss, prog_bar=True, batch_size=int(tokens), sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        return self.optimizer_config.build(list(self.policy.parameters()), int(total))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
+
+    def on_fit_end(self) -> None:
+        if self.output_dir is not None and self.trainer.is_global_zero:
+            save_pretrained_atomic(self.policy, self.output_dir)
+
+
+def save_pretrained_atomic(policy: ConditionalPolicy, output_dir: str | Path) -> Path:
+    """``save_pretrained`` of model and tokenizer into a temporary directory, then renamed into place."""
+    target = Path(output_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.model.save_pretrained(tmp)
+    policy.tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    log.info("warm-start model saved to %s", target)
+    print(f"warm-start model saved to {target}")
+    return target

