@@ -106,7 +106,8 @@ class CLPModule(L.LightningModule):
             if not 0 <= alpha_low <= alpha_high:
                 raise ValueError(f"alpha_range {list(alpha_range)} must satisfy 0 <= low <= high")
         elif policy.conditioning.condition_on_alpha:
-            raise ValueError("policy is conditioned on alpha but alpha_range is None; set e.g. alpha_range: [0.01, 0.5]")
+            raise ValueError("policy is conditioned on alpha but alpha_range is None; "
+                             "set e.g. alpha_range: [0.01, 0.5]")
         self.objective_names = names
         self.num_objectives = len(rewards)
         self.sampler = (sampler or SamplerConfig()).build(self.num_objectives)
@@ -127,6 +128,7 @@ class CLPModule(L.LightningModule):
         self.rewards = nn.ModuleList(rewards)
         self.normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
         self.weight_generator = torch.Generator().manual_seed(weight_seed)
+        self.checkpoint_step = 0
 
     # --------------------------------------------------------------------------------------------------- helpers
 
@@ -200,7 +202,10 @@ class CLPModule(L.LightningModule):
     def _advantages(self, rollout: dict[str, Any], rewards: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         normalized = self.normalizer(rewards, update=True)  # (N, m)
         scalar = alg.scalarize(normalized, rollout["weights"])  # (N,)
-        total = scalar if self.kl_in_loss else alg.kl_penalized_rewards(scalar, rollout["seq_kl"], rollout["alpha_rows"])
+        if self.kl_in_loss:
+            total = scalar
+        else:
+            total = alg.kl_penalized_rewards(scalar, rollout["seq_kl"], rollout["alpha_rows"])
         if self.baseline == "rloo":
             advantages = alg.rloo_advantages(total, self.samples_per_prompt)
         else:
@@ -298,6 +303,7 @@ class CLPModule(L.LightningModule):
         current = super().state_dict()
         for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
             checkpoint["state_dict"].setdefault(key, current[key])
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))  # reports of `validate` name the step
         clp = checkpoint.get("clp", {})
         if clp.get("objective_names", self.objective_names) != self.objective_names:
             raise ValueError(f"checkpoint objectives {clp['objective_names']} differ from the config's "

@@ -23,7 +23,14 @@ def quickstart(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rl-steps", type=int, default=None, help="override the CLP run's max_steps")
     parser.add_argument("--skip-sft", action="store_true", help="reuse an existing warm start in the run directory")
     args = parser.parse_args(argv)
-    sys.argv = sys.argv[:1]  # each stage's CLI gets its arguments explicitly, not from the command line
+    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # each stage's CLI gets its arguments explicitly
+    try:
+        return _run(args)
+    finally:
+        sys.argv = saved_argv
+
+
+def _run(args: argparse.Namespace) -> dict:
     run = Path(args.run_dir)
     started = time.time()
     print(f"clp quickstart: run directory {run.resolve()}")
@@ -38,9 +45,9 @@ def quickstart(argv: list[str] | None = None) -> dict:
     overrides = [f"--trainer.default_root_dir={run / 'rl'}", f"--trainer.logger.init_args.save_dir={run}",
                  f"--model.init_args.policy.model_name_or_path={sft_model}"]
     if args.rl_steps:
-        overrides += [f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={max(args.rl_steps // 2, 1)}"]
-    cli = CLPCLI(args=["fit", "--config", str(CONF_DIR / "quickstart.yaml"), *overrides],
-                 save_config_kwargs={"overwrite": True})
+        interval = max(args.rl_steps // 2, 1)
+        overrides += [f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={interval}"]
+    cli = CLPCLI(args=["fit", "--config", str(CONF_DIR / "quickstart.yaml"), *overrides])
     report_path = Path(cli.trainer.log_dir) / "evaluation" / "latest.json"
     report = json.loads(report_path.read_text())
     print_summary(report)
@@ -61,4 +68,6 @@ def print_summary(report: dict) -> None:
                 print(f"  {label:>12}  " + "  ".join(f"{r:>10.4f}" for r in rewards))
     steer = ", ".join(f"{n} {v:+.2f}" for n, v in report["steerability"].items())
     print(f"steerability (Spearman of w_i vs reward_i over the grid): {steer}")
-    print(f"hypervolume {report['hypervolume']:.4f} (reference point {[round(x, 4) for x in report['ref_point']]})")
+    ref = [round(x, 4) for x in report["ref_point"]]
+    print(f"hypervolume {report['hypervolume']:.4f} vs the reference policy's {report['reference_hypervolume']:.4f} "
+          f"(reference point {ref})")

@@ -183,8 +183,11 @@ def test_fragments_stack_on_a_real_config(parser: Any) -> None:
     assert cfg.data.class_path == "clp_lightning.data.CNNDailyMailDataModule"  # the base's other parts are kept
 
 
-def test_print_config_shows_the_merged_config(capsys: pytest.CaptureFixture[str]) -> None:
+def test_print_config_shows_the_merged_config(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The documented way to inspect a composition; it parses and exits before anything is instantiated.
+    monkeypatch.setattr("sys.argv", ["clp"])  # pytest's own arguments are not the CLI's
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(BASE), "--config", str(CONF_DIR / "conditioning" / "lora.yaml"), "--print_config"])
     assert done.value.code in (0, None)

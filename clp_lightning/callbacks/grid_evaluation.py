@@ -20,7 +20,7 @@ from torch import Tensor
 
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
-from clp_lightning.evaluation import ParetoSteerabilityMetric
+from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class GridEvaluation(L.Callback):
             self._pending_ref = None
 
     _pending_ref: Tensor | None = None
+    reference_rewards: Tensor | None = None  # (m,) mean rewards of the reference policy, from the first evaluation
 
     # ------------------------------------------------------------------------------------------------- evaluation
 
@@ -116,7 +117,7 @@ class GridEvaluation(L.Callback):
         pl_module.eval()
         out = pl_module.evaluate_weightings(batch, self.grid, self.generation)
         self.metric.update(out["point"], out["rewards"], out["kl"])
-        if not self.metric.has_reference_point:
+        if self.reference_rewards is None:
             self._ref_rows.append(pl_module.evaluate_reference(batch, self.generation))
         self._collect_samples(pl_module, batch)
         pl_module.train(was_training)
@@ -140,11 +141,13 @@ class GridEvaluation(L.Callback):
         if not self._run:
             return
         assert self.metric is not None
-        if not self.metric.has_reference_point:
+        if self.reference_rewards is None:
             rows = torch.cat(self._ref_rows) if self._ref_rows else torch.zeros(0, len(self.names))
-            self.metric.set_reference_point(rows.to(pl_module.device))  # collective: averaged over ranks
+            self.reference_rewards = _mean_over_ranks(rows.to(pl_module.device))
+        if not self.metric.has_reference_point:
+            self.metric.set_reference_point(self.reference_rewards)
         result = self.metric.compute()
-        report = self._report(trainer, result)
+        report = self._report(trainer, result, pl_module)
         self._log(pl_module, report)
         self.history.append({"epoch": report["epoch"], "step": report["step"], "rewards": report["rewards"]})
         self.last = report
@@ -153,10 +156,11 @@ class GridEvaluation(L.Callback):
 
     # ---------------------------------------------------------------------------------------------------- reports
 
-    def _report(self, trainer: L.Trainer, result: dict[str, Tensor]) -> dict[str, Any]:
+    def _report(self, trainer: L.Trainer, result: dict[str, Tensor], pl_module: L.LightningModule) -> dict[str, Any]:
+        fitting = trainer.state.fn == "fit"
         return {
             "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
+            "step": trainer.global_step if fitting else getattr(pl_module, "checkpoint_step", 0),
             "objectives": self.names,
             "grid": self.grid.tolist(),
             "rewards": result["rewards"].tolist(),
@@ -164,6 +168,10 @@ class GridEvaluation(L.Callback):
             "front_mask": result["front_mask"].tolist(),
             "hypervolume": float(result["hypervolume"]),
             "ref_point": self.metric.ref_point.tolist(),
+            "reference_rewards": self.reference_rewards.tolist(),
+            # the reference policy's own point measured against the same reference point: a front that improves on
+            # the reference policy has a larger hypervolume than this
+            "reference_hypervolume": hypervolume(self.reference_rewards.view(1, -1).cpu(), self.metric.ref_point.cpu()),
             "steerability": dict(zip(self.names, result["spearman"].tolist())),
             "monotonicity_violations": dict(zip(self.names, result["violations"].tolist())),
             "samples": self._samples,
@@ -171,6 +179,7 @@ class GridEvaluation(L.Callback):
 
     def _log(self, pl_module: L.LightningModule, report: dict[str, Any]) -> None:
         metrics = {"val/pareto/hypervolume": report["hypervolume"], "val/kl": sum(report["kl"]) / len(report["kl"]),
+                   "val/pareto/reference_hypervolume": report["reference_hypervolume"],
                    "val/pareto/front_size": float(sum(report["front_mask"]))}
         for i, name in enumerate(self.names):
             metrics[f"val/steerability/{name}"] = report["steerability"][name]
@@ -222,11 +231,21 @@ class GridEvaluation(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         ref = None if self.metric is None or not self.metric.has_reference_point else self.metric.ref_point.cpu()
-        return {"ref_point": ref, "history": self.history}
+        reference = None if self.reference_rewards is None else self.reference_rewards.cpu()
+        return {"ref_point": ref, "reference_rewards": reference, "history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self._pending_ref = state_dict.get("ref_point")
+        self.reference_rewards = state_dict.get("reference_rewards")
+
+
+def _mean_over_ranks(rows: Tensor) -> Tensor:
+    """Mean of ``rows`` ``(B, m)`` over every rank's rows -> ``(m,)``."""
+    stats = torch.cat([rows.sum(0), torch.tensor([rows.shape[0]], dtype=rows.dtype, device=rows.device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    return stats[:-1] / stats[-1].clamp(min=1)
 
 
 def samples_markdown(report: dict[str, Any]) -> str:

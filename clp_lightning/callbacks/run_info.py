@@ -37,7 +37,9 @@ class RunInfo(L.Callback):
             "seed": _seed(),
             "git_revision": git_revision(Path(__file__).resolve().parent),
             "argv": sys.argv,
-            "versions": {"torch": torch.__version__, "lightning": L.__version__, "transformers": transformers.__version__},
+            "versions": {
+                "torch": torch.__version__, "lightning": L.__version__, "transformers": transformers.__version__
+            },
             "world_size": trainer.world_size,
         }
         (directory / "run_info.json").write_text(json.dumps(info, indent=2))

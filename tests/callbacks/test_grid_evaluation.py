@@ -1,0 +1,83 @@
+"""Grid evaluation during fit writes its reports and TensorBoard entries; validate on a checkpoint reproduces them."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from clp_lightning.callbacks import GridEvaluation, SafeCheckpointIO
+from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.config import GenerationSettings, OptimizerConfig
+from clp_lightning.data import SyntheticTLDRDataModule
+from clp_lightning.module import CLPModule
+from clp_lightning.rewards import LengthReward, RougeReward
+
+
+def make_module() -> CLPModule:
+    torch.manual_seed(0)
+    rewards = [RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
+               LengthReward(name="brevity", unit="chars", scale=10.0)]
+    policy = PolicyConfig("tiny:t5", ConditioningConfig(targets="logits"), max_prompt_length=48)
+    return CLPModule(policy, rewards, samples_per_prompt=2, generation=GenerationSettings(max_new_tokens=5),
+                     optimizer=OptimizerConfig(lr=1e-2))
+
+
+def make_trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                     logger=TensorBoardLogger(tmp_path, name="run", version=""), callbacks=callbacks,
+                     plugins=[SafeCheckpointIO()], num_sanity_val_steps=0, log_every_n_steps=1, **kwargs)
+
+
+def grid_callback() -> GridEvaluation:
+    return GridEvaluation(grid_step=0.5, sample_prompts=2, generation=GenerationSettings(do_sample=False,
+                                                                                         max_new_tokens=5))
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("grid")
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    callback = grid_callback()
+    checkpoint = ModelCheckpoint(save_last=True, save_on_train_epoch_end=False)
+    trainer = make_trainer(tmp_path, [callback, checkpoint], max_steps=4, val_check_interval=2,
+                           check_val_every_n_epoch=None)
+    trainer.fit(make_module(), datamodule=data)
+    return tmp_path, trainer, callback
+
+
+def test_fit_writes_reports_and_tensorboard(fitted):
+    tmp_path, trainer, callback = fitted
+    evaluation = tmp_path / "run" / "evaluation"
+    reports = sorted(evaluation.glob("epoch_*_step_*.json"))
+    assert len(reports) == 2 and len(list(evaluation.glob("*_front.png"))) == 2
+    lines = (evaluation / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and "hypervolume" in lines[0] and "steerability/coverage" in lines[0]
+    report = json.loads(reports[-1].read_text())
+    assert report["grid"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]] and len(report["rewards"]) == 3
+    assert len(report["samples"]) == 2 and len(report["samples"][0]["responses"]) == 3
+    assert report["ref_point"] == pytest.approx(report["reference_rewards"])  # default: the reference policy
+    events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"val/pareto/hypervolume", "val/steerability/coverage", "val/kl", "train/loss", "train/kl",
+            "train/reward/brevity", "val/reward/brevity/w=0.50,0.50"} <= scalars
+    assert "val/pareto/front" in events.Tags()["images"]
+    assert any("val/samples" in t for t in events.Tags()["tensors"])
+
+
+def test_validate_on_checkpoint_reproduces_last_evaluation(fitted, tmp_path):
+    fit_dir, trainer, callback = fitted
+    last = callback.last
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    again = grid_callback()
+    make_trainer(tmp_path, [again]).validate(make_module(), datamodule=data,
+                                             ckpt_path=str(fit_dir / "run" / "checkpoints" / "last.ckpt"))
+    assert again.last["step"] == last["step"] == 4
+    assert torch.allclose(torch.tensor(again.last["rewards"]), torch.tensor(last["rewards"]), atol=1e-5)
+    assert again.last["hypervolume"] == pytest.approx(last["hypervolume"], abs=1e-6)
+    assert again.last["steerability"] == pytest.approx(last["steerability"], nan_ok=True)
+    assert (tmp_path / "run" / "evaluation" / "validate.json").exists()
