@@ -44,6 +44,7 @@ import torch
 from clp_lightning.conditioning.lora import LoraSpec
 from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
 from clp_lightning.conditioning.weights import DirichletSampler
+from clp_lightning.models import TINY_SIZES
 
 MODES: dict[str, Callable[[], ConditioningConfig]] = {
     "prompt": lambda: ConditioningConfig(prompt=True),
@@ -276,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "60m"], help="model sizes (tiny, small, 60m)")
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "60m"], choices=list(TINY_SIZES["t5"]))
     parser.add_argument("--archs", nargs="+", default=["t5", "gpt2"], choices=["t5", "gpt2"])
     parser.add_argument(
         "--objectives", nargs="+", type=int, default=None, help=f"values of m; default per size {DEFAULT_OBJECTIVES}"

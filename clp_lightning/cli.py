@@ -1,4 +1,5 @@
-"""Command line: ``clp fit|validate|test|predict --config conf/<file>.yaml`` (LightningCLI) and ``clp quickstart``.
+"""Command line: ``clp fit|validate|test|predict --config conf/<file>.yaml`` (LightningCLI), plus ``clp quickstart``
+(the offline quick start), ``clp steer`` (generate at chosen weightings) and ``clp compare`` (overlay runs' fronts).
 
 The model is any LightningModule of the project (``CLPModule`` for RL, ``SFTModule`` for the warm start) and the
 data any LightningDataModule, both chosen in the YAML with ``class_path``. Configs may use OmegaConf
@@ -30,10 +31,13 @@ class CLPCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``clp`` and ``python -m clp_lightning``."""
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["quickstart"]:
-        from clp_lightning.quickstart import quickstart
+    tools = {"quickstart": "clp_lightning.quickstart:quickstart", "steer": "clp_lightning.steer:steer",
+             "compare": "clp_lightning.compare:compare"}
+    if argv[:1] and argv[0] in tools:
+        import importlib
 
-        quickstart(argv[1:])
+        module, _, function = tools[argv[0]].partition(":")
+        getattr(importlib.import_module(module), function)(argv[1:])
         return
     CLPCLI(args=args)
 

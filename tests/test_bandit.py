@@ -44,6 +44,9 @@ from clp_lightning.rewards.base import Reward
 
 PROMPT = "bandit: pick one byte ->"
 
+# The frozen reference and the rewards are meant to stay in eval mode while the policy trains.
+pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")
+
 
 class HashedTextReward(Reward):
     """A fixed, known reward per response text, uniform in ``[0, 1)``: a hash of (seed, name, text).
@@ -172,6 +175,7 @@ def test_logit_clp_matches_closed_form_optimum_on_bandit():
     ],
 )
 def test_logit_clp_matches_closed_form_optimum_on_bandit_long(model, num_objectives, grid_step, lr):
-    # 300 steps (~20 s each): measured max KL 8e-5 (gpt2, m = 3) and 6e-4 (t5).
+    # 300 steps, ~20 s each. Measured max KL over the grid, seeds 0 and 1: gpt2 (m = 3) 4e-4 and 5e-5, t5 1.1e-3 and
+    # 0.9e-3 (ratio to KL(pi_ref || pi*_w) <= 4e-3).
     out = train_bandit(model, num_objectives, grid_step, steps=300, lr=lr)
-    check_exact(out, tolerance=2e-3, max_ratio=0.01)
+    check_exact(out, tolerance=3e-3, max_ratio=0.02)

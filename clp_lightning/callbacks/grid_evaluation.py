@@ -175,6 +175,7 @@ class GridEvaluation(L.Callback):
             "steerability": dict(zip(self.names, result["spearman"].tolist())),
             "monotonicity_violations": dict(zip(self.names, result["violations"].tolist())),
             "samples": self._samples,
+            "parameters": pl_module.policy.report() if hasattr(pl_module, "policy") else {},
         }
 
     def _log(self, pl_module: L.LightningModule, report: dict[str, Any]) -> None:

@@ -1,0 +1,119 @@
+"""``clp steer``: generate with a trained checkpoint at one or several weightings, with each response's rewards.
+
+    clp steer --config conf/quickstart.yaml --ckpt_path runs/quickstart/rl/checkpoints/last.ckpt \\
+        --weights 1,0 --weights 0.3,0.7 --prompts prompts.txt --output steered.jsonl
+
+Prompts come from a text file (one per line; ``-`` or no file reads standard input) or a JSONL file with a
+``prompt`` field (and optionally ``source`` and ``reference``, used by rewards that need them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clp_lightning.conditioning.weights import validate_weights
+from clp_lightning.config import GenerationSettings
+
+
+def read_prompts(path: str | None) -> list[dict[str, str]]:
+    """Prompts from a text or JSONL file, or standard input."""
+    stream = sys.stdin if path in (None, "-") else open(path, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        lines = [line.rstrip("\n") for line in stream if line.strip()]
+    if path is not None and path.endswith(".jsonl"):
+        rows = [json.loads(line) for line in lines]
+        missing = [i for i, r in enumerate(rows) if "prompt" not in r]
+        if missing:
+            raise ValueError(f"{path}: rows {missing[:5]} have no 'prompt' field")
+        return rows
+    # one prompt per line; a literal "\n" in a line stands for a newline (TL;DR prompts span lines)
+    return [{"prompt": line.replace("\\n", "\n")} for line in lines]
+
+
+def load_module(config: list[str], ckpt_path: str, overrides: list[str]) -> Any:
+    """Build the module from its config (no training) and load a checkpoint's trained weights into it."""
+    from clp_lightning.cli import CLPCLI
+
+    args = [a for c in config for a in ("--config", c)] + overrides
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        cli = CLPCLI(args=args, run=False)
+    finally:
+        sys.argv = saved
+    module = cli.model
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+@torch.no_grad()
+def steer_prompts(
+    module: Any, rows: list[dict[str, str]], weightings: list[torch.Tensor], generation: GenerationSettings,
+    score: bool = True,
+) -> list[dict[str, Any]]:
+    """Responses (and rewards) for every prompt at every weighting."""
+    out = []
+    for w in weightings:
+        w_rows = w.expand(len(rows), -1).to(module.device)
+        prompts = [r["prompt"] for r in rows]
+        enc = module.policy.encode(prompts, w_rows)
+        ids, mask = module.policy.generate(**enc, weights=w_rows, **generation.kwargs())
+        texts = module.policy.decode(ids, mask)
+        rewards = {}
+        if score:
+            sources = [r.get("source", r["prompt"]) for r in rows]
+            references = [r.get("reference") for r in rows]
+            for reward in module.rewards:
+                if reward.needs_references and None in references:
+                    continue  # no human reference given for these prompts
+                refs = None if None in references else references
+                rewards[reward.name] = reward(sources, texts, refs).tolist()
+        for i, (row, text) in enumerate(zip(rows, texts)):
+            out.append({"prompt": row["prompt"], "weights": w.tolist(), "response": text,
+                        "rewards": {name: values[i] for name, values in rewards.items()}})
+    return out
+
+
+def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Command-line entry point (``clp steer``)."""
+    parser = argparse.ArgumentParser(prog="clp steer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", required=True, help="the run's YAML config(s)")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `clp fit`")
+    parser.add_argument("--weights", action="append", required=True,
+                        help="a weighting such as 0.3,0.7 (repeat for several)")
+    parser.add_argument("--prompts", default=None, help="text (one prompt per line) or JSONL file; default stdin")
+    parser.add_argument("--output", default=None, help="write JSONL here instead of printing")
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--no_score", action="store_true", help="skip scoring the responses")
+    parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
+                        help="extra override for the config, e.g. --set=--model.init_args.policy.seed=1")
+    args = parser.parse_args(argv)
+    # every weighting and the checkpoint are checked before any model is loaded
+    weightings = [validate_weights(w, name="--weights") for w in args.weights]
+    if any(w.dim() != 1 for w in weightings):
+        raise ValueError(f"--weights takes one weighting per flag, got {args.weights}")
+    if not Path(args.ckpt_path).exists():
+        raise FileNotFoundError(f"checkpoint {args.ckpt_path!r} not found")
+    module = load_module(args.config, args.ckpt_path, args.set)
+    weightings = [validate_weights(w, module.num_objectives, name="--weights") for w in weightings]
+    rows = read_prompts(args.prompts)
+    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+    results = steer_prompts(module, rows, weightings, generation, score=not args.no_score)
+    lines = [json.dumps(r) for r in results]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} responses to {args.output}")
+    else:
+        for r in results:
+            rewards = ", ".join(f"{k} {v:.3f}" for k, v in r["rewards"].items())
+            print(f"w={r['weights']}: {r['response']!r}" + (f"  [{rewards}]" if rewards else ""))
+    return results

@@ -1,0 +1,101 @@
+"""The command line end to end on a tiny offline config: fit, validate, steer, compare."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from clp_lightning.cli import main
+
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu", "max_steps": 2, "val_check_interval": 2, "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0, "limit_val_batches": 1, "log_every_n_steps": 1, "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "plugins": [{"class_path": "clp_lightning.callbacks.SafeCheckpointIO"}],
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"save_last": True, "save_on_train_epoch_end": False}},
+            {"class_path": "clp_lightning.callbacks.GridEvaluation",
+             "init_args": {"grid_step": 0.5, "sample_prompts": 1, "generation": {"do_sample": False, "max_new_tokens": 4}}},
+        ],
+    },
+    "model": {
+        "class_path": "clp_lightning.module.CLPModule",
+        "init_args": {
+            "policy": {"model_name_or_path": "tiny:t5", "max_prompt_length": 32, "conditioning": {"targets": "logits"}},
+            "rewards": [
+                {"class_path": "clp_lightning.rewards.RougeReward", "init_args": {"name": "coverage", "target": "source"}},
+                {"class_path": "clp_lightning.rewards.LengthReward", "init_args": {"name": "brevity"}},
+            ],
+            "samples_per_prompt": 2,
+            "generation": {"max_new_tokens": 4},
+        },
+    },
+    "data": {"class_path": "clp_lightning.data.SyntheticTLDRDataModule",
+             "init_args": {"num_train": 8, "num_val": 2, "batch_size": 2}},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    config = json.loads(json.dumps(CONFIG))
+    config["trainer"]["default_root_dir"] = str(tmp)
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                   "init_args": {"save_dir": str(tmp), "name": "run", "version": ""}}
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    return tmp, path
+
+
+def test_fit_then_validate_through_the_cli(run):
+    tmp, config = run
+    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    fit_report = json.loads((tmp / "run" / "evaluation" / "latest.json").read_text())
+    main(["validate", "--config", str(config), "--ckpt_path", str(ckpt)])
+    report = json.loads((tmp / "run" / "evaluation" / "validate.json").read_text())
+    assert torch.allclose(torch.tensor(report["rewards"]), torch.tensor(fit_report["rewards"]), atol=1e-5)
+    assert report["step"] == fit_report["step"] == 2
+    assert report["parameters"]["trainable_parameters"] > 0
+
+
+def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
+    from clp_lightning.steer import steer
+
+    tmp, config = run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("SUBREDDIT: r/cooking\\n\\nPOST: my soup is too salty\\n\\nTL;DR:\nanother prompt\n")
+    out = tmp_path / "steered.jsonl"
+    results = steer(["--config", str(config), "--ckpt_path", str(tmp / "run" / "checkpoints" / "last.ckpt"),
+                     "--weights", "1,0", "--weights", "0.25,0.75", "--prompts", str(prompts), "--output", str(out),
+                     "--max_new_tokens", "4"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(results) == 4
+    assert rows[0]["prompt"].startswith("SUBREDDIT: r/cooking\n\n")
+    assert [r["weights"] for r in rows] == [[1.0, 0.0]] * 2 + [[0.25, 0.75]] * 2
+    assert set(rows[0]["rewards"]) == {"coverage", "brevity"}
+    with pytest.raises(ValueError, match=r"--weights \[0.5, 0.6\] sums to 1.1"):
+        steer(["--config", str(config), "--ckpt_path", "missing.ckpt", "--weights", "0.5,0.6"])
+    with pytest.raises(ValueError, match="has 3 entries, expected 2"):
+        steer(["--config", str(config), "--ckpt_path", str(tmp / "run" / "checkpoints" / "last.ckpt"),
+               "--weights", "0.2,0.2,0.6", "--prompts", str(prompts)])
+
+
+def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
+    from clp_lightning.compare import compare
+
+    tmp, _ = run
+    figure = tmp_path / "compare.png"
+    table = compare([str(tmp / "run"), str(tmp / "run" / "evaluation" / "validate.json"), "--labels", "fit",
+                     "validate", "--output", str(figure)])
+    assert figure.exists() and figure.stat().st_size > 1000
+    lines = table.splitlines()
+    assert lines[0].startswith("| run | hypervolume | steer coverage | steer brevity | steps")
+    assert lines[2].startswith("| fit |") and lines[3].startswith("| validate |")
+    with pytest.raises(FileNotFoundError, match="no grid-evaluation report"):
+        compare([str(tmp_path / "nowhere")])
