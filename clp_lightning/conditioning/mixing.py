@@ -21,6 +21,7 @@ import difflib
 import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,9 @@ class WeightingState:
     """The weighting every conditioned module of one policy reads during a forward pass.
 
     The policy sets it around each forward / generate call (:meth:`use`); modules ask for the rows they see, which
-    may be a multiple of the set rows (beam search and ``num_return_sequences`` repeat each row).
+    may be a multiple of the set rows (beam search and ``num_return_sequences`` repeat each row). Everything that
+    depends only on the weights and the row count (per-row weights, groups, sort orders) is computed once per call
+    and shared by every module and decoding step.
     """
 
     def __init__(self) -> None:
@@ -44,19 +47,21 @@ class WeightingState:
         self._unique: Tensor | None = None  # (G, m)
         self._inverse: Tensor | None = None  # (B,)
         self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._per_rows: dict[tuple[str, int], Any] = {}
 
     @contextlib.contextmanager
     def use(self, weights: Tensor, alpha: Tensor | None = None, cache: bool = False) -> Iterator[None]:
         """Condition on ``weights`` ``(B, m)`` inside the block; ``cache`` reuses mixed weights across calls."""
         if weights.dim() != 2:
             raise ValueError(f"weights must have shape (B, m), got {tuple(weights.shape)}")
-        previous = (self.weights, self.alpha, self.caching, self._unique, self._inverse, self._cache)
-        self.weights, self.alpha, self.caching, self._cache = weights, alpha, cache, {}
+        previous = (self.weights, self.alpha, self.caching, self._unique, self._inverse, self._cache, self._per_rows)
+        self.weights, self.alpha, self.caching, self._cache, self._per_rows = weights, alpha, cache, {}, {}
         self._unique, self._inverse = torch.unique(weights, dim=0, return_inverse=True)
         try:
             yield
         finally:
-            self.weights, self.alpha, self.caching, self._unique, self._inverse, self._cache = previous
+            (self.weights, self.alpha, self.caching, self._unique, self._inverse, self._cache,
+             self._per_rows) = previous
 
     def _check(self) -> Tensor:
         if self.weights is None:
@@ -71,13 +76,29 @@ class WeightingState:
 
     def rows(self, rows: int) -> Tensor:
         """Per-row weights ``(rows, m)``."""
-        return self._check().repeat_interleave(self._repeat(rows), dim=0)
+        key = ("rows", rows)
+        if key not in self._per_rows:
+            self._per_rows[key] = self._check().repeat_interleave(self._repeat(rows), dim=0)
+        return self._per_rows[key]
 
     def groups(self, rows: int) -> tuple[Tensor, Tensor]:
         """``(unique weightings (G, m), group index of each row (rows,))``."""
-        repeat = self._repeat(rows)
-        assert self._unique is not None and self._inverse is not None
-        return self._unique, self._inverse.repeat_interleave(repeat)
+        key = ("groups", rows)
+        if key not in self._per_rows:
+            repeat = self._repeat(rows)
+            assert self._unique is not None and self._inverse is not None
+            self._per_rows[key] = (self._unique, self._inverse.repeat_interleave(repeat))
+        return self._per_rows[key]
+
+    def group_order(self, rows: int) -> tuple[Tensor, Tensor, list[int]]:
+        """Rows sorted by group: ``(order (rows,), its inverse (rows,), rows per group)``."""
+        key = ("order", rows)
+        if key not in self._per_rows:
+            unique, inverse = self.groups(rows)
+            order = torch.argsort(inverse, stable=True)
+            counts = torch.bincount(inverse, minlength=unique.shape[0]).tolist()
+            self._per_rows[key] = (order, torch.argsort(order), counts)
+        return self._per_rows[key]
 
 
 class MixedLinear(nn.Module):
@@ -111,14 +132,11 @@ class MixedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
-        unique, inverse = self.state.groups(rows)
+        unique, _ = self.state.groups(rows)
         num_groups, m = unique.shape
-        tokens = x.numel() // self.in_features
-        cached = self.state.caching and id(self) in self.state._cache
-        group_cost = (0 if cached else num_groups * m) + tokens
-        if num_groups > 1 and m * tokens < group_cost:
+        if num_groups > 1 and self._per_copy_is_cheaper(x, num_groups, m):
             return self._per_copy(x, self.state.rows(rows))
-        if cached:
+        if self.state.caching and id(self) in self.state._cache:
             weight, bias = self.state._cache[id(self)]
         else:
             weight, bias = self.mixed(unique)
@@ -126,7 +144,18 @@ class MixedLinear(nn.Module):
                 self.state._cache[id(self)] = (weight, bias)
         if num_groups == 1:
             return F.linear(x, weight[0], None if bias is None else bias[0])
-        return self._grouped(x, weight, bias, inverse)
+        order, inverse_order, counts = self.state.group_order(rows)
+        chunks = x.index_select(0, order).split(counts)
+        outs = [F.linear(c, weight[g], None if bias is None else bias[g]) for g, c in enumerate(chunks) if counts[g]]
+        return torch.cat(outs).index_select(0, inverse_order)
+
+    def _per_copy_is_cheaper(self, x: Tensor, num_groups: int, m: int) -> bool:
+        if self.state.caching:
+            # Inside generate the mixed weights are made once and reused at every step, where the cost is reading
+            # weights: G mixed ones on the grouped path, m copies on the per-copy path.
+            return m < num_groups
+        tokens = x.numel() // self.in_features
+        return m * tokens < num_groups * m + tokens  # flops of one call: per copy vs mix-then-matmul
 
     def _per_copy(self, x: Tensor, w_rows: Tensor) -> Tensor:
         # (rows, ..., m * out) -> (rows, ..., m, out), weighted sum over the copies
@@ -136,14 +165,6 @@ class MixedLinear(nn.Module):
         y = y.unflatten(-1, (m, self.out_features))
         w = w_rows.to(y.dtype).view(x.shape[0], *([1] * (x.dim() - 2)), m, 1)
         return (y * w).sum(-2)
-
-    @staticmethod
-    def _grouped(x: Tensor, weight: Tensor, bias: Tensor | None, inverse: Tensor) -> Tensor:
-        order = torch.argsort(inverse, stable=True)
-        counts = torch.bincount(inverse, minlength=weight.shape[0]).tolist()
-        chunks = x.index_select(0, order).split(counts)
-        outs = [F.linear(c, weight[g], None if bias is None else bias[g]) for g, c in enumerate(chunks) if counts[g]]
-        return torch.cat(outs).index_select(0, torch.argsort(order))
 
     def to_plain(self, weights: Tensor) -> nn.Linear:
         """An ``nn.Linear`` holding the mixed parameters for one weighting ``(m,)``."""

@@ -36,10 +36,13 @@ def test_both_paths_and_cache_agree():
     x = torch.randn(6, 3, 4)
     w = torch.softmax(torch.randn(6, 3), -1)
     with state.use(w):
-        grouped = MixedLinear._grouped(x, *layer.mixed(state.groups(6)[0]), state.groups(6)[1])
+        assert not layer._per_copy_is_cheaper(x, 6, 3)  # 18 tokens: mixing once per group is cheaper
+        grouped = layer(x)
         per_copy = layer._per_copy(x, state.rows(6))
     assert torch.allclose(grouped, per_copy, atol=1e-5)
-    with state.use(w, cache=True):
+    two_groups = w[:2].repeat(3, 1)  # G = 2 <= m = 3: generate reads 2 cached mixed weights, not 3 copies
+    with state.use(two_groups, cache=True):
+        assert not layer._per_copy_is_cheaper(x, 2, 3) and layer._per_copy_is_cheaper(x, 4, 3)
         first = layer(x)
         layer.weight.data.mul_(0)  # the cached mixed weights are reused inside one generate call
         assert torch.allclose(layer(x), first)
