@@ -11,15 +11,29 @@ from clp_lightning.cli import main
 CONFIG = {
     "seed_everything": 0,
     "trainer": {
-        "accelerator": "cpu", "max_steps": 2, "val_check_interval": 2, "check_val_every_n_epoch": None,
-        "num_sanity_val_steps": 0, "limit_val_batches": 1, "log_every_n_steps": 1, "enable_progress_bar": False,
+        "accelerator": "cpu",
+        "max_steps": 2,
+        "val_check_interval": 2,
+        "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 1,
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
         "enable_model_summary": False,
         "plugins": [{"class_path": "clp_lightning.callbacks.SafeCheckpointIO"}],
         "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"save_last": True, "save_on_train_epoch_end": False}},
-            {"class_path": "clp_lightning.callbacks.GridEvaluation",
-             "init_args": {"grid_step": 0.5, "sample_prompts": 1, "generation": {"do_sample": False, "max_new_tokens": 4}}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "save_on_train_epoch_end": False},
+            },
+            {
+                "class_path": "clp_lightning.callbacks.GridEvaluation",
+                "init_args": {
+                    "grid_step": 0.5,
+                    "sample_prompts": 1,
+                    "generation": {"do_sample": False, "max_new_tokens": 4},
+                },
+            },
         ],
     },
     "model": {
@@ -27,15 +41,20 @@ CONFIG = {
         "init_args": {
             "policy": {"model_name_or_path": "tiny:t5", "max_prompt_length": 32, "conditioning": {"targets": "logits"}},
             "rewards": [
-                {"class_path": "clp_lightning.rewards.RougeReward", "init_args": {"name": "coverage", "target": "source"}},
+                {
+                    "class_path": "clp_lightning.rewards.RougeReward",
+                    "init_args": {"name": "coverage", "target": "source"},
+                },
                 {"class_path": "clp_lightning.rewards.LengthReward", "init_args": {"name": "brevity"}},
             ],
             "samples_per_prompt": 2,
             "generation": {"max_new_tokens": 4},
         },
     },
-    "data": {"class_path": "clp_lightning.data.SyntheticTLDRDataModule",
-             "init_args": {"num_train": 8, "num_val": 2, "batch_size": 2}},
+    "data": {
+        "class_path": "clp_lightning.data.SyntheticTLDRDataModule",
+        "init_args": {"num_train": 8, "num_val": 2, "batch_size": 2},
+    },
 }
 
 
@@ -44,8 +63,10 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     config = json.loads(json.dumps(CONFIG))
     config["trainer"]["default_root_dir"] = str(tmp)
-    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                   "init_args": {"save_dir": str(tmp), "name": "run", "version": ""}}
+    config["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(tmp), "name": "run", "version": ""},
+    }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path)])
@@ -71,9 +92,24 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("SUBREDDIT: r/cooking\\n\\nPOST: my soup is too salty\\n\\nTL;DR:\nanother prompt\n")
     out = tmp_path / "steered.jsonl"
-    results = steer(["--config", str(config), "--ckpt_path", str(tmp / "run" / "checkpoints" / "last.ckpt"),
-                     "--weights", "1,0", "--weights", "0.25,0.75", "--prompts", str(prompts), "--output", str(out),
-                     "--max_new_tokens", "4"])
+    results = steer(
+        [
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(tmp / "run" / "checkpoints" / "last.ckpt"),
+            "--weights",
+            "1,0",
+            "--weights",
+            "0.25,0.75",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(out),
+            "--max_new_tokens",
+            "4",
+        ]
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(results) == 4
     assert rows[0]["prompt"].startswith("SUBREDDIT: r/cooking\n\n")
@@ -82,8 +118,18 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"--weights \[0.5, 0.6\] sums to 1.1"):
         steer(["--config", str(config), "--ckpt_path", "missing.ckpt", "--weights", "0.5,0.6"])
     with pytest.raises(ValueError, match="has 3 entries, expected 2"):
-        steer(["--config", str(config), "--ckpt_path", str(tmp / "run" / "checkpoints" / "last.ckpt"),
-               "--weights", "0.2,0.2,0.6", "--prompts", str(prompts)])
+        steer(
+            [
+                "--config",
+                str(config),
+                "--ckpt_path",
+                str(tmp / "run" / "checkpoints" / "last.ckpt"),
+                "--weights",
+                "0.2,0.2,0.6",
+                "--prompts",
+                str(prompts),
+            ]
+        )
 
 
 def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
@@ -91,8 +137,17 @@ def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
 
     tmp, _ = run
     figure = tmp_path / "compare.png"
-    table = compare([str(tmp / "run"), str(tmp / "run" / "evaluation" / "validate.json"), "--labels", "fit",
-                     "validate", "--output", str(figure)])
+    table = compare(
+        [
+            str(tmp / "run"),
+            str(tmp / "run" / "evaluation" / "validate.json"),
+            "--labels",
+            "fit",
+            "validate",
+            "--output",
+            str(figure),
+        ]
+    )
     assert figure.exists() and figure.stat().st_size > 1000
     lines = table.splitlines()
     assert lines[0].startswith("| run | hypervolume | steer coverage | steer brevity | steps")

@@ -1,11 +1,8 @@
 """The training system end to end on tiny models: what trains, what stays frozen, checkpoints, resume, bad config."""
 
-import copy
-
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from clp_lightning.callbacks import SafeCheckpointIO
 from clp_lightning.conditioning.lora import LoraSpec
@@ -40,8 +37,15 @@ def make_data(**kwargs) -> SyntheticTLDRDataModule:
 
 def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, default_root_dir=tmp_path, plugins=[SafeCheckpointIO()], **kwargs,
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        plugins=[SafeCheckpointIO()],
+        **kwargs,
     )
 
 
@@ -87,23 +91,44 @@ def test_checkpoint_leaves_out_frozen_weights_and_loads_weights_only(tmp_path):
     assert torch.equal(module.normalizer.mean, fresh.normalizer.mean)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("trigger", ["train_step", "validation"])
+def test_resume_continues_exactly(tmp_path, trigger):
     steps = 4
-    L.seed_everything(0)
-    straight = make_module()
-    make_trainer(tmp_path / "a", max_steps=steps, enable_checkpointing=False).fit(straight, datamodule=make_data())
+    # checkpoints after a training step, or at the end of a mid-epoch validation (as the quick start writes them)
+    if trigger == "train_step":
+        ckpt_args, trainer_args = dict(every_n_train_steps=1), dict(limit_val_batches=0)
+    else:
+        ckpt_args = dict(save_on_train_epoch_end=False)
+        trainer_args = dict(
+            val_check_interval=1, check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0
+        )
+
+    def trainer(directory, max_steps):
+        callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=directory, save_last=True, **ckpt_args)
+        return L.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=directory,
+            plugins=[SafeCheckpointIO()],
+            callbacks=[callback],
+            **trainer_args,
+        )
 
     L.seed_everything(0)
-    first = make_module()
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=1)
-    make_trainer(tmp_path / "b", max_steps=steps // 2, callbacks=[ckpt_cb]).fit(first, datamodule=make_data())
+    straight = make_module()
+    trainer(tmp_path / "a", steps).fit(straight, datamodule=make_data())
+
+    L.seed_everything(0)
+    trainer(tmp_path / "b", steps // 2).fit(make_module(), datamodule=make_data())
 
     L.seed_everything(123)  # a resumed run must not depend on the seed of the new process
     resumed = make_module()
-    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", save_last=True, every_n_train_steps=1)
-    trainer = make_trainer(tmp_path / "b", max_steps=steps, callbacks=[ckpt_cb])
-    trainer.fit(resumed, datamodule=make_data(), ckpt_path="last")
-    assert trainer.global_step == steps
+    second = trainer(tmp_path / "b", steps)
+    second.fit(resumed, datamodule=make_data(), ckpt_path="last")
+    assert second.global_step == steps
     for name, param in straight.policy.named_parameters():
         assert torch.allclose(param, dict(resumed.policy.named_parameters())[name], atol=1e-6), name
     assert torch.allclose(straight.normalizer.mean, resumed.normalizer.mean)
@@ -168,4 +193,3 @@ def test_loader_is_plain_lists():
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert isinstance(batch["prompt"], list) and len(batch["prompt"]) == 2
-    assert isinstance(DataLoader, type) and copy is not None

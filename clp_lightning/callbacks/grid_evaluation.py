@@ -35,7 +35,8 @@ class GridEvaluation(L.Callback):
 
     Args:
         grid_step: lattice step of the grid (``m = 2``: 0.1 gives 11 points; ``m = 3``: 0.25 gives 15).
-        every_n_epochs: evaluate every n-th validation epoch (and always on the last one of ``validate``).
+        every_n_epochs: during ``fit``, evaluate on every n-th validation epoch (the first one included);
+            ``validate`` always evaluates.
         max_prompts: validation prompts used per evaluation (None: every prompt of the val loader).
         generation: decoding settings (greedy by default, so that evaluations are repeatable).
         ref_point: hypervolume reference point, one value per objective; None takes the reference policy's mean
@@ -64,6 +65,7 @@ class GridEvaluation(L.Callback):
         self.sample_prompts, self.sample_weightings_config = sample_prompts, sample_weightings
         self.output_dir_config = output_dir
         self.history: list[dict[str, Any]] = []
+        self.validations = 0  # validation epochs seen during fit (saved in checkpoints)
         self.last: dict[str, Any] | None = None
         self.metric: ParetoSteerabilityMetric | None = None
 
@@ -100,7 +102,10 @@ class GridEvaluation(L.Callback):
         self._ref_sum: Tensor | None = None
         self._ref_rows: list[Tensor] = []
         self._samples: list[dict[str, Any]] = []
-        self._run = not trainer.sanity_checking
+        fitting = trainer.state.fn == "fit"
+        self._run = not trainer.sanity_checking and (not fitting or self.validations % self.every_n_epochs == 0)
+        if fitting and not trainer.sanity_checking:
+            self.validations += 1
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -233,10 +238,12 @@ class GridEvaluation(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         ref = None if self.metric is None or not self.metric.has_reference_point else self.metric.ref_point.cpu()
         reference = None if self.reference_rewards is None else self.reference_rewards.cpu()
-        return {"ref_point": ref, "reference_rewards": reference, "history": self.history}
+        return {"ref_point": ref, "reference_rewards": reference, "history": self.history,
+                "validations": self.validations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.validations = int(state_dict.get("validations", 0))
         self._pending_ref = state_dict.get("ref_point")
         self.reference_rewards = state_dict.get("reference_rewards")
 

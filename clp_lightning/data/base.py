@@ -282,7 +282,7 @@ class SummarizationDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Where the training epoch stands (saved in checkpoints, so that a resumed run continues the epoch)."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.training:
+        if trainer is None or trainer.state.fn != "fit":  # also for checkpoints written at validation end
             return {}
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "samples_done": batches * self.batch_size * trainer.world_size}

@@ -19,22 +19,38 @@ from clp_lightning.rewards import LengthReward, RougeReward
 
 def make_module() -> CLPModule:
     torch.manual_seed(0)
-    rewards = [RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
-               LengthReward(name="brevity", unit="chars", scale=10.0)]
+    rewards = [
+        RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
+        LengthReward(name="brevity", unit="chars", scale=10.0),
+    ]
     policy = PolicyConfig("tiny:t5", ConditioningConfig(targets="logits"), max_prompt_length=48)
-    return CLPModule(policy, rewards, samples_per_prompt=2, generation=GenerationSettings(max_new_tokens=5),
-                     optimizer=OptimizerConfig(lr=1e-2))
+    return CLPModule(
+        policy,
+        rewards,
+        samples_per_prompt=2,
+        generation=GenerationSettings(max_new_tokens=5),
+        optimizer=OptimizerConfig(lr=1e-2),
+    )
 
 
 def make_trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
-                     logger=TensorBoardLogger(tmp_path, name="run", version=""), callbacks=callbacks,
-                     plugins=[SafeCheckpointIO()], num_sanity_val_steps=0, log_every_n_steps=1, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=TensorBoardLogger(tmp_path, name="run", version=""),
+        callbacks=callbacks,
+        plugins=[SafeCheckpointIO()],
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        **kwargs,
+    )
 
 
 def grid_callback() -> GridEvaluation:
-    return GridEvaluation(grid_step=0.5, sample_prompts=2, generation=GenerationSettings(do_sample=False,
-                                                                                         max_new_tokens=5))
+    return GridEvaluation(
+        grid_step=0.5, sample_prompts=2, generation=GenerationSettings(do_sample=False, max_new_tokens=5)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +59,9 @@ def fitted(tmp_path_factory):
     data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
     callback = grid_callback()
     checkpoint = ModelCheckpoint(save_last=True, save_on_train_epoch_end=False)
-    trainer = make_trainer(tmp_path, [callback, checkpoint], max_steps=4, val_check_interval=2,
-                           check_val_every_n_epoch=None)
+    trainer = make_trainer(
+        tmp_path, [callback, checkpoint], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None
+    )
     trainer.fit(make_module(), datamodule=data)
     return tmp_path, trainer, callback
 
@@ -63,8 +80,15 @@ def test_fit_writes_reports_and_tensorboard(fitted):
     events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"val/pareto/hypervolume", "val/steerability/coverage", "val/kl", "train/loss", "train/kl",
-            "train/reward/brevity", "val/reward/brevity/w=0.50,0.50"} <= scalars
+    assert {
+        "val/pareto/hypervolume",
+        "val/steerability/coverage",
+        "val/kl",
+        "train/loss",
+        "train/kl",
+        "train/reward/brevity",
+        "val/reward/brevity/w=0.50,0.50",
+    } <= scalars
     assert "val/pareto/front" in events.Tags()["images"]
     assert any("val/samples" in t for t in events.Tags()["tensors"])
 
@@ -74,10 +98,48 @@ def test_validate_on_checkpoint_reproduces_last_evaluation(fitted, tmp_path):
     last = callback.last
     data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
     again = grid_callback()
-    make_trainer(tmp_path, [again]).validate(make_module(), datamodule=data,
-                                             ckpt_path=str(fit_dir / "run" / "checkpoints" / "last.ckpt"))
+    make_trainer(tmp_path, [again]).validate(
+        make_module(), datamodule=data, ckpt_path=str(fit_dir / "run" / "checkpoints" / "last.ckpt")
+    )
     assert again.last["step"] == last["step"] == 4
     assert torch.allclose(torch.tensor(again.last["rewards"]), torch.tensor(last["rewards"]), atol=1e-5)
     assert again.last["hypervolume"] == pytest.approx(last["hypervolume"], abs=1e-6)
     assert again.last["steerability"] == pytest.approx(last["steerability"], nan_ok=True)
     assert (tmp_path / "run" / "evaluation" / "validate.json").exists()
+
+
+def test_every_n_epochs_and_three_objective_figure(tmp_path):
+    from clp_lightning.rewards import RougeReward
+
+    torch.manual_seed(0)
+    rewards = [
+        RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
+        RougeReward(name="precision", target="source", rouge_key="rouge1", measure="precision"),
+        LengthReward(name="brevity", unit="chars", scale=10.0),
+    ]
+    policy = PolicyConfig("tiny:gpt2", ConditioningConfig(targets="logits"), max_prompt_length=48)
+    module = CLPModule(policy, rewards, samples_per_prompt=2, generation=GenerationSettings(max_new_tokens=3))
+    callback = GridEvaluation(
+        grid_step=0.5,
+        every_n_epochs=2,
+        sample_prompts=1,
+        generation=GenerationSettings(do_sample=False, max_new_tokens=3),
+    )
+    data = SyntheticTLDRDataModule(num_train=8, num_val=2, batch_size=2, val_batch_size=2, seed=0)
+    trainer = make_trainer(
+        tmp_path,
+        [callback],
+        max_steps=3,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule=data)
+    reports = sorted((tmp_path / "run" / "evaluation").glob("epoch_*_step_*.json"))
+    assert [json.loads(r.read_text())["step"] for r in reports] == [1, 3]  # validations 1 and 3 of 3
+    assert callback.validations == 3
+    report = json.loads(reports[-1].read_text())
+    assert len(report["grid"]) == 6 and len(report["rewards"][0]) == 3  # m = 3, step 0.5
+    from clp_lightning.evaluation.plots import front_figure
+
+    assert len(front_figure(report).axes) == 3  # the pairwise projections
