@@ -11,16 +11,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class CLPCLI(LightningCLI):
-    """LightningCLI with OmegaConf interpolation, subclass mode for model and data, and the seed from the config."""
+    """LightningCLI with OmegaConf interpolation, subclass mode for model and data, and the seed from the config.
+
+    Interpolations (``${trainer.default_root_dir}``) are resolved after every ``--config`` and command-line override
+    has been merged (jsonargparse's ``omegaconf+`` mode), so overriding a value also changes what refers to it.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        # configs write paths from the subcommand's root (`${trainer.max_steps}`, not `${fit.trainer.max_steps}`)
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)

@@ -195,3 +195,18 @@ def test_print_config_shows_the_merged_config(
     conditioning = printed["model"]["init_args"]["policy"]["conditioning"]
     assert conditioning["targets"] is None and conditioning["lora"]["r"] == 8
     assert printed["trainer"]["max_steps"] == 160  # from the base
+
+
+def test_overrides_propagate_through_interpolation(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # omegaconf+ mode: ${...} is resolved after every config and override is merged
+    monkeypatch.setattr("sys.argv", ["clp"])
+    config = CONF_DIR / "cnndm_t5.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--seed_everything", "7",
+              "--model.init_args.generation.max_new_tokens", "99", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["weight_seed"] == 7 and printed["data"]["init_args"]["seed"] == 7
+    grid = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("GridEvaluation")][0]
+    assert grid["init_args"]["generation"]["max_new_tokens"] == 99
