@@ -62,7 +62,9 @@ class CLPModule(L.LightningModule):
         optimizer: AdamW settings, warm-up and schedule.
         disable_dropout: turn the policy's dropout off, so responses are scored under the distribution that
             sampled them.
-        weight_seed: seed of the weighting and alpha sampler (its state is saved in checkpoints).
+        weight_seed: seed of the rollouts: the weightings, alphas and sampled responses of a batch are a function of
+            (seed, rank, epoch, batch index), so ranks draw different ones and a resumed run draws the same ones
+            as an uninterrupted run, with no random state to save.
     """
 
     def __init__(
@@ -127,20 +129,33 @@ class CLPModule(L.LightningModule):
         self.reference = self.policy.frozen_reference()  # None for LoRA-CLP: adapters off is the reference
         self.rewards = nn.ModuleList(rewards)
         self.normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
-        self.weight_generator = torch.Generator().manual_seed(weight_seed)
+        self.weight_seed = weight_seed
         self.checkpoint_step = 0
 
     # --------------------------------------------------------------------------------------------------- helpers
 
-    def sample_weights(self, num_prompts: int) -> tuple[Tensor, Tensor]:
+    def sample_weights(self, num_prompts: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """A weighting ``(P, m)`` and a KL strength ``(P,)`` per prompt."""
-        weights = validate_weights(self.sampler.sample(num_prompts, self.weight_generator), self.num_objectives)
+        weights = validate_weights(self.sampler.sample(num_prompts, generator), self.num_objectives)
         if self.alpha_range is None:
             alpha = torch.full((num_prompts,), self.kl_coef)
         else:
             low, high = self.alpha_range
-            alpha = alg.sample_alpha(num_prompts, low, high, self.weight_generator, self.alpha_log_uniform)
+            alpha = alg.sample_alpha(num_prompts, low, high, generator, self.alpha_log_uniform)
         return weights.to(self.device), alpha.to(self.device)
+
+    def rollout_generator(self, batch_idx: int) -> torch.Generator:
+        """Seed this batch's randomness from (seed, rank, epoch, batch index).
+
+        Returns the generator of the weightings; also seeds torch's global generator, which ``generate`` samples
+        responses with.
+        """
+        seed = self.weight_seed
+        for part in (self.global_rank, self.current_epoch, batch_idx):
+            seed = (seed * 1_000_003 + part) % 2**61
+        seed = seed + 1 if seed == 0 else seed
+        torch.manual_seed(seed)
+        return torch.Generator().manual_seed(seed + 1)
 
     def reference_log_probs(self, prompts: Sequence[str], response_ids: Tensor, response_mask: Tensor) -> Tensor:
         """``log pi_ref(y_t | x)`` ``(N, T)``: the reference sees the prompt without any conditioning."""
@@ -163,17 +178,17 @@ class CLPModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------------- training
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> Tensor:
-        rollout = self._rollout(batch)
+        rollout = self._rollout(batch, self.rollout_generator(batch_idx))
         rewards = self._score(batch, rollout)
         advantages, stats = self._advantages(rollout, rewards)
         loss = alg.reinforce_loss(rollout["seq_logp"], advantages, rollout.get("kl_loss"), rollout["alpha_rows"])
         self._log_train(loss, rollout, rewards, stats)
         return loss
 
-    def _rollout(self, batch: dict[str, list[str]]) -> dict[str, Any]:
+    def _rollout(self, batch: dict[str, list[str]], generator: torch.Generator) -> dict[str, Any]:
         """Sample ``k`` responses per prompt under its weighting and compute their log-probabilities."""
         k = self.samples_per_prompt
-        weights, alpha = self.sample_weights(len(batch["prompt"]))
+        weights, alpha = self.sample_weights(len(batch["prompt"]), generator)
         w_rows, alpha_rows = weights.repeat_interleave(k, 0), alpha.repeat_interleave(k, 0)  # (N, m), (N,)
         prompts = [p for p in batch["prompt"] for _ in range(k)]
         enc = self.policy.encode(prompts, w_rows, self.alpha_for_policy(alpha_rows))
@@ -293,8 +308,6 @@ class CLPModule(L.LightningModule):
         checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in excluded}
         checkpoint["clp"] = {
-            "weight_generator": self.weight_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
             "objective_names": self.objective_names,
             "conditioning": asdict(self.policy.conditioning),
         }
@@ -308,17 +321,8 @@ class CLPModule(L.LightningModule):
         if clp.get("objective_names", self.objective_names) != self.objective_names:
             raise ValueError(f"checkpoint objectives {clp['objective_names']} differ from the config's "
                              f"{self.objective_names}")
-        if "weight_generator" in clp:
-            self.weight_generator.set_state(clp["weight_generator"])
-            self._restored_rng = clp["torch_rng"]
 
     def on_train_start(self) -> None:
-        # Restored here, after Lightning's own set-up consumed random numbers, so a resumed run samples exactly
-        # the responses the uninterrupted run would have.
-        rng = getattr(self, "_restored_rng", None)
-        if rng is not None:
-            torch.set_rng_state(rng)
-            self._restored_rng = None
         dm = getattr(self.trainer, "datamodule", None)
         plan = batch_plan(getattr(dm, "batch_size", 1), self.samples_per_prompt,
                           self.trainer.accumulate_grad_batches, self.trainer.world_size)

@@ -132,7 +132,6 @@ def test_resume_continues_exactly(tmp_path, trigger):
     for name, param in straight.policy.named_parameters():
         assert torch.allclose(param, dict(resumed.policy.named_parameters())[name], atol=1e-6), name
     assert torch.allclose(straight.normalizer.mean, resumed.normalizer.mean)
-    assert torch.equal(straight.weight_generator.get_state(), resumed.weight_generator.get_state())
 
 
 def test_alpha_conditioning_samples_alpha_per_prompt(tmp_path):

@@ -156,8 +156,9 @@ class GridEvaluation(L.Callback):
         self._log(pl_module, report)
         self.history.append({"epoch": report["epoch"], "step": report["step"], "rewards": report["rewards"]})
         self.last = report
+        directory = self.output_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            self._write(trainer, report)
+            self._write(trainer, report, directory)
 
     # ---------------------------------------------------------------------------------------------------- reports
 
@@ -199,10 +200,9 @@ class GridEvaluation(L.Callback):
         base = self.output_dir_config or Path(trainer.log_dir or trainer.default_root_dir) / "evaluation"
         return Path(base)
 
-    def _write(self, trainer: L.Trainer, report: dict[str, Any]) -> None:
+    def _write(self, trainer: L.Trainer, report: dict[str, Any], directory: Path) -> None:
         from clp_lightning.evaluation.plots import front_figure
 
-        directory = self.output_dir(trainer)
         directory.mkdir(parents=True, exist_ok=True)
         stem = f"epoch_{report['epoch']:03d}_step_{report['step']:06d}" if trainer.state.fn == "fit" else "validate"
         (directory / f"{stem}.json").write_text(json.dumps(report, indent=2))

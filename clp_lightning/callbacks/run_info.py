@@ -28,9 +28,9 @@ class RunInfo(L.Callback):
     """Writes ``run_info.json`` (seed, git revision, command line, versions) into the run's log directory."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: a collective under DDP
         if not trainer.is_global_zero:
             return
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         info = {
             "stage": stage,
