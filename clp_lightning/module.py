@@ -41,6 +41,17 @@ def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int
     }
 
 
+def _policy_state(path: str) -> dict[str, Tensor]:
+    """The policy's model parameters from a CLPModule checkpoint (``weights_only``)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"expert checkpoint {path!r} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    prefix = "policy.model."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 class CLPModule(L.LightningModule):
     """Conditional Language Policy training.
 
@@ -62,6 +73,8 @@ class CLPModule(L.LightningModule):
         optimizer: AdamW settings, warm-up and schedule.
         disable_dropout: turn the policy's dropout off, so responses are scored under the distribution that
             sampled them.
+        expert_checkpoints: Rewarded Soups: ``m`` checkpoints of experts (conditioned like this policy, each trained
+            with the fixed one-hot weighting of its objective); copy ``i`` of the policy is loaded from expert ``i``.
         weight_seed: seed of the rollouts: the weightings, alphas and sampled responses of a batch are a function of
             (seed, rank, epoch, batch index), so ranks draw different ones and a resumed run draws the same ones
             as an uninterrupted run, with no random state to save.
@@ -84,6 +97,7 @@ class CLPModule(L.LightningModule):
         generation: GenerationSettings | None = None,
         optimizer: OptimizerConfig | None = None,
         disable_dropout: bool = True,
+        expert_checkpoints: list[str] | None = None,
         weight_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -127,6 +141,8 @@ class CLPModule(L.LightningModule):
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         self.reference = self.policy.frozen_reference()  # None for LoRA-CLP: adapters off is the reference
+        if expert_checkpoints is not None:
+            self.policy.load_expert_copies([_policy_state(path) for path in expert_checkpoints])
         self.rewards = nn.ModuleList(rewards)
         self.normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
         self.weight_seed = weight_seed

@@ -27,11 +27,10 @@ Choices that keep the comparison exact:
 
 from __future__ import annotations
 
-import hashlib
-
 import lightning as L
 import pytest
 import torch
+from reward_helpers import HashedTextReward
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -40,32 +39,11 @@ from clp_lightning.conditioning.weights import simplex_grid
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
 from clp_lightning.data.base import collate_prompts
 from clp_lightning.module import CLPModule
-from clp_lightning.rewards.base import Reward
 
 PROMPT = "bandit: pick one byte ->"
 
 # The frozen reference and the rewards are meant to stay in eval mode while the policy trains.
 pytestmark = pytest.mark.filterwarnings("ignore:Found .* module\\(s\\) in eval mode")
-
-
-class HashedTextReward(Reward):
-    """A fixed, known reward per response text, uniform in ``[0, 1)``: a hash of (seed, name, text).
-
-    Any text gets a value, so the bandit's table needs no list of the responses the tokenizer can produce; the
-    exact target is computed by calling this same reward on every one-token response.
-    """
-
-    def __init__(self, name: str, seed: int = 0) -> None:
-        super().__init__(name=name, batch_size=1024)
-        self.seed = seed
-        self.freeze()
-
-    def value(self, text: str) -> float:
-        digest = hashlib.sha256(f"{self.seed}/{self.name}/{text}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") / 2**64
-
-    def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
-        return torch.tensor([self.value(r) for r in responses], dtype=torch.float32)
 
 
 class RepeatedPrompt(Dataset):

@@ -346,6 +346,44 @@ class ConditionalPolicy(nn.Module):
         reference = self.merged_model(torch.full((self.num_objectives,), 1.0 / self.num_objectives))
         return reference.requires_grad_(False).eval()
 
+    @torch.no_grad()
+    def load_expert_copies(self, experts: Sequence[dict[str, Tensor]]) -> None:
+        """Rewarded Soups: copy ``i`` of every conditioned parameter comes from expert ``i``.
+
+        Each expert is the model state (``self.model.state_dict()`` names) of a policy conditioned exactly like this
+        one and trained with the fixed one-hot weighting ``e_i``, which trains only copy ``i`` (or adapter ``i``).
+        The policy at ``w`` then interpolates the experts' parameters, ``theta(w) = sum_i w_i theta_i``.
+
+        Raises:
+            ValueError: wrong number of experts, a missing parameter, or experts that disagree on a trained
+                parameter that is not conditioned (interpolating only the conditioned subset would then not be
+                the experts' soup).
+        """
+        if len(experts) != self.num_objectives:
+            raise ValueError(f"got {len(experts)} experts for {self.num_objectives} objectives (one per objective)")
+        mixed = {f"{name}.{p}" for name, module in mixed_modules(self.model).items() for p in ("weight", "bias")}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, param in params.items():
+            missing = [i for i, e in enumerate(experts) if name not in e]
+            if missing and param.requires_grad:
+                raise ValueError(
+                    f"experts {missing} have no parameter {name!r}: were they conditioned like this policy?"
+                )
+            if missing:
+                continue
+            if name in mixed:  # (m, ...) copies: copy i from expert i
+                for i, expert in enumerate(experts):
+                    param[i].copy_(expert[name][i])
+            elif ".lora_" in name:
+                i = int(name.split(".objective_")[1].split(".")[0])
+                param.copy_(experts[i][name])
+            elif param.requires_grad:
+                values = [e[name] for e in experts]
+                if any(not torch.equal(values[0], v) for v in values[1:]):
+                    raise ValueError(f"experts differ on the shared parameter {name!r}: train the experts with "
+                                     "conditioning.train_shared=false (or LoRA) so that only their copies differ")
+                param.copy_(values[0])
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained parameters only (for LoRA-CLP: the adapters, a small checkpoint)."""
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
