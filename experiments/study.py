@@ -32,7 +32,6 @@ VARIANTS = {
     "lora": "lora.yaml", "prompt_attention": "prompt_attention.yaml", "rs_lora": "lora.yaml",
     "rs_attention": "attention.yaml",
 }
-NAMES = ("relevance", "brevity")
 
 
 def cli(subcommand: str, configs: list[Path], overrides: list[str]) -> CLPCLI:
@@ -44,10 +43,11 @@ def cli(subcommand: str, configs: list[Path], overrides: list[str]) -> CLPCLI:
         sys.argv = saved
 
 
-def run_variant(variant: str, seed: int, steps: int, sft: Path, out: Path) -> dict:
+def run_variant(variant: str, seed: int, steps: int, sft: Path, out: Path, task: list[Path]) -> dict:
     """Train (or, for Rewarded Soups, train the experts and soup them) and return the last grid report."""
     run = out / variant / f"seed{seed}"
-    configs = [CONF / "quickstart.yaml", CONF / "conditioning" / VARIANTS[variant]]
+    configs = [*task, CONF / "conditioning" / VARIANTS[variant]]
+    num_objectives = 3 if any(c.name == "three_objectives.yaml" for c in task) else 2
     common = [f"--seed_everything={seed}", f"--model.init_args.policy.model_name_or_path={sft}",
               f"--model.init_args.weight_seed={seed}", f"--trainer.logger.init_args.save_dir={run}",
               "--trainer.logger.init_args.name=", "--trainer.enable_progress_bar=false"]
@@ -57,10 +57,11 @@ def run_variant(variant: str, seed: int, steps: int, sft: Path, out: Path) -> di
         # only the experts' own copies / adapters train, so the soup is exactly their interpolation
         common.append("--model.init_args.policy.conditioning.train_shared=false")
         experts = []
-        for i in range(len(NAMES)):
+        for i in range(num_objectives):
             expert = cli("fit", configs, common + [
                 f"--trainer.logger.init_args.save_dir={run / f'expert{i}'}",
-                f"--trainer.max_steps={steps // len(NAMES)}", f"--trainer.val_check_interval={steps // len(NAMES)}",
+                f"--trainer.max_steps={steps // num_objectives}",
+                f"--trainer.val_check_interval={steps // num_objectives}",
                 "--model.init_args.sampler.kind=one_hot", f"--model.init_args.sampler.index={i}"])
             experts.append(str(Path(expert.trainer.log_dir) / "checkpoints" / "last.ckpt"))
         soup = cli("validate", configs, common + [f"--model.init_args.expert_checkpoints={json.dumps(experts)}"])
@@ -72,12 +73,13 @@ def run_variant(variant: str, seed: int, steps: int, sft: Path, out: Path) -> di
 
 
 def summarise(results: dict[str, list[dict]]) -> str:
-    head = ["variant", "hypervolume (mean ± std)", *[f"steer {n}" for n in NAMES], "steps", "trainable", "total"]
+    names = next(iter(results.values()))[0]["objectives"]
+    head = ["variant", "hypervolume (mean ± std)", *[f"steer {n}" for n in names], "steps", "trainable", "total"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, reports in results.items():
         hv = [r["hypervolume"] for r in reports]
         std = statistics.stdev(hv) if len(hv) > 1 else 0.0
-        steer = [statistics.fmean(r["steerability"][n] for r in reports) for n in NAMES]
+        steer = [statistics.fmean(r["steerability"][n] for r in reports) for n in names]
         params = reports[0].get("parameters", {})
         lines.append("| " + " | ".join([
             variant, f"{statistics.fmean(hv):.3f} ± {std:.3f} (n={len(hv)})", *[f"{s:+.2f}" for s in steer],
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=160, help="training steps per variant (RS: all experts)")
     parser.add_argument("--sft-steps", type=int, default=None, help="override the warm start's steps")
+    parser.add_argument("--three-objectives", action="store_true",
+                        help="add faithfulness as a third objective (conf/tasks/three_objectives.yaml)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     sft = out / "sft" / "model"
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> str:
             if args.sft_steps else []
         cli("fit", [CONF / "quickstart_sft.yaml"], [f"--model.init_args.output_dir={sft}",
                                                     f"--trainer.logger.init_args.save_dir={out}", *extra])
-    results = {v: [run_variant(v, s, args.steps, sft, out) for s in args.seeds] for v in args.variants}
+    task = [CONF / "quickstart.yaml"] + ([CONF / "tasks" / "three_objectives.yaml"] if args.three_objectives else [])
+    results = {v: [run_variant(v, s, args.steps, sft, out, task) for s in args.seeds] for v in args.variants}
     table = summarise(results)
     (out / "table.md").write_text(table + "\n")
     first = [reports[0] for reports in results.values()]

@@ -24,7 +24,7 @@ from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerCon
 
 REPO = CONF_DIR.parent
 ALL_CONFIGS = sorted(CONF_DIR.rglob("*.yaml"))
-FRAGMENT_DIRS = ("conditioning", "trainer")
+FRAGMENT_DIRS = ("conditioning", "tasks", "trainer")
 FRAGMENTS = [p for p in ALL_CONFIGS if p.parent.name in FRAGMENT_DIRS]
 STANDALONE = [p for p in ALL_CONFIGS if p not in FRAGMENTS]
 BASE = CONF_DIR / "quickstart.yaml"
