@@ -73,6 +73,9 @@ class CLPModule(L.LightningModule):
         optimizer: AdamW settings, warm-up and schedule.
         disable_dropout: turn the policy's dropout off, so responses are scored under the distribution that
             sampled them.
+        decoding: how evaluation generates: ``policy`` (the conditioned policy) or ``logit_mixture`` (decoding-time
+            mixing of the experts' next-token logits, ``sum_i w_i logits_i``, the experts being the policy at the
+            one-hot weightings; an evaluation-only baseline).
         expert_checkpoints: Rewarded Soups: ``m`` checkpoints of experts (conditioned like this policy, each trained
             with the fixed one-hot weighting of its objective); copy ``i`` of the policy is loaded from expert ``i``.
         weight_seed: seed of the rollouts: the weightings, alphas and sampled responses of a batch are a function of
@@ -97,6 +100,7 @@ class CLPModule(L.LightningModule):
         generation: GenerationSettings | None = None,
         optimizer: OptimizerConfig | None = None,
         disable_dropout: bool = True,
+        decoding: Literal["policy", "logit_mixture"] = "policy",
         expert_checkpoints: list[str] | None = None,
         weight_seed: int = 0,
     ) -> None:
@@ -134,6 +138,9 @@ class CLPModule(L.LightningModule):
         self.generation = generation or GenerationSettings()
         self.generation.kwargs()  # validate now, not at the first step
         self.optimizer_config = optimizer or OptimizerConfig()
+        if decoding not in ("policy", "logit_mixture"):
+            raise ValueError(f"decoding must be 'policy' or 'logit_mixture', got {decoding!r}")
+        self.decoding = decoding
 
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
         if disable_dropout:
@@ -194,6 +201,8 @@ class CLPModule(L.LightningModule):
     # --------------------------------------------------------------------------------------------------- training
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> Tensor:
+        if self.decoding != "policy":
+            raise RuntimeError(f"decoding={self.decoding!r} is an evaluation baseline; train with decoding='policy'")
         rollout = self._rollout(batch, self.rollout_generator(batch_idx))
         rewards = self._score(batch, rollout)
         advantages, stats = self._advantages(rollout, rewards)
@@ -282,10 +291,16 @@ class CLPModule(L.LightningModule):
                            device=self.device)
         prompts = batch["prompt"] * num_points
         enc = self.policy.encode(prompts, w_rows, self.alpha_for_policy(alpha))
-        ids, mask = self.policy.generate(**enc, weights=w_rows, alpha=self.alpha_for_policy(alpha),
-                                         **generation.kwargs())
-        logp = self.policy(**enc, response_ids=ids, response_mask=mask, weights=w_rows,
-                           alpha=self.alpha_for_policy(alpha)).log_probs
+        if self.decoding == "logit_mixture":
+            from clp_lightning.conditioning.mixture import mixture_generate, mixture_log_probs
+
+            ids, mask = mixture_generate(self.policy, **enc, weights=w_rows, **generation.kwargs())
+            logp = mixture_log_probs(self.policy, **enc, response_ids=ids, response_mask=mask, weights=w_rows).log_probs
+        else:
+            ids, mask = self.policy.generate(**enc, weights=w_rows, alpha=self.alpha_for_policy(alpha),
+                                             **generation.kwargs())
+            logp = self.policy(**enc, response_ids=ids, response_mask=mask, weights=w_rows,
+                               alpha=self.alpha_for_policy(alpha)).log_probs
         kl = alg.sequence_kl(logp, self.reference_log_probs(prompts, ids, mask), mask, "k1")
         texts = self.policy.decode(ids, mask)
         rewards = self.score(batch["source"] * num_points, texts, batch["reference"] * num_points)

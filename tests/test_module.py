@@ -192,3 +192,16 @@ def test_loader_is_plain_lists():
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert isinstance(batch["prompt"], list) and len(batch["prompt"]) == 2
+
+
+def test_logit_mixture_decoding_evaluates_and_refuses_to_train(tmp_path):
+    module = make_module(decoding="logit_mixture").eval()
+    batch = {"prompt": ["SUBREDDIT: r/x\n\nPOST: a post\n\nTL;DR:"] * 2, "source": ["a post"] * 2,
+             "reference": ["post"] * 2, "id": ["0", "1"]}
+    grid = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    out = module.evaluate_weightings(batch, grid, GenerationSettings(do_sample=False, max_new_tokens=3))
+    assert out["rewards"].shape == (4, 2) and out["kl"].shape == (4,) and len(out["texts"]) == 4
+    with pytest.raises(RuntimeError, match="evaluation baseline"):
+        make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, datamodule=make_data())
+    with pytest.raises(ValueError, match="decoding must be"):
+        make_module(decoding="beam")
