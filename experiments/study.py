@@ -46,6 +46,10 @@ def cli(subcommand: str, configs: list[Path], overrides: list[str]) -> CLPCLI:
 def run_variant(variant: str, seed: int, steps: int, sft: Path, out: Path, task: list[Path]) -> dict:
     """Train (or, for Rewarded Soups, train the experts and soup them) and return the last grid report."""
     run = out / variant / f"seed{seed}"
+    done = run / "evaluation" / ("validate.json" if variant.startswith("rs_") else "latest.json")
+    if done.exists():  # finished earlier: an interrupted study picks up where it stopped
+        report = json.loads(done.read_text())
+        return {**report, "step": steps} if variant.startswith("rs_") else report
     configs = [*task, CONF / "conditioning" / VARIANTS[variant]]
     num_objectives = 3 if any(c.name == "three_objectives.yaml" for c in task) else 2
     common = [f"--seed_everything={seed}", f"--model.init_args.policy.model_name_or_path={sft}",
