@@ -13,30 +13,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyOutput, response_mask_from_ids
+from clp_lightning.conditioning.policy import (
+    ConditionalPolicy,
+    PolicyOutput,
+    response_logits,
+    response_mask_from_ids,
+)
 
 
 def expert_logits(
     policy: ConditionalPolicy, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, response_mask: Tensor
 ) -> Tensor:
     """Logits of every expert for every response position, ``(m, B, T, V)`` (position ``t`` predicts token ``t``)."""
-    model, rows = policy.model, input_ids.shape[0]
-    out = []
+    rows, out = input_ids.shape[0], []
     for i in range(policy.num_objectives):
         one_hot = torch.zeros(rows, policy.num_objectives, device=input_ids.device)
         one_hot[:, i] = 1.0
         with policy.conditioned(one_hot):
-            if policy.kind == "seq2seq":
-                decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=response_ids)
-                logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                               decoder_input_ids=decoder_input_ids).logits
-            else:
-                ids = torch.cat([input_ids, response_ids], 1)
-                mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], 1)
-                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-                logits = logits[:, input_ids.shape[1] - 1 : -1]
-        out.append(logits.float())
+            out.append(response_logits(policy.model, input_ids, attention_mask, response_ids, response_mask))
     return torch.stack(out)
 
 

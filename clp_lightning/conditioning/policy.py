@@ -98,6 +98,21 @@ def response_log_probs(
     Returns:
         ``PolicyOutput`` with log-probabilities ``(B, T)``, zero where ``response_mask`` is 0.
     """
+    logits = response_logits(model, input_ids, attention_mask, response_ids, response_mask)
+    log_norm = logits.logsumexp(-1)  # (B, T)
+    log_probs = (logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_norm) * response_mask
+    entropy = None
+    if return_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, -1)
+            entropy = (log_norm - (probs * logits).sum(-1)) * response_mask
+    return PolicyOutput(log_probs, entropy)
+
+
+def response_logits(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+) -> Tensor:
+    """Float32 logits ``(B, T, V)`` at each response position (position ``t`` predicts response token ``t``)."""
     if model_kind(model) == "seq2seq":
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=response_ids)
         logits = model(
@@ -112,15 +127,7 @@ def response_log_probs(
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
         logits = logits[:, input_ids.shape[1] - 1 : -1]
-    logits = logits.float()
-    log_norm = logits.logsumexp(-1)  # (B, T)
-    log_probs = (logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_norm) * response_mask
-    entropy = None
-    if return_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, -1)
-            entropy = (log_norm - (probs * logits).sum(-1)) * response_mask
-    return PolicyOutput(log_probs, entropy)
+    return logits.float()
 
 
 def _decoder_mask(response_mask: Tensor) -> Tensor:
