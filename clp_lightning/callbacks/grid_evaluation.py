@@ -99,7 +99,6 @@ class GridEvaluation(L.Callback):
         assert self.metric is not None
         self.metric.reset()
         self._seen = 0
-        self._ref_sum: Tensor | None = None
         self._ref_rows: list[Tensor] = []
         self._samples: list[dict[str, Any]] = []
         fitting = trainer.state.fn == "fit"
@@ -124,23 +123,29 @@ class GridEvaluation(L.Callback):
         self.metric.update(out["point"], out["rewards"], out["kl"])
         if self.reference_rewards is None:
             self._ref_rows.append(pl_module.evaluate_reference(batch, self.generation))
-        self._collect_samples(pl_module, batch)
+        self._collect_samples(pl_module, batch, out)
         pl_module.train(was_training)
 
-    def _collect_samples(self, pl_module: L.LightningModule, batch: dict[str, list[str]]) -> None:
+    def _collect_samples(self, pl_module: L.LightningModule, batch: dict[str, list[str]], grid_out: dict) -> None:
         need = self.sample_prompts - len(self._samples)
         if need <= 0:
             return
-        sub = {k: v[:need] for k, v in batch.items()}
-        out = pl_module.evaluate_weightings(sub, self.sample_weightings, self.generation)
-        n = len(sub["prompt"])
-        for p in range(n):
+        # sample weightings on the grid reuse the grid's responses; others get a generation pass of their own
+        match = (self.sample_weightings[:, None, :] - self.grid[None]).abs().amax(-1) < 1e-6  # (S, P)
+        if bool(match.any(1).all()):
+            out, points, n = grid_out, match.float().argmax(1).tolist(), len(batch["prompt"])
+        else:
+            batch = {k: v[:need] for k, v in batch.items()}
+            n = len(batch["prompt"])
+            out = pl_module.evaluate_weightings(batch, self.sample_weightings, self.generation)
+            points = list(range(self.sample_weightings.shape[0]))
+        for p in range(min(need, n)):
             rows = [
-                {"weights": weight_label(self.sample_weightings[g]), "response": out["texts"][g * n + p],
+                {"weights": weight_label(w), "response": out["texts"][g * n + p],
                  "rewards": out["rewards"][g * n + p].tolist()}
-                for g in range(self.sample_weightings.shape[0])
+                for w, g in zip(self.sample_weightings, points)
             ]
-            self._samples.append({"prompt": sub["prompt"][p], "responses": rows})
+            self._samples.append({"prompt": batch["prompt"][p], "responses": rows})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._run:
