@@ -76,6 +76,7 @@ class CLPModule(L.LightningModule):
         decoding: how evaluation generates: ``policy`` (the conditioned policy) or ``logit_mixture`` (decoding-time
             mixing of the experts' next-token logits, ``sum_i w_i logits_i``, the experts being the policy at the
             one-hot weightings; an evaluation-only baseline).
+        predict_weights: weightings ``predict`` generates at (one per row); default: the uniform weighting.
         expert_checkpoints: Rewarded Soups: ``m`` checkpoints of experts (conditioned like this policy, each trained
             with the fixed one-hot weighting of its objective); copy ``i`` of the policy is loaded from expert ``i``.
         weight_seed: seed of the rollouts: the weightings, alphas and sampled responses of a batch are a function of
@@ -101,6 +102,7 @@ class CLPModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         disable_dropout: bool = True,
         decoding: Literal["policy", "logit_mixture"] = "policy",
+        predict_weights: list[list[float]] | None = None,
         expert_checkpoints: list[str] | None = None,
         weight_seed: int = 0,
     ) -> None:
@@ -141,6 +143,8 @@ class CLPModule(L.LightningModule):
         if decoding not in ("policy", "logit_mixture"):
             raise ValueError(f"decoding must be 'policy' or 'logit_mixture', got {decoding!r}")
         self.decoding = decoding
+        self.predict_weights = predict_weights or [[1.0 / len(rewards)] * len(rewards)]
+        validate_weights(self.predict_weights, len(rewards), name="predict_weights")
 
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
         if disable_dropout:
@@ -273,6 +277,22 @@ class CLPModule(L.LightningModule):
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         # The grid evaluation runs in the GridEvaluation callback (on_validation_batch_end).
         pass
+
+    def test_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        # The grid evaluation runs in the GridEvaluation callback (on_test_batch_end), on the test split.
+        pass
+
+    def predict_step(self, batch: dict[str, list[str]], batch_idx: int) -> list[dict[str, Any]]:
+        """Responses and raw rewards for each prompt at each of ``predict_weights`` (greedy, eval generation)."""
+        grid = validate_weights(self.predict_weights, self.num_objectives, name="predict_weights")
+        out = self.evaluate_weightings(batch, grid.view(-1, self.num_objectives), GenerationSettings(
+            do_sample=False, max_new_tokens=self.generation.max_new_tokens))
+        n = len(batch["prompt"])
+        return [
+            {"id": batch["id"][r % n], "prompt": batch["prompt"][r % n], "weights": out["weights"][r].tolist(),
+             "response": out["texts"][r], "rewards": dict(zip(self.objective_names, out["rewards"][r].tolist()))}
+            for r in range(len(out["texts"]))
+        ]
 
     @torch.no_grad()
     def evaluate_weightings(

@@ -154,3 +154,20 @@ def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
     assert lines[2].startswith("| fit |") and lines[3].startswith("| validate |")
     with pytest.raises(FileNotFoundError, match="no grid-evaluation report"):
         compare([str(tmp_path / "nowhere")])
+
+
+def test_test_and_predict_subcommands(run, tmp_path):
+    tmp, config = run
+    ckpt = str(tmp / "run" / "checkpoints" / "last.ckpt")
+    main(["test", "--config", str(config), "--ckpt_path", ckpt, "--data.init_args.num_test=2"])
+    report = json.loads((tmp / "run" / "evaluation" / "test.json").read_text())
+    assert len(report["grid"]) == 3 and report["step"] == 2
+    from clp_lightning.cli import CLPCLI
+
+    cli = CLPCLI(args=["--config", str(config), "--model.init_args.predict_weights=[[1.0, 0.0], [0.0, 1.0]]",
+                       "--data.init_args.num_test=2"], run=False)
+    predictions = cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    rows = [row for batch in predictions for row in batch]
+    assert len(rows) == 2 * 2  # 2 test prompts x 2 weightings
+    assert {tuple(r["weights"]) for r in rows} == {(1.0, 0.0), (0.0, 1.0)}
+    assert set(rows[0]["rewards"]) == {"coverage", "brevity"}

@@ -158,7 +158,7 @@ class GridEvaluation(L.Callback):
             self.metric.set_reference_point(self.reference_rewards)
         result = self.metric.compute()
         report = self._report(trainer, result, pl_module)
-        self._log(pl_module, report)
+        self._log(pl_module, report, "test" if trainer.state.fn == "test" else "val")
         self.history.append({"epoch": report["epoch"], "step": report["step"], "rewards": report["rewards"]})
         self.last = report
         directory = self.output_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
@@ -189,15 +189,16 @@ class GridEvaluation(L.Callback):
             "parameters": pl_module.policy.report() if hasattr(pl_module, "policy") else {},
         }
 
-    def _log(self, pl_module: L.LightningModule, report: dict[str, Any]) -> None:
-        metrics = {"val/pareto/hypervolume": report["hypervolume"], "val/kl": sum(report["kl"]) / len(report["kl"]),
-                   "val/pareto/reference_hypervolume": report["reference_hypervolume"],
-                   "val/pareto/front_size": float(sum(report["front_mask"]))}
+    def _log(self, pl_module: L.LightningModule, report: dict[str, Any], stage: str) -> None:
+        metrics = {"pareto/hypervolume": report["hypervolume"], "kl": sum(report["kl"]) / len(report["kl"]),
+                   "pareto/reference_hypervolume": report["reference_hypervolume"],
+                   "pareto/front_size": float(sum(report["front_mask"]))}
         for i, name in enumerate(self.names):
-            metrics[f"val/steerability/{name}"] = report["steerability"][name]
-            metrics[f"val/monotonicity_violations/{name}"] = float(report["monotonicity_violations"][name])
+            metrics[f"steerability/{name}"] = report["steerability"][name]
+            metrics[f"monotonicity_violations/{name}"] = float(report["monotonicity_violations"][name])
             for w, rewards in zip(report["grid"], report["rewards"]):
-                metrics[f"val/reward/{name}/w={weight_label(w)}"] = rewards[i]
+                metrics[f"reward/{name}/w={weight_label(w)}"] = rewards[i]
+        metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
         # already reduced across ranks by the metric: every rank logs the same numbers
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_epoch=True, sync_dist=False)
 
@@ -205,11 +206,23 @@ class GridEvaluation(L.Callback):
         base = self.output_dir_config or Path(trainer.log_dir or trainer.default_root_dir) / "evaluation"
         return Path(base)
 
+    # the test split gets the same evaluation, reported as test.json
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_start(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.on_validation_epoch_end(trainer, pl_module)
+
     def _write(self, trainer: L.Trainer, report: dict[str, Any], directory: Path) -> None:
         from clp_lightning.evaluation.plots import front_figure
 
         directory.mkdir(parents=True, exist_ok=True)
-        stem = f"epoch_{report['epoch']:03d}_step_{report['step']:06d}" if trainer.state.fn == "fit" else "validate"
+        stem = f"epoch_{report['epoch']:03d}_step_{report['step']:06d}" if trainer.state.fn == "fit" else str(
+            trainer.state.fn.value)  # validate.json, test.json
         (directory / f"{stem}.json").write_text(json.dumps(report, indent=2))
         (directory / "latest.json").write_text(json.dumps(report, indent=2))
         self._append_csv(directory / "metrics.csv", report, trainer.state.fn)
