@@ -13,6 +13,9 @@ from pathlib import Path
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from clp_lightning.callbacks.preemption import SlurmRequeue
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -34,6 +37,10 @@ class CLPCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # always attached (inert outside a SLURM fit), configurable as `slurm_requeue.*`
+        parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``clp`` and ``python -m clp_lightning``."""
@@ -46,7 +53,22 @@ def main(args: list[str] | None = None) -> None:
         module, _, function = tools[argv[0]].partition(":")
         getattr(importlib.import_module(module), function)(argv[1:])
         return
+    _show_info_logs()
     CLPCLI(args=args)
+
+
+def _show_info_logs() -> None:
+    """Print the package's INFO messages (resume points, requeues, reports) the way Lightning prints its own."""
+    import logging
+
+    logger = logging.getLogger("clp_lightning")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        # under DDP every rank logs; print rank 0's INFO lines and everyone's warnings
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or rank_zero_only.rank == 0)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

@@ -199,8 +199,9 @@ class GridEvaluation(L.Callback):
             for w, rewards in zip(report["grid"], report["rewards"]):
                 metrics[f"reward/{name}/w={weight_label(w)}"] = rewards[i]
         metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
-        # already reduced across ranks by the metric: every rank logs the same numbers
-        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_epoch=True, sync_dist=False)
+        # already reduced across ranks by the metric: every rank has the same numbers, so syncing them again only
+        # costs a few scalars (and keeps Lightning from warning about unsynced epoch metrics)
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_epoch=True, sync_dist=True)
 
     def output_dir(self, trainer: L.Trainer) -> Path:
         base = self.output_dir_config or Path(trainer.log_dir or trainer.default_root_dir) / "evaluation"

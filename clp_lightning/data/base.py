@@ -23,7 +23,8 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 log = logging.getLogger("clp_lightning.data")
 
@@ -300,25 +301,39 @@ class SummarizationDataModule(L.LightningDataModule):
         return self._loader("predict", batch_size=self.val_batch_size)
 
 
-class ResumableShuffleSampler(Sampler[int]):
-    """A seeded permutation per epoch (``seed + epoch``) that can start part-way into an epoch."""
+class ResumableShuffleSampler(DistributedSampler):
+    """A seeded permutation per epoch (``seed + epoch``) that can start part-way into an epoch, sharded over ranks.
 
-    def __init__(self, size: int, seed: int = 0) -> None:
+    It shards by itself (rank ``r`` of ``W`` takes every ``W``-th index), after skipping what the interrupted run
+    had already trained on, so the skip is the same on every rank. Being a ``DistributedSampler``, Lightning uses
+    it as it is under DDP instead of wrapping it. Its length is a full epoch's; a resumed epoch ends early, when
+    its shorter iterator is exhausted.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:  # no super().__init__: it needs a dataset and a group
         self.size, self.seed, self.epoch = size, seed, 0
         self._skip_epoch, self._skip = -1, 0
+
+    @staticmethod
+    def _layout() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def resume(self, epoch: int, samples_done: int) -> None:
-        """Skip the first ``samples_done`` indices of ``epoch`` (already trained on before the interruption)."""
+        """Skip the first ``samples_done`` indices (over all ranks) of ``epoch``, trained on before the stop."""
         self._skip_epoch, self._skip = epoch, samples_done
 
     def __iter__(self):
+        rank, world = self._layout()
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[: (-len(order)) % world]  # pad so that every rank gets as many indices
         if self.epoch == self._skip_epoch:
             order, self._skip_epoch = order[self._skip :], -1
-        return iter(order)
+        return iter(order[rank::world])
 
     def __len__(self) -> int:
-        return self.size
+        return -(-self.size // self._layout()[1])
