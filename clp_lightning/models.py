@@ -38,7 +38,8 @@ PKG_PREFIX = "pkg:"
 TINY_PREFIX = "tiny:"
 
 # Sizes of the built-in tiny architectures. "tiny" is for unit tests (2 layers, 8..64 wide); "small" is the quick
-# start's policy; "60m" is the benchmark size (~60M parameters, the size of t5-small).
+# start's policy; "60m" is the benchmark size (~60M parameters, the size of t5-small); gpt2 "100m" is the top of
+# the end-to-end benchmark's size range.
 TINY_SIZES: dict[str, dict[str, dict[str, int]]] = {
     "t5": {
         "tiny": dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2),
@@ -49,6 +50,7 @@ TINY_SIZES: dict[str, dict[str, dict[str, int]]] = {
         "tiny": dict(n_embd=16, n_layer=2, n_head=2),
         "small": dict(n_embd=64, n_layer=2, n_head=4),
         "60m": dict(n_embd=512, n_layer=8, n_head=8),
+        "100m": dict(n_embd=768, n_layer=12, n_head=12),  # GPT-2 base's shape (~85M with the byte vocabulary)
     },
 }
 

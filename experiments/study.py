@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -149,7 +150,8 @@ def summarise(results: dict[str, list[dict]]) -> str:
         steer = [statistics.fmean(r["steerability"][n] for r in reports) for n in names]
         params = reports[0].get("parameters", {})
         lines.append("| " + " | ".join([
-            variant, f"{statistics.fmean(hv):.3f} ± {std:.3f} (n={len(hv)})", *[f"{s:+.2f}" for s in steer],
+            variant, f"{statistics.fmean(hv):.3f} ± {std:.3f} (n={len(hv)})" if len(hv) > 1 else f"{hv[0]:.3f} (n=1)",
+            *["nan" if math.isnan(s) else f"{s:+.2f}" for s in steer],
             str(reports[0]["step"]), str(params.get("trainable_parameters", "?")),
             str(params.get("total_parameters", "?"))]) + " |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -125,9 +126,27 @@ def response_logits(
         ids = torch.cat([input_ids, response_ids], dim=1)
         mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
-        logits = logits[:, input_ids.shape[1] - 1 : -1]
+        response_length = response_ids.shape[1]
+        if _accepts_logits_to_keep(model):
+            # the LM head only at the T + 1 last positions: over a long prompt and a real vocabulary, the (B, S, V)
+            # logits of the prompt positions cost as much time and memory as the transformer body
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                           logits_to_keep=response_length + 1).logits[:, :-1]
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+            logits = logits[:, input_ids.shape[1] - 1 : -1]
     return logits.float()
+
+
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM under ``model`` (a peft wrapper passes keywords through) takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base) not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[type(base)] = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _LOGITS_TO_KEEP[type(base)]
 
 
 def _decoder_mask(response_mask: Tensor) -> Tensor:

@@ -271,7 +271,7 @@ class SummarizationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # The order of each epoch is a function of (seed, epoch), and a run resumed mid-epoch skips the batches
-        # already trained on (see state_dict). Under DDP Lightning wraps the sampler to split it across ranks.
+        # already trained on (see state_dict). Under DDP the sampler shards itself across ranks.
         self._sampler = ResumableShuffleSampler(len(self.data["train"]), self.seed)
         if self._resume is not None:
             self._sampler.resume(self._resume["epoch"], self._resume["samples_done"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoModel, AutoTokenizer
@@ -72,8 +73,12 @@ class EmbeddingSimilarityReward(Reward):
 
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
         targets = references if self.target == "reference" else sources
-        # Two passes, not one: sources are much longer than responses, and one padded batch would pay for that.
-        return (self.embed(responses) * self.embed(targets)).sum(-1)
+        # The k samples of a prompt share its source: each distinct target is embedded once (with k = 4 that is
+        # a quarter of the target pass). Two passes, not one: sources are much longer than responses, and one
+        # padded batch would pay for that.
+        distinct = {text: i for i, text in enumerate(dict.fromkeys(targets))}
+        index = torch.tensor([distinct[t] for t in targets], device=self.device)
+        return (self.embed(responses) * self.embed(list(distinct))[index]).sum(-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, target={self.target!r}, max_length={self.max_length}"

@@ -44,3 +44,15 @@ def test_reference_target_empty_response_and_micro_batching(reward):
     torch.testing.assert_close(one_batch(["s", "t"], ["A bridge will be built.", ""], refs), out, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="needs references"):
         by_ref(["s"], ["r"])
+
+
+def test_shared_sources_are_embedded_once_with_the_same_scores(reward, monkeypatch):
+    sources = ["The city will build a bridge next year.", "Prices of eggs went up again."] * 3  # k = 3 each
+    responses = ["a bridge next year", "eggs cost more", "a new bridge", "eggs", "bridge", "prices rose"]
+    expected = torch.stack([reward.embed([r]) @ reward.embed([s]).T for r, s in zip(responses, sources)]).flatten()
+    sizes = []
+    embed = reward.embed
+    monkeypatch.setattr(reward, "embed", lambda texts: sizes.append(len(texts)) or embed(texts))
+    scores = reward.score(sources, responses, None)
+    assert sizes == [6, 2]  # every response, each distinct source once
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)

