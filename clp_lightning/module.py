@@ -224,9 +224,10 @@ class CLPModule(L.LightningModule):
         response_ids, response_mask = self.policy.generate(
             **enc, weights=w_rows, alpha=self.alpha_for_policy(alpha_rows), **self.generation.kwargs()
         )
+        # the reference first: its activations are freed before the policy's graph is built, not on top of it
+        ref_logp = self.reference_log_probs(prompts, response_ids, response_mask)
         out = self.policy(**enc, response_ids=response_ids, response_mask=response_mask, weights=w_rows,
                           alpha=self.alpha_for_policy(alpha_rows), return_entropy=True)
-        ref_logp = self.reference_log_probs(prompts, response_ids, response_mask)
         rollout = {
             "weights": w_rows, "alpha_rows": alpha_rows, "response_ids": response_ids, "response_mask": response_mask,
             "seq_logp": alg.sequence_log_probs(out.log_probs, response_mask),

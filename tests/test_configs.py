@@ -24,7 +24,7 @@ from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerCon
 
 REPO = CONF_DIR.parent
 ALL_CONFIGS = sorted(CONF_DIR.rglob("*.yaml"))
-FRAGMENT_DIRS = ("conditioning", "tasks", "trainer")
+FRAGMENT_DIRS = ("baselines", "conditioning", "tasks", "trainer")
 FRAGMENTS = [p for p in ALL_CONFIGS if p.parent.name in FRAGMENT_DIRS]
 STANDALONE = [p for p in ALL_CONFIGS if p not in FRAGMENTS]
 BASE = CONF_DIR / "quickstart.yaml"
@@ -121,6 +121,8 @@ def test_conf_tree_has_the_expected_configs() -> None:
         assert f"conf/conditioning/{variant}.yaml" in names
     for preset in ("cpu", "gpu", "ddp", "slurm"):
         assert f"conf/trainer/{preset}.yaml" in names
+    for baseline in ("rs_expert", "rs_soup", "logit_mixture", "fixed_weighting"):
+        assert f"conf/baselines/{baseline}.yaml" in names
     for config in ("quickstart", "quickstart_sft", "tldr_t5", "tldr_t5_sft", "cnndm_t5", "cnndm_t5_sft"):
         assert f"conf/{config}.yaml" in names
 

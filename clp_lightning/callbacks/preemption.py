@@ -81,6 +81,8 @@ class SlurmRequeue(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self._previous_handler is None or trainer.global_step % self.check_every_n_steps:
             return
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:  # mid-accumulation: wait for the optimizer step
+            return
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = hpc_checkpoint_path(trainer.default_root_dir)
