@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -210,7 +209,10 @@ class Memory:
             import torch
 
             return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a worker would report its
+        # parent's peak (the head suite's 5 GB) whenever that is the larger
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def sync(device: str) -> None:
