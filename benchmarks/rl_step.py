@@ -535,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per cell run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every cell, in a shuffled order per round")
     parser.add_argument("--profile", action="store_true", help="time the phases of clp-lightning's step")
+    parser.add_argument("--only", default=None,
+                        help="run only the cells whose name contains this text (their groups' baselines too)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "clp_rl_step_models"),
                         help="where the benchmark models are saved (built once, offline)")
     parser.add_argument("--out", default=None, help="write every measurement to this JSON file")
@@ -555,6 +557,11 @@ def main(argv: list[str] | None = None) -> None:
         results["head"] = head_suite(args)
         print(f"\n### head\n\n{results['head']}\n", flush=True)
     for suite, cells in suites(args.suites, args.sizes).items():
+        if args.only:
+            groups = {c.group for c in cells if args.only in c.name}
+            cells = [c for c in cells if c.group in groups and (c.baseline or args.only in c.name)]
+            if not cells:
+                continue
         print(f"suite {suite}: {len(cells)} cells x {args.rounds} rounds", file=sys.stderr, flush=True)
         rows = measure(cells, args)
         results["suites"][suite] = rows

@@ -1,10 +1,14 @@
 """LoRA-CLP: a frozen base with ``m`` LoRA adapters per target module, mixed per row by ``w``.
 
 ``Delta W(w) = sum_i w_i * B_i A_i`` (times peft's ``lora_alpha / r`` scaling). peft injects the adapters (named
-``objective_0 .. objective_{m-1}``) and runs them all; a forward hook on each ``lora_B`` scales its output by that
-objective's weight, row by row, which is the cheap per-copy path (rank ``r`` per copy). ``B`` starts at zero, so
-the policy equals the base for every ``w`` at initialisation, and the reference policy is the same base with the
-adapters switched off: no second copy of the weights.
+``objective_0 .. objective_{m-1}``) and owns their parameters, saving, loading and switching off. The forward pass
+runs the ``m`` adapters of a layer as one stacked adapter: ``A = [A_1; ...; A_m]`` ``(m r, in)`` and
+``B = [B_1 ... B_m]`` ``(out, m r)``, with the ``(rows, ..., m r)`` activation scaled by each row's weights repeated
+``r`` times, so ``B (s w * (A x)) = sum_i w_i s B_i A_i x`` in two matmuls whatever ``m`` (peft's own forward loops
+over the adapters: ``m`` times as many small ops, which dominated the step at small widths). With adapter dropout,
+whose masks must differ per adapter, the layer keeps peft's loop and a hook on each ``lora_B`` weights its output.
+``B`` starts at zero, so the policy equals the base for every ``w`` at initialisation, and the reference policy is
+the same base with the adapters switched off: no second copy of the weights.
 """
 
 from __future__ import annotations
@@ -80,9 +84,12 @@ def apply_lora_mixing(model: nn.Module, spec: LoraSpec, num_objectives: int, sta
         for name in names:
             inject_adapter_in_model(config, model, adapter_name=name)
     for layer in lora_layers(model):
-        layer.set_adapter(names)  # all adapters active at once; the hooks weight them
-        for i, name in enumerate(names):
-            layer.lora_B[name].register_forward_hook(_weight_hook(state, i))
+        layer.set_adapter(names)  # all adapters active at once
+        if spec.dropout > 0:  # peft's per-adapter loop (a dropout mask per adapter), weighted by hooks
+            for i, name in enumerate(names):
+                layer.lora_B[name].register_forward_hook(_weight_hook(state, i))
+        else:
+            layer.forward = _StackedForward(layer, names, state)
     for p in lora_parameters(model):
         p.requires_grad_(True)
     return targets
@@ -94,6 +101,28 @@ def _weight_hook(state: WeightingState, index: int):
         return output * w.view(-1, *([1] * (output.dim() - 1)))
 
     return hook
+
+
+class _StackedForward:
+    """A LoRA layer's forward with its ``m`` adapters stacked into one rank-``m r`` adapter, weighted per row."""
+
+    def __init__(self, layer: LoraLayer, names: list[str], state: WeightingState) -> None:
+        self.layer, self.names, self.state = layer, names, state
+        self.peft_forward = type(layer).forward.__get__(layer)  # for the switched-off and merged cases
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        layer = self.layer
+        if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
+            return self.peft_forward(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)
+        a = torch.cat([layer.lora_A[n].weight for n in self.names], 0)  # (m r, in)
+        b = torch.cat([layer.lora_B[n].weight for n in self.names], 1)  # (out, m r)
+        ranks = torch.tensor([layer.lora_A[n].weight.shape[0] for n in self.names], device=x.device)
+        scaling = torch.tensor([layer.scaling[n] for n in self.names], device=x.device)
+        h = nn.functional.linear(x.to(a.dtype), a)  # (rows, ..., m r)
+        w = (self.state.rows(h.shape[0]) * scaling).to(h.dtype).repeat_interleave(ranks, dim=1)  # (rows, m r)
+        h = h * w.view(h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1])
+        return (result + nn.functional.linear(h, b)).to(result.dtype)
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
