@@ -121,18 +121,13 @@ def suites(names: list[str], sizes: list[str]) -> dict[str, list[Cell]]:
 
 
 def conditioning(mode: str):
-    from clp_lightning.conditioning.lora import LoraSpec
+    """The conditioning of a mode, as the conditioning benchmark defines the modes; ``none`` is unconditioned."""
     from clp_lightning.conditioning.policy import ConditioningConfig
 
-    return {
-        "none": lambda: ConditioningConfig(),
-        "prompt": lambda: ConditioningConfig(prompt=True),
-        "logits": lambda: ConditioningConfig(targets="logits"),
-        "attention": lambda: ConditioningConfig(targets="attention"),
-        "all": lambda: ConditioningConfig(targets="all"),
-        "lora": lambda: ConditioningConfig(lora=LoraSpec(r=8, target_modules="attention")),
-        "prompt+attention": lambda: ConditioningConfig(prompt=True, targets="attention"),
-    }[mode]()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conditioning import MODES  # benchmarks/conditioning.py
+
+    return ConditioningConfig() if mode == "none" else MODES[mode]()
 
 
 def rewards(kind: str, m: int) -> list:

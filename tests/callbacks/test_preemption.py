@@ -10,11 +10,11 @@ import lightning as L
 import pytest
 import torch
 
-from clp_lightning.callbacks import SafeCheckpointIO, SlurmRequeue
+from clp_lightning.callbacks import SlurmRequeue
 from clp_lightning.callbacks.preemption import hpc_checkpoint_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_module import make_data, make_module  # noqa: E402
+from test_module import make_data, make_module, make_trainer  # noqa: E402
 
 
 class SignalAt(L.Callback):
@@ -29,18 +29,7 @@ class SignalAt(L.Callback):
 
 
 def trainer(directory: Path, max_steps: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        default_root_dir=directory,
-        plugins=[SafeCheckpointIO()],
-        callbacks=callbacks,
-    )
+    return make_trainer(directory, max_steps, enable_checkpointing=False, callbacks=callbacks)
 
 
 @pytest.fixture

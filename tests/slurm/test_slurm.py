@@ -96,16 +96,15 @@ def cluster(tmp_path_factory):
     subprocess.run(["pkill", "-9", "-f", str(d)], capture_output=True)  # job scripts run from its spool
 
 
-@pytest.mark.slow
-def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster, tmp_path):
-    d, env = cluster
+def _job(tmp_path: Path, env: dict, name: str, **trainer) -> tuple[Path, Path, dict]:
+    """The tiny quick-start config with ``trainer`` settings and a TensorBoard logger, and the job's environment."""
     config = json.loads(json.dumps(CONFIG))
-    config["trainer"].update(max_steps=4, val_check_interval=2)
+    config["trainer"].update(trainer)
     config["trainer"]["logger"] = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "unused", "name": "", "version": ""},
     }
-    config_path = tmp_path / "tiny.yaml"
+    config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     runs = tmp_path / "runs"
     job_env = {
@@ -116,6 +115,13 @@ def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }
+    return config_path, runs, job_env
+
+
+@pytest.mark.slow
+def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster, tmp_path):
+    d, env = cluster
+    config_path, runs, job_env = _job(tmp_path, env, "tiny", max_steps=4, val_check_interval=2)
     done = subprocess.run(
         [
             "sbatch",
@@ -178,24 +184,9 @@ def _job_state(job: str, env: dict) -> str:
 @pytest.mark.slow
 def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     d, env = cluster
-    config = json.loads(json.dumps(CONFIG))
     # long enough to be signalled mid-run (800 steps take about a minute here)
-    config["trainer"].update(max_steps=800, val_check_interval=800)
-    config["trainer"]["logger"] = {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "unused", "name": "", "version": ""},
-    }
-    config_path = tmp_path / "long.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    runs, log = tmp_path / "runs", tmp_path / "job.out"
-    job_env = {
-        **env,
-        "CLP_REPO": str(ROOT),
-        "CLP_VENV": str(Path(sys.executable).parents[1]),
-        "CLP_RUNS": str(runs),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
+    config_path, runs, job_env = _job(tmp_path, env, "long", max_steps=800, val_check_interval=800)
+    log = tmp_path / "job.out"
     job = subprocess.run(
         [
             "sbatch",
