@@ -118,6 +118,13 @@ def _job(tmp_path: Path, env: dict, name: str, **trainer) -> tuple[Path, Path, d
     return config_path, runs, job_env
 
 
+def _two_task_job(tmp_path: Path, config_path: Path) -> list[str]:
+    """sbatch options for one node with 2 tasks on CPU, the fit script, and its arguments."""
+    return ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+            f"--chdir={tmp_path}", str(ROOT / "experiments/slurm/fit.sbatch"), str(config_path),
+            "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
+
+
 @pytest.mark.slow
 def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster, tmp_path):
     d, env = cluster
@@ -126,17 +133,8 @@ def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster
         [
             "sbatch",
             "--wait",
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            "--time=10",
-            f"--chdir={tmp_path}",
             f"--output={tmp_path}/job.out",
-            str(ROOT / "experiments/slurm/fit.sbatch"),
-            str(config_path),
-            "--trainer.accelerator=cpu",
-            "--trainer.precision=32-true",
+            *_two_task_job(tmp_path, config_path),
         ],
         env=job_env,
         capture_output=True,
@@ -193,16 +191,7 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
             "--parsable",
             "--open-mode=append",
             f"--output={log}",
-            "--nodes=1",
-            "--ntasks-per-node=2",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            "--time=10",
-            f"--chdir={tmp_path}",
-            str(ROOT / "experiments/slurm/fit.sbatch"),
-            str(config_path),
-            "--trainer.accelerator=cpu",
-            "--trainer.precision=32-true",
+            *_two_task_job(tmp_path, config_path),
         ],
         env=job_env,
         capture_output=True,
