@@ -184,20 +184,11 @@ class Memory:
         self.device = device
 
     def reset(self) -> None:
-        """Called when training starts: the peak is read from here on (CUDA) and the resident size noted (CPU)."""
-        self.start_mb = self.current_mb()
+        """Called when training starts: the CUDA peak is read from here on (the CPU peak is the process's)."""
         if self.device == "cuda":
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-
-    def current_mb(self) -> float:
-        if self.device == "cuda":
-            import torch
-
-            return torch.cuda.memory_allocated() / 2**20
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     def peak_mb(self) -> float:
         if self.device == "cuda":
@@ -289,7 +280,6 @@ def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "times": [b - a for a, b in zip(ends, ends[1:])][args.warmup:],
         "phases": {k: v[args.warmup:] for k, v in phases.items()},
         "peak_mb": memory.peak_mb(),
-        "start_mb": memory.start_mb,
         "trainable": report["trainable_parameters"],
         "total": report["total_parameters"],
     }
@@ -344,17 +334,14 @@ def run_trl(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
         trainer.train()
         total_params = sum(p.numel() for p in trainer.model.parameters())
     return {"times": [b - a for a, b in zip(ends, ends[1:])][args.warmup:], "phases": {},
-            "peak_mb": memory.peak_mb(), "start_mb": memory.start_mb, "trainable": total_params, "total": total_params}
+            "peak_mb": memory.peak_mb(), "trainable": total_params, "total": total_params}
 
 
-ACCEPTS_LOGITS_TO_KEEP: list = []  # the library's check, put back after each head measurement
-
-
-def _head_step(policy, batch: dict, w, keep: bool, device: str) -> float:
-    """One fwd+bwd of the policy's log-probs, the LM head on the response only (``keep``) or everywhere."""
+def _head_step(policy, batch: dict, w, accepts, device: str) -> float:
+    """One fwd+bwd of the policy's log-probs with ``accepts`` as the library's ``logits_to_keep`` check."""
     from clp_lightning.conditioning import policy as policy_module
 
-    policy_module._accepts_logits_to_keep = ACCEPTS_LOGITS_TO_KEEP[0] if keep else (lambda model: False)
+    policy_module._accepts_logits_to_keep = accepts
     sync(device)
     start = time.perf_counter()
     policy(**batch, weights=w, return_entropy=True).log_probs.sum().backward()
@@ -372,6 +359,7 @@ def head_suite(args: argparse.Namespace) -> str:
     from clp_lightning.models import build_byte_tokenizer, build_tiny_model
 
     rows, prompt, response, vocab = 8, 96, 32, 50257
+    keep, everywhere = policy_module._accepts_logits_to_keep, lambda model: False  # head on response / everywhere
     lines = ["| size | mode | head on response (s) | head everywhere (s) | ratio | logits MB saved |",
              "|---|---|---|---|---|---|"]
     for size in ("small", "60m"):
@@ -384,19 +372,16 @@ def head_suite(args: argparse.Namespace) -> str:
                          response_ids=torch.randint(3, 259, (rows, response), generator=g),
                          response_mask=torch.ones(rows, response))
             batch = {k: v.to(args.device) for k, v in batch.items()}
-            ACCEPTS_LOGITS_TO_KEEP[:] = [policy_module._accepts_logits_to_keep]
             w = torch.distributions.Dirichlet(torch.ones(2)).sample((rows,)).to(args.device)
             try:
-                for _ in range(args.warmup):
-                    _head_step(policy, batch, w, True, args.device), _head_step(policy, batch, w, False, args.device)
-                pairs = [(_head_step(policy, batch, w, True, args.device),
-                          _head_step(policy, batch, w, False, args.device)) for _ in range(max(args.steps, 3))]
+                pairs = [tuple(_head_step(policy, batch, w, accepts, args.device) for accepts in (keep, everywhere))
+                         for _ in range(args.warmup + max(args.steps, 3))][args.warmup:]
             finally:
-                policy_module._accepts_logits_to_keep = ACCEPTS_LOGITS_TO_KEEP[0]
-            keep, full = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+                policy_module._accepts_logits_to_keep = keep
+            on_response, full = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
             ratio = statistics.median(a / b for a, b in pairs)
             saved = rows * (prompt - 1) * vocab * 4 * 2 / 2**20  # float logits and their gradient
-            lines.append(f"| {size} | {mode} | {keep:.3f} | {full:.3f} | {ratio:.3f} | {saved:.0f} |")
+            lines.append(f"| {size} | {mode} | {on_response:.3f} | {full:.3f} | {ratio:.3f} | {saved:.0f} |")
     return "\n".join(lines)
 
 
@@ -461,7 +446,7 @@ def measure(cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]]
     return rows
 
 
-def verdict(suite: str, row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def verdict(suite: str, row: dict[str, Any]) -> str:
     cell, ratio = row["cell"], row["ratio_to_baseline"]
     if cell["baseline"]:
         return ""
@@ -489,7 +474,7 @@ def table(suite: str, rows: list[dict[str, Any]], device: str) -> str:
         lines.append("| " + " | ".join([
             row["cell"]["name"], f"{row['seconds_per_step']:.3f}", f"{row['samples_per_second']:.1f}",
             f"{row['ratio_to_baseline']:.3f}", row["baseline"], f"{row['peak_mb']:.0f}", str(row["trainable"]),
-            str(row["total"]), verdict(suite, row, rows)]) + " |")
+            str(row["total"]), verdict(suite, row)]) + " |")
     profiled = [r for r in rows if r["phases"]]
     if profiled:
         names = ["generate", "policy forward", "reference", "rewards", "backward", "optimizer"]

@@ -36,17 +36,10 @@ def make_data(**kwargs) -> SyntheticTLDRDataModule:
 
 
 def make_trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        plugins=[SafeCheckpointIO()],
-        **kwargs,
-    )
+    """A quiet CPU trainer with atomic checkpoints and no validation; ``kwargs`` add to or replace the defaults."""
+    defaults = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=0, plugins=[SafeCheckpointIO()])
+    return L.Trainer(max_steps=max_steps, default_root_dir=tmp_path, **{**defaults, **kwargs})
 
 
 def _snapshot(module: CLPModule) -> dict[str, torch.Tensor]:
@@ -105,17 +98,7 @@ def test_resume_continues_exactly(tmp_path, trigger):
 
     def trainer(directory, max_steps):
         callback = L.pytorch.callbacks.ModelCheckpoint(dirpath=directory, save_last=True, **ckpt_args)
-        return L.Trainer(
-            accelerator="cpu",
-            max_steps=max_steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=directory,
-            plugins=[SafeCheckpointIO()],
-            callbacks=[callback],
-            **trainer_args,
-        )
+        return make_trainer(directory, max_steps, callbacks=[callback], **trainer_args)
 
     L.seed_everything(0)
     straight = make_module()

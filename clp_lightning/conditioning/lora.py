@@ -109,6 +109,8 @@ class _StackedForward:
     def __init__(self, layer: LoraLayer, names: list[str], state: WeightingState) -> None:
         self.layer, self.names, self.state = layer, names, state
         self.peft_forward = type(layer).forward.__get__(layer)  # for the switched-off and merged cases
+        # one LoraConfig made every adapter: one rank and one scaling, fixed here rather than per call
+        self.rank, self.scaling = layer.r[names[0]], layer.scaling[names[0]]
 
     def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
         layer = self.layer
@@ -117,10 +119,8 @@ class _StackedForward:
         result = layer.base_layer(x, *args, **kwargs)
         a = torch.cat([layer.lora_A[n].weight for n in self.names], 0)  # (m r, in)
         b = torch.cat([layer.lora_B[n].weight for n in self.names], 1)  # (out, m r)
-        ranks = torch.tensor([layer.lora_A[n].weight.shape[0] for n in self.names], device=x.device)
-        scaling = torch.tensor([layer.scaling[n] for n in self.names], device=x.device)
         h = nn.functional.linear(x.to(a.dtype), a)  # (rows, ..., m r)
-        w = (self.state.rows(h.shape[0]) * scaling).to(h.dtype).repeat_interleave(ranks, dim=1)  # (rows, m r)
+        w = (self.state.rows(h.shape[0]) * self.scaling).to(h.dtype).repeat_interleave(self.rank, dim=1)  # (rows, m r)
         h = h * w.view(h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1])
         return (result + nn.functional.linear(h, b)).to(result.dtype)
 
