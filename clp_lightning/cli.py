@@ -1,5 +1,7 @@
 """Command line: ``clp fit|validate|test|predict --config conf/<file>.yaml`` (LightningCLI), plus ``clp quickstart``
-(the offline quick start), ``clp steer`` (generate at chosen weightings) and ``clp compare`` (overlay runs' fronts).
+(the offline quick start), ``clp steer`` (generate at chosen weightings), ``clp compare`` (overlay runs' fronts),
+``clp data`` (write local datasets, e.g. ``cnndm-blanc``) and ``clp reward`` (train a learned reward, e.g.
+``train-human``).
 
 The model is any LightningModule of the project (``CLPModule`` for RL, ``SFTModule`` for the warm start) and the
 data any LightningDataModule, both chosen in the YAML with ``class_path``. Configs may use OmegaConf
@@ -46,7 +48,8 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``clp`` and ``python -m clp_lightning``."""
     argv = sys.argv[1:] if args is None else args
     tools = {"quickstart": "clp_lightning.quickstart:quickstart", "steer": "clp_lightning.steer:steer",
-             "compare": "clp_lightning.compare:compare"}
+             "compare": "clp_lightning.compare:compare", "data": "clp_lightning.data.prepare:main",
+             "reward": "clp_lightning.rewards.train:main"}
     if argv[:1] and argv[0] in tools:
         import importlib
 

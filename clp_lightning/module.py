@@ -21,6 +21,7 @@ from clp_lightning import algorithms as alg
 from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig, generate_responses, response_log_probs
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
+from clp_lightning.models import disable_dropout as disable_dropout_in
 from clp_lightning.rewards import Reward, RewardNormalizer
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ class CLPModule(L.LightningModule):
         normalization: per-objective reward normalisation: ``running`` mean/std, ``batch`` or ``none``.
         generation: sampling settings for training rollouts.
         optimizer: AdamW settings, warm-up and schedule.
-        disable_dropout: turn the policy's dropout off, so responses are scored under the distribution that
-            sampled them.
+        disable_dropout: turn every form of the policy's dropout off (modules and float attributes such as T5's
+            ``dropout_rate``), so responses are scored under the distribution that sampled them and the KL to the
+            reference is 0 before the first update.
         decoding: how evaluation generates: ``policy`` (the conditioned policy) or ``logit_mixture`` (decoding-time
             mixing of the experts' next-token logits, ``sum_i w_i logits_i``, the experts being the policy at the
             one-hot weightings; an evaluation-only baseline).
@@ -147,10 +149,8 @@ class CLPModule(L.LightningModule):
         validate_weights(self.predict_weights, len(rewards), name="predict_weights")
 
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
-        if disable_dropout:
-            for module in self.policy.model.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = 0.0
+        if disable_dropout:  # before the reference is copied from it
+            disable_dropout_in(self.policy.model)
         self.reference = self.policy.frozen_reference()  # None for LoRA-CLP: adapters off is the reference
         if expert_checkpoints is not None:
             self.policy.load_expert_copies([_policy_state(path) for path in expert_checkpoints])
@@ -329,15 +329,21 @@ class CLPModule(L.LightningModule):
         return {"point": point, "rewards": rewards, "kl": kl, "texts": texts, "weights": w_rows}
 
     @torch.no_grad()
-    def evaluate_reference(self, batch: dict[str, list[str]], generation: GenerationSettings) -> Tensor:
-        """Raw rewards ``(P, m)`` of the reference policy's responses (the default hypervolume reference point)."""
+    def evaluate_reference(self, batch: dict[str, list[str]], generation: GenerationSettings) -> dict[str, Any]:
+        """The reference policy's responses and their raw rewards (the vertex gains' baseline and the default
+        hypervolume reference point).
+
+        Returns:
+            ``{"rewards": (P, m), "texts": list[str]}``
+        """
         enc = self.policy.encode(batch["prompt"])
         if self.reference is None:
             with self.policy.reference():
                 ids, mask = generate_responses(self.policy.model, self.policy.tokenizer, **enc, **generation.kwargs())
         else:
             ids, mask = generate_responses(self.reference, self.policy.tokenizer, **enc, **generation.kwargs())
-        return self.score(batch["source"], self.policy.decode(ids, mask), batch["reference"])
+        texts = self.policy.decode(ids, mask)
+        return {"rewards": self.score(batch["source"], texts, batch["reference"]), "texts": texts}
 
     # ------------------------------------------------------------------------------------------ optimizer, ckpts
 

@@ -66,6 +66,10 @@ def print_summary(report: dict) -> None:
             if all(abs(a - b) < 1e-6 for a, b in zip(w, target)):
                 label = "(" + ", ".join(f"{x:g}" for x in w) + ")"
                 print(f"  {label:>12}  " + "  ".join(f"{r:>10.4f}" for r in rewards))
+    print(f"  {'reference':>12}  " + "  ".join(f"{r:>10.4f}" for r in report["reference_rewards"]))
+    if "vertex_gain" in report:
+        gain = ", ".join(f"{n} {v:+.4f}" for n, v in report["vertex_gain"].items())
+        print(f"vertex gain (reward i at w = e_i minus the reference policy's): {gain}")
     steer = ", ".join(f"{n} {v:+.2f}" for n, v in report["steerability"].items())
     print(f"steerability (Spearman of w_i vs reward_i over the grid): {steer}")
     ref = [round(x, 4) for x in report["ref_point"]]

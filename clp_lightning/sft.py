@@ -7,6 +7,7 @@ Produces the checkpoint that RL starts from and uses as its reference policy: a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig, response_log_probs
+from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig, PolicyConfig, response_log_probs
 from clp_lightning.config import OptimizerConfig, coerce, plain
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,8 @@ class SFTModule(L.LightningModule):
         policy, optimizer = coerce(policy, PolicyConfig), coerce(optimizer, OptimizerConfig)
         if max_response_length < 1:
             raise ValueError(f"max_response_length must be >= 1, got {max_response_length}")
-        self.policy = ConditionalPolicy.from_pretrained(
-            policy.model_name_or_path, 1, None, max_prompt_length=policy.max_prompt_length,
-            trust_remote_code=policy.trust_remote_code, torch_dtype=policy.torch_dtype, seed=policy.seed,
-            tokenizer=policy.tokenizer,
-        )
+        # the warm start trains the plain model: the config's loading and prompt format, no conditioning
+        self.policy = dataclasses.replace(policy, conditioning=ConditioningConfig()).build(1)
         self.output_dir = output_dir
         self.max_response_length = max_response_length
         self.optimizer_config = optimizer or OptimizerConfig(lr=1e-4)

@@ -188,3 +188,41 @@ def test_logit_mixture_decoding_evaluates_and_refuses_to_train(tmp_path):
         make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, datamodule=make_data())
     with pytest.raises(ValueError, match="decoding must be"):
         make_module(decoding="beam")
+
+
+@pytest.mark.parametrize("arch, rate", [("t5", {"dropout_rate": 0.1}), ("llama", {"attention_dropout": 0.1})])
+@pytest.mark.parametrize("conditioning", [ConditioningConfig(targets="all"),
+                                          ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention"))],
+                         ids=["all", "lora"])
+@pytest.mark.parametrize("disable", [True, False], ids=["dropout_off", "dropout_kept"])
+def test_rl_step_sees_no_dropout_of_any_kind(tmp_path, arch, rate, conditioning, disable):
+    """T5 keeps attention dropout in a float attribute, Llama in ``attention_dropout``: with dropout off, two
+    identical rollouts in train mode give identical log-probs and the KL to the reference is 0 before any update."""
+    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
+
+    kind = "seq2seq" if arch == "t5" else "causal"
+    model = build_tiny_model(arch, **rate)
+    if arch == "llama":
+        model.config._attn_implementation = "eager"  # applies attention_dropout in train mode
+    model.save_pretrained(tmp_path / "model")
+    build_byte_tokenizer(kind).save_pretrained(tmp_path / "model")
+    policy = PolicyConfig(str(tmp_path / "model"), conditioning, max_prompt_length=32)
+    module = CLPModule(policy, [LengthReward(name="brevity", mode="brevity", unit="chars")],
+                       samples_per_prompt=2, generation=GenerationSettings(max_new_tokens=6),
+                       disable_dropout=disable).train()
+    batch = {"prompt": ["SUBREDDIT: r/cooking POST: too salty TL;DR:", "POST: hi TL;DR:"],
+             "source": ["too salty", "hi"], "reference": ["salty", "hi"], "id": ["a", "b"]}
+    rollout = module._rollout(batch, module.rollout_generator(0))
+    prompts = [p for p in batch["prompt"] for _ in range(2)]
+    enc = module.policy.encode(prompts, rollout["weights"])
+    args = dict(response_ids=rollout["response_ids"], response_mask=rollout["response_mask"],
+                weights=rollout["weights"])
+    again = [module.policy(**enc, **args).log_probs for _ in range(2)]  # fresh dropout masks, if any
+    if disable:
+        assert torch.equal(again[0], again[1])
+        # LoRA starts at B = 0 (the policy is the base exactly); parameter mixing sums w_i theta over equal copies,
+        # which rounds in the last bit when w is not uniform
+        assert rollout["seq_kl"].abs().max() <= (0.0 if conditioning.lora else 1e-5)
+    else:  # the negative control: the same checks see the dropout when it is kept
+        assert not torch.equal(again[0], again[1])
+        assert rollout["seq_kl"].abs().max() > 1e-3

@@ -1,6 +1,7 @@
 """Grid evaluation: the policy at every weighting of a simplex grid, each validation epoch.
 
-Logs ``val/pareto/hypervolume``, ``val/steerability/<objective>``, ``val/monotonicity_violations/<objective>``,
+Logs ``val/pareto/hypervolume``, ``val/steerability/<objective>``, ``val/vertex_gain/<objective>`` (reward ``i`` at
+``w = e_i`` minus the reference policy's), ``val/monotonicity_violations/<objective>``,
 ``val/reward/<objective>/w=<w>`` and ``val/kl``; a figure of the front (TensorBoard image and PNG); a text table of
 responses at several weightings; and the numbers as files in ``<log_dir>/evaluation/`` (``epoch_<n>.json`` and
 ``metrics.csv``). The same code runs in ``fit`` and in ``validate`` on a checkpoint.
@@ -91,7 +92,9 @@ class GridEvaluation(L.Callback):
             self._pending_ref = None
 
     _pending_ref: Tensor | None = None
-    reference_rewards: Tensor | None = None  # (m,) mean rewards of the reference policy, from the first evaluation
+    # (m,) mean rewards of the reference policy: measured at a fit's first evaluation and kept for the run (it does not
+    # change); measured again by every validate and test, which may run on other prompts
+    reference_rewards: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------- evaluation
 
@@ -105,6 +108,8 @@ class GridEvaluation(L.Callback):
         self._run = not trainer.sanity_checking and (not fitting or self.validations % self.every_n_epochs == 0)
         if fitting and not trainer.sanity_checking:
             self.validations += 1
+        if not fitting:  # validate / test may run on other prompts than the fit: measure the reference on these
+            self.reference_rewards = None
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -121,12 +126,17 @@ class GridEvaluation(L.Callback):
         pl_module.eval()
         out = pl_module.evaluate_weightings(batch, self.grid, self.generation)
         self.metric.update(out["point"], out["rewards"], out["kl"])
-        if self.reference_rewards is None:
-            self._ref_rows.append(pl_module.evaluate_reference(batch, self.generation))
-        self._collect_samples(pl_module, batch, out)
+        reference = pl_module.evaluate_reference(batch, self.generation) if self.reference_rewards is None else None
+        if reference is not None:
+            self._ref_rows.append(reference["rewards"])
+        self._collect_samples(pl_module, batch, out, reference)
         pl_module.train(was_training)
 
-    def _collect_samples(self, pl_module: L.LightningModule, batch: dict[str, list[str]], grid_out: dict) -> None:
+    def _collect_samples(
+        self, pl_module: L.LightningModule, batch: dict[str, list[str]], grid_out: dict, reference: dict | None
+    ) -> None:
+        """Responses at the sample weightings for the first prompts, beside the reference policy's when it was
+        measured in this evaluation (the first of a fit; every validate and test)."""
         need = self.sample_prompts - len(self._samples)
         if need <= 0:
             return
@@ -145,7 +155,10 @@ class GridEvaluation(L.Callback):
                  "rewards": out["rewards"][g * n + p].tolist()}
                 for w, g in zip(self.sample_weightings, points)
             ]
-            self._samples.append({"prompt": batch["prompt"][p], "responses": rows})
+            sample = {"prompt": batch["prompt"][p], "responses": rows}
+            if reference is not None:
+                sample["reference"] = {"response": reference["texts"][p], "rewards": reference["rewards"][p].tolist()}
+            self._samples.append(sample)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._run:
@@ -183,6 +196,8 @@ class GridEvaluation(L.Callback):
             # the reference policy's own point measured against the same reference point: a front that improves on
             # the reference policy has a larger hypervolume than this
             "reference_hypervolume": hypervolume(self.reference_rewards.view(1, -1).cpu(), self.metric.ref_point.cpu()),
+            "vertex_gain": dict(zip(self.names, vertex_gain(self.grid, result["rewards"].cpu(),
+                                                            self.reference_rewards.cpu()).tolist())),
             "steerability": dict(zip(self.names, result["spearman"].tolist())),
             "monotonicity_violations": dict(zip(self.names, result["violations"].tolist())),
             "samples": self._samples,
@@ -195,6 +210,7 @@ class GridEvaluation(L.Callback):
                    "pareto/front_size": float(sum(report["front_mask"]))}
         for i, name in enumerate(self.names):
             metrics[f"steerability/{name}"] = report["steerability"][name]
+            metrics[f"vertex_gain/{name}"] = report["vertex_gain"][name]
             metrics[f"monotonicity_violations/{name}"] = float(report["monotonicity_violations"][name])
             for w, rewards in zip(report["grid"], report["rewards"]):
                 metrics[f"reward/{name}/w={weight_label(w)}"] = rewards[i]
@@ -267,6 +283,23 @@ class GridEvaluation(L.Callback):
         self.reference_rewards = state_dict.get("reference_rewards")
 
 
+def vertex_gain(grid: Tensor, rewards: Tensor, reference_rewards: Tensor) -> Tensor:
+    """Reward ``i`` of the policy at the vertex ``w = e_i`` minus the reference policy's reward ``i``, per objective
+    ``(m,)``: the sanity check of a CLP front (the KL-regularised optimum at ``e_i`` never lowers reward ``i``).
+
+    Args:
+        grid: weightings ``(G, m)``; must contain every vertex.
+        rewards: mean rewards ``(G, m)`` of the policy at each weighting.
+        reference_rewards: mean rewards ``(m,)`` of the reference policy on the same prompts and decoding.
+    """
+    m = grid.shape[1]
+    vertex = (grid[None] - torch.eye(m, dtype=grid.dtype)[:, None]).abs().amax(-1) < 1e-6  # (m, G)
+    if not bool(vertex.any(1).all()):
+        raise ValueError("the grid does not contain every vertex e_i")
+    index = vertex.float().argmax(1)  # (m,)
+    return rewards[index, torch.arange(m)] - reference_rewards
+
+
 def _mean_over_ranks(rows: Tensor) -> Tensor:
     """Mean of ``rows`` ``(B, m)`` over every rank's rows -> ``(m,)``."""
     stats = torch.cat([rows.sum(0), torch.tensor([rows.shape[0]], dtype=rows.dtype, device=rows.device)])
@@ -283,7 +316,9 @@ def samples_markdown(report: dict[str, Any]) -> str:
         lines.append(f"**prompt:** {sample['prompt'][-300:]!r}\n")
         lines.append("| w | response | " + " | ".join(names) + " |")
         lines.append("|---|---|" + "---|" * len(names))
-        for row in sample["responses"]:
+        reference = [{"weights": "reference", **sample["reference"]}] if "reference" in sample else []
+        rows = sample["responses"] + reference
+        for row in rows:
             rewards = " | ".join(f"{r:.3f}" for r in row["rewards"])
             lines.append(f"| {row['weights']} | {row['response']!r} | {rewards} |")
         lines.append("")

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from clp_lightning.conditioning.lora import LoraSpec, adapters_disabled, apply_lora_mixing, lora_parameters, merge_lora
 from clp_lightning.conditioning.mixing import WeightingState, apply_parameter_mixing, mixed_modules, unmix
-from clp_lightning.conditioning.prompt import PromptConditioner
+from clp_lightning.conditioning.prompt import ChatFormat, PromptConditioner
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.models import count_parameters, load_policy_model, model_kind
 
@@ -156,6 +156,14 @@ def _decoder_mask(response_mask: Tensor) -> Tensor:
     return mask
 
 
+def _add_stop_token(model: PreTrainedModel, token_id: int) -> None:
+    """Make ``token_id`` one of the generation config's end-of-sequence ids (kept first: it pads finished rows)."""
+    eos = model.generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if token_id not in ids:
+        model.generation_config.eos_token_id = ids + [token_id] if ids else token_id
+
+
 def response_mask_from_ids(response_ids: Tensor, eos_token_id: int | Sequence[int] | None) -> Tensor:
     """1 on tokens up to and including the first EOS of each row ``(B, T)``, 0 after it."""
     if eos_token_id is None:
@@ -189,7 +197,11 @@ class ConditionalPolicy(nn.Module):
         num_objectives: ``m``.
         conditioning: how ``w`` enters the model.
         max_prompt_length: prompt tokens kept (from the end, so a trailing cue such as ``TL;DR:`` survives),
-            not counting the conditioning prefix.
+            not counting the conditioning prefix. With a chat template, from the start of the user's text (the
+            template's assistant header is the cue), not counting the template's tokens.
+        chat_template: format prompts with the tokenizer's chat template (instruct models): ``system_prompt``, then
+            the prompt as the user turn; generation also stops at the template's end-of-turn token.
+        system_prompt: the system message of the chat template; None leaves the template's default.
     """
 
     def __init__(
@@ -199,6 +211,8 @@ class ConditionalPolicy(nn.Module):
         num_objectives: int,
         conditioning: ConditioningConfig | None = None,
         max_prompt_length: int = 512,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
     ) -> None:
         super().__init__()
         if num_objectives < 1:
@@ -210,6 +224,11 @@ class ConditionalPolicy(nn.Module):
         self.max_prompt_length = max_prompt_length
         if self.kind == "causal" and tokenizer.padding_side != "left":
             raise ValueError("causal policies generate from left-padded prompts: set tokenizer.padding_side='left'")
+        if system_prompt is not None and not chat_template:
+            raise ValueError("system_prompt is set but chat_template is False: the system message needs the template")
+        self.chat = ChatFormat(tokenizer, system_prompt) if chat_template else None
+        if self.chat is not None and self.chat.end_of_turn_id is not None:
+            _add_stop_token(model, self.chat.end_of_turn_id)
         self.state = WeightingState()
         self.prompt_conditioner = (
             PromptConditioner(conditioning.prompt_template, conditioning.alpha_template, conditioning.prompt_precision)
@@ -242,14 +261,18 @@ class ConditionalPolicy(nn.Module):
         torch_dtype: str | None = None,
         seed: int = 0,
         tokenizer: str | None = None,
+        gguf_file: str | None = None,
+        cache_dir: str | None = None,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
     ) -> ConditionalPolicy:
-        """Load a model by hub id, local path or ``tiny:<arch>`` and condition it (see :func:`load_policy_model`)."""
+        """Load a model by hub id, local path, GGUF file or ``tiny:<arch>`` and condition it (see
+        :func:`load_policy_model`)."""
         model, tok = load_policy_model(
             model_name_or_path, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, seed=seed,
-            tokenizer=tokenizer,
+            tokenizer=tokenizer, gguf_file=gguf_file, cache_dir=cache_dir,
         )
-        tokenizer = tok
-        return cls(model, tokenizer, num_objectives, conditioning, max_prompt_length)
+        return cls(model, tok, num_objectives, conditioning, max_prompt_length, chat_template, system_prompt)
 
     # ------------------------------------------------------------------------------------------------ conditioning
 
@@ -271,11 +294,19 @@ class ConditionalPolicy(nn.Module):
         with self.state.use(weights, alpha, cache=cache):
             yield
 
-    def reference(self) -> contextlib.AbstractContextManager[None]:
-        """For LoRA-CLP, a block in which the model is the frozen base (the reference policy)."""
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """For LoRA-CLP, a block in which the model is the frozen base (the reference policy), in eval mode: the
+        reference is a fixed function even when the policy trains with dropout."""
         if not self.is_lora:
             raise RuntimeError("only LoRA-CLP policies carry their reference; others keep a frozen copy")
-        return adapters_disabled(self.model)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with adapters_disabled(self.model):
+                yield
+        finally:
+            self.model.train(training)
 
     @property
     def device(self) -> torch.device:
@@ -291,9 +322,11 @@ class ConditionalPolicy(nn.Module):
         """
         tok = self.tokenizer
         side = tok.truncation_side
-        tok.truncation_side = "left"  # keep the end of the prompt (the TL;DR: cue)
+        # keep the end of a plain prompt (the TL;DR: cue), the start of a chat turn (the template holds the cue)
+        tok.truncation_side = "right" if self.chat is not None else "left"
         try:
-            body = tok(list(prompts), truncation=True, max_length=self.max_prompt_length)["input_ids"]
+            body = tok(list(prompts), truncation=True, max_length=self.max_prompt_length,
+                       add_special_tokens=self.chat is None)["input_ids"]
         finally:
             tok.truncation_side = side
         if self.prompt_conditioner is not None and weights is not None:
@@ -302,6 +335,8 @@ class ConditionalPolicy(nn.Module):
             prefixes = self.prompt_conditioner.prefixes(weights.cpu(), None if alpha is None else alpha.cpu())
             heads = tok(prefixes, add_special_tokens=False)["input_ids"]
             body = [h + b for h, b in zip(heads, body)]
+        if self.chat is not None:
+            body = [self.chat.wrap(b) for b in body]
         batch = tok.pad({"input_ids": body}, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -470,6 +505,12 @@ class PolicyConfig:
         torch_dtype: ``float32``, ``bfloat16``, ... or None for the checkpoint's dtype.
         seed: initialisation seed for ``tiny:`` models.
         tokenizer: ``tiny:`` models: ``bytes`` or ``synthetic-bpe``; others: a tokenizer to use instead of the model's.
+        gguf_file: a GGUF file inside the hub repository or directory ``model_name_or_path`` (not needed when
+            ``model_name_or_path`` is itself a ``.gguf`` path or ``pkg:<package>/<file>.gguf``).
+        cache_dir: where GGUF checkpoints are converted to, once (default ``$CLP_CACHE`` or
+            ``~/.cache/clp_lightning``).
+        chat_template: format prompts with the tokenizer's chat template (instruct models).
+        system_prompt: the chat template's system message.
     """
 
     model_name_or_path: str = "tiny:t5"
@@ -479,6 +520,10 @@ class PolicyConfig:
     torch_dtype: str | None = None
     seed: int = 0
     tokenizer: str | None = None
+    gguf_file: str | None = None
+    cache_dir: str | None = None
+    chat_template: bool = False
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.conditioning, dict):
@@ -494,4 +539,8 @@ class PolicyConfig:
             torch_dtype=self.torch_dtype,
             seed=self.seed,
             tokenizer=self.tokenizer,
+            gguf_file=self.gguf_file,
+            cache_dir=self.cache_dir,
+            chat_template=self.chat_template,
+            system_prompt=self.system_prompt,
         )

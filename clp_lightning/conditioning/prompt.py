@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,3 +82,56 @@ class PromptConditioner:
                 alpha = float(match["alpha"]) if "alpha" in pattern.groupindex else None
                 return weights, alpha, text[match.end() :]
         raise ValueError(f"text {text[:60]!r} does not start with a prefix of the form {self.template!r}")
+
+
+class ChatFormat:
+    """Prompts through the tokenizer's chat template, for instruct models: an optional system message, the prompt
+    (with any conditioning prefix) as the user turn, and the template's assistant header as the generation cue.
+
+    The template is rendered once around a placeholder and split into the token ids before and after the user's
+    text, so a long prompt is truncated inside the user turn (the turn's markers and the cue always survive) and
+    every call formats identically, for the policy and the reference alike.
+
+    Args:
+        tokenizer: a tokenizer with a ``chat_template``.
+        system_prompt: the system message; None leaves it to the template (which may insert its own default).
+
+    Attributes:
+        head_ids: ids before the user's text (system turn, user header).
+        tail_ids: ids after it (end of the user turn, assistant header).
+        end_of_turn_id: the token that closes an assistant turn (e.g. ChatML's ``<|im_end|>``), where the template
+            ends turns with a special token; generation stops there. None otherwise.
+    """
+
+    _PLACEHOLDER = "\x00clp-user-turn\x00"
+
+    def __init__(self, tokenizer: Any, system_prompt: str | None = None) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"chat_template=True but the tokenizer {type(tokenizer).__name__} "
+                             f"({getattr(tokenizer, 'name_or_path', '?')!r}) has no chat template")
+        system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        text = tokenizer.apply_chat_template(system + [{"role": "user", "content": self._PLACEHOLDER}],
+                                             tokenize=False, add_generation_prompt=True)
+        head, found, tail = text.partition(self._PLACEHOLDER)
+        if not found:
+            raise ValueError("the tokenizer's chat template does not reproduce the user's message verbatim; "
+                             "it cannot be used to format prompts")
+        self.head_ids: list[int] = tokenizer(head, add_special_tokens=False)["input_ids"]
+        self.tail_ids: list[int] = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        self.end_of_turn_id = self._end_of_turn(tokenizer)
+
+    @classmethod
+    def _end_of_turn(cls, tokenizer: Any) -> int | None:
+        turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": cls._PLACEHOLDER}]
+        try:
+            text = tokenizer.apply_chat_template(turns, tokenize=False)
+        except Exception:  # a template that refuses assistant turns: no end-of-turn token to learn
+            return None
+        after = text.partition(cls._PLACEHOLDER)[2]
+        ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder) \
+            else None
+
+    def wrap(self, user_ids: list[int]) -> list[int]:
+        """Token ids of the full prompt around the user turn's ids."""
+        return self.head_ids + user_ids + self.tail_ids

@@ -27,9 +27,15 @@ def front_figure(report: dict[str, Any], history: list[dict[str, Any]] | None = 
                    zorder=3, s=25)
         for w, p in zip(report["grid"], pts):
             ax.annotate(",".join(f"{x:.2g}" for x in w), (p[i], p[j]), fontsize=6, alpha=0.7)
-        ref = report.get("ref_point")
+        # the reference policy's own point and the hypervolume's reference point are different things: the latter
+        # may be fixed in the config, and only coincides with the former when it is not
+        start, ref = report.get("reference_rewards"), report.get("ref_point")
+        if start is not None:
+            ax.scatter([start[i]], [start[j]], marker="*", s=140, color="black", label="reference policy", zorder=4)
         if ref is not None:
-            ax.scatter([ref[i]], [ref[j]], marker="*", s=120, color="black", label="reference policy", zorder=4)
+            ax.scatter([ref[i]], [ref[j]], marker="x", s=60, color="tab:red", label="hypervolume reference point",
+                       zorder=4)
+        if start is not None or ref is not None:
             ax.legend(loc="best", fontsize=7)
         ax.set_xlabel(names[i])
         ax.set_ylabel(names[j])

@@ -7,6 +7,7 @@ keys; :class:`RewardNormalizer` standardises the stacked ``(N, m)`` rewards per 
 from clp_lightning.rewards.base import Reward
 from clp_lightning.rewards.classifier import SequenceClassifierReward
 from clp_lightning.rewards.embedding import EmbeddingSimilarityReward
+from clp_lightning.rewards.learned import HumanScoreReward
 from clp_lightning.rewards.length import LengthReward
 from clp_lightning.rewards.nli import Seq2SeqNLIReward
 from clp_lightning.rewards.normalize import RewardNormalizer
@@ -14,6 +15,7 @@ from clp_lightning.rewards.rouge import RougeReward
 
 __all__ = [
     "EmbeddingSimilarityReward",
+    "HumanScoreReward",
     "LengthReward",
     "Reward",
     "RewardNormalizer",

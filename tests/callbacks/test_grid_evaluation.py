@@ -77,6 +77,12 @@ def test_fit_writes_reports_and_tensorboard(fitted):
     assert report["grid"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]] and len(report["rewards"]) == 3
     assert len(report["samples"]) == 2 and len(report["samples"][0]["responses"]) == 3
     assert report["ref_point"] == pytest.approx(report["reference_rewards"])  # default: the reference policy
+    rewards, reference = torch.tensor(report["rewards"]), report["reference_rewards"]
+    assert report["vertex_gain"] == pytest.approx(  # grid [[0, 1], [0.5, 0.5], [1, 0]]: e_1 is row 2, e_2 row 0
+        {"coverage": float(rewards[2, 0]) - reference[0], "brevity": float(rewards[0, 1]) - reference[1]})
+    first = json.loads(reports[0].read_text())["samples"][0]
+    assert first["reference"]["response"] is not None and len(first["reference"]["rewards"]) == 2
+    assert "reference" not in report["samples"][0]  # measured once per fit: the reference does not change
     events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -106,6 +112,35 @@ def test_validate_on_checkpoint_reproduces_last_evaluation(fitted, tmp_path):
     assert again.last["hypervolume"] == pytest.approx(last["hypervolume"], abs=1e-6)
     assert again.last["steerability"] == pytest.approx(last["steerability"], nan_ok=True)
     assert (tmp_path / "run" / "evaluation" / "validate.json").exists()
+    assert again.last["reference_rewards"] == pytest.approx(last["reference_rewards"], abs=1e-6)
+
+
+def test_validate_on_other_prompts_measures_the_reference_on_them(fitted, tmp_path):
+    """The checkpoint's reference rewards belong to the fit's validation prompts; other data gets its own."""
+    fit_dir, trainer, callback = fitted
+    other = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=7)
+    again, module = grid_callback(), make_module()
+    measured = []
+    evaluate_reference = module.evaluate_reference
+    module.evaluate_reference = lambda batch, generation: measured.append(batch["prompt"]) or evaluate_reference(
+        batch, generation)
+    make_trainer(tmp_path, [again]).validate(
+        module, datamodule=other, ckpt_path=str(fit_dir / "run" / "checkpoints" / "last.ckpt")
+    )
+    other.setup("validate")
+    assert [p for batch in measured for p in batch] == list(other.data["val"]["prompt"])
+    assert again.last["ref_point"] == pytest.approx(callback.last["ref_point"])  # kept: hypervolumes compare
+    assert "reference" in again.last["samples"][0]
+
+
+def test_vertex_gain_by_hand():
+    from clp_lightning.callbacks.grid_evaluation import vertex_gain
+
+    grid = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    rewards = torch.tensor([[0.1, 5.0], [0.4, 3.0], [0.9, 1.0]])
+    assert vertex_gain(grid, rewards, torch.tensor([0.5, 4.0])).tolist() == pytest.approx([0.4, 1.0])
+    with pytest.raises(ValueError, match="every vertex"):
+        vertex_gain(grid[1:2], rewards[1:2], torch.tensor([0.5, 4.0]))
 
 
 def test_every_n_epochs_and_three_objective_figure(tmp_path):

