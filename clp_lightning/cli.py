@@ -39,6 +39,16 @@ class CLPCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the parsed config as it is under ``--ckpt_path``.
+
+        LightningCLI would parse the checkpoint's saved hyper-parameters over the config and the command line, so a
+        checkpoint file could choose which model and code load (``trust_remote_code`` included) and silently undo
+        explicit overrides. A checkpoint is untrusted input: it supplies state only (weights, optimizer, loops,
+        normaliser), and the module compares what its weights depend on with the config before loading them
+        (``CLPModule.on_load_checkpoint``).
+        """
+
     def add_arguments_to_parser(self, parser) -> None:
         # always attached (inert outside a SLURM fit), configurable as `slurm_requeue.*`
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")

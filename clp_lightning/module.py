@@ -365,20 +365,30 @@ class CLPModule(L.LightningModule):
         excluded = self._excluded_keys()
         checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in excluded}
-        checkpoint["clp"] = {
+        checkpoint["clp"] = self._weights_depend_on()
+
+    def _weights_depend_on(self) -> dict[str, Any]:
+        """What the trained weights mean nothing without: stored in checkpoints and compared, never applied."""
+        config = self.policy.model.config
+        return {
             "objective_names": self.objective_names,
             "conditioning": asdict(self.policy.conditioning),
+            "base_model": {"model_type": config.model_type, "vocab_size": config.vocab_size,
+                           "hidden_size": config.get_text_config().hidden_size},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # before any weight is loaded: a checkpoint of another mode, objectives or base model stops here, named
+        stored, current_setup = checkpoint.get("clp", {}), self._weights_depend_on()
+        for key, what in (("objective_names", "objectives"), ("conditioning", "conditioning"),
+                          ("base_model", "base model")):
+            if key in stored and plain(stored[key]) != plain(current_setup[key]):
+                raise ValueError(f"the checkpoint was trained with {what} {stored[key]}, the config has "
+                                 f"{current_setup[key]}: load it with the config it was trained with")
         current = super().state_dict()
         for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
             checkpoint["state_dict"].setdefault(key, current[key])
         self.checkpoint_step = int(checkpoint.get("global_step", 0))  # reports of `validate` name the step
-        clp = checkpoint.get("clp", {})
-        if clp.get("objective_names", self.objective_names) != self.objective_names:
-            raise ValueError(f"checkpoint objectives {clp['objective_names']} differ from the config's "
-                             f"{self.objective_names}")
 
     def on_train_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     started = time.time()
+    sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly
     cli = CLPCLI(args=["--config", args.config], run=False)
     module, data = cli.model.eval(), cli.datamodule
     data.prepare_data()

@@ -25,7 +25,8 @@ from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerCon
 REPO = CONF_DIR.parent
 ALL_CONFIGS = sorted(CONF_DIR.rglob("*.yaml"))
 FRAGMENT_DIRS = ("baselines", "conditioning", "tasks", "trainer")
-FRAGMENTS = [p for p in ALL_CONFIGS if p.parent.name in FRAGMENT_DIRS]
+# a fragment dir may hold one sub-folder per model with that model's presets (conditioning/smollm2/logits.yaml)
+FRAGMENTS = [p for p in ALL_CONFIGS if p.parent.name in FRAGMENT_DIRS or p.parent.parent.name in FRAGMENT_DIRS]
 STANDALONE = [p for p in ALL_CONFIGS if p not in FRAGMENTS]
 BASE = CONF_DIR / "quickstart.yaml"
 CLP_MODULE = "clp_lightning.module.CLPModule"
@@ -165,7 +166,7 @@ def test_fragment_overrides_the_base(parser: Any, path: Path) -> None:
         assert same(value, cfg[key]), f"{key}: {_rel(path)} sets {value!r}, the composed config has {cfg[key]!r}"
 
 
-@pytest.mark.parametrize("path", sorted((CONF_DIR / "conditioning").glob("*.yaml")), ids=_rel)
+@pytest.mark.parametrize("path", sorted((CONF_DIR / "conditioning").rglob("*.yaml")), ids=_rel)
 def test_conditioning_fragment_is_the_variant_it_is_named_after(parser: Any, path: Path) -> None:
     # The base (full-CLP) differs from every variant but "all": each fragment must clear what it does not use.
     conditioning = ConditioningConfig(**parse(parser, BASE, path).model.init_args.policy.conditioning.as_dict())
