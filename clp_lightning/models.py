@@ -195,7 +195,9 @@ def convert_gguf(
 def resolve_source(
     name_or_path: str, gguf_file: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> str:
-    """What ``from_pretrained`` should read: ``pkg:`` names resolved, GGUF checkpoints converted (cached)."""
+    """What ``from_pretrained`` should read: ``pkg:`` names resolved, a missing local path named before any hub
+    lookup, GGUF checkpoints converted (cached)."""
+    _check_exists(resolve_path(name_or_path))
     if is_gguf(name_or_path, gguf_file):
         return str(convert_gguf(name_or_path, gguf_file, cache_dir))
     return resolve_path(name_or_path)
@@ -228,7 +230,6 @@ def load_pretrained(
         cache_dir: where converted GGUF checkpoints are kept (see :func:`convert_gguf`).
         **kwargs: passed to ``from_pretrained``.
     """
-    _check_exists(resolve_path(name_or_path))
     path = resolve_source(name_or_path, gguf_file, cache_dir)
     try:
         return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
@@ -396,7 +397,6 @@ def load_policy_model(
         model = build_tiny_model(arch, size, seed=seed, vocab_size=len(tok))
         tokenizer = tok
     else:
-        _check_exists(resolve_path(name_or_path))
         path = resolve_source(name_or_path, gguf_file, cache_dir)
         config = load_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
         if kind is None:

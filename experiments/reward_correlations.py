@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from clp_lightning.cli import CLPCLI  # noqa: E402
-from clp_lightning.evaluation.steerability import spearman  # noqa: E402
+from clp_lightning.evaluation import pearson, spearman  # noqa: E402
 from clp_lightning.rewards import HumanScoreReward, Reward, RougeReward  # noqa: E402
 
 
@@ -37,11 +37,6 @@ def extra_reward(spec: str, encoder: str) -> Reward:
     if name == "quality":
         return HumanScoreReward(head=arg, model=encoder, name="quality")
     raise ValueError(f"unknown extra reward {spec!r}; expected 'rouge' or 'quality=<head dir>'")
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / (x.norm() * y.norm()).clamp(min=1e-12))
 
 
 def main(argv: list[str] | None = None) -> dict:

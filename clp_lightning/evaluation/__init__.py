@@ -2,7 +2,7 @@
 
 from clp_lightning.evaluation.metrics import GridRewardMeans, ParetoSteerabilityMetric, pareto_steerability
 from clp_lightning.evaluation.pareto import hypervolume, pareto_front_mask
-from clp_lightning.evaluation.steerability import grid_step, monotonicity_violations, spearman, steerability
+from clp_lightning.evaluation.steerability import grid_step, monotonicity_violations, pearson, spearman, steerability
 
 __all__ = [
     "GridRewardMeans",
@@ -12,6 +12,7 @@ __all__ = [
     "monotonicity_violations",
     "pareto_front_mask",
     "pareto_steerability",
+    "pearson",
     "spearman",
     "steerability",
 ]

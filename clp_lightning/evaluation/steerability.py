@@ -42,12 +42,17 @@ def spearman(x: Tensor, y: Tensor) -> float:
     x, y = _cpu64(x), _cpu64(y)
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"`x` and `y` must both have shape (P,), got {tuple(x.shape)} and {tuple(y.shape)}")
-    rx, ry = _average_ranks(x), _average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = (rx.square().sum() * ry.square().sum()).sqrt()
+    return pearson(_average_ranks(x), _average_ranks(y))
+
+
+def pearson(x: Tensor, y: Tensor) -> float:
+    """Pearson correlation of two ``(P,)`` tensors, in float64; nan when either is constant or ``P < 2``."""
+    x, y = _cpu64(x), _cpu64(y)
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.square().sum() * y.square().sum()).sqrt()
     if x.numel() < 2 or denom == 0:
         return math.nan
-    return float((rx * ry).sum() / denom)
+    return float((x * y).sum() / denom)
 
 
 def _check_grid(weights: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clp_lightning.evaluation import spearman
+from clp_lightning.evaluation import pearson, spearman
 from clp_lightning.rewards.embedding import EmbeddingSimilarityReward
 from clp_lightning.rewards.learned import (
     FEATURES,
@@ -122,14 +122,6 @@ def read_human_scores(path: str | Path) -> list[HumanScoreRow]:
         if sum(r.split == split for r in rows) < 2:
             raise ValueError(f"{path}: the {split!r} split needs at least 2 rows to train and select a head")
     return rows
-
-
-def pearson(x: Tensor, y: Tensor) -> float:
-    """Pearson correlation of two ``(N,)`` tensors (float64); nan when either is constant or ``N < 2``."""
-    x, y = x.detach().double().cpu(), y.detach().double().cpu()
-    x, y = x - x.mean(), y - y.mean()
-    denom = (x.square().sum() * y.square().sum()).sqrt()
-    return math.nan if x.numel() < 2 or denom == 0 else float((x * y).sum() / denom)
 
 
 def correlations(pred: Tensor, target: Tensor) -> dict[str, float]:
