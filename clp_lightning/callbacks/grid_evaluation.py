@@ -10,8 +10,10 @@ responses at several weightings; and the numbers as files in ``<log_dir>/evaluat
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,9 @@ class GridEvaluation(L.Callback):
             ``validate`` always evaluates.
         max_prompts: validation prompts used per evaluation (None: every prompt of the val loader).
         generation: decoding settings (greedy by default, so that evaluations are repeatable).
-        ref_point: hypervolume reference point, one value per objective; None takes the reference policy's mean
-            rewards at the first evaluation and keeps it fixed for the rest of the run.
+        ref_point: hypervolume reference point, one value per objective. None uses the reference policy's mean
+            rewards on the prompts being evaluated (the same point at every evaluation of a fit, since its prompts
+            and the reference do not change). Never restored from a checkpoint: the config decides it.
         sample_prompts: prompts shown in the text table of responses.
         sample_weightings: weightings shown in the text table (default: the grid's corners and its centre).
         output_dir: where report files go (default ``<log_dir>/evaluation``).
@@ -69,6 +72,7 @@ class GridEvaluation(L.Callback):
         self.validations = 0  # validation epochs seen during fit (saved in checkpoints)
         self.last: dict[str, Any] | None = None
         self.metric: ParetoSteerabilityMetric | None = None
+        self._reference_cache: dict[str, dict[str, Any]] = {}
 
     # -------------------------------------------------------------------------------------------------- set-up
 
@@ -87,13 +91,8 @@ class GridEvaluation(L.Callback):
         if self.metric is None:
             self.metric = ParetoSteerabilityMetric(self.grid, ref_point=ref)
         self.metric.to(pl_module.device)
-        if self._pending_ref is not None:
-            self.metric.set_reference_point(self._pending_ref.to(pl_module.device), overwrite=True)
-            self._pending_ref = None
 
-    _pending_ref: Tensor | None = None
-    # (m,) mean rewards of the reference policy: measured at a fit's first evaluation and kept for the run (it does not
-    # change); measured again by every validate and test, which may run on other prompts
+    # (m,) mean rewards of the reference policy on the prompts of the latest evaluation
     reference_rewards: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------- evaluation
@@ -108,8 +107,6 @@ class GridEvaluation(L.Callback):
         self._run = not trainer.sanity_checking and (not fitting or self.validations % self.every_n_epochs == 0)
         if fitting and not trainer.sanity_checking:
             self.validations += 1
-        if not fitting:  # validate / test may run on other prompts than the fit: measure the reference on these
-            self.reference_rewards = None
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
@@ -126,17 +123,30 @@ class GridEvaluation(L.Callback):
         pl_module.eval()
         out = pl_module.evaluate_weightings(batch, self.grid, self.generation)
         self.metric.update(out["point"], out["rewards"], out["kl"])
-        reference = pl_module.evaluate_reference(batch, self.generation) if self.reference_rewards is None else None
-        if reference is not None:
-            self._ref_rows.append(reference["rewards"])
+        reference = self._reference(pl_module, batch)
+        self._ref_rows.append(reference["rewards"])
         self._collect_samples(pl_module, batch, out, reference)
         pl_module.train(was_training)
+
+    def _reference(self, pl_module: L.LightningModule, batch: dict[str, list[str]]) -> dict[str, Any]:
+        """The reference policy's responses and rewards on ``batch``, measured once per batch content.
+
+        The reference never trains, so a fit's validation prompts need it once, and ``validate`` or ``test`` on other
+        data measures it on that data. Keyed by what determines it (the batch's text and the decoding settings),
+        not by a checkpoint, which could only carry numbers of other prompts.
+        """
+        content = [batch[key] for key in ("prompt", "source", "reference")] + [asdict(self.generation)]
+        key = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+        if key not in self._reference_cache:
+            reference = pl_module.evaluate_reference(batch, self.generation)
+            self._reference_cache[key] = {"rewards": reference["rewards"].cpu(), "texts": reference["texts"]}
+        cached = self._reference_cache[key]
+        return {"rewards": cached["rewards"].to(pl_module.device), "texts": cached["texts"]}
 
     def _collect_samples(
         self, pl_module: L.LightningModule, batch: dict[str, list[str]], grid_out: dict, reference: dict | None
     ) -> None:
-        """Responses at the sample weightings for the first prompts, beside the reference policy's when it was
-        measured in this evaluation (the first of a fit; every validate and test)."""
+        """Responses at the sample weightings for the first prompts, beside the reference policy's."""
         need = self.sample_prompts - len(self._samples)
         if need <= 0:
             return
@@ -156,19 +166,17 @@ class GridEvaluation(L.Callback):
                 for w, g in zip(self.sample_weightings, points)
             ]
             sample = {"prompt": batch["prompt"][p], "responses": rows}
-            if reference is not None:
-                sample["reference"] = {"response": reference["texts"][p], "rewards": reference["rewards"][p].tolist()}
+            sample["reference"] = {"response": reference["texts"][p], "rewards": reference["rewards"][p].tolist()}
             self._samples.append(sample)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._run:
             return
         assert self.metric is not None
-        if self.reference_rewards is None:
-            rows = torch.cat(self._ref_rows) if self._ref_rows else torch.zeros(0, len(self.names))
-            self.reference_rewards = _mean_over_ranks(rows.to(pl_module.device))
-        if not self.metric.has_reference_point:
-            self.metric.set_reference_point(self.reference_rewards)
+        rows = torch.cat(self._ref_rows) if self._ref_rows else torch.zeros(0, len(self.names))
+        self.reference_rewards = _mean_over_ranks(rows.to(pl_module.device))
+        if self.ref_point_config is None:
+            self.metric.set_reference_point(self.reference_rewards, overwrite=True)
         result = self.metric.compute()
         report = self._report(trainer, result, pl_module)
         self._log(pl_module, report, "test" if trainer.state.fn == "test" else "val")
@@ -192,6 +200,7 @@ class GridEvaluation(L.Callback):
             "front_mask": result["front_mask"].tolist(),
             "hypervolume": float(result["hypervolume"]),
             "ref_point": self.metric.ref_point.tolist(),
+            "ref_point_from": "config" if self.ref_point_config is not None else "reference policy on these prompts",
             "reference_rewards": self.reference_rewards.tolist(),
             # the reference policy's own point measured against the same reference point: a front that improves on
             # the reference policy has a larger hypervolume than this
@@ -270,17 +279,14 @@ class GridEvaluation(L.Callback):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
 
+    # Only the run's progress is saved: numbers about the reference policy belong to the prompts they were measured
+    # on, and the reference point to the config, so neither comes back from a checkpoint.
     def state_dict(self) -> dict[str, Any]:
-        ref = None if self.metric is None or not self.metric.has_reference_point else self.metric.ref_point.cpu()
-        reference = None if self.reference_rewards is None else self.reference_rewards.cpu()
-        return {"ref_point": ref, "reference_rewards": reference, "history": self.history,
-                "validations": self.validations}
+        return {"history": self.history, "validations": self.validations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.validations = int(state_dict.get("validations", 0))
-        self._pending_ref = state_dict.get("ref_point")
-        self.reference_rewards = state_dict.get("reference_rewards")
 
 
 def vertex_gain(grid: Tensor, rewards: Tensor, reference_rewards: Tensor) -> Tensor:

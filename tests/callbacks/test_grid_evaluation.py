@@ -62,7 +62,11 @@ def fitted(tmp_path_factory):
     trainer = make_trainer(
         tmp_path, [callback, checkpoint], max_steps=4, val_check_interval=2, check_val_every_n_epoch=None
     )
-    trainer.fit(make_module(), datamodule=data)
+    module = make_module()
+    module.reference_calls, evaluate_reference = [], module.evaluate_reference
+    module.evaluate_reference = lambda batch, generation: module.reference_calls.append(batch["id"]) or (
+        evaluate_reference(batch, generation))
+    trainer.fit(module, datamodule=data)
     return tmp_path, trainer, callback
 
 
@@ -82,7 +86,8 @@ def test_fit_writes_reports_and_tensorboard(fitted):
         {"coverage": float(rewards[2, 0]) - reference[0], "brevity": float(rewards[0, 1]) - reference[1]})
     first = json.loads(reports[0].read_text())["samples"][0]
     assert first["reference"]["response"] is not None and len(first["reference"]["rewards"]) == 2
-    assert "reference" not in report["samples"][0]  # measured once per fit: the reference does not change
+    assert report["samples"][0]["reference"] == first["reference"]  # cached: the reference does not change
+    assert len(trainer.lightning_module.reference_calls) == 2  # two validations of 2 val batches: each batch once
     events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -116,21 +121,39 @@ def test_validate_on_checkpoint_reproduces_last_evaluation(fitted, tmp_path):
 
 
 def test_validate_on_other_prompts_measures_the_reference_on_them(fitted, tmp_path):
-    """The checkpoint's reference rewards belong to the fit's validation prompts; other data gets its own."""
+    """Reference numbers belong to the prompts they were measured on: other data gets its own, and numbers stored in
+    a checkpoint (as older versions wrote them) are ignored."""
     fit_dir, trainer, callback = fitted
+    ckpt = torch.load(fit_dir / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("GridEvaluation"))
+    assert set(state) == {"history", "validations"}
+    state.update(ref_point=torch.tensor([9.0, 9.0]), reference_rewards=torch.tensor([9.0, 9.0]))
+    torch.save(ckpt, tmp_path / "stale.ckpt")
     other = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=7)
     again, module = grid_callback(), make_module()
     measured = []
     evaluate_reference = module.evaluate_reference
-    module.evaluate_reference = lambda batch, generation: measured.append(batch["prompt"]) or evaluate_reference(
-        batch, generation)
-    make_trainer(tmp_path, [again]).validate(
-        module, datamodule=other, ckpt_path=str(fit_dir / "run" / "checkpoints" / "last.ckpt")
-    )
+    module.evaluate_reference = lambda batch, generation: measured.append(
+        (batch["prompt"], evaluate_reference(batch, generation))) or measured[-1][1]
+    make_trainer(tmp_path, [again]).validate(module, datamodule=other, ckpt_path=str(tmp_path / "stale.ckpt"))
     other.setup("validate")
-    assert [p for batch in measured for p in batch] == list(other.data["val"]["prompt"])
-    assert again.last["ref_point"] == pytest.approx(callback.last["ref_point"])  # kept: hypervolumes compare
-    assert "reference" in again.last["samples"][0]
+    assert [p for prompts, _ in measured for p in prompts] == list(other.data["val"]["prompt"])
+    mean = torch.cat([out["rewards"] for _, out in measured]).mean(0)
+    # the reference point is this data's reference policy (the config sets none), not the checkpoint's numbers
+    assert again.last["reference_rewards"] == pytest.approx(mean.tolist())
+    assert again.last["ref_point"] == pytest.approx(mean.tolist())
+    assert again.last["ref_point_from"] == "reference policy on these prompts"
+    assert again.last["samples"][0]["reference"]["response"] == measured[0][1]["texts"][0]
+
+
+def test_ref_point_from_the_config_is_used_as_given(fitted, tmp_path):
+    fit_dir, trainer, callback = fitted
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    again = GridEvaluation(grid_step=0.5, ref_point=[-1.0, -2.0],
+                           generation=GenerationSettings(do_sample=False, max_new_tokens=5))
+    make_trainer(tmp_path, [again]).validate(
+        make_module(), datamodule=data, ckpt_path=str(fit_dir / "run" / "checkpoints" / "last.ckpt"))
+    assert again.last["ref_point"] == [-1.0, -2.0] and again.last["ref_point_from"] == "config"
 
 
 def test_vertex_gain_by_hand():
