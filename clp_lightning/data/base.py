@@ -12,16 +12,21 @@ No tokenisation happens here: the policy owns its tokenizer and its prompt condi
 
 from __future__ import annotations
 
+import csv
+import glob
+import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning as L
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -88,6 +93,117 @@ def builder_for(files: Sequence[str]) -> str:
     if len(builders) != 1:
         raise ValueError(f"Data files mix formats {sorted(builders)}: {list(files)}")
     return builders.pop()
+
+
+def check_data_file(file: str, split: str) -> None:
+    """Raise a ``ValueError`` naming ``file`` and ``split`` (and the line) if its rows could not be read.
+
+    One cheap pass before ``datasets`` builds its cache. Otherwise an empty file raises a bare ``StopIteration``,
+    a blank one ``Instruction "train" corresponds to no data!``, a non-UTF-8 one a ``UnicodeDecodeError``, a bad
+    row a generic ``DatasetGenerationError``: none names the file or the row, and some bad rows load silently.
+
+    Checked: the text is UTF-8; JSON holds one object per line (JSON Lines) or is one document (an array of
+    objects, or one object); a CSV row has no more fields than the header; a Parquet footer is readable; there
+    are rows. Values are not checked: a row with a missing or non-string field is skipped and counted by
+    ``convert_row``, as the data module's policy is. Compressed and remote files, and other formats, are left to
+    ``datasets`` (whose errors ``SummarizationDataModule`` re-raises with the split's files named).
+    """
+    path = Path(file)
+    suffixes = [s.lower() for s in path.suffixes]
+    if not path.is_file() or not suffixes or suffixes[-1] not in _BUILDERS:  # compressed, remote, other formats
+        return
+    where, fmt, rows = f"Data file {file!r} (split {split!r})", _BUILDERS[suffixes[-1]], 0
+    if fmt == "parquet":
+        try:  # reads the footer only
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as err:
+            raise ValueError(f"{where} is not a readable Parquet file: {err}") from None
+    elif fmt == "csv":
+        reader, header = csv.reader(line for _, line in _utf8_lines(path, where)), None
+        limit = csv.field_size_limit(2**31 - 1)  # 128 KiB per field is the csv module's limit, not pandas'
+        try:
+            for fields in reader:
+                if not fields:  # a blank line, which pandas skips
+                    continue
+                if header is None:
+                    header = fields
+                elif len(fields) > len(header):  # fewer are padded with nulls: skipped later as missing values
+                    raise ValueError(f"{where}, line {reader.line_num}: {len(fields)} fields, expected at most "
+                                     f"{len(header)} (the header: {header})")
+                else:
+                    rows += 1
+        except csv.Error as err:
+            raise ValueError(f"{where}, line {reader.line_num}: not valid CSV ({err})") from None
+        finally:
+            csv.field_size_limit(limit)
+    else:
+        lines = _utf8_lines(path, where)
+        for number, line in lines:
+            text = line.strip()
+            if not text:  # blank lines are not rows (datasets skips them too)
+                continue
+            if rows == 0 and text.startswith("["):  # one JSON array, as datasets reads it
+                try:
+                    rows = _json_document_rows(line + "".join(rest for _, rest in lines), number)
+                except ValueError as err:
+                    raise ValueError(f"{where}, {err}") from None
+                break
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                message = f"{where}, line {number}, column {err.colno}: not valid JSON ({err.msg})"
+                if rows > 0:
+                    raise ValueError(f"{message}; expected one JSON object per line") from None
+                try:  # the first row: the file may be one JSON object over many lines, which datasets reads too
+                    rows = _json_document_rows(line + "".join(rest for _, rest in lines), number)
+                    break
+                except ValueError as doc_err:
+                    raise ValueError(f"{message}; expected one JSON object per line, and as one JSON document "
+                                     f"the file fails at {doc_err}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}, line {number}: {_clip(text)} is not a JSON object (one row per line)")
+            rows += 1
+    if rows == 0:
+        raise ValueError(f"{where} has no rows")
+
+
+def _utf8_lines(path: Path, where: str) -> Iterator[tuple[int, str]]:
+    """``(line_number, line)`` of a UTF-8 text file (a leading BOM dropped), naming the first undecodable byte."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):  # b"\n" never occurs inside a multi-byte UTF-8 character
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{where} is not UTF-8, the expected encoding: line {number}, byte offset {offset + err.start} "
+                    f"({raw[err.start:err.end]!r}: {err.reason}); re-encode it, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+            offset += len(raw)
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _json_document_rows(text: str, first_line: int) -> int:
+    """Rows of one JSON document that starts on line ``first_line``: an array of objects, or one object.
+
+    Raises ``ValueError`` with the line (in the file), to be prefixed with the file's name.
+    """
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        line = err.lineno + first_line - 1
+        raise ValueError(f"line {line}, column {err.colno}: not valid JSON ({err.msg})") from None
+    if isinstance(document, dict):  # columns ({"prompt": [...], ...}) or one row: datasets reads both
+        return len(document)
+    for index, row in enumerate(document):  # a list: the document started with "["
+        if not isinstance(row, dict):
+            raise ValueError(f"line {first_line}: element {index} of the JSON array, {_clip(json.dumps(row))}, is "
+                             f"not a JSON object (one row)")
+    return len(document)
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
 
 
 class SummarizationDataModule(L.LightningDataModule):
@@ -167,6 +283,7 @@ class SummarizationDataModule(L.LightningDataModule):
         self.seed = seed
         self.data: dict[str, datasets.Dataset] = {}  # by role: train / val / test / predict
         self.skipped: dict[str, dict[str, int]] = {}  # by split name, then reason -> count
+        self._checked: set[tuple[str, int | None, int | None]] = set()  # local files checked: (path, size, mtime)
 
     # ----------------------------------------------------------------------------------------- schema hooks
     def _schema(self, columns: list[str], split: str) -> tuple[list[str], dict[str, Any]]:
@@ -179,6 +296,13 @@ class SummarizationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------- loading
+    def check_files(self) -> None:
+        """Check that every local file exists and reads (:func:`check_data_file`), without loading any data.
+
+        ``clp`` calls this before it builds the model, so a bad file costs no model loading.
+        """
+        self._check_files(self._load_kwargs())
+
     def _load_kwargs(self) -> dict[str, Any]:
         """``load_dataset`` arguments, after checking that local files exist (datasets' own errors are vague)."""
         if self.data_files is not None:
@@ -193,29 +317,62 @@ class SummarizationDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"Dataset directory not found: {self.path!r} (use `data_files` for single files)")
         return {"path": str(path) if path.is_dir() else self.path, "name": self.name, "cache_dir": self.cache_dir}
 
+    def _local_files(self, kwargs: dict[str, Any]) -> dict[str, list[str]]:
+        """Local data files by split (globs expanded), as ``datasets`` will read them; ``{}`` for a hub dataset."""
+        if self.data_files is not None:
+            local = {}
+            for split, names in self.data_files.items():  # a name that matches nothing (a URL) is kept as it is
+                local[split] = [f for n in _as_list(names) for f in sorted(glob.glob(n, recursive=True)) or [n]]
+            return local
+        if not Path(kwargs["path"]).is_dir():
+            return {}
+        # datasets' own resolution of a directory (split names from file names); reads no data
+        builder = self._wrap_errors(lambda: datasets.load_dataset_builder(**kwargs), None)
+        return {str(split): list(files) for split, files in (builder.config.data_files or {}).items()}
+
+    def _check_files(self, kwargs: dict[str, Any], splits: Sequence[str] | None = None) -> None:
+        """``check_data_file`` on each local file of ``splits`` (all when ``None``), once per file version."""
+        for split, files in self._local_files(kwargs).items():
+            if splits is not None and split not in splits:
+                continue
+            for file in files:
+                stat = Path(file).stat() if Path(file).is_file() else None
+                key = (str(Path(file).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns)
+                if key not in self._checked:  # prepare_data then setup would read each file twice
+                    check_data_file(file, split)
+                    self._checked.add(key)
+
+    def _wrap_errors(self, load: Callable[[], Any], split: str | None) -> Any:
+        """Call ``load()``, re-raising a local source's errors as a ``ValueError`` that names the files."""
+        try:
+            return load()
+        except Exception as err:
+            if self.data_files is None and not Path(self.path).expanduser().is_dir():
+                raise  # hub errors (unknown split, network) are already specific
+            source = self.path if self.data_files is None else (
+                self.data_files if split is None else self.data_files[split]
+            )
+            what = "the data" if split is None else f"split {split!r}"
+            # datasets wraps the parser's error in a generic DatasetGenerationError: report the parser's.
+            raise ValueError(f"Could not read {what} from {source!r}: {err.__cause__ or err!r}") from err
+
     def _load_split(self, split: str) -> datasets.Dataset:
         """Load one split as a ``datasets.Dataset`` (overridden by in-memory data modules)."""
         kwargs = self._load_kwargs()
         if self.data_files is not None:
             if split not in self.data_files:
                 raise ValueError(f"Split {split!r} is not in data_files (has {sorted(self.data_files)})")
-            files = _as_list(self.data_files[split])
-            if all(Path(f).is_file() and Path(f).stat().st_size == 0 for f in files):
-                raise ValueError(f"Split {split!r} is empty: {files} has no rows")  # datasets raises StopIteration
             # One split per call: reads only this split's files, and splits need not share one schema.
             kwargs["data_files"] = {split: self.data_files[split]}
-        try:
-            return datasets.load_dataset(**kwargs, split=split)
-        except Exception as err:
-            if self.data_files is None and not Path(kwargs["path"]).is_dir():
-                raise  # hub errors (unknown split, network) are already specific
-            source = self.data_files[split] if self.data_files is not None else self.path
-            # datasets wraps the parser's error in a generic DatasetGenerationError: report the parser's.
-            raise ValueError(f"Could not read split {split!r} from {source!r}: {err.__cause__ or err!r}") from err
+        self._check_files(kwargs, [split])
+        return self._wrap_errors(lambda: datasets.load_dataset(**kwargs, split=split), split)
 
     def prepare_data(self) -> None:
-        # Runs on one process only: download / cache every split, assign no state.
-        datasets.load_dataset(**self._load_kwargs())
+        # Runs on one process only: download / cache every split, assign no state (the memo of checked files is a
+        # shortcut, which other ranks do without). Bad local files fail here, named, before datasets builds a cache.
+        kwargs = self._load_kwargs()
+        self._check_files(kwargs)
+        self._wrap_errors(lambda: datasets.load_dataset(**kwargs), None)
 
     def setup(self, stage: str | None = None) -> None:
         # Only what the stage needs: a fit never touches the test split.

@@ -145,7 +145,7 @@ def test_unreadable_file_is_named(tmp_path):
 def test_empty_split_is_named(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(ValueError, match=r"'validation' is empty"):
+    with pytest.raises(ValueError, match=r"empty\.jsonl' \(split 'validation'\) has no rows"):
         tldr(tmp_path, data_files={"train": TRL_FILES["train"], "validation": str(empty)}).setup("fit")
     with pytest.raises(ValueError, match=r"'validation' is empty"):
         SyntheticTLDRDataModule(num_val=0).setup("fit")
