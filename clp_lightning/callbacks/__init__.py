@@ -1,8 +1,10 @@
-"""Cross-cutting work: grid evaluation and reports, checkpoint I/O, run records, SLURM preemption."""
+"""Cross-cutting work: grid evaluation and reports, checkpoint I/O, run records, stopping on signals and SLURM
+preemption."""
 
-from clp_lightning.callbacks.checkpoint import SafeCheckpointIO
+from clp_lightning.callbacks.checkpoint import CheckpointError, SafeCheckpointIO, read_checkpoint
 from clp_lightning.callbacks.grid_evaluation import GridEvaluation
-from clp_lightning.callbacks.preemption import SlurmRequeue
+from clp_lightning.callbacks.preemption import SlurmRequeue, StopOnSignal
 from clp_lightning.callbacks.run_info import RunInfo
 
-__all__ = ["GridEvaluation", "RunInfo", "SafeCheckpointIO", "SlurmRequeue"]
+__all__ = ["CheckpointError", "GridEvaluation", "RunInfo", "SafeCheckpointIO", "SlurmRequeue", "StopOnSignal",
+           "read_checkpoint"]

@@ -1,12 +1,20 @@
-"""SLURM preemption: on the requeue signal, checkpoint at a step boundary every rank agrees on, then requeue.
+"""Stopping on a signal: checkpoint at an optimizer-step boundary every rank agrees on, then stop (and requeue).
 
-Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves the checkpoint inside the signal handler.
-Under DDP that handler runs wherever each rank happens to be, so one rank can enter the checkpoint's barrier while
-another is inside a gradient all-reduce, and the job hangs until SLURM kills it (Lightning issue 21406; it hung
-here on a 2-task CPU job). This callback only sets a flag in the handler; after each training step the ranks
-all-reduce the flag, and when any rank got the signal all of them save ``hpc_ckpt_<n>.ckpt`` together through the
-normal, collective ``trainer.save_checkpoint`` path. Rank 0 then requeues the job, and the requeued job resumes
-from that checkpoint (Lightning picks the newest ``hpc_ckpt_*`` in ``default_root_dir`` under SLURM).
+Saving inside a signal handler is unsafe under DDP: the handler runs wherever each rank happens to be, so one rank can
+enter the checkpoint's barrier while another is inside a gradient all-reduce, and the job hangs until it is killed
+(Lightning issue 21406; Lightning's ``SLURMEnvironment(auto_requeue=True)`` hung here on a 2-task CPU job). So the
+handlers here only record the signal. After each optimizer step the ranks all-reduce "did any rank get one?", and when
+one did, all of them save together through the normal, collective ``trainer.save_checkpoint`` path and stop.
+
+- :class:`SlurmRequeue`: SLURM's warning signal (``#SBATCH --signal=SIGUSR1@90``) -> ``hpc_ckpt_<n>.ckpt``, then
+  ``scontrol requeue``; the requeued job resumes from it (Lightning picks the newest ``hpc_ckpt_*`` under SLURM).
+- :class:`StopOnSignal`: SIGTERM (``kill``, ``scancel``, a scheduler's preemption) and SIGINT (Ctrl+C) ->
+  ``last.ckpt`` where ``--ckpt_path last`` finds it; ``clp fit`` then exits with ``128 + signal`` (143, 130). Without
+  it, Lightning's own SIGTERM handling exits 0 with nothing saved, and Ctrl+C exits 1 with nothing saved.
+
+Both install their handlers when training starts, after Lightning has installed its own (``Trainer._run`` does so
+after the callbacks' ``setup``), so they replace Lightning's for their signals; Lightning restores the handlers it
+found when the fit ends, however it ends.
 """
 
 from __future__ import annotations
@@ -14,12 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal as signals
+import signal as sig
 import subprocess
+import threading
 from pathlib import Path
+from types import FrameType
 
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger("clp_lightning.preemption")
 
@@ -31,29 +42,115 @@ def hpc_checkpoint_path(directory: str | Path) -> Path:
     return Path(directory) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
-class SlurmRequeue(L.Callback):
+def _parse_signals(owner: str, names: str | list[str] | tuple[str, ...]) -> tuple[sig.Signals, ...]:
+    names = (names,) if isinstance(names, str) else tuple(names)
+    valid = sorted(s.name for s in sig.Signals)
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"{owner} signal={name!r} is not a signal name; expected one of e.g. SIGTERM, SIGINT, "
+                             f"SIGUSR1 (all: {valid})")
+        if name in ("SIGKILL", "SIGSTOP"):
+            raise ValueError(f"{owner} signal={name!r} cannot be caught; expected e.g. SIGTERM, SIGINT or SIGUSR1")
+    return tuple(sig.Signals[name] for name in dict.fromkeys(names))
+
+
+class _StopAtStepBoundary(L.Callback):
+    """Shared mechanism: flag-only handlers, agreement across ranks at optimizer-step boundaries, then :meth:`_act`.
+
+    Subclasses choose the signals (:meth:`_signals_for`) and what to do once the ranks agree (:meth:`_act`).
+    """
+
+    def __init__(self, signal_names: str | list[str] | tuple[str, ...], check_every_n_steps: int) -> None:
+        owner = type(self).__name__
+        if check_every_n_steps < 1:
+            raise ValueError(f"{owner} check_every_n_steps={check_every_n_steps}; expected an integer >= 1")
+        self.signals = _parse_signals(owner, signal_names)
+        self.check_every_n_steps = check_every_n_steps
+        self.received: sig.Signals | None = None  # the first signal of this fit, until acted on
+        self._handling: tuple[sig.Signals, ...] = ()  # decided in setup, identically on every rank
+        self._ignored: set[sig.Signals] = set()
+        self._previous: dict[sig.Signals, object] = {}
+        self._acted = False
+
+    def _signals_for(self, trainer: L.Trainer) -> tuple[sig.Signals, ...]:
+        """The signals this callback handles in this fit; the default is all of ``signals``."""
+        return self.signals
+
+    def _act(self, trainer: L.Trainer, received: sig.Signals) -> None:
+        """Runs on every rank at the same step once any rank got a signal; collectives are safe here."""
+        raise NotImplementedError
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # nothing heavy here: the handler can interrupt any bytecode, collectives included
+        if self.received is None:
+            self.received = sig.Signals(signum)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.received, self._acted, self._previous = None, False, {}
+        self._handling = self._signals_for(trainer) if stage == "fit" else ()
+        # a signal ignored when the fit starts (SIGINT under `nohup ... &`) was ignored on purpose: it stays ignored
+        self._ignored = {s for s in self._handling if sig.getsignal(s) is sig.SIG_IGN}
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)  # again: the sanity check may have been skipped
+
+    def _install(self, trainer: L.Trainer) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread set handlers; Lightning's then stay in place
+        for signum in self._handling:
+            if signum not in self._ignored and signum not in self._previous:
+                self._previous[signum] = sig.signal(signum, self._on_signal)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        # every condition up to the all-reduce must read the same on every rank, or the ranks' collectives mismatch
+        if not self._handling or self._acted or trainer.global_step % self.check_every_n_steps:
+            return
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:  # mid-accumulation: wait for the optimizer step
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        # ranks that got no signal themselves stop for the same reason as the one that did
+        self._act(trainer, self.received or self._handling[0])
+        self._acted = True
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            # a handler someone set after ours (Lightning's restore at teardown) is theirs to keep
+            if sig.getsignal(signum) == self._on_signal:
+                sig.signal(signum, previous)
+        self._previous = {}
+
+
+class SlurmRequeue(_StopAtStepBoundary):
     """Checkpoint and requeue on ``signal`` (what ``#SBATCH --signal=<signal>@<seconds>`` sends).
 
     Inert outside a SLURM job (no ``SLURM_JOB_ID``) and outside ``fit``. Costs one boolean all-reduce per training
     step under DDP, every ``check_every_n_steps`` steps.
 
     Args:
-        signal: name of the signal to handle, e.g. ``SIGUSR1``; must match the sbatch ``--signal``.
+        signal: name of the signal to handle, e.g. ``SIGUSR1``; must match the sbatch ``--signal``. When it is one
+            that :class:`StopOnSignal` also handles (``SIGTERM``), this callback handles it in a SLURM job.
         requeue: run ``scontrol requeue`` after the checkpoint; with False the run only checkpoints and stops.
         check_every_n_steps: how often the ranks compare flags; the job must get its signal at least this many
             steps (times the step time) before the time limit.
     """
 
     def __init__(self, signal: str = "SIGUSR1", requeue: bool = True, check_every_n_steps: int = 1) -> None:
-        names = sorted(s.name for s in signals.Signals)
-        if signal not in names:
-            raise ValueError(f"SlurmRequeue signal={signal!r} is not a signal name; expected one of e.g. SIGUSR1, "
-                             f"SIGUSR2, SIGTERM (all: {names})")
-        if check_every_n_steps < 1:
-            raise ValueError(f"SlurmRequeue check_every_n_steps={check_every_n_steps}; expected an integer >= 1")
-        self.signal, self.requeue, self.check_every_n_steps = signals.Signals[signal], requeue, check_every_n_steps
-        self.requested = False
-        self._previous_handler = None
+        super().__init__(signal, check_every_n_steps)
+        self.signal, self.requeue = self.signals[0], requeue
 
     @staticmethod
     def job_id() -> str | None:
@@ -62,8 +159,12 @@ class SlurmRequeue(L.Callback):
             return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         return os.environ.get("SLURM_JOB_ID")
 
+    def _signals_for(self, trainer: L.Trainer) -> tuple[sig.Signals, ...]:
+        return self.signals if self.job_id() is not None else ()
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.job_id() is None:
+        super().setup(trainer, pl_module, stage)
+        if not self._handling:
             return
         environment = getattr(trainer.strategy, "cluster_environment", None)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
@@ -72,22 +173,11 @@ class SlurmRequeue(L.Callback):
             environment.auto_requeue = False
             log.info("SlurmRequeue handles %s at step boundaries (Lightning's auto_requeue turned off)",
                      self.signal.name)
-        self.requested = False
-        self._previous_handler = signals.signal(self.signal, self._on_signal)
 
-    def _on_signal(self, signum: int, frame) -> None:
-        self.requested = True  # nothing else here: the handler can interrupt any bytecode, collectives included
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if self._previous_handler is None or trainer.global_step % self.check_every_n_steps:
-            return
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:  # mid-accumulation: wait for the optimizer step
-            return
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            return
+    def _act(self, trainer: L.Trainer, received: sig.Signals) -> None:
         path = hpc_checkpoint_path(trainer.default_root_dir)
-        log.info("SLURM signal %s: saving %s at step %d", self.signal.name, path, trainer.global_step)
-        trainer.save_checkpoint(path)  # collective: every rank is here, at the same step
+        log.info("SLURM signal %s: saving %s at step %d", received.name, path, trainer.global_step)
+        trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
         if self.requeue and trainer.is_global_zero:
             job = self.job_id()
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -95,10 +185,73 @@ class SlurmRequeue(L.Callback):
                 log.info("Requeued SLURM job %s", job)
             else:
                 log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
-        trainer.should_stop = True
-        self.requested = False
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_handler is not None:
-            signals.signal(self.signal, self._previous_handler)
-            self._previous_handler = None
+
+class StopOnSignal(_StopAtStepBoundary):
+    """On SIGTERM or SIGINT during ``fit``: save a resumable checkpoint at the next optimizer step, then stop.
+
+    The checkpoint is ``last.ckpt`` in the first ``ModelCheckpoint``'s directory, where ``--ckpt_path last`` finds it,
+    or ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` when checkpointing is off. ``exit_code`` then holds
+    ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), and ``clp fit`` exits with it. A second SIGINT while the stop
+    is pending raises ``KeyboardInterrupt`` at once (Lightning's abort: exit 1, no checkpoint); a second SIGTERM is
+    ignored. A stop does not skip the validation that Lightning runs when training stops early; the checkpoint is on
+    disk before it starts.
+
+    Inert outside ``fit``. A signal that an active :class:`SlurmRequeue` handles (one configured with ``SIGTERM``,
+    in a SLURM job) is left to it. Costs one boolean all-reduce per training step under DDP, every
+    ``check_every_n_steps`` steps.
+
+    Args:
+        signals: names of the signals to handle; an empty list turns the callback off.
+        check_every_n_steps: how often the ranks compare flags; a stop waits for up to this many steps.
+    """
+
+    def __init__(self, signals: list[str] | tuple[str, ...] = ("SIGTERM", "SIGINT"),
+                 check_every_n_steps: int = 1) -> None:
+        super().__init__(signals, check_every_n_steps)
+        self.exit_code: int | None = None
+        self._launcher = None
+
+    def _signals_for(self, trainer: L.Trainer) -> tuple[sig.Signals, ...]:
+        owned = {s for cb in trainer.callbacks if isinstance(cb, SlurmRequeue) for s in cb._signals_for(trainer)}
+        for signum in owned & set(self.signals):
+            log.info("StopOnSignal leaves %s to SlurmRequeue (checkpoint and requeue)", signum.name)
+        return tuple(s for s in self.signals if s not in owned)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.exit_code = None
+        self._launcher = getattr(trainer.strategy, "launcher", None)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        signum = sig.Signals(signum)
+        if self.received is not None:
+            if signum == sig.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl+C: the user wants out now, checkpoint or not
+            return
+        self.received = signum
+        log.info("Received %s: saving a checkpoint and stopping after the current step%s", signum.name,
+                 " (Ctrl+C again to abort without one)" if signum == sig.SIGINT else "")
+        # Lightning's own SIGTERM handler forwarded the signal to the processes its launcher started, and ours
+        # replaces it. Not SIGINT: a terminal's Ctrl+C already reaches the whole process group, and a forwarded copy
+        # would be each child's second SIGINT.
+        if signum != sig.SIGINT and self._launcher is not None:
+            self._launcher.kill(signum)
+
+    def _act(self, trainer: L.Trainer, received: sig.Signals) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
+            # the name ModelCheckpoint gives its own last checkpoint; `--ckpt_path last` takes the newest last*.ckpt
+            # in its directory
+            path = Path(checkpoint.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step},
+                                                          checkpoint.CHECKPOINT_NAME_LAST))
+            # so that its next save of "last" replaces this file instead of writing last-v1.ckpt beside it
+            checkpoint.last_model_path = str(path)
+            resume = "--ckpt_path last"
+        else:
+            path = hpc_checkpoint_path(trainer.default_root_dir)
+            resume = f"--ckpt_path {path}"
+        trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
+        self.exit_code = 128 + received
+        log.info("%s: saved %s at step %d; resume with the same command and %s", received.name, path,
+                 trainer.global_step, resume)

@@ -14,18 +14,9 @@ from clp_lightning.callbacks import SlurmRequeue
 from clp_lightning.callbacks.preemption import hpc_checkpoint_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from signal_helpers import SignalAt  # noqa: E402
 from test_module import make_data, make_module, make_trainer  # noqa: E402
-
-
-class SignalAt(L.Callback):
-    """Sends ``signum`` to this process when training batch ``batch_idx`` starts (as SLURM would, mid-step)."""
-
-    def __init__(self, batch_idx: int, signum: int = signal.SIGUSR1) -> None:
-        self.batch_idx, self.signum = batch_idx, signum
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.batch_idx and trainer.current_epoch == 0:
-            os.kill(os.getpid(), self.signum)
 
 
 def trainer(directory: Path, max_steps: int, callbacks: list) -> L.Trainer:
