@@ -10,14 +10,21 @@ interpolation (``${...}``) so that shared values are written once.
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import set_parsing_settings
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from clp_lightning.callbacks.preemption import SlurmRequeue
+from clp_lightning.callbacks.checkpoint import SafeCheckpointIO, check_writable
+from clp_lightning.callbacks.preemption import SlurmRequeue, StopOnSignal
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -32,7 +39,8 @@ class CLPCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         # configs write paths from the subcommand's root (`${trainer.max_steps}`, not `${fit.trainer.max_steps}`)
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        # parse errors are raised, not printed with the whole usage: `main` prints them as one line
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "exit_on_error": False})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -49,30 +57,150 @@ class CLPCLI(LightningCLI):
         (``CLPModule.on_load_checkpoint``).
         """
 
+    def before_instantiate_classes(self) -> None:
+        # jsonargparse builds the model (minutes for a real one) before the data module: bad data files and a
+        # read-only output directory are found first, from the parsed config
+        config = self.config.get(str(self.subcommand), self.config)  # `run=False` parses no subcommand
+        self._check_data_files(config.get("data"))
+        if self.subcommand != "fit":
+            return
+        root = config.trainer.get("default_root_dir") or "."
+        check_writable(root, "trainer.default_root_dir")
+        callbacks = config.trainer.get("callbacks") or []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            dirpath = (callback.get("init_args") or {}).get("dirpath") if hasattr(callback, "get") else None
+            if dirpath:
+                check_writable(dirpath, f"checkpoint directory of {callback.get('class_path', 'a callback')}")
+
+    @staticmethod
+    def _check_data_files(data: Any) -> None:
+        if data is None or not data.get("class_path"):
+            return
+        from jsonargparse import namespace_to_dict
+
+        from clp_lightning.data.base import SummarizationDataModule
+
+        module, _, name = data["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if isinstance(cls, type) and issubclass(cls, SummarizationDataModule):
+            cls(**namespace_to_dict(data.get("init_args") or {})).check_files()  # only stores its arguments
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # every run through `clp` writes checkpoints atomically and reads them with `read_checkpoint`, whether or
+        # not the config lists SafeCheckpointIO; a checkpoint IO the config chose on purpose is kept
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        return trainer
+
     def add_arguments_to_parser(self, parser) -> None:
         # always attached (inert outside a SLURM fit), configurable as `slurm_requeue.*`
         parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
+        # always attached (inert outside fit), configurable as `stop_on_signal.*`; `signals: []` turns it off
+        parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``subcommand``; exit with ``128 + signal`` when a signal stopped the fit, so a scheduler or a shell
+        sees an interrupted run as one, not as a finished one.
+
+        A ``SystemExit`` rather than a return code, so that it also leaves ``clp quickstart`` and any other caller
+        that runs ``CLPCLI`` itself.
+        """
+        super()._run_subcommand(subcommand)
+        codes = [cb.exit_code for cb in self.trainer.callbacks if isinstance(cb, StopOnSignal) and cb.exit_code]
+        if codes:
+            logging.getLogger("clp_lightning.cli").info("Stopped by a signal before the end of training: exit code %d",
+                                                        codes[0])
+            sys.exit(codes[0])
+
+
+def run_cli(args: list[str], **kwargs: Any) -> CLPCLI:
+    """``CLPCLI`` on ``args`` as if they were this process's command line, whatever ``sys.argv`` holds.
+
+    The one place where code of the project (``clp quickstart``, ``clp steer``, the experiments) runs the CLI:
+    LightningCLI parses ``sys.argv`` and warns when it is given ``args`` beside one, and ``RunInfo`` records
+    ``sys.argv`` as the run's command.
+    """
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "clp", *args]
+    try:
+        return CLPCLI(**kwargs)
+    finally:
+        sys.argv = saved
+
+
+TOOLS = {"quickstart": "clp_lightning.quickstart:quickstart", "steer": "clp_lightning.steer:steer",
+         "compare": "clp_lightning.compare:compare", "data": "clp_lightning.data.prepare:main",
+         "reward": "clp_lightning.rewards.train:main"}
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``clp`` and ``python -m clp_lightning``."""
-    argv = sys.argv[1:] if args is None else args
-    tools = {"quickstart": "clp_lightning.quickstart:quickstart", "steer": "clp_lightning.steer:steer",
-             "compare": "clp_lightning.compare:compare", "data": "clp_lightning.data.prepare:main",
-             "reward": "clp_lightning.rewards.train:main"}
-    if argv[:1] and argv[0] in tools:
-        import importlib
+    """Entry point of ``clp`` and ``python -m clp_lightning``.
 
-        module, _, function = tools[argv[0]].partition(":")
-        getattr(importlib.import_module(module), function)(argv[1:])
-        return
-    _show_info_logs()
-    CLPCLI(args=args)
+    An error in what the user gave (a config value, a path, a file, a checkpoint) prints as one line,
+    ``clp: error: <message>``, and exits with code 2; ``--verbose`` (anywhere on the line) or ``CLP_VERBOSE=1``
+    shows the full traceback instead. Other exceptions (bugs) always show their traceback.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    verbose = "--verbose" in argv or os.environ.get("CLP_VERBOSE", "") not in ("", "0")
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        if argv[:1] and argv[0] in TOOLS:
+            module, _, function = TOOLS[argv[0]].partition(":")
+            getattr(importlib.import_module(module), function)(argv[1:])
+            return
+        _show_info_logs()
+        run_cli(argv)
+    except Exception as err:
+        message = None if verbose else user_error(err)
+        if message is None:
+            raise
+        print(f"clp: error: {message}\n(run again with --verbose for the full traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of an error in the user's input, or None for an error that needs its traceback.
+
+    jsonargparse wraps an error raised while it builds the model or data in a message that repeats the whole parsed
+    config; the error of ours inside that chain (raised from this package) is the one that names the bad value.
+    """
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    chain, seen = [], err
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for exc in chain:
+        if isinstance(exc, (ValueError, OSError)) and _raised_here(exc):
+            return _condense(str(exc))
+    if isinstance(err, (ArgumentError, ValueError, OSError, MisconfigurationException)):
+        return _condense(str(err))
+    return None
+
+
+def _raised_here(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{Path(__file__).parent.name}{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+# lines of jsonargparse's messages that restate the config rather than say what is wrong
+_NOISE = ("Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Given value type:", "Given value:",
+          "Does not validate against any of the Union subtypes")
+
+
+def _condense(message: str) -> str:
+    lines = [line.strip() for line in message.strip().splitlines()]
+    kept = [line.removeprefix("- ") for line in lines if line and not line.startswith(_NOISE)]
+    text = " ".join(kept) or message.strip()
+    return text if len(text) <= 600 else text[:600] + " ..."
 
 
 def _show_info_logs() -> None:
     """Print the package's INFO messages (resume points, requeues, reports) the way Lightning prints its own."""
-    import logging
 
     logger = logging.getLogger("clp_lightning")
     if not logger.handlers:

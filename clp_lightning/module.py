@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from clp_lightning import algorithms as alg
+from clp_lightning.callbacks.checkpoint import CheckpointError, read_checkpoint
 from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig, generate_responses, response_log_probs
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
@@ -25,6 +26,9 @@ from clp_lightning.models import disable_dropout as disable_dropout_in
 from clp_lightning.rewards import Reward, RewardNormalizer
 
 log = logging.getLogger(__name__)
+
+# version of the ``clp`` section of checkpoints (what the weights depend on); raise it when its meaning changes
+CHECKPOINT_FORMAT = 1
 
 
 def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int = 1, world_size: int = 1) -> dict:
@@ -44,11 +48,7 @@ def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int
 
 def _policy_state(path: str) -> dict[str, Tensor]:
     """The policy's model parameters from a CLPModule checkpoint (``weights_only``)."""
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"expert checkpoint {path!r} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = read_checkpoint(path)["state_dict"]
     prefix = "policy.model."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -365,7 +365,7 @@ class CLPModule(L.LightningModule):
         excluded = self._excluded_keys()
         checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in excluded}
-        checkpoint["clp"] = self._weights_depend_on()
+        checkpoint["clp"] = {"format": CHECKPOINT_FORMAT, **self._weights_depend_on()}
 
     def _weights_depend_on(self) -> dict[str, Any]:
         """What the trained weights mean nothing without: stored in checkpoints and compared, never applied."""
@@ -379,12 +379,24 @@ class CLPModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # before any weight is loaded: a checkpoint of another mode, objectives or base model stops here, named
-        stored, current_setup = checkpoint.get("clp", {}), self._weights_depend_on()
+        trainer_path = self._trainer.ckpt_path if self._trainer is not None else None
+        name = f"checkpoint {str(trainer_path)!r}" if trainer_path else "the checkpoint"
+        stored, current_setup = checkpoint.get("clp"), self._weights_depend_on()
+        if not isinstance(stored, dict):
+            raise CheckpointError(f"{name} was not written by CLPModule (it has no 'clp' section); a warm-start (SFT) "
+                                  "checkpoint is loaded through policy.model_name_or_path, not --ckpt_path")
+        if stored.get("format", 1) > CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{name} was written by a newer clp-lightning (checkpoint format "
+                                  f"{stored['format']}; this version reads format {CHECKPOINT_FORMAT}): upgrade")
         for key, what in (("objective_names", "objectives"), ("conditioning", "conditioning"),
                           ("base_model", "base model")):
-            if key in stored and plain(stored[key]) != plain(current_setup[key]):
-                raise ValueError(f"the checkpoint was trained with {what} {stored[key]}, the config has "
-                                 f"{current_setup[key]}: load it with the config it was trained with")
+            saved, configured = plain(stored.get(key)), plain(current_setup[key])
+            if key in stored and saved != configured:
+                if isinstance(saved, dict) and isinstance(configured, dict):  # name only the fields that differ
+                    fields = sorted(k for k in saved.keys() | configured.keys() if saved.get(k) != configured.get(k))
+                    saved, configured = ({k: d.get(k) for k in fields} for d in (saved, configured))
+                raise CheckpointError(f"{name} was trained with {what} {saved}, the config has {configured}: "
+                                      "load it with the config it was trained with")
         current = super().state_dict()
         for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
             checkpoint["state_dict"].setdefault(key, current[key])

@@ -4,36 +4,58 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
-from clp_lightning.cli import CLPCLI, CONF_DIR
+from clp_lightning.cli import CONF_DIR, run_cli
 
 SUMMARY_WEIGHTINGS = ([1.0, 0.0], [0.5, 0.5], [0.0, 1.0])
 
 
+# CPU numerics the quick start pins, so that its numbers do not depend on the machine: the same kernels (ATen's AVX2
+# ones, not AVX-512 where the CPU has it) and the same MKL code path (its AVX2 branch, on Intel and AMD alike) on every
+# x86-64 CPU with AVX2. Values already in the environment win.
+PINNED_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+
+
 def quickstart(argv: list[str] | None = None) -> dict:
     """Run ``conf/quickstart_sft.yaml`` then ``conf/quickstart.yaml`` and print each objective's mean reward at
-    ``w = (1,0), (0.5,0.5), (0,1)``. Extra ``--set key=value`` pairs are passed to both stages' CLI (e.g.
-    ``--set trainer.max_steps=20`` for a smoke run)."""
+    ``w = (1,0), (0.5,0.5), (0,1)``. ``--sft-steps`` and ``--rl-steps`` shorten the stages (a smoke run)."""
     parser = argparse.ArgumentParser(prog="clp quickstart", description=quickstart.__doc__)
     parser.add_argument("--run-dir", default="runs/quickstart", help="where logs, checkpoints and reports go")
     parser.add_argument("--sft-steps", type=int, default=None, help="override the warm start's max_steps")
     parser.add_argument("--rl-steps", type=int, default=None, help="override the CLP run's max_steps")
     parser.add_argument("--skip-sft", action="store_true", help="reuse an existing warm start in the run directory")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (the numbers depend on it: 1, the default, gives the README's)")
     args = parser.parse_args(argv)
-    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # each stage's CLI gets its arguments explicitly
-    try:
-        return _run(args)
-    finally:
-        sys.argv = saved_argv
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    return _run(args)
+
+
+def pin_cpu_numerics(threads: int) -> dict[str, str | int]:
+    """Fix what the quick start's floating-point results depend on besides the seed: the thread count, ATen's kernel
+    set and MKL's code path (``PINNED_ENVIRONMENT``). Returns the settings in force.
+
+    Both libraries read their variable when first used, which in ``clp quickstart`` is after this call; in a process
+    that already ran torch code, the kernel set may already be fixed, and the returned value says which it is.
+    """
+    import torch
+
+    for name, value in PINNED_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    torch.set_num_threads(threads)
+    return {"threads": torch.get_num_threads(), "kernels": torch.backends.cpu.get_cpu_capability(),
+            "MKL_CBWR": os.environ["MKL_CBWR"]}
 
 
 def _run(args: argparse.Namespace) -> dict:
     run = Path(args.run_dir)
     started = time.time()
-    print(f"clp quickstart: run directory {run.resolve()}")
+    numerics = pin_cpu_numerics(args.threads)
+    print(f"clp quickstart: run directory {run.resolve()}; numerics: {numerics}")
     sft_model = run / "sft" / "model"
     if not (args.skip_sft and sft_model.exists()):
         overrides = [f"--trainer.default_root_dir={run / 'sft'}", f"--trainer.logger.init_args.save_dir={run}",
@@ -41,13 +63,13 @@ def _run(args: argparse.Namespace) -> dict:
         if args.sft_steps:
             overrides += [f"--trainer.max_steps={args.sft_steps}",
                           f"--trainer.val_check_interval={max(args.sft_steps // 2, 1)}"]
-        CLPCLI(args=["fit", "--config", str(CONF_DIR / "quickstart_sft.yaml"), *overrides])
+        run_cli(["fit", "--config", str(CONF_DIR / "quickstart_sft.yaml"), *overrides])
     overrides = [f"--trainer.default_root_dir={run / 'rl'}", f"--trainer.logger.init_args.save_dir={run}",
                  f"--model.init_args.policy.model_name_or_path={sft_model}"]
     if args.rl_steps:
         interval = max(args.rl_steps // 2, 1)
         overrides += [f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={interval}"]
-    cli = CLPCLI(args=["fit", "--config", str(CONF_DIR / "quickstart.yaml"), *overrides])
+    cli = run_cli(["fit", "--config", str(CONF_DIR / "quickstart.yaml"), *overrides])
     report_path = Path(cli.trainer.log_dir) / "evaluation" / "latest.json"
     report = json.loads(report_path.read_text())
     print_summary(report)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from clp_lightning.callbacks.checkpoint import CheckpointError, check_writable, read_checkpoint
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings
 
@@ -24,31 +25,39 @@ from clp_lightning.config import GenerationSettings
 def read_prompts(path: str | None) -> list[dict[str, str]]:
     """Prompts from a text or JSONL file, or standard input."""
     stream = sys.stdin if path in (None, "-") else open(path, encoding="utf-8")  # noqa: SIM115
-    with stream:
-        lines = [line.rstrip("\n") for line in stream if line.strip()]
+    try:
+        with stream:
+            lines = [line.rstrip("\n") for line in stream if line.strip()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompts file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if path is not None and path.endswith(".jsonl"):
-        rows = [json.loads(line) for line in lines]
-        missing = [i for i, r in enumerate(rows) if "prompt" not in r]
-        if missing:
-            raise ValueError(f"{path}: rows {missing[:5]} have no 'prompt' field")
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: row {number} is not JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}: row {number} has no 'prompt' text field")
+            rows.append(row)
         return rows
     # one prompt per line; a literal "\n" in a line stands for a newline (TL;DR prompts span lines)
     return [{"prompt": line.replace("\\n", "\n")} for line in lines]
 
 
-def load_module(config: list[str], ckpt_path: str, overrides: list[str]) -> Any:
-    """Build the module from its config (no training) and load a checkpoint's trained weights into it."""
-    from clp_lightning.cli import CLPCLI
+def load_module(config: list[str], ckpt_path: str, overrides: list[str], checkpoint: dict | None = None) -> Any:
+    """Build the module from its config (no training) and load a checkpoint's trained weights into it.
 
-    args = [a for c in config for a in ("--config", c)] + overrides
-    saved, sys.argv = sys.argv, sys.argv[:1]
+    ``checkpoint`` is the already-read file, when the caller checked it before building anything.
+    """
+    from clp_lightning.cli import run_cli
+
+    checkpoint = read_checkpoint(ckpt_path) if checkpoint is None else checkpoint
+    module = run_cli([a for c in config for a in ("--config", c)] + overrides, run=False).model
     try:
-        cli = CLPCLI(args=args, run=False)
-    finally:
-        sys.argv = saved
-    module = cli.model
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    module.on_load_checkpoint(checkpoint)
+        module.on_load_checkpoint(checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"{ckpt_path!r}: {err}") from None  # no trainer here to name the file
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
 
@@ -96,16 +105,30 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--no_score", action="store_true", help="skip scoring the responses")
     parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
                         help="extra override for the config, e.g. --set=--model.init_args.policy.seed=1")
+    # "--weights -1,2" would be read as an option; attached with "=" it is the value it was meant as
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [f"{a}={argv[i + 1]}" if a == "--weights" and i + 1 < len(argv) else a for i, a in enumerate(argv)
+            if i == 0 or argv[i - 1] != "--weights"]
     args = parser.parse_args(argv)
-    # every weighting and the checkpoint are checked before any model is loaded
-    weightings = [validate_weights(w, name="--weights") for w in args.weights]
+    # every input is checked before any model is loaded: that takes seconds to minutes
+    for config in args.config:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config {config!r} not found")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    checkpoint = read_checkpoint(args.ckpt_path)
+    objectives = (checkpoint.get("clp") or {}).get("objective_names")
+    weightings = [validate_weights(w, None if objectives is None else len(objectives), name="--weights")
+                  for w in args.weights]
     if any(w.dim() != 1 for w in weightings):
         raise ValueError(f"--weights takes one weighting per flag, got {args.weights}")
-    if not Path(args.ckpt_path).exists():
-        raise FileNotFoundError(f"checkpoint {args.ckpt_path!r} not found")
-    module = load_module(args.config, args.ckpt_path, args.set)
-    weightings = [validate_weights(w, module.num_objectives, name="--weights") for w in weightings]
     rows = read_prompts(args.prompts)
+    if not rows:
+        raise ValueError(f"no prompts in {args.prompts or 'standard input'!r}")
+    if args.output:
+        check_writable(Path(args.output).resolve().parent, "--output directory")
+    module = load_module(args.config, args.ckpt_path, args.set, checkpoint)
+    weightings = [validate_weights(w, module.num_objectives, name="--weights") for w in weightings]
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     results = steer_prompts(module, rows, weightings, generation, score=not args.no_score)
     lines = [json.dumps(r) for r in results]

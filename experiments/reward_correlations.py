@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from clp_lightning.cli import CLPCLI  # noqa: E402
+from clp_lightning.cli import run_cli  # noqa: E402
 from clp_lightning.evaluation import pearson, spearman  # noqa: E402
 from clp_lightning.rewards import HumanScoreReward, Reward, RougeReward  # noqa: E402
 
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     started = time.time()
-    sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly
-    cli = CLPCLI(args=["--config", args.config], run=False)
+    cli = run_cli(["--config", args.config], run=False)
     module, data = cli.model.eval(), cli.datamodule
     data.prepare_data()
     data.setup("fit")

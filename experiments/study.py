@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from clp_lightning.callbacks import GridEvaluation  # noqa: E402
-from clp_lightning.cli import CLPCLI  # noqa: E402
+from clp_lightning.cli import CLPCLI, run_cli  # noqa: E402
 from clp_lightning.compare import overlay_figure  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
 from clp_lightning.evaluation.metrics import pareto_steerability  # noqa: E402
@@ -49,11 +49,7 @@ EVALUATION_ONLY = ("rs_", "mix_")  # variants whose grid report comes from `vali
 def cli(subcommand: str | None, configs: list[Path], overrides: list[str]) -> CLPCLI:
     """Run ``clp <subcommand>`` in this process; with None, only build the model, data and trainer."""
     args = ([subcommand] if subcommand else []) + [a for c in configs for a in ("--config", str(c))] + overrides
-    saved, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return CLPCLI(args=args, run=subcommand is not None)
-    finally:
-        sys.argv = saved
+    return run_cli(args, run=subcommand is not None)
 
 
 def run_variant(variant: str, seed: int, steps: int, sft: Path, out: Path, task: list[Path],

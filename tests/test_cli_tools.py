@@ -115,21 +115,7 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
     assert rows[0]["prompt"].startswith("SUBREDDIT: r/cooking\n\n")
     assert [r["weights"] for r in rows] == [[1.0, 0.0]] * 2 + [[0.25, 0.75]] * 2
     assert set(rows[0]["rewards"]) == {"coverage", "brevity"}
-    with pytest.raises(ValueError, match=r"--weights \[0.5, 0.6\] sums to 1.1"):
-        steer(["--config", str(config), "--ckpt_path", "missing.ckpt", "--weights", "0.5,0.6"])
-    with pytest.raises(ValueError, match="has 3 entries, expected 2"):
-        steer(
-            [
-                "--config",
-                str(config),
-                "--ckpt_path",
-                str(tmp / "run" / "checkpoints" / "last.ckpt"),
-                "--weights",
-                "0.2,0.2,0.6",
-                "--prompts",
-                str(prompts),
-            ]
-        )
+    # bad weightings, prompts and checkpoints: tests/test_bad_inputs.py
 
 
 def test_compare_overlays_and_tabulates(run, tmp_path, capsys):

@@ -1,6 +1,10 @@
 """The README's main job, on its smallest setting, and the README's references to files."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +34,25 @@ def test_quickstart_smallest_setting(tmp_path, capsys):
     assert (tmp_path / "run" / "sft" / "model" / "config.json").exists()
     assert report["objectives"] == ["relevance", "brevity"] and len(report["grid"]) == 11
     assert list((tmp_path / "run" / "rl").glob("events.out.tfevents.*"))
+
+
+def smoke_report(run_dir: Path, *args: str, env: dict[str, str]) -> dict:
+    """``clp quickstart`` on its smallest setting in a fresh process (its own kernels, threads and MKL set-up)."""
+    done = subprocess.run([sys.executable, "-m", "clp_lightning", "quickstart", "--run-dir", str(run_dir),
+                           "--sft-steps", "30", "--rl-steps", "4", *args],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((run_dir / "rl" / "evaluation" / "latest.json").read_text())
+    return {key: report[key] for key in ("rewards", "kl", "hypervolume", "reference_rewards", "samples")}
+
+
+@pytest.mark.slow
+def test_quickstart_numbers_are_the_same_whatever_threads_the_machine_offers(tmp_path):
+    """The README's reproducibility sentence: the quick start pins its numerics (1 thread, AVX2 kernels, MKL's AVX2
+    path), so runs that the environment would give 2 and 1 threads produce identical numbers."""
+    from clp_lightning.quickstart import PINNED_ENVIRONMENT
+
+    base = {k: v for k, v in os.environ.items() if k not in PINNED_ENVIRONMENT}
+    two = smoke_report(tmp_path / "two", env={**base, "OMP_NUM_THREADS": "2"})
+    one = smoke_report(tmp_path / "one", env={**base, "OMP_NUM_THREADS": "1"})
+    assert two == one

@@ -83,5 +83,5 @@ def test_experts_that_differ_on_shared_weights_are_rejected(tmp_path):
         make_module(shared, experts=paths)
     with pytest.raises(ValueError, match="got 1 experts for 2 objectives"):
         make_module(shared, experts=paths[:1])
-    with pytest.raises(FileNotFoundError, match="expert checkpoint 'missing.ckpt' not found"):
+    with pytest.raises(FileNotFoundError, match="checkpoint 'missing.ckpt' not found"):
         make_module(shared, experts=["missing.ckpt", paths[1]])

@@ -1,30 +1,105 @@
-"""Checkpoint I/O: atomic writes (temporary file, then rename) and ``weights_only=True`` loads."""
+"""Checkpoint I/O: atomic writes (temporary file, then rename), ``weights_only=True`` loads, and errors that say what
+a bad file is not.
+
+Every checkpoint the project reads goes through :func:`read_checkpoint` (the trainer's ``--ckpt_path``, ``clp steer``,
+Rewarded Soups' expert checkpoints), so a fix to how files are checked lands everywhere at once.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+# torch.save writes a zip archive; its first bytes are a local file header
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint is not one this project can load; the message says what it is not."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects, with a clear error for a file that is not one.
+
+    Args:
+        path: a file written by ``torch.save`` (Lightning's ``.ckpt``).
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        The checkpoint dictionary; it has a ``state_dict``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: not a torch zip archive, truncated or corrupt, objects that ``weights_only`` refuses, or no
+            ``state_dict``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    if head != _ZIP_MAGIC:
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint: torch.save writes a zip archive, and this file "
+                              f"starts with {head!r} ({path.stat().st_size} bytes)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{str(path)!r} is truncated or corrupt: it starts like a checkpoint but its zip index "
+                              f"is missing ({path.stat().st_size} bytes; was the write interrupted?)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{str(path)!r} holds objects that weights_only loading refuses ({first}); checkpoints "
+                              "written by clp hold only tensors and plain values") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{str(path)!r} is truncated or corrupt: {str(err).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint: it has no 'state_dict' (found {found})")
+    return checkpoint
+
+
+def check_writable(directory: str | Path, what: str = "checkpoint directory") -> None:
+    """Fail now, not after hours of training, if files cannot be created in ``directory`` (created if missing).
+
+    Probes by creating a file, since permission bits say nothing for root or on a read-only mount.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".clp-write-check-"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what} {str(directory)!r} is not writable ({err.strerror or err}); choose another "
+                              "with --trainer.default_root_dir or the checkpoint callback's dirpath") from None
+
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to ``<path>.tmp`` and rename into place; load without unpickling arbitrary objects."""
+    """Write checkpoints to ``<path>.tmp`` and rename into place; load through :func:`read_checkpoint`."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial one
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial one
+        except (OSError, RuntimeError) as err:
+            tmp.unlink(missing_ok=True)
+            # torch reports a failed write as "[enforce fail at inline_container.cc...]"; say which file and why
+            raise OSError(f"could not write checkpoint {str(path)!r} (disk full or file size limit?): "
+                          f"{str(err).splitlines()[0]}; the previous checkpoint, if any, is unchanged") from err
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = True) -> dict:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return read_checkpoint(path, map_location=map_location or "cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
 
 
 class RunInfo(L.Callback):
-    """Writes ``run_info.json`` (seed, git revision, command line, versions) into the run's log directory."""
+    """Writes ``run_info.json`` (seed, git revision, command line, versions, CPU numerics) into the run's log
+    directory."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: a collective under DDP
@@ -41,12 +43,13 @@ class RunInfo(L.Callback):
                 "torch": torch.__version__, "lightning": L.__version__, "transformers": transformers.__version__
             },
             "world_size": trainer.world_size,
+            # what CPU results depend on besides the seed (see `clp quickstart`'s pinning)
+            "cpu_numerics": {"threads": torch.get_num_threads(), "kernels": torch.backends.cpu.get_cpu_capability(),
+                             "MKL_CBWR": os.environ.get("MKL_CBWR")},
         }
         (directory / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
 def _seed() -> int | None:
-    import os
-
     value = os.environ.get("PL_GLOBAL_SEED")
     return int(value) if value is not None else None

@@ -19,11 +19,18 @@ SIMPLEX_ATOL = 1e-4
 
 
 def parse_weights(text: str) -> list[float]:
-    """``"0.3,0.7"`` -> ``[0.3, 0.7]``; a clear error for anything else."""
+    """``"0.3,0.7"`` (or ``"0.3, 0.7"``) -> ``[0.3, 0.7]``; a clear error for anything else.
+
+    Spaces around a comma are allowed; a space inside a value is not, since ``"1 0"`` is a weighting typed without
+    its comma, not the number 10.
+    """
+    parts = [part.strip() for part in text.split(",")]
     try:
-        return [float(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError as err:
-        raise ValueError(f"weighting {text!r} is not a comma-separated list of numbers, e.g. '0.3,0.7'") from err
+        if any(part == "" or any(c.isspace() for c in part) for part in parts):
+            raise ValueError
+        return [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"weighting {text!r} is not a comma-separated list of numbers, e.g. '0.3,0.7'") from None
 
 
 def validate_weights(
