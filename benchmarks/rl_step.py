@@ -267,7 +267,7 @@ def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
     if args.profile:
         module.policy.generate = timed("generate", module.policy.generate)
         module.policy.forward = timed("policy forward", module.policy.forward)
-        module.reference_log_probs = timed("reference", module.reference_log_probs)
+        module.policy.reference_log_probs = timed("reference", module.policy.reference_log_probs)
         module.score = timed("rewards", module.score)
     trainer = L.Trainer(
         accelerator=args.device, devices=1, max_steps=total, logger=False, enable_checkpointing=False,

@@ -47,6 +47,14 @@ class CLPCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+                     ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            # the config a run saves (`<log dir>/config.yaml`) holds its subcommand's arguments (`ckpt_path`, ...);
+            # code that only builds the model from it (`clp steer`, the experiments) takes the file as it is
+            self.parser.add_method_arguments(self.trainer_class, "fit", skip=set(self.subcommands()["fit"]))
+
     def _parse_ckpt_path(self) -> None:
         """Keep the parsed config as it is under ``--ckpt_path``.
 

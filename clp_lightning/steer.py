@@ -67,27 +67,24 @@ def steer_prompts(
     module: Any, rows: list[dict[str, str]], weightings: list[torch.Tensor], generation: GenerationSettings,
     score: bool = True,
 ) -> list[dict[str, Any]]:
-    """Responses (and rewards) for every prompt at every weighting."""
-    out = []
-    for w in weightings:
-        w_rows = w.expand(len(rows), -1).to(module.device)
-        prompts = [r["prompt"] for r in rows]
-        enc = module.policy.encode(prompts, w_rows)
-        ids, mask = module.policy.generate(**enc, weights=w_rows, **generation.kwargs())
-        texts = module.policy.decode(ids, mask)
-        rewards = {}
-        if score:
-            sources = [r.get("source", r["prompt"]) for r in rows]
-            references = [r.get("reference") for r in rows]
-            for reward in module.rewards:
-                if reward.needs_references and None in references:
-                    continue  # no human reference given for these prompts
-                refs = None if None in references else references
-                rewards[reward.name] = reward(sources, texts, refs).tolist()
-        for i, (row, text) in enumerate(zip(rows, texts)):
-            out.append({"prompt": row["prompt"], "weights": w.tolist(), "response": text,
-                        "rewards": {name: values[i] for name, values in rewards.items()}})
-    return out
+    """Responses (and rewards) for every prompt at every weighting, through ``module.evaluate_weightings``.
+
+    A reward that needs human references is left out when the prompts do not all come with one.
+    """
+    prompts = [r["prompt"] for r in rows]
+    out = module.evaluate_weightings({"prompt": prompts}, torch.stack(weightings), generation, score=False)
+    texts, rewards = out["texts"], {}
+    if score:
+        sources = [r.get("source", r["prompt"]) for r in rows] * len(weightings)
+        references = [r.get("reference") for r in rows] * len(weightings)
+        for reward in module.rewards:
+            if reward.needs_references and None in references:
+                continue  # no human reference given for these prompts
+            refs = None if None in references else references
+            rewards[reward.name] = reward(sources, texts, refs).tolist()
+    return [{"prompt": prompts[i % len(rows)], "weights": out["weights"][i].tolist(), "response": text,
+             "rewards": {name: values[i] for name, values in rewards.items()}}
+            for i, text in enumerate(texts)]
 
 
 def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -118,6 +118,54 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
     # bad weightings, prompts and checkpoints: tests/test_bad_inputs.py
 
 
+STEER_SETUPS = {
+    # prompt + alpha conditioning: generation must write alpha into the prefix, or the policy refuses the prompt
+    "alpha": ({"policy": {"conditioning": {"prompt": True, "targets": "logits", "condition_on_alpha": True}},
+               "alpha_range": [0.05, 0.5]}, []),
+    # the evaluation-only baseline: steer must decode with the experts' mixed logits, as validate does
+    "logit_mixture": ({"policy": {"conditioning": {"targets": "attention"}}},
+                      ["--set=--model.init_args.decoding=logit_mixture"]),
+}
+
+
+@pytest.mark.parametrize("setup", sorted(STEER_SETUPS))
+def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_path, capsys, setup):
+    """clp steer decodes as the module's own evaluation path does, for alpha-conditioned policies (at the lower end
+    of alpha_range) and for decoding-time logit mixing; a copy of the generation loop would miss either."""
+    from cli_helpers import TINY_CONFIG, write_config
+
+    from clp_lightning.conditioning.mixture import mixture_generate
+    from clp_lightning.steer import load_module, steer
+
+    changes, overrides = STEER_SETUPS[setup]
+    config = json.loads(json.dumps(TINY_CONFIG))
+    policy = config["model"]["init_args"]["policy"]
+    policy["conditioning"] = changes["policy"]["conditioning"]
+    config["model"]["init_args"].update({k: v for k, v in changes.items() if k != "policy"})
+    path = write_config(tmp_path / "config.yaml", config, callbacks=[
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True}}])
+    main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path}"])
+    # `path` is now the run's own saved config (fit writes config.yaml into its log dir), as a user would pass it
+    ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first post about soup\nsecond post about bikes\n")
+    rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
+                  "--prompts", str(prompts), "--max_new_tokens", "4", *overrides])
+
+    module = load_module([str(path)], ckpt, [o.removeprefix("--set=") for o in overrides])
+    texts = ["first post about soup", "second post about bikes"]
+    w = torch.tensor([[1.0, 0.0]] * 2 + [[0.3, 0.7]] * 2)
+    alpha = torch.full((4,), 0.05) if setup == "alpha" else None
+    enc = module.policy.encode(texts * 2, w, alpha)
+    if setup == "logit_mixture":
+        ids, mask = mixture_generate(module.policy, **enc, weights=w, do_sample=False, max_new_tokens=4)
+    else:
+        ids, mask = module.policy.generate(**enc, weights=w, alpha=alpha, do_sample=False, max_new_tokens=4)
+    assert [r["response"] for r in rows] == module.policy.decode(ids, mask)
+    assert [r["weights"] for r in rows] == w.tolist()
+
+
 def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
     from clp_lightning.compare import compare
 

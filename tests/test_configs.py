@@ -1,9 +1,9 @@
-"""Every YAML in ``conf/`` parses and validates through the real ``clp`` parser, without instantiating anything.
+"""Every YAML in ``conf/`` parses and validates through the real ``clp`` parser, without loading any model.
 
 Real configs name hub models, so they are only parsed here: the parser checks keys, types and ``class_path``s and
-resolves OmegaConf interpolation, and the small typed settings (conditioning, sampler, generation, optimizer) are
-built to run their own checks. Fragments (``conf/conditioning/``, ``conf/trainer/``) are parsed on top of a base
-config, the way they are launched: ``clp fit --config <base> --config <fragment>``.
+resolves OmegaConf interpolation, and ``CLPModule`` runs its own checks of the composed model settings (it makes them
+all before it loads a model, so it is built up to that point). Fragments (``conf/conditioning/``, ``conf/trainer/``)
+are parsed on top of a base config, the way they are launched: ``clp fit --config <base> --config <fragment>``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ import importlib
 import re
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
 from jsonargparse import Namespace
+from reward_helpers import HashedTextReward
 
 from clp_lightning.cli import CLPCLI, CONF_DIR, main
-from clp_lightning.conditioning.policy import ConditioningConfig
-from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
+from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.config import GenerationSettings
+from clp_lightning.module import CLPModule
 
 REPO = CONF_DIR.parent
 ALL_CONFIGS = sorted(CONF_DIR.rglob("*.yaml"))
@@ -78,18 +81,25 @@ def header(path: Path) -> str:
     return "\n".join(lines)
 
 
+class _ChecksPassed(Exception):
+    """Raised in place of loading the policy: every check CLPModule makes of its configuration has passed."""
+
+
 def check_settings(cfg: Namespace) -> None:
-    """Build the typed settings the parser leaves as namespaces, so their own validation runs."""
+    """Run the module's own validation on a parsed config, and build the callbacks' typed settings.
+
+    CLPModule checks its whole configuration (rewards, alpha, sampler, generation, optimizer, decoding) before it
+    loads a model, so it is constructed up to the policy's build, with stand-in rewards of the same names (the real
+    ones would load hub models).
+    """
     model = cfg.model
     if model.class_path != CLP_MODULE:
         return
-    init = model.init_args
-    conditioning = ConditioningConfig(**init.policy.conditioning.as_dict())
-    if (init.alpha_range is not None) != conditioning.condition_on_alpha:
-        pytest.fail(f"alpha_range={init.alpha_range} but condition_on_alpha={conditioning.condition_on_alpha}")
-    SamplerConfig(**init.sampler.as_dict()).build(len(init.rewards))
-    GenerationSettings(**init.generation.as_dict()).kwargs()
-    OptimizerConfig(**init.optimizer.as_dict())
+    kwargs = model.init_args.as_dict()
+    names = [r["init_args"].get("name") or f"reward{i}" for i, r in enumerate(kwargs["rewards"])]
+    kwargs["rewards"] = [HashedTextReward(name) for name in names]
+    with mock.patch.object(PolicyConfig, "build", side_effect=_ChecksPassed), pytest.raises(_ChecksPassed):
+        CLPModule(**kwargs)
     for callback in cfg.trainer.callbacks or []:
         if callback.class_path.endswith("GridEvaluation") and callback.init_args.generation is not None:
             GenerationSettings(**callback.init_args.generation.as_dict()).kwargs()
@@ -184,6 +194,24 @@ def test_fragments_stack_on_a_real_config(parser: Any) -> None:
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
     assert [p.class_path.rsplit(".", 1)[1] for p in cfg.trainer.plugins] == ["SafeCheckpointIO", "SLURMEnvironment"]
     assert cfg.data.class_path == "clp_lightning.data.CNNDailyMailDataModule"  # the base's other parts are kept
+
+
+@pytest.mark.parametrize(
+    ("configs", "alpha_range", "message"),
+    [
+        ((BASE, CONF_DIR / "conditioning" / "alpha.yaml"), None, "conditioned on alpha but alpha_range is None"),
+        ((BASE,), [0.01, 0.5], "not conditioned on alpha"),
+        ((BASE, CONF_DIR / "conditioning" / "alpha.yaml"), [0.5, 0.01], r"alpha_range \[0.5, 0.01\] must satisfy"),
+    ],
+    ids=["alpha_without_range", "range_without_alpha", "reversed_range"],
+)
+def test_config_check_is_the_modules_own(parser: Any, configs: tuple[Path, ...], alpha_range: Any,
+                                         message: str) -> None:
+    # The negative control of check_settings: a composition the module refuses is refused here, with its message.
+    cfg = parse(parser, *configs)
+    cfg.model.init_args.alpha_range = alpha_range
+    with pytest.raises(ValueError, match=message):
+        check_settings(cfg)
 
 
 def test_print_config_shows_the_merged_config(

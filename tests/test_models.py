@@ -1,5 +1,6 @@
 """Model loading: GGUF checkpoints converted once into a keyed cache, package paths, tiny models, dropout off."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,11 @@ def test_tiny_llama_is_causal_and_seeded():
     a, b = build_tiny_model("llama", seed=3), build_tiny_model("llama", seed=3)
     assert models.model_kind(a) == "causal"
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_synthetic_bpe_tokenizer_does_not_import_the_data_package(monkeypatch):
+    # Model loading sits below the data package: with clp_lightning.data unimportable (None in sys.modules makes an
+    # import raise ImportError), the quick start's tokenizer still builds.
+    for name in {"clp_lightning.data", *(n for n in sys.modules if n.startswith("clp_lightning.data."))}:
+        monkeypatch.setitem(sys.modules, name, None)
+    assert len(models.build_tiny_tokenizer("synthetic-bpe-300", "causal")) == 300

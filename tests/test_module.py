@@ -1,5 +1,7 @@
 """The training system end to end on tiny models: what trains, what stays frozen, checkpoints, resume, bad config."""
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -46,6 +48,18 @@ def _snapshot(module: CLPModule) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def _assert_trainable_changed_frozen_did_not(module: CLPModule, before: dict[str, torch.Tensor],
+                                             trainable: set[str]) -> None:
+    """Every trainable parameter moved (weight decay is 0, so only a gradient moves it); no frozen one did."""
+    assert trainable and all(n.startswith("policy.") for n in trainable)
+    for name, param in module.named_parameters():
+        changed = not torch.equal(before[name], param.detach())
+        if name in trainable:
+            assert changed, f"trainable parameter {name} did not change"
+        else:
+            assert not changed, f"frozen parameter {name} changed"
+
+
 @pytest.mark.parametrize(
     "conditioning",
     [ConditioningConfig(targets="attention"), ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention"))],
@@ -55,16 +69,12 @@ def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, cond
     module = make_module(conditioning)
     before = _snapshot(module)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("policy.") for n in trainable)
     make_trainer(tmp_path, max_steps=3, enable_checkpointing=False).fit(module, datamodule=make_data())
-    for name, param in module.named_parameters():
-        changed = not torch.equal(before[name], param.detach())
-        if name in trainable:
-            assert changed, f"trainable parameter {name} did not change"
-        else:
-            assert not changed, f"frozen parameter {name} changed"
-    frozen_groups = {n.split(".")[0] for n in before if n not in trainable}
-    assert "rewards" in frozen_groups and (conditioning.lora is not None or "reference" in frozen_groups)
+    _assert_trainable_changed_frozen_did_not(module, before, trainable)
+    frozen = {n for n in before if n not in trainable}
+    # the reward models, and the frozen reference copy (LoRA-CLP has none: its reference is the adapters switched off)
+    assert any(n.startswith("rewards.") for n in frozen)
+    assert conditioning.lora is not None or any("reference" in n for n in frozen)
 
 
 def test_checkpoint_leaves_out_frozen_weights_and_loads_weights_only(tmp_path):
@@ -117,17 +127,51 @@ def test_resume_continues_exactly(tmp_path, trigger):
     assert torch.allclose(straight.normalizer.mean, resumed.normalizer.mean)
 
 
-def test_alpha_conditioning_samples_alpha_per_prompt(tmp_path):
-    module = make_module(ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.01, 0.5))
-    _, alpha = module.sample_weights(64)
-    assert alpha.min() >= 0.01 and alpha.max() <= 0.5 and alpha.std() > 0.05
-    make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, datamodule=make_data())
+def test_alpha_conditioning_samples_alpha_per_prompt(tmp_path, monkeypatch):
+    low, high, k = 0.01, 0.5, 2
+    module = make_module(ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(low, high),
+                         samples_per_prompt=k)
+    _, alpha = module.sample_weights(256)
+    assert alpha.min() >= low and alpha.max() <= high and alpha.std() > 0.05  # spread over the range
+    # what each training step drew per prompt, and the text the policy generated from
+    drawn, seen = [], []
+    sample_weights, generate = module.sample_weights, module.policy.generate
+
+    def record_draw(*args, **kwargs):
+        drawn.append(sample_weights(*args, **kwargs))
+        return drawn[-1]
+
+    def record_generate(input_ids, *args, **kwargs):
+        seen.append(module.policy.tokenizer.batch_decode(input_ids, skip_special_tokens=True))
+        return generate(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(module, "sample_weights", record_draw)
+    monkeypatch.setattr(module.policy, "generate", record_generate)
+    make_trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, datamodule=make_data())
+    assert len(drawn) == len(seen) == 2
+    prefix = re.compile(r"<w ([\d.]+),([\d.]+) \| kl ([\d.e-]+)> ")
+    for (weights, alpha), texts in zip(drawn, seen):
+        assert alpha.shape == (2,) and low <= alpha.min() and alpha.max() <= high
+        assert abs(alpha[0] - alpha[1]) > 0.2 * alpha.max()  # one alpha per prompt, not one per batch
+        assert len(texts) == 2 * k
+        heads = [prefix.match(text) for text in texts]
+        assert all(heads), f"a policy input without the weighting and alpha prefix: {texts}"
+        for row, head in enumerate(heads):
+            prompt = row // k  # the k samples of a prompt are consecutive rows and share its alpha and weighting
+            assert float(head[3]) == pytest.approx(alpha[prompt].item(), rel=0.06), (row, texts)
+            assert [float(head[1]), float(head[2])] == pytest.approx(weights[prompt].tolist(), abs=0.006)
+            assert head[0] == heads[prompt * k][0]
 
 
 def test_causal_policy_trains(tmp_path):
     module = make_module(ConditioningConfig(prompt=True, targets="logits"), arch="gpt2", kl_in_loss=True)
+    before = _snapshot(module)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     make_trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, datamodule=make_data())
     assert module.trainer.global_step == 2
+    _assert_trainable_changed_frozen_did_not(module, before, trainable)
+    frozen = {n for n in before if n not in trainable}
+    assert any(n.startswith("rewards.") for n in frozen) and any("reference" in n for n in frozen)
 
 
 @pytest.mark.parametrize(

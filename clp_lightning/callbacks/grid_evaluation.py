@@ -24,6 +24,7 @@ from torch import Tensor
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume
+from clp_lightning.evaluation.metrics import mean_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class GridEvaluation(L.Callback):
             return
         assert self.metric is not None
         rows = torch.cat(self._ref_rows) if self._ref_rows else torch.zeros(0, len(self.names))
-        self.reference_rewards = _mean_over_ranks(rows.to(pl_module.device))
+        self.reference_rewards = mean_over_ranks(rows.to(pl_module.device, torch.float32))
         if self.ref_point_config is None:
             self.metric.set_reference_point(self.reference_rewards, overwrite=True)
         result = self.metric.compute()
@@ -304,14 +305,6 @@ def vertex_gain(grid: Tensor, rewards: Tensor, reference_rewards: Tensor) -> Ten
         raise ValueError("the grid does not contain every vertex e_i")
     index = vertex.float().argmax(1)  # (m,)
     return rewards[index, torch.arange(m)] - reference_rewards
-
-
-def _mean_over_ranks(rows: Tensor) -> Tensor:
-    """Mean of ``rows`` ``(B, m)`` over every rank's rows -> ``(m,)``."""
-    stats = torch.cat([rows.sum(0), torch.tensor([rows.shape[0]], dtype=rows.dtype, device=rows.device)])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stats)
-    return stats[:-1] / stats[-1].clamp(min=1)
 
 
 def samples_markdown(report: dict[str, Any]) -> str:

@@ -291,12 +291,10 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 @dataclass
 class MixingReport:
-    """What parameter mixing conditioned: module names, parameter counts and the memory the extra copies take."""
+    """What parameter mixing conditioned: the module names and the parameters the ``m - 1`` extra copies add."""
 
     modules: list[str]
-    conditioned_parameters: int  # in one copy
-    extra_parameters: int  # (m - 1) copies
-    extra_bytes: int
+    extra_parameters: int
 
 
 def apply_parameter_mixing(
@@ -308,18 +306,16 @@ def apply_parameter_mixing(
     names = resolve_targets(model, targets)
     modules = dict(model.named_modules())
     by_weight: dict[tuple[int, type], nn.Module] = {}  # modules that share a weight share one set of copies
-    per_copy = extra_bytes = 0
+    per_copy = 0  # parameters in one copy
     for name in names:
         old = modules[name]
         kind = MixedLinear if _is_linear(old) else MixedEmbedding
         key = (id(old.weight), kind)
         if key not in by_weight:
             by_weight[key] = new = kind(old, num_objectives, state)
-            numel = sum(p.numel() for p in new.parameters()) // num_objectives
-            per_copy += numel
-            extra_bytes += numel * (num_objectives - 1) * new.weight.element_size()
+            per_copy += sum(p.numel() for p in new.parameters()) // num_objectives
         _replace_module(model, old, by_weight[key])
-    return MixingReport(names, per_copy, per_copy * (num_objectives - 1), extra_bytes)
+    return MixingReport(names, per_copy * (num_objectives - 1))
 
 
 def mixed_modules(model: nn.Module) -> dict[str, MixedLinear | MixedEmbedding]:

@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -248,6 +245,7 @@ class ConditionalPolicy(nn.Module):
             self.conditioned_modules = apply_lora_mixing(model, conditioning.lora, num_objectives, self.state)
             self.extra_parameters = sum(p.numel() for p in lora_parameters(model))
         self.model = model
+        self.reference_copy: PreTrainedModel | None = None  # set by freeze_reference (not for LoRA-CLP)
 
     @classmethod
     def from_pretrained(
@@ -280,33 +278,61 @@ class ConditionalPolicy(nn.Module):
     def is_lora(self) -> bool:
         return self.conditioning.lora is not None
 
-    def check_weights(self, weights: Any, rows: int | None = None) -> Tensor:
-        """Validate a batch of weightings and return it as ``(B, m)`` on the model's device."""
-        w = validate_weights(weights, self.num_objectives)
-        w = w.unsqueeze(0).expand(rows or 1, -1) if w.dim() == 1 else w
-        if rows is not None and w.shape[0] != rows:
-            raise ValueError(f"got {w.shape[0]} weightings for {rows} rows")
-        return w.to(self.device)
-
     @contextlib.contextmanager
     def conditioned(self, weights: Tensor, alpha: Tensor | None = None, cache: bool = False) -> Iterator[None]:
         """Mixed modules and adapters read ``weights`` ``(B, m)`` inside the block."""
-        with self.state.use(weights, alpha, cache=cache):
+        with self.state.use(weights, self._alpha(alpha), cache=cache):
             yield
 
+    def _alpha(self, alpha: Tensor | None) -> Tensor | None:
+        # callers always pass the rollout's alpha; only a policy conditioned on it sees it
+        return alpha if self.conditioning.condition_on_alpha else None
+
+    # --------------------------------------------------------------------------------------------------- reference
+
+    def freeze_reference(self) -> None:
+        """Take the policy as it is now as its KL reference ``pi_ref``: a frozen plain copy of the model, or, for
+        LoRA-CLP, nothing to copy (the base with adapters off is the reference).
+
+        Call once before training (every copy still equals the pretrained value), after changes meant to hold for
+        both (dropout turned off).
+        """
+        if self.is_lora:
+            self.reference_copy = None
+            return
+        reference = self.merged_model(torch.full((self.num_objectives,), 1.0 / self.num_objectives))
+        self.reference_copy = reference.requires_grad_(False).eval()
+
     @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """For LoRA-CLP, a block in which the model is the frozen base (the reference policy), in eval mode: the
-        reference is a fixed function even when the policy trains with dropout."""
+    def reference(self) -> Iterator[PreTrainedModel]:
+        """A block whose yielded model is the reference policy, in eval mode (a fixed function even while the
+        policy trains with dropout): the frozen copy, or the LoRA base with adapters off."""
         if not self.is_lora:
-            raise RuntimeError("only LoRA-CLP policies carry their reference; others keep a frozen copy")
+            if self.reference_copy is None:
+                raise RuntimeError("the policy has no reference yet: call freeze_reference() before using it")
+            yield self.reference_copy
+            return
         training = self.model.training
         self.model.eval()
         try:
             with adapters_disabled(self.model):
-                yield
+                yield self.model
         finally:
             self.model.train(training)
+
+    @torch.no_grad()
+    def reference_log_probs(self, prompts: Sequence[str], response_ids: Tensor, response_mask: Tensor) -> Tensor:
+        """``log pi_ref(y_t | x)`` ``(N, T)``: the reference sees the prompt without any conditioning."""
+        enc = self.encode(prompts)
+        with self.reference() as model:
+            return response_log_probs(model, **enc, response_ids=response_ids, response_mask=response_mask).log_probs
+
+    @torch.no_grad()
+    def generate_reference(self, prompts: Sequence[str], **generation_kwargs: Any) -> tuple[Tensor, Tensor]:
+        """The reference policy's responses ``(ids, mask)`` to unconditioned prompts."""
+        enc = self.encode(prompts)
+        with self.reference() as model:
+            return generate_responses(model, self.tokenizer, **enc, **generation_kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -329,6 +355,7 @@ class ConditionalPolicy(nn.Module):
                        add_special_tokens=self.chat is None)["input_ids"]
         finally:
             tok.truncation_side = side
+        alpha = self._alpha(alpha)
         if self.prompt_conditioner is not None and weights is not None:
             if alpha is None and self.conditioning.condition_on_alpha:
                 raise ValueError("this policy is conditioned on alpha: pass alpha with the weights")
@@ -399,14 +426,6 @@ class ConditionalPolicy(nn.Module):
         w = w.to(self.device)
         return merge_lora(model, w) if self.is_lora else unmix(model, w)
 
-    def frozen_reference(self) -> PreTrainedModel | None:
-        """A frozen plain copy of the model as it is now (call before training: every copy still equals the
-        pretrained value), or None for LoRA-CLP, whose reference is the base with adapters off."""
-        if self.is_lora:
-            return None
-        reference = self.merged_model(torch.full((self.num_objectives,), 1.0 / self.num_objectives))
-        return reference.requires_grad_(False).eval()
-
     @torch.no_grad()
     def load_expert_copies(self, experts: Sequence[dict[str, Tensor]]) -> None:
         """Rewarded Soups: copy ``i`` of every conditioned parameter comes from expert ``i``.
@@ -448,36 +467,6 @@ class ConditionalPolicy(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained parameters only (for LoRA-CLP: the adapters, a small checkpoint)."""
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def save_conditioned(self, directory: str | Path) -> Path:
-        """Write the trained parameters (``conditioned.safetensors``) and the spec (``conditioning.json``)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {n: t.contiguous().cpu() for n, t in self.trainable_state_dict().items()}
-        tmp = directory / "conditioned.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(directory / "conditioned.safetensors")
-        spec = {"num_objectives": self.num_objectives, "conditioning": asdict(self.conditioning)}
-        (directory / "conditioning.json").write_text(json.dumps(spec, indent=2))
-        return directory / "conditioned.safetensors"
-
-    def load_conditioned(self, directory: str | Path) -> None:
-        """Load parameters written by :meth:`save_conditioned` into this (identically conditioned) policy."""
-        directory = Path(directory)
-        spec = json.loads((directory / "conditioning.json").read_text())
-        if spec["num_objectives"] != self.num_objectives or spec["conditioning"] != asdict(self.conditioning):
-            raise ValueError(
-                f"{directory} holds a policy conditioned as {spec}, this one is "
-                f"{{'num_objectives': {self.num_objectives}, 'conditioning': {asdict(self.conditioning)}}}"
-            )
-        tensors = load_file(str(directory / "conditioned.safetensors"), device=str(self.device))
-        expected = set(self.trainable_state_dict())
-        if set(tensors) != expected:
-            raise ValueError(
-                f"{directory}: parameter names differ; missing {sorted(expected - set(tensors))[:5]}, "
-                f"unexpected {sorted(set(tensors) - expected)[:5]}"
-            )
-        self.model.load_state_dict(tensors, strict=False)
 
     def report(self) -> dict[str, Any]:
         """Conditioned modules and parameter counts (for logs and benchmark tables)."""

@@ -153,8 +153,8 @@ class OneHotSampler(WeightSampler):
 class FixedSampler(WeightSampler):
     """The same weighting for every row (fixed-weighting policies, single-reward experts)."""
 
-    def __init__(self, weights: Sequence[float] | str) -> None:
-        w = validate_weights(weights)
+    def __init__(self, weights: Sequence[float] | str, num_objectives: int | None = None) -> None:
+        w = validate_weights(weights, num_objectives, name="fixed weighting")
         if w.dim() != 1:
             raise ValueError(f"a fixed weighting must have shape (m,), got {tuple(w.shape)}")
         super().__init__(w.numel())
@@ -162,18 +162,3 @@ class FixedSampler(WeightSampler):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         return self.weights.expand(n, -1).clone()
-
-
-def build_sampler(kind: str, num_objectives: int, **kwargs: Any) -> WeightSampler:
-    """Sampler by name: ``dirichlet`` (``concentration``), ``one_hot`` (``index``) or ``fixed`` (``weights``)."""
-    samplers = {"dirichlet": DirichletSampler, "one_hot": OneHotSampler}
-    if kind == "fixed":
-        sampler = FixedSampler(kwargs["weights"])
-        if sampler.num_objectives != num_objectives:
-            raise ValueError(
-                f"fixed weighting {kwargs['weights']!r} has {sampler.num_objectives} entries, expected {num_objectives}"
-            )
-        return sampler
-    if kind not in samplers:
-        raise ValueError(f"unknown weight sampler {kind!r}; expected one of ['dirichlet', 'fixed', 'one_hot']")
-    return samplers[kind](num_objectives, **kwargs)

@@ -137,6 +137,21 @@ def pareto_steerability(
     return out
 
 
+def mean_over_ranks(rows: Tensor, group: Any = None) -> Tensor:
+    """Mean of every rank's rows ``(B, m)`` -> ``(m,)``, weighting each rank by its row count (a collective call when
+    ``torch.distributed`` is initialised; ``group=False`` keeps it local).
+
+    Raises:
+        ValueError: no rank has a row.
+    """
+    total = torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])])  # (m + 1,) sums and row count
+    if group is not False and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total, group=group)
+    if total[-1] == 0:
+        raise ValueError("cannot average zero reward rows")
+    return total[:-1] / total[-1]
+
+
 class ParetoSteerabilityMetric(GridRewardMeans):
     """:class:`GridRewardMeans` plus the Pareto front, hypervolume and steerability of the grid's mean rewards.
 
@@ -200,12 +215,8 @@ class ParetoSteerabilityMetric(GridRewardMeans):
         m = self.num_objectives
         if rewards.ndim == 2 and rewards.shape[1] == m:
             rows = rewards.detach().to(self.device, torch.float32)
-            total = torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])])  # (m + 1,) sums and row count
-            if self.sync_on_compute and self.distributed_available_fn():
-                dist.all_reduce(total, group=self.process_group)
-            if total[-1] == 0:
-                raise ValueError("cannot set the reference point from zero reward rows")
-            point = total[:-1] / total[-1]
+            sync = self.sync_on_compute and self.distributed_available_fn()
+            point = mean_over_ranks(rows, self.process_group if sync else False)
         elif rewards.shape == (m,):
             point = rewards
         else:

@@ -11,10 +11,13 @@ the parent LightningModule calls ``train()``. Rewards are ``nn.Module``s so that
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoTokenizer
+
+from clp_lightning.models import load_pretrained
 
 
 def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
@@ -31,6 +34,37 @@ def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
     return dtype
 
 
+def load_scorer(
+    auto_cls: Any,
+    model: str,
+    tokenizer: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+    torch_dtype: str | None = None,
+) -> tuple[Any, Any]:
+    """Load a neural reward's model and tokenizer through :func:`~clp_lightning.models.load_pretrained`.
+
+    Args:
+        auto_cls: the ``AutoModel*`` class to load ``model`` with.
+        model: hub id, local directory or ``pkg:<package>/<subdir>``.
+        tokenizer: tokenizer to load; defaults to ``model``'s.
+        trust_remote_code: run code shipped with the model (and tokenizer).
+        torch_dtype: weights' dtype name (see :func:`parse_dtype`); None keeps the checkpoint's.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ValueError: ``torch_dtype`` is not a floating-point dtype (checked before anything is loaded).
+        FileNotFoundError, OSError: the model or tokenizer cannot be found or read (see ``load_pretrained``).
+    """
+    dtype = parse_dtype(torch_dtype)
+    dtype_kw = {"dtype": dtype} if dtype else {}
+    loaded = load_pretrained(auto_cls, model, trust_remote_code=trust_remote_code, **dtype_kw)
+    tok = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
+    return loaded, tok
+
+
 class Reward(nn.Module):
     """Base class of all rewards: validation, micro-batching, no-grad scoring and freezing.
 
@@ -39,12 +73,8 @@ class Reward(nn.Module):
     Attributes:
         name: the objective's name, used in metric keys (``train/reward/<name>``).
         batch_size: micro-batch size for scoring.
-        is_neural: True when the reward holds model weights; such weights are frozen pretrained copies and can be
-            left out of training checkpoints (they are reloaded from ``model`` on resume).
         needs_references: True when :meth:`forward` needs ``references``.
     """
-
-    is_neural: ClassVar[bool] = False
 
     def __init__(self, name: str, batch_size: int = 32) -> None:
         super().__init__()

@@ -7,10 +7,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding, PreTrainedConfig
+from transformers import AutoModelForSequenceClassification, BatchEncoding, PreTrainedConfig
 
-from clp_lightning.models import load_pretrained
-from clp_lightning.rewards.base import Reward, parse_dtype, to_device
+from clp_lightning.rewards.base import Reward, load_scorer, to_device
 
 ClassifierOutput = Literal["logit", "probability", "logit_diff"]
 
@@ -68,8 +67,6 @@ class SequenceClassifierReward(Reward):
         torch_dtype: weights' dtype (``"float32"``, ``"bfloat16"``, ...); None keeps the checkpoint's.
     """
 
-    is_neural = True
-
     def __init__(
         self,
         model: str,
@@ -95,12 +92,13 @@ class SequenceClassifierReward(Reward):
             raise ValueError(f"pair_order must be 'source_response' or 'response_source', got {pair_order!r}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
-        dtype = parse_dtype(torch_dtype)
-        self.model = load_pretrained(
-            AutoModelForSequenceClassification, model, trust_remote_code=trust_remote_code,
-            **({"dtype": dtype} if dtype else {}),
+        self.model, self.tokenizer = load_scorer(
+            AutoModelForSequenceClassification,
+            model,
+            tokenizer,
+            trust_remote_code=trust_remote_code,
+            torch_dtype=torch_dtype,
         )
-        self.tokenizer = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
         self.pair, self.pair_order, self.output = pair, pair_order, output
         self.max_length, self.source_max_chars = max_length, source_max_chars
         self.label = resolve_label(self.model.config, label, model)

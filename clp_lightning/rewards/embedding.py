@@ -7,10 +7,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel
 
-from clp_lightning.models import load_pretrained
-from clp_lightning.rewards.base import Reward, parse_dtype, to_device
+from clp_lightning.rewards.base import Reward, load_scorer, to_device
 
 
 class EmbeddingSimilarityReward(Reward):
@@ -32,8 +31,6 @@ class EmbeddingSimilarityReward(Reward):
         torch_dtype: weights' dtype (``"float32"``, ``"bfloat16"``, ...); None keeps the checkpoint's.
     """
 
-    is_neural = True
-
     def __init__(
         self,
         model: str = "sentence-transformers/all-MiniLM-L6-v2",
@@ -48,11 +45,9 @@ class EmbeddingSimilarityReward(Reward):
         super().__init__(name=name, batch_size=batch_size)
         if target not in ("source", "reference"):
             raise ValueError(f"target must be 'source' or 'reference', got {target!r}")
-        dtype = parse_dtype(torch_dtype)
-        self.model = load_pretrained(
-            AutoModel, model, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype else {})
+        self.model, self.tokenizer = load_scorer(
+            AutoModel, model, tokenizer, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype
         )
-        self.tokenizer = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
         self.target, self.max_length = target, max_length
         self.freeze()
 

@@ -302,8 +302,6 @@ class HumanScoreReward(Reward):
         torch_dtype: encoder weights' dtype; the head stays in float32 unless the module is cast.
     """
 
-    is_neural = True
-
     def __init__(
         self,
         head: str,

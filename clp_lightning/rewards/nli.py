@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
-from clp_lightning.models import load_pretrained
-from clp_lightning.rewards.base import Reward, parse_dtype, to_device
+from clp_lightning.rewards.base import Reward, load_scorer, to_device
 
 
 def fit_source(
@@ -67,8 +66,6 @@ class Seq2SeqNLIReward(Reward):
         torch_dtype: weights' dtype (``"float32"``, ``"bfloat16"``, ...); None keeps the checkpoint's.
     """
 
-    is_neural = True
-
     def __init__(
         self,
         model: str = "google/t5_xxl_true_nli_mixture",
@@ -86,11 +83,9 @@ class Seq2SeqNLIReward(Reward):
         super().__init__(name=name, batch_size=batch_size)
         if template.count("{source}") != 1 or template.count("{response}") != 1:
             raise ValueError(f"template must contain {{source}} and {{response}} once each, got {template!r}")
-        dtype = parse_dtype(torch_dtype)
-        self.model = load_pretrained(
-            AutoModelForSeq2SeqLM, model, trust_remote_code=trust_remote_code, **({"dtype": dtype} if dtype else {})
+        self.model, self.tokenizer = load_scorer(
+            AutoModelForSeq2SeqLM, model, tokenizer, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype
         )
-        self.tokenizer = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
         if not self.tokenizer.is_fast:
             raise ValueError(f"{tokenizer or model!r}: Seq2SeqNLIReward needs a fast tokenizer (for source truncation)")
         start = self.model.config.decoder_start_token_id

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -8,11 +6,11 @@ from clp_lightning.conditioning.weights import (
     DirichletSampler,
     FixedSampler,
     OneHotSampler,
-    build_sampler,
     parse_weights,
     simplex_grid,
     validate_weights,
 )
+from clp_lightning.config import SamplerConfig
 
 
 def test_validate_accepts_vector_batch_and_string():
@@ -77,24 +75,21 @@ def test_one_hot_and_fixed():
     assert torch.equal(rows.sum(-1), torch.ones(300)) and set(rows.argmax(-1).tolist()) == {0, 1, 2}
     assert OneHotSampler(3, index=1).sample(2).tolist() == [[0, 1, 0], [0, 1, 0]]
     assert torch.allclose(FixedSampler("0.2,0.8").sample(2), torch.tensor([[0.2, 0.8]] * 2))
-    with pytest.raises(ValueError, match="expected 3"):
-        build_sampler("fixed", 3, weights=[0.5, 0.5])
-    with pytest.raises(ValueError, match="unknown weight sampler 'uniform'"):
-        build_sampler("uniform", 2)
+    with pytest.raises(ValueError, match=r"fixed weighting \[0.5, 0.5\] has 2 entries, expected 3"):
+        SamplerConfig(kind="fixed", weights=[0.5, 0.5]).build(3)
+    with pytest.raises(ValueError, match="unknown sampler kind 'uniform'"):
+        SamplerConfig(kind="uniform").build(2)
+    with pytest.raises(ValueError, match="'fixed' needs weights"):
+        SamplerConfig(kind="fixed").build(2)
+    assert SamplerConfig(kind="one_hot", index=1).build(3).sample(1).tolist() == [[0, 1, 0]]
 
 
-def test_prompt_round_trip_with_and_without_alpha():
+def test_prompt_prefixes_with_and_without_alpha():
     cond = PromptConditioner(precision=3)
     w = torch.tensor([[0.125, 0.875], [1.0, 0.0]])
-    texts = cond.apply(["SUBREDDIT: r/x\nTL;DR:", "b"], w)
-    assert texts[0].startswith("<w 0.125,0.875> ")
-    for text, row, prompt in zip(texts, w, ["SUBREDDIT: r/x\nTL;DR:", "b"]):
-        parsed, alpha, rest = cond.parse(text)
-        assert torch.allclose(parsed, row) and alpha is None and rest == prompt
-    with_alpha = cond.apply(["p"], w[:1], torch.tensor([0.05]))[0]
-    parsed, alpha, rest = cond.parse(with_alpha)
-    assert math.isclose(alpha, 0.05) and rest == "p" and torch.allclose(parsed, w[0])
+    assert cond.prefixes(w) == ["<w 0.125,0.875> ", "<w 1.000,0.000> "]
+    assert cond.prefixes(w[:1], torch.tensor([0.05])) == ["<w 0.125,0.875 | kl 0.05> "]
     custom = PromptConditioner(template="[objectives {weights}] ", separator=" ")
-    assert custom.parse(custom.prefix([0.3, 0.7]) + "x")[2] == "x"
-    with pytest.raises(ValueError, match="does not start with a prefix"):
-        cond.parse("no prefix here")
+    assert custom.prefix([0.3, 0.7]) == "[objectives 0.30 0.70] "
+    with pytest.raises(ValueError, match="'{weights}' field"):
+        PromptConditioner(template="<w> ")

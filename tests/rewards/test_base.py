@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModel
 
 from clp_lightning.rewards import LengthReward, SequenceClassifierReward
-from clp_lightning.rewards.base import parse_dtype
+from clp_lightning.rewards.base import load_scorer, parse_dtype
 
 SOURCES = ["the cat sat on the mat all day", "a dog barked at the mailman", "rain fell", "it was sunny", "x"]
 RESPONSES = ["cat on mat", "dog barked", "it rained", "sunny day today", "y z"]
@@ -37,7 +38,6 @@ def test_output_stays_float32_after_dtype_cast():
 
 def test_neural_reward_is_frozen_and_ignores_train(classifier_dir):
     reward = SequenceClassifierReward(str(classifier_dir), pair=True, label=2, max_length=32)
-    assert reward.is_neural and not LengthReward.is_neural
     assert not any(p.requires_grad for p in reward.parameters())
     reward.train()  # what Lightning's model.train() does to every child
     assert not reward.training and not any(m.training for m in reward.modules())
@@ -57,6 +57,9 @@ def test_unknown_model_path_names_the_path(tmp_path):
     missing = str(tmp_path / "no_such_model")
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         SequenceClassifierReward(missing)
+    # The dtype is checked before any loading: the bad dtype is reported, not the missing model.
+    with pytest.raises(ValueError, match="float64x"):
+        load_scorer(AutoModel, missing, torch_dtype="float64x")
 
 
 def test_bad_arguments_fail_early():

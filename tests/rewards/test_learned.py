@@ -292,7 +292,7 @@ def test_reward_reproduces_the_trainers_predictions(reward: HumanScoreReward, he
     out = reward([r["article"] for r in rows], [r["summary"] for r in rows])
     assert out.shape == (len(rows),) and out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([p["predicted"] for p in preds]), atol=1e-4, rtol=0)
-    assert reward.is_neural and reward.name == "quality"
+    assert reward.name == "quality"
 
 
 def test_train_keeps_the_reward_frozen_in_eval_mode(reward: HumanScoreReward):

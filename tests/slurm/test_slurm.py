@@ -4,6 +4,7 @@ Needs Debian's slurm-wlm and munge (`.ci/run` installs them) and root, to start 
 the cluster cannot start, the test is skipped with the reason.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -14,10 +15,27 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_cli_tools import CONFIG  # noqa: E402
+
+# what the job's checks read: last.ckpt (resumed from, evaluated alone) and the grid evaluation's reports
+JOB_TRAINER = {
+    "limit_val_batches": 1,
+    "check_val_every_n_epoch": None,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+    "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True, "save_on_train_epoch_end": False}},
+        {"class_path": "clp_lightning.callbacks.GridEvaluation",
+         "init_args": {"grid_step": 0.5, "sample_prompts": 1, "generation": {"do_sample": False, "max_new_tokens": 4}}},
+    ],
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "unused", "name": "", "version": ""},
+    },
+}
 
 SLURM_CONF = """\
 ClusterName=clptest
@@ -97,13 +115,11 @@ def cluster(tmp_path_factory):
 
 
 def _job(tmp_path: Path, env: dict, name: str, **trainer) -> tuple[Path, Path, dict]:
-    """The tiny quick-start config with ``trainer`` settings and a TensorBoard logger, and the job's environment."""
-    config = json.loads(json.dumps(CONFIG))
-    config["trainer"].update(trainer)
-    config["trainer"]["logger"] = {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "unused", "name": "", "version": ""},
-    }
+    """The tiny run config with the job's checkpoints, evaluation, logger and ``trainer`` settings, and the job's
+    environment."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"].update(JOB_TRAINER, **trainer)
+    config["data"]["init_args"]["num_train"] = 8  # 2 batches per rank and epoch
     config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     runs = tmp_path / "runs"
