@@ -340,18 +340,18 @@ def sample_alpha(
 
 
 def token_entropy(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean per-token entropy of the policy's next-token distribution over each response's real tokens.
+    """Entropy of the policy's next-token distribution at each response position.
 
     Args:
         logits: (N, T, V) policy logits at the response positions.
         mask: (N, T) nonzero on real tokens.
 
     Returns:
-        (N,) mean entropy in nats (0 for a row without real tokens). Computed in float32 at least; ``-inf``
-        logits (banned tokens) contribute 0, not nan.
+        (N, T) entropies in nats, 0 on padding. Computed in float32 at least; ``-inf`` logits (banned tokens)
+        contribute 0, not nan.
     """
     _check_ndim("logits", logits, 3, "(N, T, V)")
     _check_shape("mask", mask, tuple(logits.shape[:2]), "(N, T)")
     logp = torch.log_softmax(logits.float(), dim=-1)
     plogp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)  # (N, T, V)
-    return masked_mean(-plogp.sum(-1), mask, dim=-1)
+    return -plogp.sum(-1) * (mask != 0)

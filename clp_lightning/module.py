@@ -402,6 +402,22 @@ class CLPModule(L.LightningModule):
             checkpoint["state_dict"].setdefault(key, current[key])
         self.checkpoint_step = int(checkpoint.get("global_step", 0))  # reports of `validate` name the step
 
+    def load_trained(self, path: str, checkpoint: dict[str, Any] | None = None) -> CLPModule:
+        """Load a checkpoint's trained weights into this module, built from its config, as ``--ckpt_path`` does, for
+        code that runs no Trainer (``clp steer``). The same checks apply; errors name ``path``.
+
+        Args:
+            path: the checkpoint file.
+            checkpoint: the file already read with :func:`read_checkpoint` (callers that checked it first).
+        """
+        checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+        try:
+            self.on_load_checkpoint(checkpoint)
+        except CheckpointError as err:
+            raise CheckpointError(f"{str(path)!r}: {err}") from None  # no trainer here to name the file
+        self.load_state_dict(checkpoint["state_dict"])
+        return self
+
     def on_train_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         plan = batch_plan(getattr(dm, "batch_size", 1), self.samples_per_prompt,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from clp_lightning.callbacks.checkpoint import CheckpointError, check_writable, read_checkpoint
+from clp_lightning.callbacks.checkpoint import check_writable, read_checkpoint
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings
 
@@ -52,14 +52,8 @@ def load_module(config: list[str], ckpt_path: str, overrides: list[str], checkpo
     """
     from clp_lightning.cli import run_cli
 
-    checkpoint = read_checkpoint(ckpt_path) if checkpoint is None else checkpoint
     module = run_cli([a for c in config for a in ("--config", c)] + overrides, run=False).model
-    try:
-        module.on_load_checkpoint(checkpoint)
-    except CheckpointError as err:
-        raise CheckpointError(f"{ckpt_path!r}: {err}") from None  # no trainer here to name the file
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.eval()
+    return module.load_trained(ckpt_path, checkpoint).eval()
 
 
 @torch.no_grad()

@@ -268,3 +268,13 @@ def test_steer_refuses_bad_files_before_loading_a_model(trained, tmp_path, capsy
     code, err = clp(capsys, "steer", "--config", str(config), "--ckpt_path", str(ckpt), "--weights", "1,0",
                     "--prompts", str(prompts), "--output", str(output))
     assert code == 2 and message in one_line(err)
+
+
+def test_steer_names_the_checkpoint_of_another_mode(trained, tmp_path, capsys):
+    config, ckpt = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a post\n")
+    code, err = clp(capsys, "steer", "--config", str(config), "--ckpt_path", str(ckpt), "--weights", "1,0",
+                    "--prompts", str(prompts), "--set=--model.init_args.policy.conditioning.targets=attention")
+    line = one_line(err)
+    assert code == 2 and str(ckpt) in line and "was trained with conditioning {'targets': 'logits'}" in line

@@ -13,12 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from clp_lightning.conditioning.policy import (
-    ConditionalPolicy,
-    PolicyOutput,
-    response_logits,
-    response_mask_from_ids,
-)
+from clp_lightning.conditioning.lm import PolicyOutput, response_logits, response_mask_from_ids
+from clp_lightning.conditioning.policy import ConditionalPolicy
 
 
 def expert_logits(

@@ -164,15 +164,15 @@ def test_report_counts_conditioned_parameters():
 
 @pytest.mark.parametrize("mode", ["logits", "all", "lora"])
 def test_causal_log_probs_with_head_on_response_only_equal_full_logits(mode, monkeypatch):
-    from clp_lightning.conditioning import policy as policy_module
+    from clp_lightning.conditioning import lm as lm_module
 
     policy = perturb(make_policy("gpt2", mode)).eval()
     w = torch.distributions.Dirichlet(torch.ones(2)).sample((len(PROMPTS),))
     enc, ids, mask = _responses(policy, w)
     with torch.no_grad():
-        assert policy_module._accepts_logits_to_keep(policy.model)
+        assert lm_module._accepts_logits_to_keep(policy.model)
         got = policy(**enc, response_ids=ids, response_mask=mask, weights=w).log_probs
-        monkeypatch.setattr(policy_module, "_accepts_logits_to_keep", lambda model: False)
+        monkeypatch.setattr(lm_module, "_accepts_logits_to_keep", lambda model: False)
         want = policy(**enc, response_ids=ids, response_mask=mask, weights=w).log_probs
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
