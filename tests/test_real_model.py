@@ -42,7 +42,7 @@ def test_rl_steps_of_cnndm_smollm2(blanc_data, tmp_path, monkeypatch):
     ])
     module = cli.model
     assert cli.trainer.global_step == 4
-    assert type(module.policy.model).__name__ == "LlamaForCausalLM" and module.policy.is_lora
+    assert type(module.policy.model).__name__ == "LlamaForCausalLM" and module.policy.mode.name == "lora"
     assert module.policy.chat is not None and module.policy.chat.end_of_turn_id == 2  # <|im_end|>
     report = json.loads((Path(cli.trainer.log_dir) / "evaluation" / "latest.json").read_text())
     assert report["objectives"] == ["relevance", "brevity"] and len(report["grid"]) == 5

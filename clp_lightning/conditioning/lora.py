@@ -14,9 +14,11 @@ the same base with the adapters switched off: no second copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -24,6 +26,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from clp_lightning.conditioning.mixing import WeightingState, resolve_targets
+from clp_lightning.conditioning.mode import ConditioningMode, register_mode
 
 
 def adapter_name(i: int) -> str:
@@ -162,3 +165,40 @@ def merge_lora(model: nn.Module, weights: Tensor) -> nn.Module:
         base.weight += delta.t() if layer.fan_in_fan_out else delta
         _replace_module(model, layer, base)
     return model
+
+
+@register_mode("lora")
+class LoraConditioning(ConditioningMode):
+    """LoRA-CLP: ``m`` LoRA adapters per target module on a frozen base, their outputs mixed by ``w``; the base with
+    adapters off is the reference policy.
+
+    Args:
+        spec: the adapters (:class:`LoraSpec`, or its fields as a dict).
+    """
+
+    reference_in_model = True
+
+    def __init__(self, spec: LoraSpec | dict[str, Any]) -> None:
+        self.spec = LoraSpec(**spec) if isinstance(spec, dict) else spec
+
+    def apply(self, model: nn.Module, num_objectives: int, state: WeightingState) -> tuple[list[str], int]:
+        modules = apply_lora_mixing(model, self.spec, num_objectives, state)
+        return modules, sum(p.numel() for p in lora_parameters(model))
+
+    def merge(self, model: nn.Module, weights: Tensor) -> nn.Module:
+        return merge_lora(model, weights)
+
+    @contextlib.contextmanager
+    def switched_off(self, model: nn.Module) -> Iterator[None]:
+        with adapters_disabled(model):
+            yield
+
+    def expert_values(self, model: nn.Module, experts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        out = {}
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            if ".lora_" in name and all(name in e for e in experts):  # adapter i from expert i
+                out[name] = experts[int(name.split(".objective_")[1].split(".")[0])][name]
+        return out
+
+    def options(self) -> dict[str, Any]:
+        return {"spec": dataclasses.asdict(self.spec)}

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from clp_lightning.conditioning.mode import ConditioningMode, register_mode
+
 NAMED_TARGETS = ("logits", "attention", "all")
 
 
@@ -330,3 +332,38 @@ def unmix(model: nn.Module, weights: Tensor) -> nn.Module:
     for module in set(mixed_modules(model).values()):
         _replace_module(model, module, module.to_plain(weights))
     return model
+
+
+@register_mode("mixing")
+class ParameterMixing(ConditioningMode):
+    """``m`` copies of the modules ``targets`` selects, mixed as ``sum_i w_i theta_i`` per row.
+
+    Args:
+        targets: ``"logits"``, ``"attention"``, ``"all"`` or module-name patterns (:func:`resolve_targets`).
+        train_shared: also train the parameters that are not conditioned (as in the paper); False trains only the
+            copies (Rewarded Soups' experts need that, so that they differ only in their copies).
+    """
+
+    def __init__(self, targets: str | Sequence[str], train_shared: bool = True) -> None:
+        self.targets, self.train_shared = targets, train_shared
+
+    def apply(self, model: nn.Module, num_objectives: int, state: WeightingState) -> tuple[list[str], int]:
+        report = apply_parameter_mixing(model, self.targets, num_objectives, state)
+        if not self.train_shared:
+            model.requires_grad_(False)
+            for module in mixed_modules(model).values():
+                module.requires_grad_(True)
+        return report.modules, report.extra_parameters
+
+    def merge(self, model: nn.Module, weights: Tensor) -> nn.Module:
+        return unmix(model, weights)
+
+    def expert_values(self, model: nn.Module, experts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        names = {f"{name}.{p}" for name in mixed_modules(model) for p in ("weight", "bias")} & params.keys()
+        # (m, ...) copies: copy i from expert i
+        return {n: torch.stack([e[n][i] for i, e in enumerate(experts)]) for n in names
+                if all(n in e for e in experts)}
+
+    def options(self) -> dict[str, Any]:
+        return {"targets": self.targets, "train_shared": self.train_shared}

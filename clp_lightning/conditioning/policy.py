@@ -1,7 +1,8 @@
 """ConditionalPolicy: a Hugging Face seq2seq or causal LM conditioned on a weighting ``w`` over ``m`` objectives.
 
-Conditioning is any of: prompt (``w`` written into the input), parameter mixing (``m`` copies of selected modules)
-or LoRA-CLP (``m`` LoRA adapters on a frozen base); prompt combines with either of the others.
+Conditioning is prompt (``w`` written into the input) and/or a parameter conditioning mode
+(:mod:`clp_lightning.conditioning.mode`): parameter mixing (``m`` copies of selected modules), LoRA-CLP (``m`` LoRA
+adapters on a frozen base), or a mode of one's own. The policy only calls the mode's interface.
 
 The language-model building blocks it uses (response log-probabilities, generation) are in
 :mod:`clp_lightning.conditioning.lm`.
@@ -27,8 +28,9 @@ from clp_lightning.conditioning.lm import (
     generate_responses,
     response_log_probs,
 )
-from clp_lightning.conditioning.lora import LoraSpec, adapters_disabled, apply_lora_mixing, lora_parameters, merge_lora
-from clp_lightning.conditioning.mixing import WeightingState, apply_parameter_mixing, mixed_modules, unmix
+from clp_lightning.conditioning.lora import LoraSpec
+from clp_lightning.conditioning.mixing import WeightingState
+from clp_lightning.conditioning.mode import ConditioningMode, mode_class
 from clp_lightning.conditioning.prompt import ChatFormat, PromptConditioner
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.models import count_parameters, load_policy_model, model_kind
@@ -49,6 +51,9 @@ class ConditioningConfig:
         train_shared: with parameter mixing, also train the parameters that are not conditioned (as in the paper);
             False trains only the copies.
         condition_on_alpha: the policy also takes the KL strength ``alpha`` (needs ``prompt``).
+        mode: a conditioning mode by registered name or dotted path (:mod:`clp_lightning.conditioning.mode`), for
+            modes other than the built-in ones, which ``targets`` (``mixing``) and ``lora`` select.
+        options: the keyword options of ``mode``.
     """
 
     prompt: bool = False
@@ -59,12 +64,20 @@ class ConditioningConfig:
     lora: LoraSpec | None = None
     train_shared: bool = True
     condition_on_alpha: bool = False
+    mode: str | None = None
+    options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSpec(**self.lora)
         if self.targets is not None and self.lora is not None:
             raise ValueError("conditioning sets both targets (parameter mixing) and lora; choose one")
+        if self.mode is not None:
+            if self.targets is not None or self.lora is not None:
+                raise ValueError(f"conditioning sets mode={self.mode!r} and also targets or lora; choose one")
+            mode_class(self.mode)  # an unknown name fails here, before any model loads
+        elif self.options:
+            raise ValueError("conditioning.options are the options of conditioning.mode, which is not set")
         if self.condition_on_alpha and not self.prompt:
             raise ValueError("condition_on_alpha=True needs prompt=True: alpha is given to the policy in the prompt")
 
@@ -74,7 +87,19 @@ class ConditioningConfig:
         parts = (["prompt"] if self.prompt else []) + (["lora"] if self.lora else [])
         if self.targets is not None:
             parts.append(self.targets if isinstance(self.targets, str) else "+".join(self.targets))
+        if self.mode is not None:
+            parts.append(self.mode.rpartition(".")[2])
         return "+".join(parts) or "none"
+
+    def build_mode(self) -> ConditioningMode:
+        """The parameter conditioning: ``mode`` with its ``options``, else the built-in mode the fields select."""
+        if self.mode is not None:
+            return mode_class(self.mode)(**(self.options or {}))
+        if self.lora is not None:
+            return mode_class("lora")(spec=self.lora)
+        if self.targets is not None:
+            return mode_class("mixing")(targets=self.targets, train_shared=self.train_shared)
+        return mode_class("none")()
 
 
 class ConditionalPolicy(nn.Module):
@@ -124,18 +149,8 @@ class ConditionalPolicy(nn.Module):
             if conditioning.prompt
             else None
         )
-        self.conditioned_modules: list[str] = []
-        self.extra_parameters = 0
-        if conditioning.targets is not None:
-            report = apply_parameter_mixing(model, conditioning.targets, num_objectives, self.state)
-            self.conditioned_modules, self.extra_parameters = report.modules, report.extra_parameters
-            if not conditioning.train_shared:
-                model.requires_grad_(False)
-                for module in mixed_modules(model).values():
-                    module.requires_grad_(True)
-        elif conditioning.lora is not None:
-            self.conditioned_modules = apply_lora_mixing(model, conditioning.lora, num_objectives, self.state)
-            self.extra_parameters = sum(p.numel() for p in lora_parameters(model))
+        self.mode = conditioning.build_mode()
+        self.conditioned_modules, self.extra_parameters = self.mode.apply(model, num_objectives, self.state)
         self.model = model
         self.reference_copy: PreTrainedModel | None = None  # set by freeze_reference (not for LoRA-CLP)
 
@@ -166,10 +181,6 @@ class ConditionalPolicy(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ conditioning
 
-    @property
-    def is_lora(self) -> bool:
-        return self.conditioning.lora is not None
-
     @contextlib.contextmanager
     def conditioned(self, weights: Tensor, alpha: Tensor | None = None, cache: bool = False) -> Iterator[None]:
         """Mixed modules and adapters read ``weights`` ``(B, m)`` inside the block."""
@@ -189,7 +200,7 @@ class ConditionalPolicy(nn.Module):
         Call once before training (every copy still equals the pretrained value), after changes meant to hold for
         both (dropout turned off).
         """
-        if self.is_lora:
+        if self.mode.reference_in_model:
             self.reference_copy = None
             return
         reference = self.merged_model(torch.full((self.num_objectives,), 1.0 / self.num_objectives))
@@ -199,7 +210,7 @@ class ConditionalPolicy(nn.Module):
     def reference(self) -> Iterator[PreTrainedModel]:
         """A block whose yielded model is the reference policy, in eval mode (a fixed function even while the
         policy trains with dropout): the frozen copy, or the LoRA base with adapters off."""
-        if not self.is_lora:
+        if not self.mode.reference_in_model:
             if self.reference_copy is None:
                 raise RuntimeError("the policy has no reference yet: call freeze_reference() before using it")
             yield self.reference_copy
@@ -207,7 +218,7 @@ class ConditionalPolicy(nn.Module):
         training = self.model.training
         self.model.eval()
         try:
-            with adapters_disabled(self.model):
+            with self.mode.switched_off(self.model):
                 yield self.model
         finally:
             self.model.train(training)
@@ -316,7 +327,7 @@ class ConditionalPolicy(nn.Module):
             raise ValueError(f"merged_model takes one weighting (m,), got shape {tuple(w.shape)}")
         model = copy.deepcopy(self.model)
         w = w.to(self.device)
-        return merge_lora(model, w) if self.is_lora else unmix(model, w)
+        return self.mode.merge(model, w)
 
     @torch.no_grad()
     def load_expert_copies(self, experts: Sequence[dict[str, Tensor]]) -> None:
@@ -333,7 +344,7 @@ class ConditionalPolicy(nn.Module):
         """
         if len(experts) != self.num_objectives:
             raise ValueError(f"got {len(experts)} experts for {self.num_objectives} objectives (one per objective)")
-        mixed = {f"{name}.{p}" for name, module in mixed_modules(self.model).items() for p in ("weight", "bias")}
+        conditioned = self.mode.expert_values(self.model, experts)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         for name, param in params.items():
             missing = [i for i, e in enumerate(experts) if name not in e]
@@ -343,12 +354,8 @@ class ConditionalPolicy(nn.Module):
                 )
             if missing:
                 continue
-            if name in mixed:  # (m, ...) copies: copy i from expert i
-                for i, expert in enumerate(experts):
-                    param[i].copy_(expert[name][i])
-            elif ".lora_" in name:
-                i = int(name.split(".objective_")[1].split(".")[0])
-                param.copy_(experts[i][name])
+            if name in conditioned:
+                param.copy_(conditioned[name])
             elif param.requires_grad:
                 values = [e[name] for e in experts]
                 if any(not torch.equal(values[0], v) for v in values[1:]):

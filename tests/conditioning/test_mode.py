@@ -1,0 +1,75 @@
+"""The conditioning-mode interface: a mode written in one file outside the package, selected by name from config,
+runs through every path of the policy (conditioned forward, reference, merged model, Rewarded Soups)."""
+
+import pytest
+import torch
+from policy_helpers import PROMPTS
+
+from clp_lightning.conditioning.mode import ConditioningMode, mode_class, register_mode
+from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+
+MODE = "mode_helpers.LogitBias"
+
+
+def make(scale: float = 0.0, arch: str = "gpt2") -> ConditionalPolicy:
+    config = ConditioningConfig(mode=MODE, options={"init_scale": scale})
+    policy = ConditionalPolicy.from_pretrained(f"tiny:{arch}", 2, config, seed=0).eval()
+    policy.freeze_reference()
+    return policy
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_a_new_mode_conditions_the_policy_through_the_interface(arch):
+    policy = make(arch=arch)
+    assert policy.conditioning.name == "LogitBias" and policy.conditioned_modules and policy.extra_parameters > 0
+    w = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    enc = policy.encode(PROMPTS[:2], w)
+    ids, mask = policy.generate(**enc, weights=w, max_new_tokens=4, do_sample=False)
+    # zero biases: the policy is its reference at every w
+    start = policy(**enc, response_ids=ids, response_mask=mask, weights=w).log_probs
+    assert torch.allclose(start, policy.reference_log_probs(PROMPTS[:2], ids, mask), atol=1e-6)
+    bias = next(p for n, p in policy.model.named_parameters() if n.endswith("clp_logit_bias"))
+    with torch.no_grad():
+        bias.copy_(torch.randn_like(bias))
+    moved = policy(**enc, response_ids=ids, response_mask=mask, weights=w).log_probs
+    assert not torch.allclose(moved, start)  # the weighting now matters ...
+    assert torch.allclose(policy.reference_log_probs(PROMPTS[:2], ids, mask), start, atol=1e-6)  # ... not the ref
+    # the merged model at w is the policy at w, with no mode left in it
+    for row in range(2):
+        merged = policy.merged_model(w[row])
+        assert not any(n.endswith("clp_logit_bias") for n, _ in merged.named_parameters())
+        from clp_lightning.conditioning.lm import response_log_probs
+
+        want = response_log_probs(merged, enc["input_ids"][row:row + 1], enc["attention_mask"][row:row + 1],
+                                  ids[row:row + 1], mask[row:row + 1]).log_probs
+        assert torch.allclose(moved[row:row + 1], want, atol=1e-5)
+
+
+def test_rewarded_soups_takes_the_modes_conditioned_values():
+    experts = [make(scale=1.0).model.state_dict() for _ in range(2)]
+    name = next(n for n in experts[0] if n.endswith("clp_logit_bias"))
+    experts[1][name] = experts[1][name] + 1.0
+    soup = make()
+    soup.load_expert_copies(experts)
+    bias = dict(soup.model.named_parameters())[name]
+    assert torch.equal(bias[0], experts[0][name][0]) and torch.equal(bias[1], experts[1][name][1])
+
+
+def test_modes_are_chosen_by_name_and_bad_names_fail_early():
+    assert mode_class("lora").reference_in_model and not mode_class("mixing").reference_in_model
+    assert ConditioningConfig(targets="logits").build_mode().name == "mixing"
+    assert ConditioningConfig().build_mode().name == "none"
+    with pytest.raises(ValueError, match="unknown conditioning mode 'prefix_tuning'"):
+        ConditioningConfig(mode="prefix_tuning")
+    with pytest.raises(ValueError, match="mode='mixing' and also targets"):
+        ConditioningConfig(mode="mixing", targets="logits")
+    with pytest.raises(ValueError, match="options are the options of conditioning.mode"):
+        ConditioningConfig(options={"x": 1})
+
+    @register_mode("test_registered")
+    class Registered(ConditioningMode):
+        pass
+
+    assert ConditioningConfig(mode="test_registered").build_mode().name == "test_registered"
+    with pytest.raises(ValueError, match="already registered"):
+        register_mode("mixing")(Registered)
