@@ -58,6 +58,8 @@ def mode_class(name: str) -> type[ConditioningMode]:
     if not (isinstance(cls, type) and issubclass(cls, ConditioningMode)):
         raise ValueError(f"unknown conditioning mode {name!r}: expected one of {sorted(_MODES)} or the dotted path "
                          "of a ConditioningMode subclass")
+    if "name" not in vars(cls):  # unregistered: named by its path, not by the base class's "none"
+        cls.name = name
     return cls
 
 

@@ -39,6 +39,8 @@ _SKIP = "skip"  # per-row skip reason ("" = keep), removed once counted
 
 # File extension -> `datasets` packaged builder; compressed files are named by their inner extension.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# local data files this process has checked, by (path, size, mtime): a changed file is checked again
+_CHECKED_FILES: set[tuple[str, int | None, int | None]] = set()
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 
 
@@ -283,7 +285,6 @@ class SummarizationDataModule(L.LightningDataModule):
         self.seed = seed
         self.data: dict[str, datasets.Dataset] = {}  # by role: train / val / test / predict
         self.skipped: dict[str, dict[str, int]] = {}  # by split name, then reason -> count
-        self._checked: set[tuple[str, int | None, int | None]] = set()  # local files checked: (path, size, mtime)
 
     # ----------------------------------------------------------------------------------------- schema hooks
     def _schema(self, columns: list[str], split: str) -> tuple[list[str], dict[str, Any]]:
@@ -338,9 +339,10 @@ class SummarizationDataModule(L.LightningDataModule):
             for file in files:
                 stat = Path(file).stat() if Path(file).is_file() else None
                 key = (str(Path(file).resolve()), stat and stat.st_size, stat and stat.st_mtime_ns)
-                if key not in self._checked:  # prepare_data then setup would read each file twice
+                # the CLI's early check, prepare_data and setup would otherwise each read the file again
+                if key not in _CHECKED_FILES:
                     check_data_file(file, split)
-                    self._checked.add(key)
+                    _CHECKED_FILES.add(key)
 
     def _wrap_errors(self, load: Callable[[], Any], split: str | None) -> Any:
         """Call ``load()``, re-raising a local source's errors as a ``ValueError`` that names the files."""

@@ -22,6 +22,7 @@ def make(scale: float = 0.0, arch: str = "gpt2") -> ConditionalPolicy:
 def test_a_new_mode_conditions_the_policy_through_the_interface(arch):
     policy = make(arch=arch)
     assert policy.conditioning.name == "LogitBias" and policy.conditioned_modules and policy.extra_parameters > 0
+    assert policy.mode.name == MODE  # a mode named by its path reports that path, not the base class's "none"
     w = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
     enc = policy.encode(PROMPTS[:2], w)
     ids, mask = policy.generate(**enc, weights=w, max_new_tokens=4, do_sample=False)
