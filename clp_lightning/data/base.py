@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import logging
 import re
@@ -423,31 +424,30 @@ class SummarizationDataModule(L.LightningDataModule):
         return dataset.select(range(n))
 
     # ----------------------------------------------------------------------------------------- loaders
-    def _loader(self, role: str, **kwargs: Any) -> DataLoader:
+    def _split(self, role: str) -> datasets.Dataset:
         if role not in self.data:
             raise RuntimeError(f"No {role!r} data: call setup() for the matching stage first")
-        return DataLoader(self.data[role], num_workers=self.num_workers, collate_fn=collate_prompts, **kwargs)
+        return self.data[role]
+
+    def _loader(self, role: str, **kwargs: Any) -> DataLoader:
+        return DataLoader(self._split(role), num_workers=self.num_workers, collate_fn=collate_prompts, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        # The order of each epoch is a function of (seed, epoch), and a run resumed mid-epoch skips the batches
-        # already trained on (see state_dict). Under DDP the sampler shards itself across ranks.
-        self._sampler = ResumableShuffleSampler(len(self.data["train"]), self.seed)
-        if self._resume is not None:
-            self._sampler.resume(self._resume["epoch"], self._resume["samples_done"])
+        # The order of each epoch is a function of (seed, epoch), sharded over ranks; the loader's state (saved by
+        # Lightning in checkpoints) says how far into its epoch it is, and a resumed run skips what was trained on.
+        split = self._split("train")
+        sampler = ResumableDistributedSampler(split, *_layout(), seed=self.seed)
+        loader = ResumableDataLoader(split, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
+                                     num_workers=self.num_workers, collate_fn=collate_prompts)
+        if self._resume is not None:  # a checkpoint written before the loader kept its own state
+            loader.load_state_dict(self._resume)
             self._resume = None
-        return self._loader("train", batch_size=self.batch_size, sampler=self._sampler, drop_last=self.drop_last)
+        return loader
 
     _resume: dict[str, int] | None = None
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where the training epoch stands (saved in checkpoints, so that a resumed run continues the epoch)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.state.fn != "fit":  # also for checkpoints written at validation end
-            return {}
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "samples_done": batches * self.batch_size * trainer.world_size}
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Read the epoch position that checkpoints of earlier versions stored here (now the loader's state)."""
         self._resume = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> DataLoader:
@@ -460,39 +460,61 @@ class SummarizationDataModule(L.LightningDataModule):
         return self._loader("predict", batch_size=self.val_batch_size)
 
 
-class ResumableShuffleSampler(DistributedSampler):
-    """A seeded permutation per epoch (``seed + epoch``) that can start part-way into an epoch, sharded over ranks.
+def _layout() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
-    It shards by itself (rank ``r`` of ``W`` takes every ``W``-th index), after skipping what the interrupted run
-    had already trained on, so the skip is the same on every rank. Being a ``DistributedSampler``, Lightning uses
-    it as it is under DDP instead of wrapping it. Its length is a full epoch's; a resumed epoch ends early, when
-    its shorter iterator is exhausted.
+
+class ResumableDistributedSampler(DistributedSampler):
+    """torch's ``DistributedSampler`` (a seeded permutation per epoch, ``seed + epoch``, padded and sharded over
+    ranks) that can start part-way into an epoch.
+
+    Being a ``DistributedSampler``, Lightning uses it as it is under DDP instead of wrapping it. Its length is a full
+    epoch's; a resumed epoch ends early, when its shorter iterator is exhausted.
     """
 
-    def __init__(self, size: int, seed: int = 0) -> None:  # no super().__init__: it needs a dataset and a group
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, dataset: Any, rank: int = 0, num_replicas: int = 1, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self._skip_epoch, self._skip = -1, 0
-
-    @staticmethod
-    def _layout() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.skipped = 0  # samples (over all ranks) skipped at the start of the current iteration
 
     def resume(self, epoch: int, samples_done: int) -> None:
         """Skip the first ``samples_done`` indices (over all ranks) of ``epoch``, trained on before the stop."""
+        if samples_done % self.num_replicas:
+            raise ValueError(f"samples_done={samples_done} is not a multiple of the {self.num_replicas} ranks")
         self._skip_epoch, self._skip = epoch, samples_done
 
-    def __iter__(self):
-        rank, world = self._layout()
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        order += order[: (-len(order)) % world]  # pad so that every rank gets as many indices
-        if self.epoch == self._skip_epoch:
-            order, self._skip_epoch = order[self._skip :], -1
-        return iter(order[rank::world])
+    def __iter__(self) -> Iterator[int]:
+        # the global order is dealt round-robin (rank r takes every W-th index), so skipping the first k*W indices
+        # of the epoch is skipping the first k of each rank's share
+        self.skipped = self._skip if self.epoch == self._skip_epoch else 0
+        self._skip_epoch = -1 if self.skipped else self._skip_epoch
+        return itertools.islice(super().__iter__(), self.skipped // self.num_replicas, None)
 
-    def __len__(self) -> int:
-        return -(-self.size // self._layout()[1])
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableDistributedSampler` that keeps its place in the epoch.
+
+    It implements Lightning's stateful-dataloader protocol (``state_dict`` / ``load_state_dict``): Lightning saves
+    the state in the fit loop's part of every checkpoint and gives it back before a resumed epoch starts. The
+    position counts the batches this loader has yielded in the main process (worker prefetching does not count);
+    Lightning fetches a sized loader's batch only when it trains on it, so at a checkpoint that is the batches
+    trained on.
+    """
+
+    sampler: ResumableDistributedSampler
+
+    def __iter__(self) -> Iterator[Any]:
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.sampler.skipped + getattr(self, "_yielded", 0) * self.batch_size * self.sampler.num_replicas
+        return {"epoch": self.sampler.epoch, "samples_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.resume(state_dict["epoch"], state_dict["samples_done"])

@@ -32,10 +32,43 @@ def test_resumed_epoch_skips_the_batches_already_seen():
     dm = SyntheticTLDRDataModule(num_train=32, num_val=4, batch_size=4, seed=0)
     dm.setup("fit")
     full = train_ids(dm, epochs=2)
-    dm.load_state_dict({"epoch": 1, "samples_done": 12})
+    # the loader's own state, as Lightning saves it after three batches of epoch 1 and gives it back on resume
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(1)
-    assert [i for batch in loader for i in batch["id"]] == full[1][12:]
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "samples_done": 12}
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)
+    assert [i for batch in resumed for i in batch["id"]] == full[1][12:]
+    assert resumed.state_dict() == {"epoch": 1, "samples_done": 32}  # the skipped batches count as done
+    resumed.sampler.set_epoch(2)  # the skip holds for the interrupted epoch only
+    assert len([i for batch in resumed for i in batch["id"]]) == 32
+    # a checkpoint of an earlier version kept the position in the data module's state
+    dm.load_state_dict({"epoch": 1, "samples_done": 12})
+    old = dm.train_dataloader()
+    old.sampler.set_epoch(1)
+    assert [i for batch in old for i in batch["id"]] == full[1][12:]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_epoch_order_is_the_seeded_permutation_dealt_to_ranks(world, monkeypatch):
+    # The order the quick start's numbers depend on: randperm(seed + epoch), padded to a multiple of the ranks,
+    # rank r taking every world-th index; resuming skips the same prefix of the global order on every rank.
+    dm = SyntheticTLDRDataModule(num_train=10, num_val=4, batch_size=1, seed=3)
+    dm.setup("fit")
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    order += order[: (-10) % world]
+    for rank in range(world):
+        monkeypatch.setattr("clp_lightning.data.base._layout", lambda rank=rank: (rank, world))
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(1)
+        assert [int(i.rsplit("-", 1)[1]) for b in loader for i in b["id"]] == order[rank::world]
+        loader.load_state_dict({"epoch": 1, "samples_done": 2 * world})
+        assert [int(i.rsplit("-", 1)[1]) for b in loader for i in b["id"]] == order[2 * world:][rank::world]
 
 
 @pytest.mark.parametrize(
