@@ -23,7 +23,7 @@ from torch import Tensor
 
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
-from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume
+from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume, pareto_steerability
 from clp_lightning.evaluation.metrics import mean_over_ranks
 
 log = logging.getLogger(__name__)
@@ -190,29 +190,21 @@ class GridEvaluation(L.Callback):
     # ---------------------------------------------------------------------------------------------------- reports
 
     def _report(self, trainer: L.Trainer, result: dict[str, Tensor], pl_module: L.LightningModule) -> dict[str, Any]:
-        fitting = trainer.state.fn == "fit"
-        return {
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step if fitting else getattr(pl_module, "checkpoint_step", 0),
-            "objectives": self.names,
-            "grid": self.grid.tolist(),
-            "rewards": result["rewards"].tolist(),
-            "kl": result["kl"].tolist(),
-            "front_mask": result["front_mask"].tolist(),
-            "hypervolume": float(result["hypervolume"]),
-            "ref_point": self.metric.ref_point.tolist(),
-            "ref_point_from": "config" if self.ref_point_config is not None else "reference policy on these prompts",
-            "reference_rewards": self.reference_rewards.tolist(),
-            # the reference policy's own point measured against the same reference point: a front that improves on
-            # the reference policy has a larger hypervolume than this
-            "reference_hypervolume": hypervolume(self.reference_rewards.view(1, -1).cpu(), self.metric.ref_point.cpu()),
-            "vertex_gain": dict(zip(self.names, vertex_gain(self.grid, result["rewards"].cpu(),
-                                                            self.reference_rewards.cpu()).tolist())),
-            "steerability": dict(zip(self.names, result["spearman"].tolist())),
-            "monotonicity_violations": dict(zip(self.names, result["violations"].tolist())),
-            "samples": self._samples,
-            "parameters": pl_module.policy.report() if hasattr(pl_module, "policy") else {},
-        }
+        assert self.metric is not None and self.reference_rewards is not None
+        return grid_report(
+            self.names,
+            self.grid,
+            result["rewards"],
+            result["kl"],
+            self.reference_rewards,
+            self.metric.ref_point,
+            ref_point_from="config" if self.ref_point_config is not None else "reference policy on these prompts",
+            epoch=trainer.current_epoch,
+            step=trainer.global_step if trainer.state.fn == "fit" else getattr(pl_module, "checkpoint_step", 0),
+            samples=self._samples,
+            parameters=pl_module.policy.report() if hasattr(pl_module, "policy") else {},
+            tol=self.metric.tol,
+        )
 
     def _log(self, pl_module: L.LightningModule, report: dict[str, Any], stage: str) -> None:
         metrics = {"pareto/hypervolume": report["hypervolume"], "kl": sum(report["kl"]) / len(report["kl"]),
@@ -288,6 +280,69 @@ class GridEvaluation(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.validations = int(state_dict.get("validations", 0))
+
+
+def grid_report(
+    objectives: list[str],
+    grid: Tensor,
+    rewards: Tensor,
+    kl: Tensor,
+    reference_rewards: Tensor,
+    ref_point: Tensor,
+    *,
+    ref_point_from: str,
+    epoch: int,
+    step: int,
+    samples: list[dict[str, Any]] | None = None,
+    parameters: dict[str, Any] | None = None,
+    tol: float = 0.0,
+) -> dict[str, Any]:
+    """The report of a grid evaluation, as :class:`GridEvaluation` writes it (``latest.json``, ``validate.json``, ...).
+
+    The one place that knows the report's keys: anything that assembles a front some other way (the study's
+    fixed-weighting policies, one per grid point) builds its report here too, so every report reads the same.
+    The Pareto front, hypervolume and steerability are computed from ``rewards``, in ``rewards``' dtype.
+
+    Args:
+        objectives: the m objective names.
+        grid: weightings ``(G, m)``; must contain every vertex (see :func:`vertex_gain`).
+        rewards: mean rewards ``(G, m)`` of the policy at each weighting.
+        kl: mean KL to the reference ``(G,)`` at each weighting (nan where none was measured).
+        reference_rewards: mean rewards ``(m,)`` of the reference policy on the same prompts and decoding.
+        ref_point: hypervolume reference point ``(m,)``.
+        ref_point_from: where ``ref_point`` came from, in words.
+        epoch: training epoch of the policy.
+        step: training steps behind the policy.
+        samples: responses at a few weightings (see :func:`samples_markdown`); default none.
+        parameters: parameter counts of the policy (``policy.report()``); default none.
+        tol: slack for monotonicity violations.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    summary = pareto_steerability(grid, rewards, ref_point, tol)
+    reference_rewards, ref_point = reference_rewards.cpu(), ref_point.cpu()
+    return {
+        "epoch": epoch,
+        "step": step,
+        "objectives": list(objectives),
+        "grid": grid.tolist(),
+        "rewards": rewards.tolist(),
+        "kl": kl.tolist(),
+        "front_mask": summary["front_mask"].tolist(),
+        "hypervolume": float(summary["hypervolume"]),
+        "ref_point": ref_point.tolist(),
+        "ref_point_from": ref_point_from,
+        "reference_rewards": reference_rewards.tolist(),
+        # the reference policy's own point measured against the same reference point: a front that improves on the
+        # reference policy has a larger hypervolume than this
+        "reference_hypervolume": hypervolume(reference_rewards.view(1, -1), ref_point),
+        "vertex_gain": dict(zip(objectives, vertex_gain(grid.cpu(), rewards.cpu(), reference_rewards).tolist())),
+        "steerability": dict(zip(objectives, summary["spearman"].tolist())),
+        "monotonicity_violations": dict(zip(objectives, summary["violations"].tolist())),
+        "samples": [] if samples is None else samples,
+        "parameters": {} if parameters is None else parameters,
+    }
 
 
 def vertex_gain(grid: Tensor, rewards: Tensor, reference_rewards: Tensor) -> Tensor:
