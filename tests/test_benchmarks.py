@@ -1,22 +1,38 @@
-"""The end-to-end step benchmark runs its cells in subprocesses and reports paired ratios, phases and memory."""
+"""The benchmark scripts: the RL step's paired cells in subprocesses, its TRL baseline, the LM-head comparison."""
 
 import argparse
-import importlib.util
+import importlib
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rl_step.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def rl_step():
-    spec = importlib.util.spec_from_file_location("rl_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rl_step"] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+def benchmark():
+    """Imports a benchmark script as the scripts import each other: as a module of the benchmarks/ folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module
+
+
+@pytest.fixture(scope="module")
+def rl_step(benchmark):
+    return benchmark("rl_step")
+
+
+@pytest.fixture(scope="module")
+def rl_cell(benchmark):
+    return benchmark("rl_cell")
+
+
+@pytest.fixture(scope="module")
+def lm_head(benchmark):
+    return benchmark("lm_head")
 
 
 def _args(tmp_path, **kwargs) -> argparse.Namespace:
@@ -29,11 +45,12 @@ def _run(times: list[float], peak_mb: float = 100.0, **phases: list[float]) -> d
     return {"times": times, "phases": phases, "peak_mb": peak_mb, "trainable": 10, "total": 20}
 
 
-def test_ratio_is_the_median_over_rounds_of_paired_step_time_ratios(rl_step, monkeypatch, tmp_path):
+def test_ratio_is_the_median_over_rounds_of_paired_step_time_ratios(rl_step, rl_cell, monkeypatch, tmp_path):
+    Cell = rl_cell.Cell
     work = dict(prompts=2, samples=3)  # 6 samples per step
     cells = [
-        rl_step.Cell("base", baseline=True, group="g", **work), rl_step.Cell("lora", mode="lora", group="g", **work),
-        rl_step.Cell("base_h", baseline=True, group="h", **work), rl_step.Cell("all", mode="all", group="h", **work),
+        Cell("base", baseline=True, group="g", **work), Cell("lora", mode="lora", group="g", **work),
+        Cell("base_h", baseline=True, group="h", **work), Cell("all", mode="all", group="h", **work),
     ]
     runs = {  # three rounds each; a run's time is the median of its steps, so the 50 s outlier does not count
         "base": [_run([1.0, 1.0, 50.0]), _run([2.0]), _run([1.0])],
@@ -69,9 +86,9 @@ def test_trl_target_is_one_and_a_half_times_the_steps_per_second(rl_step):
     assert rl_step.verdict("trl", row(0.67)).startswith("**missed**")
 
 
-def test_paired_cells_run_in_subprocesses_and_report_phases_and_memory(rl_step, tmp_path):
+def test_paired_cells_run_in_subprocesses_and_report_phases_and_memory(rl_step, rl_cell, tmp_path):
     work = dict(size="tiny", rewards="cheap", prompts=2, samples=2, new_tokens=4, group="g")
-    cells = [rl_step.Cell("none", baseline=True, **work), rl_step.Cell("lora", mode="lora", **work)]
+    cells = [rl_cell.Cell("none", baseline=True, **work), rl_cell.Cell("lora", mode="lora", **work)]
     rows = rl_step.measure(cells, _args(tmp_path))
     base, lora = rows
     assert base["ratio_to_baseline"] == 1.0 and lora["baseline"] == "none"
@@ -86,13 +103,65 @@ def test_paired_cells_run_in_subprocesses_and_report_phases_and_memory(rl_step, 
     assert "| none |" in text and "| lora |" in text and "generate" in text
 
 
-def test_trl_cell_runs_the_same_work(rl_step, tmp_path):
+def test_trl_cell_runs_the_same_work(rl_step, rl_cell, tmp_path):
     pytest.importorskip("trl", reason="the TRL comparison needs the bench extra (pip install -e .[bench])")
     work = dict(size="tiny", rewards="cheap", prompts=2, samples=2, new_tokens=4)
-    result = rl_step.worker(rl_step.Cell("trl", framework="trl", **work), _args(tmp_path, profile=False))
+    result = rl_step.worker(rl_cell.Cell("trl", framework="trl", **work), _args(tmp_path, profile=False))
     assert len(result["times"]) == 2 and all(t > 0 for t in result["times"])
 
 
-def test_unknown_reward_count_is_refused(rl_step):
+def test_trl_suite_without_trl_stops_before_any_work(rl_step, monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "trl", None)  # what an environment without the bench extra sees
+    with pytest.raises(SystemExit) as stop:
+        rl_step.main(["--suites", "modes", "trl", "--cache", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and out == ""  # nothing measured, not even the machine line
+    assert "the trl suite needs TRL: pip install trl (or leave the suite out)" in err
+
+
+def test_unknown_reward_count_is_refused(rl_cell):
     with pytest.raises(ValueError, match="objectives=9"):
-        rl_step.rewards("cheap", 9)
+        rl_cell.rewards("cheap", 9)
+
+
+def _tiny_policy(vocab: int = 300):
+    from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
+
+    model = build_tiny_model("gpt2", "tiny", seed=0, vocab_size=vocab)
+    return model, ConditionalPolicy(model, build_byte_tokenizer("causal"), 2, ConditioningConfig())
+
+
+def test_head_everywhere_runs_the_lm_head_over_the_prompt_too_and_changes_no_log_prob(lm_head):
+    model, policy = _tiny_policy()
+    positions = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: positions.append(inputs[0].shape[1]))
+    g = torch.Generator().manual_seed(0)
+    batch = dict(input_ids=torch.randint(3, 259, (2, 5), generator=g), attention_mask=torch.ones(2, 5).long(),
+                 response_ids=torch.randint(3, 259, (2, 3), generator=g), response_mask=torch.ones(2, 3))
+    w = torch.tensor([[0.3, 0.7], [0.5, 0.5]])
+
+    assert lm_head.head_step(policy, batch, w, "cpu") > 0
+    with lm_head.head_everywhere():
+        lm_head.head_step(policy, batch, w, "cpu")
+        everywhere = policy(**batch, weights=w).log_probs
+    lm_head.head_step(policy, batch, w, "cpu")  # the library's check is back after the block
+    # 3 response tokens: the head at the last prompt position and the response's (4), or at all 5 + 3 positions
+    assert positions == [4, 8, 8, 4]
+    torch.testing.assert_close(policy(**batch, weights=w).log_probs, everywhere)
+    assert all(p.grad is None for p in policy.parameters())  # a timed step leaves no gradient behind
+
+
+def test_lm_head_prints_a_row_per_size_and_mode_and_writes_it(lm_head, capsys, tmp_path):
+    out = tmp_path / "head.json"
+    lm_head.main(["--sizes", "tiny", "--warmup", "0", "--steps", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("machine: {") and "### head" in printed
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| tiny |")]
+    assert [row[1] for row in rows] == ["none", "all"]
+    for _, _, on_response, everywhere, ratio, saved in rows:
+        # 8 rows x 95 prompt positions x 50257 float32 logits, and as many gradients: 291 MB not built
+        assert saved == "291 |"
+        # times are measured, not asserted on (a test is no benchmark): only that each was taken and is printed
+        assert float(on_response) > 0 and float(everywhere) > 0 and float(ratio) > 0
+    assert json.loads(out.read_text())["head"] in printed

