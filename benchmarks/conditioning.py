@@ -41,18 +41,17 @@ from typing import Any
 
 import torch
 
-from clp_lightning.conditioning.lora import LoraSpec
 from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
 from clp_lightning.conditioning.weights import DirichletSampler
 from clp_lightning.models import TINY_SIZES
 
 MODES: dict[str, Callable[[], ConditioningConfig]] = {
     "prompt": lambda: ConditioningConfig(prompt=True),
-    "logits": lambda: ConditioningConfig(targets="logits"),
-    "attention": lambda: ConditioningConfig(targets="attention"),
-    "all": lambda: ConditioningConfig(targets="all"),
-    "lora": lambda: ConditioningConfig(lora=LoraSpec(r=8, target_modules="attention")),
-    "prompt+attention": lambda: ConditioningConfig(prompt=True, targets="attention"),
+    "logits": lambda: ConditioningConfig(mode="mixing", options={"targets": "logits"}),
+    "attention": lambda: ConditioningConfig(mode="mixing", options={"targets": "attention"}),
+    "all": lambda: ConditioningConfig(mode="mixing", options={"targets": "all"}),
+    "lora": lambda: ConditioningConfig(mode="lora", options={"r": 8, "target_modules": "attention"}),
+    "prompt+attention": lambda: ConditioningConfig(prompt=True, mode="mixing", options={"targets": "attention"}),
 }
 
 # Rounds per measurement when --repeats is not given: tiny models run in milliseconds and are noisy, 60m in seconds.

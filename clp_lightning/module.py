@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -28,7 +27,24 @@ from clp_lightning.rewards import Reward, RewardNormalizer
 log = logging.getLogger(__name__)
 
 # version of the ``clp`` section of checkpoints (what the weights depend on); raise it when its meaning changes
-CHECKPOINT_FORMAT = 1
+# 2: conditioning as ``mode`` + resolved ``options``; 1 named the built-in modes by ``targets`` / ``lora`` fields
+CHECKPOINT_FORMAT = 2
+
+
+def _conditioning_from_format_1(old: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 ``conditioning`` record in format 2's terms: ``targets: X`` was ``mode: mixing`` with ``{targets:
+    X}``, ``lora: {...}`` was ``mode: lora`` with the same (complete) fields, neither was ``mode: none``. The weights'
+    names did not change, so a format-1 checkpoint loads under the equivalent format-2 config."""
+    new = {k: v for k, v in old.items() if k not in ("targets", "lora")}
+    if old.get("targets") is not None:
+        new["mode"], new["options"] = "mixing", {"targets": old["targets"]}
+    elif old.get("lora") is not None:
+        new["mode"], new["options"] = "lora", old["lora"]
+    elif old.get("mode") is None:
+        new["mode"], new["options"] = "none", {}
+    else:
+        new["options"] = old.get("options") or {}
+    return new
 
 
 def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int = 1, world_size: int = 1) -> dict:
@@ -372,7 +388,7 @@ class CLPModule(L.LightningModule):
         config = self.policy.model.config
         return {
             "objective_names": self.objective_names,
-            "conditioning": asdict(self.policy.conditioning),
+            "conditioning": self.policy.conditioning.stored(),
             "base_model": {"model_type": config.model_type, "vocab_size": config.vocab_size,
                            "hidden_size": config.get_text_config().hidden_size},
         }
@@ -388,6 +404,8 @@ class CLPModule(L.LightningModule):
         if stored.get("format", 1) > CHECKPOINT_FORMAT:
             raise CheckpointError(f"{name} was written by a newer clp-lightning (checkpoint format "
                                   f"{stored['format']}; this version reads format {CHECKPOINT_FORMAT}): upgrade")
+        if stored.get("format", 1) == 1 and isinstance(stored.get("conditioning"), dict):
+            stored = {**stored, "conditioning": _conditioning_from_format_1(stored["conditioning"])}
         for key, what in (("objective_names", "objectives"), ("conditioning", "conditioning"),
                           ("base_model", "base model")):
             saved, configured = plain(stored.get(key)), plain(current_setup[key])

@@ -15,7 +15,8 @@ TINY_CONFIG = {
     "trainer": {"accelerator": "cpu", "max_steps": 1, "limit_val_batches": 0, "logger": False,
                 "enable_progress_bar": False, "enable_model_summary": False},
     "model": {"class_path": "clp_lightning.module.CLPModule", "init_args": {
-        "policy": {"model_name_or_path": "tiny:t5", "max_prompt_length": 32, "conditioning": {"targets": "logits"}},
+        "policy": {"model_name_or_path": "tiny:t5", "max_prompt_length": 32,
+                   "conditioning": {"mode": "mixing", "options": {"targets": "logits"}}},
         "rewards": [{"class_path": "clp_lightning.rewards.LengthReward",
                      "init_args": {"name": "brevity", "mode": "brevity", "unit": "chars"}},
                     {"class_path": "clp_lightning.rewards.LengthReward",

@@ -65,10 +65,12 @@ def test_checkpoint_cannot_run_remote_code(trained, tmp_path, capsys):
 def test_checkpoint_of_another_mode_stops_before_its_weights_load(trained, tmp_path, capsys):
     config, ckpt = trained
     code, err = clp(capsys, "validate", "--config", str(config), f"--ckpt_path={ckpt}",
-                    "--model.init_args.policy.conditioning.targets=attention", f"--trainer.default_root_dir={tmp_path}")
+                    "--model.init_args.policy.conditioning.options={targets: attention}",
+                    f"--trainer.default_root_dir={tmp_path}")
     line = one_line(err)
     assert code == 2 and str(ckpt) in line
-    assert "conditioning {'targets': 'logits'}, the config has {'targets': 'attention'}" in line
+    assert ("conditioning {'options': {'targets': 'logits'}}, the config has {'options': {'targets': 'attention'}}"
+            in line)
 
 
 def make_bad_checkpoints(ckpt: Path, tmp_path: Path) -> dict[str, Path]:
@@ -275,6 +277,8 @@ def test_steer_names_the_checkpoint_of_another_mode(trained, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a post\n")
     code, err = clp(capsys, "steer", "--config", str(config), "--ckpt_path", str(ckpt), "--weights", "1,0",
-                    "--prompts", str(prompts), "--set=--model.init_args.policy.conditioning.targets=attention")
+                    "--prompts", str(prompts),
+                    "--set=--model.init_args.policy.conditioning.options={targets: attention}")
     line = one_line(err)
-    assert code == 2 and str(ckpt) in line and "was trained with conditioning {'targets': 'logits'}" in line
+    assert code == 2 and str(ckpt) in line
+    assert "was trained with conditioning {'options': {'targets': 'logits'}}" in line

@@ -97,7 +97,8 @@ def train_bandit(
 ) -> dict[str, Tensor]:
     """Train logit-CLP on the bandit with ``CLPModule`` and a Trainer; return the grid and the exact KLs to pi*_w."""
     policy = PolicyConfig(
-        model_name_or_path=model, conditioning=ConditioningConfig(targets="logits", train_shared=False)
+        model_name_or_path=model,
+        conditioning=ConditioningConfig(mode="mixing", options={"targets": "logits"}, train_shared=False),
     )
     module = CLPModule(
         policy,
@@ -176,6 +177,7 @@ def test_kl_in_loss_reaches_the_same_optimum_on_bandit(kl_loss_estimator):
 
 
 def test_only_unbiased_kl_forms_are_accepted():
+    logits = ConditioningConfig(mode="mixing", options={"targets": "logits"})
     with pytest.raises(ValueError, match="kl_loss_estimator must be 'k2' or 'seq_k2'"):
-        CLPModule(PolicyConfig("tiny:gpt2", ConditioningConfig(targets="logits")), [HashedTextReward("r0", 0)],
+        CLPModule(PolicyConfig("tiny:gpt2", logits), [HashedTextReward("r0", 0)],
                   kl_loss_estimator="k3")

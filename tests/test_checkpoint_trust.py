@@ -46,7 +46,7 @@ def test_explicit_override_wins_over_the_checkpoint(trained, tmp_path):
 
 
 @pytest.mark.parametrize("override, what", [
-    ("--model.init_args.policy.conditioning.targets=attention", "conditioning"),
+    ("--model.init_args.policy.conditioning.options={targets: attention}", "conditioning"),
     ("--model.init_args.policy.model_name_or_path=tiny:gpt2", "base model"),
 ])
 def test_a_checkpoint_of_another_setup_stops_before_its_weights_load(trained, tmp_path, override, what):
@@ -54,3 +54,35 @@ def test_a_checkpoint_of_another_setup_stops_before_its_weights_load(trained, tm
     with pytest.raises(ValueError, match=f"checkpoint .*model.ckpt. was trained with {what} .* the config has"):
         CLPCLI(args=["validate", "--config", str(config), f"--ckpt_path={path}", override,
                      f"--trainer.default_root_dir={tmp_path}"])
+
+
+def _as_format_1(path, out, **conditioning):
+    """A copy of ``path`` whose ``clp`` section is format 1's: built-in modes named by ``targets`` / ``lora``."""
+    ckpt = torch.load(path, weights_only=True)
+    new = ckpt["clp"]["conditioning"]
+    old = {k: v for k, v in new.items() if k not in ("mode", "options")}
+    ckpt["clp"] = {**ckpt["clp"], "format": 1,
+                   "conditioning": {**old, "targets": None, "lora": None, "mode": None, "options": None,
+                                    **conditioning}}
+    torch.save(ckpt, out)
+    return out
+
+
+def test_a_format_1_checkpoint_loads_under_the_equivalent_mode_config(trained, tmp_path):
+    config, path = trained
+    assert torch.load(path, weights_only=True)["clp"]["conditioning"]["mode"] == "mixing"  # written as format 2
+    old = _as_format_1(path, tmp_path / "old.ckpt", targets="logits")
+    cli = CLPCLI(args=["validate", "--config", str(config), f"--ckpt_path={old}",
+                       f"--trainer.default_root_dir={tmp_path}"])
+    state = torch.load(path, weights_only=True)["state_dict"]
+    loaded = cli.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())  # every stored weight reached the module
+    # the translation is not a pass: a format-1 checkpoint of another mode still stops, naming the difference
+    for fields, shown in (({"targets": "attention"}, "'options': {'targets': 'attention'}"),
+                          ({"lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "attention"}},
+                           "'mode': 'lora'"),
+                          ({}, "'mode': 'none'")):
+        other = _as_format_1(path, tmp_path / "other.ckpt", **fields)
+        with pytest.raises(ValueError, match=f"was trained with conditioning {{.*{shown}.*}}, the config has"):
+            CLPCLI(args=["validate", "--config", str(config), f"--ckpt_path={other}",
+                         f"--trainer.default_root_dir={tmp_path}"])

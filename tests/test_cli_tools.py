@@ -39,7 +39,8 @@ CONFIG = {
     "model": {
         "class_path": "clp_lightning.module.CLPModule",
         "init_args": {
-            "policy": {"model_name_or_path": "tiny:t5", "max_prompt_length": 32, "conditioning": {"targets": "logits"}},
+            "policy": {"model_name_or_path": "tiny:t5", "max_prompt_length": 32,
+                       "conditioning": {"mode": "mixing", "options": {"targets": "logits"}}},
             "rewards": [
                 {
                     "class_path": "clp_lightning.rewards.RougeReward",
@@ -120,10 +121,11 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
 
 STEER_SETUPS = {
     # prompt + alpha conditioning: generation must write alpha into the prefix, or the policy refuses the prompt
-    "alpha": ({"policy": {"conditioning": {"prompt": True, "targets": "logits", "condition_on_alpha": True}},
+    "alpha": ({"policy": {"conditioning": {"prompt": True, "mode": "mixing", "options": {"targets": "logits"},
+                                           "condition_on_alpha": True}},
                "alpha_range": [0.05, 0.5]}, []),
     # the evaluation-only baseline: steer must decode with the experts' mixed logits, as validate does
-    "logit_mixture": ({"policy": {"conditioning": {"targets": "attention"}}},
+    "logit_mixture": ({"policy": {"conditioning": {"mode": "mixing", "options": {"targets": "attention"}}}},
                       ["--set=--model.init_args.decoding=logit_mixture"]),
 }
 

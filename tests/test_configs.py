@@ -106,8 +106,9 @@ def check_settings(cfg: Namespace) -> None:
 
 
 def leaves(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """``(dotted.key, value)`` for each non-dict value of a loaded YAML mapping."""
-    if not isinstance(tree, dict):
+    """``(dotted.key, value)`` for each non-dict value of a loaded YAML mapping; a conditioning mode's ``options``
+    is one value (a dict the mode takes whole)."""
+    if not isinstance(tree, dict) or prefix.endswith("conditioning.options"):
         return [(prefix, tree)]
     return [leaf for key, value in tree.items() for leaf in leaves(value, f"{prefix}.{key}" if prefix else key)]
 
@@ -189,8 +190,10 @@ def test_fragments_stack_on_a_real_config(parser: Any) -> None:
     stack = [CONF_DIR / "cnndm_t5.yaml", CONF_DIR / "conditioning" / "lora.yaml", CONF_DIR / "trainer" / "slurm.yaml"]
     cfg = parse(parser, *stack)
     check_settings(cfg)
-    assert cfg.model.init_args.policy.conditioning.lora.r == 8
-    assert cfg.model.init_args.policy.conditioning.targets is None
+    # the fragment's options replace the base's ({targets: logits}); they are not merged into them
+    assert cfg.model.init_args.policy.conditioning.mode == "lora"
+    assert cfg.model.init_args.policy.conditioning.options == {"r": 8, "alpha": 16.0, "dropout": 0.0,
+                                                              "target_modules": "attention"}
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.strategy == "ddp"
     assert [p.class_path.rsplit(".", 1)[1] for p in cfg.trainer.plugins] == ["SafeCheckpointIO", "SLURMEnvironment"]
     assert cfg.data.class_path == "clp_lightning.data.CNNDailyMailDataModule"  # the base's other parts are kept
@@ -224,7 +227,7 @@ def test_print_config_shows_the_merged_config(
     assert done.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     conditioning = printed["model"]["init_args"]["policy"]["conditioning"]
-    assert conditioning["targets"] is None and conditioning["lora"]["r"] == 8
+    assert conditioning["mode"] == "lora" and conditioning["options"]["r"] == 8
     assert printed["trainer"]["max_steps"] == 160  # from the base
 
 

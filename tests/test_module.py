@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from clp_lightning.callbacks import SafeCheckpointIO
-from clp_lightning.conditioning.lora import LoraSpec
 from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
@@ -29,7 +28,8 @@ def make_module(conditioning: ConditioningConfig | None = None, arch: str = "t5"
         optimizer=OptimizerConfig(lr=1e-2),
     )
     defaults.update(kwargs)
-    policy = PolicyConfig(f"tiny:{arch}", conditioning or ConditioningConfig(targets="attention"), max_prompt_length=48)
+    conditioning = conditioning or ConditioningConfig(mode="mixing", options={"targets": "attention"})
+    policy = PolicyConfig(f"tiny:{arch}", conditioning, max_prompt_length=48)
     return CLPModule(policy, rewards, **defaults)
 
 
@@ -62,7 +62,8 @@ def _assert_trainable_changed_frozen_did_not(module: CLPModule, before: dict[str
 
 @pytest.mark.parametrize(
     "conditioning",
-    [ConditioningConfig(targets="attention"), ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention"))],
+    [ConditioningConfig(mode="mixing", options={"targets": "attention"}),
+     ConditioningConfig(mode="lora", options={"r": 2, "target_modules": "attention"})],
     ids=["attention", "lora"],
 )
 def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, conditioning):
@@ -74,11 +75,11 @@ def test_every_trainable_parameter_changes_and_frozen_ones_do_not(tmp_path, cond
     frozen = {n for n in before if n not in trainable}
     # the reward models, and the frozen reference copy (LoRA-CLP has none: its reference is the adapters switched off)
     assert any(n.startswith("rewards.") for n in frozen)
-    assert conditioning.lora is not None or any("reference" in n for n in frozen)
+    assert conditioning.mode == "lora" or any("reference" in n for n in frozen)
 
 
 def test_checkpoint_leaves_out_frozen_weights_and_loads_weights_only(tmp_path):
-    module = make_module(ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention")))
+    module = make_module(ConditioningConfig(mode="lora", options={"r": 2, "target_modules": "attention"}))
     trainer = make_trainer(tmp_path, max_steps=1, enable_checkpointing=False)
     trainer.fit(module, datamodule=make_data())
     path = tmp_path / "model.ckpt"
@@ -87,7 +88,7 @@ def test_checkpoint_leaves_out_frozen_weights_and_loads_weights_only(tmp_path):
     keys = set(ckpt["state_dict"])
     assert not any(k.startswith(("rewards.", "reference.")) for k in keys)
     assert keys and all(".lora_" in k or k.startswith("normalizer.") for k in keys), sorted(keys)[:5]
-    fresh = make_module(ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention")))
+    fresh = make_module(ConditioningConfig(mode="lora", options={"r": 2, "target_modules": "attention"}))
     make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).validate(fresh, make_data(), ckpt_path=path)
     for name, tensor in module.policy.trainable_state_dict().items():
         assert torch.equal(tensor, fresh.policy.trainable_state_dict()[name])
@@ -164,7 +165,8 @@ def test_alpha_conditioning_samples_alpha_per_prompt(tmp_path, monkeypatch):
 
 
 def test_causal_policy_trains(tmp_path):
-    module = make_module(ConditioningConfig(prompt=True, targets="logits"), arch="gpt2", kl_in_loss=True)
+    conditioning = ConditioningConfig(prompt=True, mode="mixing", options={"targets": "logits"})
+    module = make_module(conditioning, arch="gpt2", kl_in_loss=True)
     before = _snapshot(module)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     make_trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, datamodule=make_data())
@@ -235,8 +237,9 @@ def test_logit_mixture_decoding_evaluates_and_refuses_to_train(tmp_path):
 
 
 @pytest.mark.parametrize("arch, rate", [("t5", {"dropout_rate": 0.1}), ("llama", {"attention_dropout": 0.1})])
-@pytest.mark.parametrize("conditioning", [ConditioningConfig(targets="all"),
-                                          ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention"))],
+@pytest.mark.parametrize("conditioning", [ConditioningConfig(mode="mixing", options={"targets": "all"}),
+                                          ConditioningConfig(mode="lora",
+                                                             options={"r": 2, "target_modules": "attention"})],
                          ids=["all", "lora"])
 @pytest.mark.parametrize("disable", [True, False], ids=["dropout_off", "dropout_kept"])
 def test_rl_step_sees_no_dropout_of_any_kind(tmp_path, arch, rate, conditioning, disable):
@@ -266,7 +269,7 @@ def test_rl_step_sees_no_dropout_of_any_kind(tmp_path, arch, rate, conditioning,
         assert torch.equal(again[0], again[1])
         # LoRA starts at B = 0 (the policy is the base exactly); parameter mixing sums w_i theta over equal copies,
         # which rounds in the last bit when w is not uniform
-        assert rollout["seq_kl"].abs().max() <= (0.0 if conditioning.lora else 1e-5)
+        assert rollout["seq_kl"].abs().max() <= (0.0 if conditioning.mode == "lora" else 1e-5)
     else:  # the negative control: the same checks see the dropout when it is kept
         assert not torch.equal(again[0], again[1])
         assert rollout["seq_kl"].abs().max() > 1e-3

@@ -8,14 +8,13 @@ import pytest
 import torch
 from reward_helpers import HashedTextReward
 
-from clp_lightning.conditioning.lora import LoraSpec
 from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
 from clp_lightning.module import CLPModule
 
-ATTENTION = ConditioningConfig(targets="attention", train_shared=False)
-LORA = ConditioningConfig(lora=LoraSpec(r=2, target_modules="attention"))
+ATTENTION = ConditioningConfig(mode="mixing", options={"targets": "attention"}, train_shared=False)
+LORA = ConditioningConfig(mode="lora", options={"r": 2, "target_modules": "attention"})
 
 
 def make_module(conditioning, sampler=None, experts=None) -> CLPModule:
@@ -104,7 +103,7 @@ def test_soup_policy_interpolates_the_experts(tmp_path, conditioning):
 
 
 def test_experts_that_differ_on_shared_weights_are_rejected(tmp_path):
-    shared = ConditioningConfig(targets="attention", train_shared=True)
+    shared = ConditioningConfig(mode="mixing", options={"targets": "attention"}, train_shared=True)
     paths = [train_expert(tmp_path, shared, i)[1] for i in (0, 1)]
     with pytest.raises(ValueError, match="differ on the shared parameter"):
         make_module(shared, experts=paths)

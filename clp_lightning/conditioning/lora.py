@@ -172,14 +172,15 @@ class LoraConditioning(ConditioningMode):
     """LoRA-CLP: ``m`` LoRA adapters per target module on a frozen base, their outputs mixed by ``w``; the base with
     adapters off is the reference policy.
 
-    Args:
-        spec: the adapters (:class:`LoraSpec`, or its fields as a dict).
+    Args: the fields of :class:`LoraSpec`: ``r``, ``alpha``, ``dropout``, ``target_modules``.
     """
 
     reference_in_model = True
 
-    def __init__(self, spec: LoraSpec | dict[str, Any]) -> None:
-        self.spec = LoraSpec(**spec) if isinstance(spec, dict) else spec
+    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 target_modules: str | Sequence[str] = ("attention",)) -> None:
+        modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=modules)
 
     def apply(self, model: nn.Module, num_objectives: int, state: WeightingState) -> tuple[list[str], int]:
         modules = apply_lora_mixing(model, self.spec, num_objectives, state)
@@ -201,4 +202,4 @@ class LoraConditioning(ConditioningMode):
         return out
 
     def options(self) -> dict[str, Any]:
-        return {"spec": dataclasses.asdict(self.spec)}
+        return dataclasses.asdict(self.spec)

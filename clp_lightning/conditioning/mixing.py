@@ -340,19 +340,13 @@ class ParameterMixing(ConditioningMode):
 
     Args:
         targets: ``"logits"``, ``"attention"``, ``"all"`` or module-name patterns (:func:`resolve_targets`).
-        train_shared: also train the parameters that are not conditioned (as in the paper); False trains only the
-            copies (Rewarded Soups' experts need that, so that they differ only in their copies).
     """
 
-    def __init__(self, targets: str | Sequence[str], train_shared: bool = True) -> None:
-        self.targets, self.train_shared = targets, train_shared
+    def __init__(self, targets: str | Sequence[str]) -> None:
+        self.targets = targets if isinstance(targets, str) else list(targets)
 
     def apply(self, model: nn.Module, num_objectives: int, state: WeightingState) -> tuple[list[str], int]:
         report = apply_parameter_mixing(model, self.targets, num_objectives, state)
-        if not self.train_shared:
-            model.requires_grad_(False)
-            for module in mixed_modules(model).values():
-                module.requires_grad_(True)
         return report.modules, report.extra_parameters
 
     def merge(self, model: nn.Module, weights: Tensor) -> nn.Module:
@@ -366,4 +360,7 @@ class ParameterMixing(ConditioningMode):
                 if all(n in e for e in experts)}
 
     def options(self) -> dict[str, Any]:
-        return {"targets": self.targets, "train_shared": self.train_shared}
+        return {"targets": self.targets}
+
+    def label(self) -> str:
+        return self.targets if isinstance(self.targets, str) else "+".join(self.targets)

@@ -6,14 +6,15 @@ A mode conditions the model in place (:meth:`ConditioningMode.apply`), mixes by 
 model (:meth:`~ConditioningMode.merge`), and gives the Rewarded Soups value of each conditioned parameter
 (:meth:`~ConditioningMode.expert_values`). The policy calls only these; it never asks which mode it has.
 
-Built in: ``none`` (here), ``mixing`` (``m`` copies of selected modules, :mod:`~clp_lightning.conditioning.mixing`)
-and ``lora`` (``m`` LoRA adapters on a frozen base, :mod:`~clp_lightning.conditioning.lora`). Prompt conditioning
-(``w`` written into the input text) combines with every mode and is not one.
+Built in: ``none`` (:class:`NoConditioning`, here), ``mixing`` (``m`` copies of selected modules,
+:mod:`~clp_lightning.conditioning.mixing`) and ``lora`` (``m`` LoRA adapters on a frozen base,
+:mod:`~clp_lightning.conditioning.lora`). Prompt conditioning (``w`` written into the input text) combines with every
+mode and is not one.
 
 Adding a mode is one file and one YAML fragment: subclass :class:`ConditioningMode` with keyword options in
-``__init__``, decorate it with ``@register_mode("<name>")``, and select it with ``conditioning: {mode: <name>,
-options: {...}}``. A mode outside this package is named by its dotted path (``mode: my_package.modes.MyMode``),
-which also imports it.
+``__init__`` (returned, defaults filled, by :meth:`~ConditioningMode.options`), decorate it with
+``@register_mode("<name>")``, and select it with ``conditioning: {mode: <name>, options: {...}}``. A mode outside this
+package is named by its dotted path (``mode: my_package.modes.MyMode``), which also imports it.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def mode_class(name: str) -> type[ConditioningMode]:
 
 
 class ConditioningMode:
-    """Base class and the ``none`` behaviour: parameters are not conditioned (prompt-only policies).
+    """Base class of conditioning modes; on its own it conditions no parameter (see :class:`NoConditioning`).
 
     Attributes:
         name: the registered name.
@@ -99,8 +100,17 @@ class ConditioningMode:
         return {}
 
     def options(self) -> dict[str, Any]:
-        """The options the mode was built with (for reports)."""
+        """Every option the mode was built with, defaults included (checkpoints record and compare them)."""
         return {}
 
+    def label(self) -> str:
+        """A short name for run labels and reports (``ConditioningConfig.name``); empty for no conditioning."""
+        return self.name.rpartition(".")[2]
 
-register_mode("none")(ConditioningMode)
+
+@register_mode("none")
+class NoConditioning(ConditioningMode):
+    """Parameters are not conditioned: prompt-only policies and unconditioned baselines."""
+
+    def label(self) -> str:
+        return ""

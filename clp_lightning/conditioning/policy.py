@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +29,6 @@ from clp_lightning.conditioning.lm import (
     generate_responses,
     response_log_probs,
 )
-from clp_lightning.conditioning.lora import LoraSpec
 from clp_lightning.conditioning.mixing import WeightingState
 from clp_lightning.conditioning.mode import ConditioningMode, mode_class
 from clp_lightning.conditioning.prompt import ChatFormat, PromptConditioner
@@ -45,61 +45,53 @@ class ConditioningConfig:
         prompt_template: prefix format with a ``{weights}`` field.
         alpha_template: prefix format used when conditioning on ``alpha`` too.
         prompt_precision: decimals per number in the prefix.
-        targets: parameter-space conditioning: ``"logits"``, ``"attention"``, ``"all"`` or module-name patterns;
-            None for none.
-        lora: LoRA-CLP adapters (``m`` per target module on a frozen base); None for none. Excludes ``targets``.
-        train_shared: with parameter mixing, also train the parameters that are not conditioned (as in the paper);
-            False trains only the copies.
+        mode: the parameter conditioning, by registered name or dotted path (:mod:`clp_lightning.conditioning.mode`):
+            ``none``, ``mixing`` (``m`` copies of selected modules) or ``lora`` (``m`` LoRA adapters on a frozen base).
+        options: the keyword options of ``mode``: ``mixing``: ``targets`` (``logits``, ``attention``, ``all`` or
+            module-name patterns); ``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules``.
+        train_shared: also train the parameters the mode does not add (parameter mixing, as in the paper); False
+            trains only the mode's own (copies, adapters). LoRA freezes its base either way.
         condition_on_alpha: the policy also takes the KL strength ``alpha`` (needs ``prompt``).
-        mode: a conditioning mode by registered name or dotted path (:mod:`clp_lightning.conditioning.mode`), for
-            modes other than the built-in ones, which ``targets`` (``mixing``) and ``lora`` select.
-        options: the keyword options of ``mode``.
     """
 
     prompt: bool = False
     prompt_template: str = "<w {weights}> "
     alpha_template: str = "<w {weights} | kl {alpha}> "
     prompt_precision: int = 2
-    targets: str | list[str] | None = None
-    lora: LoraSpec | None = None
+    mode: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
     train_shared: bool = True
     condition_on_alpha: bool = False
-    mode: str | None = None
-    options: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoraSpec(**self.lora)
-        if self.targets is not None and self.lora is not None:
-            raise ValueError("conditioning sets both targets (parameter mixing) and lora; choose one")
-        if self.mode is not None:
-            if self.targets is not None or self.lora is not None:
-                raise ValueError(f"conditioning sets mode={self.mode!r} and also targets or lora; choose one")
-            mode_class(self.mode)  # an unknown name fails here, before any model loads
-        elif self.options:
-            raise ValueError("conditioning.options are the options of conditioning.mode, which is not set")
+        self.options = dict(self.options or {})
         if self.condition_on_alpha and not self.prompt:
             raise ValueError("condition_on_alpha=True needs prompt=True: alpha is given to the policy in the prompt")
+        self.build_mode()  # an unknown mode or option fails here, before any model loads
 
     @property
     def name(self) -> str:
         """Short label such as ``prompt+attention``, ``lora`` or ``none``."""
-        parts = (["prompt"] if self.prompt else []) + (["lora"] if self.lora else [])
-        if self.targets is not None:
-            parts.append(self.targets if isinstance(self.targets, str) else "+".join(self.targets))
-        if self.mode is not None:
-            parts.append(self.mode.rpartition(".")[2])
-        return "+".join(parts) or "none"
+        parts = (["prompt"] if self.prompt else []) + [self.build_mode().label()]
+        return "+".join(p for p in parts if p) or "none"
 
     def build_mode(self) -> ConditioningMode:
-        """The parameter conditioning: ``mode`` with its ``options``, else the built-in mode the fields select."""
-        if self.mode is not None:
-            return mode_class(self.mode)(**(self.options or {}))
-        if self.lora is not None:
-            return mode_class("lora")(spec=self.lora)
-        if self.targets is not None:
-            return mode_class("mixing")(targets=self.targets, train_shared=self.train_shared)
-        return mode_class("none")()
+        """The parameter conditioning: ``mode`` built with its ``options``."""
+        cls = mode_class(self.mode)
+        accepted = inspect.signature(cls).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            unknown = sorted(self.options.keys() - accepted.keys())
+            missing = sorted(n for n, p in accepted.items() if p.default is p.empty and n not in self.options
+                             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+            if unknown or missing:
+                problem = f"has no option(s) {unknown}" if unknown else f"needs option(s) {missing}"
+                raise ValueError(f"conditioning mode {self.mode!r} {problem} in conditioning.options; its options "
+                                 f"are {sorted(accepted) or 'none'}")
+        return cls(**self.options)
+
+    def stored(self) -> dict[str, Any]:
+        """The fields with the mode's options resolved (defaults filled): what checkpoints record and compare."""
+        return {**asdict(self), "options": self.build_mode().options()}
 
 
 class ConditionalPolicy(nn.Module):
@@ -150,7 +142,14 @@ class ConditionalPolicy(nn.Module):
             else None
         )
         self.mode = conditioning.build_mode()
+        own = list(model.parameters())  # held, so that no parameter the mode adds can reuse a replaced one's id
         self.conditioned_modules, self.extra_parameters = self.mode.apply(model, num_objectives, self.state)
+        if not conditioning.train_shared:  # only what the mode added trains
+            own_ids = {id(p) for p in own}
+            for param in model.parameters():
+                if id(param) in own_ids:
+                    param.requires_grad_(False)
+        del own
         self.model = model
         self.reference_copy: PreTrainedModel | None = None  # set by freeze_reference (not for LoRA-CLP)
 

@@ -23,7 +23,8 @@ def make_module() -> CLPModule:
         RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
         LengthReward(name="brevity", unit="chars", scale=10.0),
     ]
-    policy = PolicyConfig("tiny:t5", ConditioningConfig(targets="logits"), max_prompt_length=48)
+    logits = ConditioningConfig(mode="mixing", options={"targets": "logits"})
+    policy = PolicyConfig("tiny:t5", logits, max_prompt_length=48)
     return CLPModule(
         policy,
         rewards,
@@ -175,7 +176,8 @@ def test_every_n_epochs_and_three_objective_figure(tmp_path):
         RougeReward(name="precision", target="source", rouge_key="rouge1", measure="precision"),
         LengthReward(name="brevity", unit="chars", scale=10.0),
     ]
-    policy = PolicyConfig("tiny:gpt2", ConditioningConfig(targets="logits"), max_prompt_length=48)
+    logits = ConditioningConfig(mode="mixing", options={"targets": "logits"})
+    policy = PolicyConfig("tiny:gpt2", logits, max_prompt_length=48)
     module = CLPModule(policy, rewards, samples_per_prompt=2, generation=GenerationSettings(max_new_tokens=3))
     callback = GridEvaluation(
         grid_step=0.5,

@@ -5,18 +5,18 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from clp_lightning.conditioning.lora import LoraSpec, adapter_name, lora_layers
+from clp_lightning.conditioning.lora import adapter_name, lora_layers
 from clp_lightning.conditioning.mixing import mixed_modules
 from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
 
 PROMPTS = ["SUBREDDIT: r/cooking TITLE: soup POST: too salty TL;DR:", "hi", "a somewhat longer prompt, to pad"]
 
 MODES = {
-    "logits": ConditioningConfig(targets="logits"),
-    "attention": ConditioningConfig(targets="attention"),
-    "all": ConditioningConfig(targets="all"),
-    "lora": ConditioningConfig(lora=LoraSpec(r=4, target_modules="all")),
-    "prompt+attention": ConditioningConfig(prompt=True, targets="attention"),
+    "logits": ConditioningConfig(mode="mixing", options={"targets": "logits"}),
+    "attention": ConditioningConfig(mode="mixing", options={"targets": "attention"}),
+    "all": ConditioningConfig(mode="mixing", options={"targets": "all"}),
+    "lora": ConditioningConfig(mode="lora", options={"r": 4, "target_modules": "all"}),
+    "prompt+attention": ConditioningConfig(prompt=True, mode="mixing", options={"targets": "attention"}),
 }
 
 
@@ -63,7 +63,7 @@ def plain_copy(arch: str, policy: ConditionalPolicy, i: int) -> nn.Module:
                 target.bias = nn.Parameter(mixed.bias[i].clone())
         layers = {n: m for n, m in policy.model.named_modules() if isinstance(m, LoraLayer)}
         if layers:
-            spec = policy.conditioning.lora
+            spec = policy.mode.spec
             config = LoraConfig(
                 r=spec.r, lora_alpha=spec.alpha, target_modules=list(layers), fan_in_fan_out=arch == "gpt2"
             )

@@ -58,13 +58,16 @@ def test_rewarded_soups_takes_the_modes_conditioned_values():
 
 def test_modes_are_chosen_by_name_and_bad_names_fail_early():
     assert mode_class("lora").reference_in_model and not mode_class("mixing").reference_in_model
-    assert ConditioningConfig(targets="logits").build_mode().name == "mixing"
+    assert ConditioningConfig(mode="mixing", options={"targets": "logits"}).build_mode().name == "mixing"
     assert ConditioningConfig().build_mode().name == "none"
     with pytest.raises(ValueError, match="unknown conditioning mode 'prefix_tuning'"):
         ConditioningConfig(mode="prefix_tuning")
-    with pytest.raises(ValueError, match="mode='mixing' and also targets"):
-        ConditioningConfig(mode="mixing", targets="logits")
-    with pytest.raises(ValueError, match="options are the options of conditioning.mode"):
+    # options are checked against the mode's signature when the config is made, before any model loads
+    with pytest.raises(ValueError, match=r"mode 'lora' has no option\(s\) \['rank'\].*\['alpha', 'dropout', 'r'"):
+        ConditioningConfig(mode="lora", options={"rank": 8})
+    with pytest.raises(ValueError, match=r"mode 'mixing' needs option\(s\) \['targets'\]"):
+        ConditioningConfig(mode="mixing")
+    with pytest.raises(ValueError, match=r"mode 'none' has no option\(s\) \['x'\] .*; its options are none"):
         ConditioningConfig(options={"x": 1})
 
     @register_mode("test_registered")
@@ -74,3 +77,16 @@ def test_modes_are_chosen_by_name_and_bad_names_fail_early():
     assert ConditioningConfig(mode="test_registered").build_mode().name == "test_registered"
     with pytest.raises(ValueError, match="already registered"):
         register_mode("mixing")(Registered)
+
+
+@pytest.mark.parametrize(("mode", "options", "added"), [("mixing", {"targets": "attention"}, ".attn."),
+                                                       (MODE, {}, "clp_logit_bias")])
+def test_train_shared_false_trains_only_what_the_mode_added(mode, options, added):
+    def trainable(train_shared: bool) -> set[str]:
+        config = ConditioningConfig(mode=mode, options=options, train_shared=train_shared)
+        policy = ConditionalPolicy.from_pretrained("tiny:gpt2", 2, config, seed=0)
+        return {n for n, p in policy.model.named_parameters() if p.requires_grad}
+
+    everything, own = trainable(True), trainable(False)
+    # the attention copies (weights and biases) or the bias vectors train; embeddings, MLPs and norms are frozen
+    assert own == {n for n in everything if added in n} and own < everything

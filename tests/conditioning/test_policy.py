@@ -2,7 +2,7 @@ import pytest
 import torch
 from policy_helpers import MODES, PROMPTS, make_policy, perturb, plain_copy
 
-from clp_lightning.conditioning.lora import LoraSpec, adapter_name, lora_layers
+from clp_lightning.conditioning.lora import adapter_name, lora_layers
 from clp_lightning.conditioning.mixing import mixed_modules
 from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
 
@@ -127,14 +127,14 @@ def test_merged_model_equals_policy_at_w(arch, mode):
 
 def test_bad_inputs_fail_with_clear_messages():
     with pytest.raises(ValueError, match="matches no Linear.*did you mean"):
-        ConditionalPolicy.from_pretrained("tiny:gpt2", 2, ConditioningConfig(targets=["attn.c_atn"]))
+        ConditionalPolicy.from_pretrained(
+            "tiny:gpt2", 2, ConditioningConfig(mode="mixing", options={"targets": ["attn.c_atn"]})
+        )
     policy = make_policy("t5", "attention")
     with pytest.raises(ValueError, match="sums to"):
         policy.merged_model([0.5, 0.6])
     with pytest.raises(RuntimeError, match="inside policy.conditioned"):
         policy.model(**policy.encode(["x"]), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="both targets"):
-        ConditioningConfig(targets="logits", lora={"r": 2})
     with pytest.raises(ValueError, match="needs prompt=True"):
         ConditioningConfig(condition_on_alpha=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -183,7 +183,7 @@ def test_stacked_lora_adapters_equal_peft_per_adapter_loop(arch):
     from clp_lightning.conditioning.lora import _StackedForward
 
     stacked = perturb(make_policy(arch, "lora", m=3)).eval().double()
-    config = ConditioningConfig(lora=LoraSpec(r=4, target_modules="all", dropout=0.1))
+    config = ConditioningConfig(mode="lora", options={"r": 4, "target_modules": "all", "dropout": 0.1})
     looped = ConditionalPolicy.from_pretrained(f"tiny:{arch}", 3, config, seed=0).eval().double()
     looped.model.load_state_dict(stacked.model.state_dict())  # the same base and adapters
     assert all(isinstance(layer.forward, _StackedForward) for layer in lora_layers(stacked.model))

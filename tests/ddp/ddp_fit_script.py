@@ -30,7 +30,8 @@ def main(out_dir: str, devices: int) -> None:
         RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
         LengthReward(name="brevity", unit="chars", scale=10.0),
     ]
-    policy = PolicyConfig("tiny:t5", ConditioningConfig(targets="logits"), max_prompt_length=32)
+    conditioning = ConditioningConfig(mode="mixing", options={"targets": "logits"})
+    policy = PolicyConfig("tiny:t5", conditioning, max_prompt_length=32)
     module = CLPModule(
         policy,
         rewards,
