@@ -31,11 +31,11 @@ class Cell:
     prompts: int = 4  # P, prompts per step
     samples: int = 4  # G, samples per prompt
     new_tokens: int = 32  # L, exactly this many per response
-    prompt_chars: int = 96  # prompts are the last this many characters of the synthetic TL;DR prompt
+    prompt_chars: int = 96  # prompts are the last this many characters (byte tokens) of the synthetic TL;DR prompt
     kl_coef: float = 0.05
     group: str = ""  # ratios are taken against the group's baseline cell
     baseline: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # further CLPModule arguments (clp cells)
 
 
 def rewards(kind: str, m: int) -> list:
@@ -81,5 +81,7 @@ def prompt_data(cell: Cell, steps: int):
     data = SyntheticTLDRDataModule(num_train=cell.prompts * steps, num_val=1, num_test=1, batch_size=cell.prompts,
                                    seed=0)
     data.setup("fit")
-    data.data["train"] = data.data["train"].map(lambda row: {"prompt": row["prompt"][-cell.prompt_chars:]})
+    # a prompt shorter than prompt_chars is repeated first (the summarisation suite's 512-token prompts)
+    data.data["train"] = data.data["train"].map(
+        lambda row: {"prompt": (row["prompt"] * -(-cell.prompt_chars // len(row["prompt"])))[-cell.prompt_chars:]})
     return data

@@ -23,6 +23,7 @@ from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
 from clp_lightning.models import disable_dropout as disable_dropout_in
 from clp_lightning.rewards import Reward, RewardNormalizer
+from clp_lightning.sharding import is_sharded, shard_transformer
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class CLPModule(L.LightningModule):
         rewards: the ``m`` objectives, in order (their ``name`` is used in logs).
         sampler: distribution of the training weightings (Dirichlet by default).
         samples_per_prompt: ``k`` responses per (prompt, ``w``); at least 2 with the leave-one-out baseline.
+        share_prompt: compute each prompt once for its ``k`` samples (seq2seq: one encoder pass; causal: one prefill
+            whose key/value cache the samples continue from), in generation and in both log-prob passes. Equal to
+            the unshared path to rounding (tested); False runs every (prompt, sample) pair in full, for benchmarks
+            and for a model whose cache cannot be repeated.
         kl_coef: KL strength ``alpha`` (when not conditioned on alpha).
         alpha_range: ``[low, high]``: sample ``alpha`` per prompt from this range and give it to the policy
             (needs ``conditioning.condition_on_alpha``); None uses ``kl_coef``.
@@ -115,6 +120,7 @@ class CLPModule(L.LightningModule):
         rewards: Sequence[Reward],
         sampler: SamplerConfig | None = None,
         samples_per_prompt: int = 4,
+        share_prompt: bool = True,
         kl_coef: float = 0.05,
         alpha_range: tuple[float, float] | None = None,
         alpha_log_uniform: bool = False,
@@ -158,7 +164,7 @@ class CLPModule(L.LightningModule):
         self.objective_names = names
         self.num_objectives = len(rewards)
         self.sampler = (sampler or SamplerConfig()).build(self.num_objectives)
-        self.samples_per_prompt = samples_per_prompt
+        self.samples_per_prompt, self.share_prompt = samples_per_prompt, share_prompt
         self.kl_coef, self.alpha_range, self.alpha_log_uniform = kl_coef, alpha_range, alpha_log_uniform
         if kl_loss_estimator not in ("k2", "seq_k2"):
             raise ValueError(f"kl_loss_estimator must be 'k2' or 'seq_k2' (the gradients of a KL), got "
@@ -229,17 +235,21 @@ class CLPModule(L.LightningModule):
     def _rollout(self, batch: dict[str, list[str]], generator: torch.Generator) -> dict[str, Any]:
         """Sample ``k`` responses per prompt under its weighting and compute their log-probabilities."""
         k = self.samples_per_prompt
-        weights, alpha = self.sample_weights(len(batch["prompt"]), generator)
+        weights, alpha = self.sample_weights(len(batch["prompt"]), generator)  # (P, m), (P,)
         w_rows, alpha_rows = weights.repeat_interleave(k, 0), alpha.repeat_interleave(k, 0)  # (N, m), (N,)
-        prompts = [p for p in batch["prompt"] for _ in range(k)]
-        enc = self.policy.encode(prompts, w_rows, alpha_rows)
+        # shared: each prompt is encoded (prefilled) once for its k samples, here and in both log-prob passes
+        prompts, shared = batch["prompt"], (weights, alpha, k)
+        if not self.share_prompt:
+            prompts, shared = [p for p in prompts for _ in range(k)], (w_rows, alpha_rows, 1)
+        p_weights, p_alpha, per_prompt = shared
+        enc = self.policy.encode(prompts, p_weights, p_alpha)
         response_ids, response_mask = self.policy.generate(
-            **enc, weights=w_rows, alpha=alpha_rows, **self.generation.kwargs()
+            **enc, weights=p_weights, alpha=p_alpha, num_return_sequences=per_prompt, **self.generation.kwargs()
         )
         # the reference first: its activations are freed before the policy's graph is built, not on top of it
         ref_logp = self.policy.reference_log_probs(prompts, response_ids, response_mask)
-        out = self.policy(**enc, response_ids=response_ids, response_mask=response_mask, weights=w_rows,
-                          alpha=alpha_rows, return_entropy=True)
+        out = self.policy(**enc, response_ids=response_ids, response_mask=response_mask, weights=p_weights,
+                          alpha=p_alpha, return_entropy=True)
         rollout = {
             "weights": w_rows, "alpha_rows": alpha_rows, "response_ids": response_ids, "response_mask": response_mask,
             "seq_logp": alg.sequence_log_probs(out.log_probs, response_mask),
@@ -415,9 +425,10 @@ class CLPModule(L.LightningModule):
                     saved, configured = ({k: d.get(k) for k in fields} for d in (saved, configured))
                 raise CheckpointError(f"{name} was trained with {what} {saved}, the config has {configured}: "
                                       "load it with the config it was trained with")
-        current = super().state_dict()
-        for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
-            checkpoint["state_dict"].setdefault(key, current[key])
+        if "state_dict" in checkpoint:  # (a sharding strategy loads the weights itself first, and takes them out)
+            current = super().state_dict()
+            for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
+                checkpoint["state_dict"].setdefault(key, current[key])
         self.checkpoint_step = int(checkpoint.get("global_step", 0))  # reports of `validate` name the step
 
     def load_trained(self, path: str, checkpoint: dict[str, Any] | None = None) -> CLPModule:
@@ -435,6 +446,25 @@ class CLPModule(L.LightningModule):
             raise CheckpointError(f"{str(path)!r}: {err}") from None  # no trainer here to name the file
         self.load_state_dict(checkpoint["state_dict"])
         return self
+
+    def configure_model(self) -> None:
+        """Under a strategy that gives a device mesh (``ModelParallelStrategy``, ``conf/trainer/fsdp.yaml``), shard
+        the policy and its frozen reference copy with FSDP2, one unit per transformer block
+        (:mod:`clp_lightning.sharding`). The reward models stay whole on every rank: frozen, used without gradients.
+        Without a mesh (one device, DDP) nothing changes."""
+        mesh = self.device_mesh
+        if mesh is None or is_sharded(self.policy.model):
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(f"tensor_parallel_size={mesh['tensor_parallel'].size()}: the policy is sharded, not split "
+                             "by tensor parallelism; set tensor_parallel_size: 1")
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        shard_transformer(self.policy.model, data_parallel)
+        if self.policy.reference_copy is not None:
+            shard_transformer(self.policy.reference_copy, data_parallel)
+        # The strategy loads a checkpoint's weights itself, before on_load_checkpoint: the frozen weights that
+        # checkpoints leave out (reference copy, reward models, LoRA base) keep their configured values there too.
+        self.strict_loading = False
 
     def on_train_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

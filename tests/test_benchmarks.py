@@ -165,3 +165,38 @@ def test_lm_head_prints_a_row_per_size_and_mode_and_writes_it(lm_head, capsys, t
         # times are measured, not asserted on (a test is no benchmark): only that each was taken and is printed
         assert float(on_response) > 0 and float(everywhere) > 0 and float(ratio) > 0
     assert json.loads(out.read_text())["head"] in printed
+
+
+def test_summarise_suite_pairs_each_shared_step_with_the_step_in_full(rl_step, rl_cell, tmp_path):
+    cells = rl_step.suites(["summarise", "trl"], ["small"])
+    summarise = cells["summarise"]
+    for group in {c.group for c in summarise}:
+        full, shared = [c for c in summarise if c.group == group]
+        assert full.baseline and full.extra == {"share_prompt": False} and shared.extra == {"share_prompt": True}
+        assert (full.mode, full.prompt_chars, full.new_tokens) == (shared.mode, shared.prompt_chars, 48)
+    assert {c.prompt_chars for c in summarise} == {256, 448}
+    # the same shapes against TRL, where the target is 2x TRL's steps per second
+    assert {c.prompt_chars for c in cells["trl"] if c.group.startswith("summarise")} == {256, 448}
+    row = lambda ratio: {"cell": {"baseline": False, "group": "summarise L=256"}, "ratio_to_baseline": ratio}  # noqa: E731
+    assert rl_step.verdict("trl", row(0.5)) == "met" and rl_step.verdict("trl", row(0.6)).startswith("**missed**")
+    # prompts of the asked length (byte tokens), repeated when the synthetic post is shorter, still ending in the cue
+    data = rl_cell.prompt_data(rl_cell.Cell("x", prompt_chars=448, prompts=2), steps=2)
+    prompts = data.data["train"]["prompt"]
+    assert all(len(p) == 448 and p.endswith("TL;DR:") for p in prompts)
+
+
+def test_cell_extra_reaches_the_module(rl_step, rl_cell, tmp_path, monkeypatch):
+    import clp_lightning.module as module
+
+    seen = []
+    rollout = module.CLPModule._rollout
+
+    def record(self, *args, **kwargs):
+        seen.append(self.share_prompt)
+        return rollout(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.CLPModule, "_rollout", record)
+    cell = rl_cell.Cell("x", size="tiny", rewards="cheap", prompts=1, samples=2, new_tokens=2,
+                        extra={"share_prompt": False})
+    rl_step.run_clp(cell, _args(tmp_path, warmup=0, steps=1, profile=False), rl_cell.model_dir(tmp_path, "tiny"))
+    assert seen == [False]

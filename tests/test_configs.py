@@ -131,7 +131,7 @@ def test_conf_tree_has_the_expected_configs() -> None:
     names = {_rel(p) for p in ALL_CONFIGS}
     for variant in ("prompt", "logits", "attention", "all", "lora", "prompt_attention", "alpha"):
         assert f"conf/conditioning/{variant}.yaml" in names
-    for preset in ("cpu", "gpu", "ddp", "slurm"):
+    for preset in ("cpu", "gpu", "ddp", "fsdp", "slurm"):
         assert f"conf/trainer/{preset}.yaml" in names
     for baseline in ("rs_expert", "rs_soup", "logit_mixture", "fixed_weighting"):
         assert f"conf/baselines/{baseline}.yaml" in names

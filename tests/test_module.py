@@ -97,7 +97,7 @@ def test_checkpoint_leaves_out_frozen_weights_and_loads_weights_only(tmp_path):
 
 @pytest.mark.parametrize("trigger", ["train_step", "validation"])
 def test_resume_continues_exactly(tmp_path, trigger):
-    steps = 4
+    steps, stop = 4, 2
     # checkpoints after a training step, or at the end of a mid-epoch validation (as the quick start writes them)
     if trigger == "train_step":
         ckpt_args, trainer_args = dict(every_n_train_steps=1), dict(limit_val_batches=0)
@@ -116,7 +116,7 @@ def test_resume_continues_exactly(tmp_path, trigger):
     trainer(tmp_path / "a", steps).fit(straight, datamodule=make_data())
 
     L.seed_everything(0)
-    trainer(tmp_path / "b", steps // 2).fit(make_module(), datamodule=make_data())
+    trainer(tmp_path / "b", stop).fit(make_module(), datamodule=make_data())
 
     L.seed_everything(123)  # a resumed run must not depend on the seed of the new process
     resumed = make_module()
@@ -154,14 +154,12 @@ def test_alpha_conditioning_samples_alpha_per_prompt(tmp_path, monkeypatch):
     for (weights, alpha), texts in zip(drawn, seen):
         assert alpha.shape == (2,) and low <= alpha.min() and alpha.max() <= high
         assert abs(alpha[0] - alpha[1]) > 0.2 * alpha.max()  # one alpha per prompt, not one per batch
-        assert len(texts) == 2 * k
+        assert len(texts) == 2  # each prompt once: its k samples share its alpha and weighting
         heads = [prefix.match(text) for text in texts]
         assert all(heads), f"a policy input without the weighting and alpha prefix: {texts}"
-        for row, head in enumerate(heads):
-            prompt = row // k  # the k samples of a prompt are consecutive rows and share its alpha and weighting
-            assert float(head[3]) == pytest.approx(alpha[prompt].item(), rel=0.06), (row, texts)
+        for prompt, head in enumerate(heads):
+            assert float(head[3]) == pytest.approx(alpha[prompt].item(), rel=0.06), (prompt, texts)
             assert [float(head[1]), float(head[2])] == pytest.approx(weights[prompt].tolist(), abs=0.006)
-            assert head[0] == heads[prompt * k][0]
 
 
 def test_causal_policy_trains(tmp_path):
@@ -273,3 +271,26 @@ def test_rl_step_sees_no_dropout_of_any_kind(tmp_path, arch, rate, conditioning,
     else:  # the negative control: the same checks see the dropout when it is kept
         assert not torch.equal(again[0], again[1])
         assert rollout["seq_kl"].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_shared_prompt_step_equals_the_unshared_step(arch):
+    # The whole training step (rollout, rewards, KL penalty, advantages, loss, gradients) with each prompt computed
+    # once for its k samples against every (prompt, sample) pair in full; tests/conditioning/test_shared_prompt.py
+    # checks the pieces in float64 for every mode.
+    data = make_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    results = []
+    for share in (True, False):
+        module = make_module(arch=arch, share_prompt=share, samples_per_prompt=3)
+        module.policy.freeze_reference()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (shared_loss, shared), (full_loss, full) = results
+    assert shared.keys() == full.keys() and shared
+    assert torch.allclose(shared_loss, full_loss, atol=1e-5), (shared_loss, full_loss)
+    for name, grad in shared.items():
+        assert (grad - full[name]).abs().max() <= 1e-4 * full[name].abs().max().clamp(min=1e-6), name

@@ -14,9 +14,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutput
 
 from clp_lightning.algorithms import token_entropy
 from clp_lightning.models import model_kind
+from clp_lightning.sharding import generation_sync
 
 
 class PolicyOutput(NamedTuple):
@@ -37,17 +39,18 @@ def response_log_probs(
     """``log p(y_t | x, y_<t)`` for each response token under ``model`` (any seq2seq or causal LM).
 
     Args:
-        input_ids: prompts ``(B, L)``; causal prompts must be left-padded.
-        attention_mask: ``(B, L)``.
-        response_ids: responses ``(B, T)``, right-padded.
-        response_mask: ``(B, T)``, 1 on response tokens (up to and including EOS).
+        input_ids: prompts ``(P, L)``; causal prompts must be left-padded. Each prompt once for its ``k``
+            consecutive responses (``N = k P``), or once per response (``P = N``); see :func:`response_logits`.
+        attention_mask: ``(P, L)``.
+        response_ids: responses ``(N, T)``, right-padded.
+        response_mask: ``(N, T)``, 1 on response tokens (up to and including EOS).
         return_entropy: also return the entropy of each next-token distribution (detached).
 
     Returns:
-        ``PolicyOutput`` with log-probabilities ``(B, T)``, zero where ``response_mask`` is 0.
+        ``PolicyOutput`` with log-probabilities ``(N, T)``, zero where ``response_mask`` is 0.
     """
     logits = response_logits(model, input_ids, attention_mask, response_ids, response_mask)
-    log_norm = logits.logsumexp(-1)  # (B, T)
+    log_norm = logits.logsumexp(-1)  # (N, T)
     log_probs = (logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) - log_norm) * response_mask
     entropy = None
     if return_entropy:
@@ -56,18 +59,35 @@ def response_log_probs(
     return PolicyOutput(log_probs, entropy)
 
 
+def samples_per_prompt(prompts: int, responses: int) -> int:
+    """``k``: how many consecutive responses share each prompt row; a clear error when they do not divide."""
+    if prompts < 1 or responses % prompts:
+        raise ValueError(f"{responses} responses for {prompts} prompts: expected k responses per prompt, "
+                         "consecutive (prompt-major), or one prompt row per response")
+    return responses // prompts
+
+
 def response_logits(
     model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, response_mask: Tensor
 ) -> Tensor:
-    """Float32 logits ``(B, T, V)`` at each response position (position ``t`` predicts response token ``t``)."""
+    """Float32 logits ``(N, T, V)`` at each response position (position ``t`` predicts response token ``t``).
+
+    With ``k = N / P > 1`` samples per prompt, each prompt's work is done once and shared by its ``k`` responses,
+    the gradient flowing back through the sharing: a seq2seq encoder runs on the ``P`` prompts and its output is
+    repeated; a causal LM prefills the ``P`` prompts once and continues each of the ``k`` responses from a copy of
+    that key/value cache. Equal to running every (prompt, response) pair in full, to rounding.
+    """
+    k = samples_per_prompt(input_ids.shape[0], response_ids.shape[0])
     if model_kind(model) == "seq2seq":
-        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=response_ids)
+        hidden = encode(model, input_ids, attention_mask)
         logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0)),
+            attention_mask=attention_mask.repeat_interleave(k, 0),
+            decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=response_ids),
             decoder_attention_mask=_decoder_mask(response_mask),
         ).logits
+    elif k > 1:
+        logits = _shared_prefix_logits(model, input_ids, attention_mask, response_ids, response_mask, k)
     else:
         ids = torch.cat([input_ids, response_ids], dim=1)
         mask = torch.cat([attention_mask, response_mask.to(attention_mask.dtype)], dim=1)
@@ -84,15 +104,73 @@ def response_logits(
     return logits.float()
 
 
-_LOGITS_TO_KEEP: dict[type, bool] = {}
+def encode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """A seq2seq model's encoder output ``(B, L, d)``, computed through the model's own forward (with one decoder
+    position, which costs little) rather than by calling the encoder module on its own: a model sharded with FSDP
+    gathers its root parameters (the shared embedding) only in its own forward."""
+    start = torch.full((input_ids.shape[0], 1), model.config.decoder_start_token_id, device=input_ids.device)
+    return model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start).encoder_last_hidden_state
+
+
+def _shared_prefix_logits(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+    k: int,
+) -> Tensor:
+    """Causal logits ``(N, T, V)``: the ``P`` prompts prefilled once, each response continued from its prompt's
+    cache repeated ``k`` times (the cache keeps the graph, so the prompt's activations get every response's
+    gradient)."""
+    head = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    prompt_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    prefix = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_positions, use_cache=True,
+                   **head)
+    first = prefix.logits[:, -1:].repeat_interleave(k, 0)  # the last prompt position predicts response token 0
+    if response_ids.shape[1] == 1:
+        return first
+    cache = _cache_of(prefix)
+    cache.batch_repeat_interleave(k)
+    mask = torch.cat([attention_mask.repeat_interleave(k, 0), response_mask.to(attention_mask.dtype)], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_ids.shape[1] : -1]
+    rest = model(input_ids=response_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions,
+                 **{_cache_argument(model): cache}, use_cache=True).logits
+    return torch.cat([first, rest], dim=1)
+
+
+@torch.no_grad()
+def _prefilled_cache(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, k: int) -> Any:
+    """The key/value cache of every prompt token but the last (``generate`` runs that one), each prompt computed
+    once and repeated ``k`` times."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+                use_cache=True, **({"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}))
+    cache = _cache_of(out)
+    cache.batch_repeat_interleave(k)
+    return cache
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the causal LM under ``model`` (a peft wrapper passes keywords through) takes ``logits_to_keep``."""
+    """Whether the causal LM computes its head at the last positions only when asked (``logits_to_keep``)."""
+    return _accepts(model, "logits_to_keep")
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _cache_argument(model: nn.Module) -> str:
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+_ACCEPTS: dict[tuple[type, str], bool] = {}
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    """Whether the LM under ``model`` (a peft wrapper passes keywords through) takes ``argument`` in ``forward``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if type(base) not in _LOGITS_TO_KEEP:
-        _LOGITS_TO_KEEP[type(base)] = "logits_to_keep" in inspect.signature(base.forward).parameters
-    return _LOGITS_TO_KEEP[type(base)]
+    key = (type(base), argument)
+    if key not in _ACCEPTS:
+        _ACCEPTS[key] = argument in inspect.signature(base.forward).parameters
+    return _ACCEPTS[key]
 
 
 def _decoder_mask(response_mask: Tensor) -> Tensor:
@@ -123,10 +201,22 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_id: int | Sequence[in
 @torch.no_grad()
 def generate_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: Tensor, attention_mask: Tensor,
-    **kwargs: Any,
+    num_return_sequences: int = 1, **kwargs: Any,
 ) -> tuple[Tensor, Tensor]:
-    """``model.generate`` returning only the responses ``(B', T)``, padded after EOS, and their masks ``(B', T)``."""
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    """``model.generate`` returning only the responses ``(B k, T)``, padded after EOS, and their masks.
+
+    ``num_return_sequences = k`` responses per prompt, consecutive (prompt-major). Each prompt is computed once for
+    its ``k`` responses: a seq2seq encoder runs on the ``B`` prompts and ``generate`` decodes from ``k`` copies of its
+    output; a causal LM prefills the ``B`` prompts and ``generate`` continues from ``k`` copies of their cache.
+    """
+    k = num_return_sequences
+    if model_kind(model) == "seq2seq":  # (HF's own num_return_sequences refuses greedy decoding)
+        hidden = encode(model, input_ids, attention_mask)
+        kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0))
+    elif k > 1 and input_ids.shape[1] > 1:
+        kwargs[_cache_argument(model)] = _prefilled_cache(model, input_ids, attention_mask, k)
+    input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_sync(model), **kwargs)
     # causal outputs repeat the prompt; seq2seq outputs start with the decoder start token
     response = out[:, input_ids.shape[1] :] if model_kind(model) == "causal" else out[:, 1:]
     eos = model.generation_config.eos_token_id

@@ -224,7 +224,10 @@ class ConditionalPolicy(nn.Module):
 
     @torch.no_grad()
     def reference_log_probs(self, prompts: Sequence[str], response_ids: Tensor, response_mask: Tensor) -> Tensor:
-        """``log pi_ref(y_t | x)`` ``(N, T)``: the reference sees the prompt without any conditioning."""
+        """``log pi_ref(y_t | x)`` ``(N, T)``: the reference sees the prompt without any conditioning.
+
+        ``prompts`` holds each prompt once for its ``k`` consecutive responses (``N = k P``), or once per response.
+        """
         enc = self.encode(prompts)
         with self.reference() as model:
             return response_log_probs(model, **enc, response_ids=response_ids, response_mask=response_mask).log_probs
@@ -281,7 +284,12 @@ class ConditionalPolicy(nn.Module):
         alpha: Tensor | None = None,
         return_entropy: bool = False,
     ) -> PolicyOutput:
-        """Per-token log-probabilities ``(B, T)`` of ``response_ids`` under ``pi(. | x, w)``; ``weights`` ``(B, m)``."""
+        """Per-token log-probabilities ``(N, T)`` of ``response_ids`` under ``pi(. | x, w)``.
+
+        The ``P`` prompts (``input_ids`` ``(P, L)``, ``weights`` ``(P, m)``, ``alpha`` ``(P,)``) each have ``k = N / P``
+        consecutive responses; each prompt's computation is done once and shared by them (see
+        :func:`~clp_lightning.conditioning.lm.response_logits`).
+        """
         with self.conditioned(weights, alpha):
             return response_log_probs(
                 self.model, input_ids, attention_mask, response_ids, response_mask, return_entropy
@@ -302,10 +310,12 @@ class ConditionalPolicy(nn.Module):
             input_ids, attention_mask: prompts from :meth:`encode`.
             weights: ``(B, m)``.
             alpha: ``(B,)`` when the policy is conditioned on alpha (already in the prompt; kept for symmetry).
-            **generation_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ``top_k``, ...).
+            **generation_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ``top_k``, ...);
+                ``num_return_sequences = k`` samples each prompt ``k`` times, computing the prompt once.
 
         Returns:
-            ``(response_ids (B', T), response_mask (B', T))`` without the prompt; ``B' = B * num_return_sequences``.
+            ``(response_ids (B', T), response_mask (B', T))`` without the prompt; ``B' = B * num_return_sequences``,
+            each prompt's responses consecutive.
         """
         with self.conditioned(weights, alpha, cache=True):
             return generate_responses(self.model, self.tokenizer, input_ids, attention_mask, **generation_kwargs)

@@ -1,0 +1,87 @@
+"""Each prompt computed once for its k samples (seq2seq: one encoder pass; causal: one prefill whose cache the k
+responses continue from) equals computing every (prompt, response) pair in full: log-probabilities, KL, loss,
+gradients and generations, for every conditioning mode, on left-padded prompts of different lengths (float64)."""
+
+import pytest
+import torch
+from policy_helpers import MODES, PROMPTS, perturb
+
+from clp_lightning import algorithms as alg
+from clp_lightning.conditioning.lm import samples_per_prompt
+from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+
+K = 3
+SETUPS = {**MODES, "prompt": ConditioningConfig(prompt=True)}
+
+
+def make(arch: str, mode: str) -> ConditionalPolicy:
+    policy = ConditionalPolicy.from_pretrained(f"tiny:{arch}", 2, SETUPS[mode], seed=0).double()
+    policy.freeze_reference()
+    return perturb(policy).eval()  # eval: no dropout, so two passes are comparable
+
+
+def repeated(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.repeat_interleave(K, 0)
+
+
+def responses(policy: ConditionalPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random responses ``(P K, 7)`` of different lengths (right-padded after each row's end)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 250, (len(PROMPTS) * K, 7), generator=gen)
+    lengths = torch.randint(1, 8, (len(PROMPTS) * K,), generator=gen)
+    mask = (torch.arange(7) < lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, policy.tokenizer.pad_token_id), mask
+
+
+@pytest.mark.parametrize("mode", list(SETUPS))
+@pytest.mark.parametrize("arch", ["t5", "gpt2", "llama"])
+def test_shared_prompt_equals_the_full_path(arch, mode):
+    policy = make(arch, mode)
+    w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    alpha = torch.full((len(PROMPTS),), 0.1)
+    enc = policy.encode(PROMPTS, w)
+    full_enc = policy.encode([p for p in PROMPTS for _ in range(K)], repeated(w))
+    assert enc["input_ids"].shape[0] == len(PROMPTS) and (enc["attention_mask"] == 0).any()  # padded, not equal
+    ids, mask = responses(policy)
+    coeffs = torch.randn(ids.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def pass_(encoded, weights, prompts):
+        policy.zero_grad()
+        logp = policy(**encoded, response_ids=ids, response_mask=mask, weights=weights).log_probs
+        ref = policy.reference_log_probs(prompts, ids, mask)
+        kl = alg.sequence_kl(logp.detach(), ref, mask, "k1")
+        loss = (alg.sequence_log_probs(logp, mask) * coeffs).sum() + alg.kl_loss(logp, ref, mask, "k2").sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return logp.detach(), ref, kl, loss.detach(), grads
+
+    shared = pass_(enc, w, PROMPTS)
+    full = pass_(full_enc, repeated(w), [p for p in PROMPTS for _ in range(K)])
+    for name, a, b in zip(("log-probs", "reference log-probs", "KL", "loss"), shared[:4], full[:4]):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0), (name, (a - b).abs().max())
+    assert shared[4].keys() == full[4].keys() and shared[4]
+    for name, grad in shared[4].items():
+        # summed over the k samples in another order, through the float32 logits: float32 rounding of the scale
+        error, scale = (grad - full[4][name]).abs().max(), full[4][name].abs().max()
+        assert error <= 1e-6 * scale, (name, error, scale)
+    assert not torch.allclose(shared[0][0], shared[0][K])  # different prompts and weightings: a real comparison
+
+    # generation: greedy and sampled (the same seed draws the same tokens when the logits are the same)
+    for sampling in ({"do_sample": False}, {"do_sample": True, "top_k": 0}):
+        torch.manual_seed(3)
+        got = policy.generate(**enc, weights=w, alpha=alpha, num_return_sequences=K, max_new_tokens=6, **sampling)
+        torch.manual_seed(3)
+        want = policy.generate(**full_enc, weights=repeated(w), alpha=repeated(alpha), max_new_tokens=6, **sampling)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), sampling
+        # and the library's own generate, which encodes (prefills) inside
+        torch.manual_seed(3)
+        with policy.conditioned(repeated(w)):
+            direct = policy.model.generate(**full_enc, max_new_tokens=6, **sampling)
+        response = direct[:, full_enc["input_ids"].shape[1]:] if arch != "t5" else direct[:, 1:]
+        assert torch.equal(response[:, : want[0].shape[1]] * want[1], want[0] * want[1]), sampling
+
+
+def test_responses_that_do_not_divide_among_the_prompts_are_refused():
+    assert samples_per_prompt(3, 12) == 4 and samples_per_prompt(5, 5) == 1
+    with pytest.raises(ValueError, match="10 responses for 3 prompts: expected k responses per prompt"):
+        samples_per_prompt(3, 10)
