@@ -159,7 +159,7 @@ def sequence_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: KLEstim
         ref_logp: (N, T) reference log-probabilities of the same tokens.
         mask: (N, T) nonzero on real tokens.
         estimator: ``"k1"`` (default; ``sum_t k1`` is the sampled sequence log-ratio ``log pi(y)/ref(y)``, the
-            penalty of the paper's reward), ``"k2"`` or ``"k3"``.
+            penalty in the reward), ``"k2"`` or ``"k3"``.
 
     Returns:
         (N,) estimates of ``KL(pi(.|x, w) || ref(.|x))``.

@@ -49,7 +49,7 @@ class ConditioningConfig:
             ``none``, ``mixing`` (``m`` copies of selected modules) or ``lora`` (``m`` LoRA adapters on a frozen base).
         options: the keyword options of ``mode``: ``mixing``: ``targets`` (``logits``, ``attention``, ``all`` or
             module-name patterns); ``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules``.
-        train_shared: also train the parameters the mode does not add (parameter mixing, as in the paper); False
+        train_shared: also train the parameters the mode does not add (parameter mixing; our default); False
             trains only the mode's own (copies, adapters). LoRA freezes its base either way.
         condition_on_alpha: the policy also takes the KL strength ``alpha`` (needs ``prompt``).
     """
