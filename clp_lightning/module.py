@@ -238,10 +238,11 @@ class CLPModule(L.LightningModule):
         weights, alpha = self.sample_weights(len(batch["prompt"]), generator)  # (P, m), (P,)
         w_rows, alpha_rows = weights.repeat_interleave(k, 0), alpha.repeat_interleave(k, 0)  # (N, m), (N,)
         # shared: each prompt is encoded (prefilled) once for its k samples, here and in both log-prob passes
-        prompts, shared = batch["prompt"], (weights, alpha, k)
-        if not self.share_prompt:
-            prompts, shared = [p for p in prompts for _ in range(k)], (w_rows, alpha_rows, 1)
-        p_weights, p_alpha, per_prompt = shared
+        if self.share_prompt:
+            prompts, p_weights, p_alpha, per_prompt = batch["prompt"], weights, alpha, k
+        else:
+            prompts = [p for p in batch["prompt"] for _ in range(k)]
+            p_weights, p_alpha, per_prompt = w_rows, alpha_rows, 1
         enc = self.policy.encode(prompts, p_weights, p_alpha)
         response_ids, response_mask = self.policy.generate(
             **enc, weights=p_weights, alpha=p_alpha, num_return_sequences=per_prompt, **self.generation.kwargs()
