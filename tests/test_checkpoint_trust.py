@@ -86,3 +86,25 @@ def test_a_format_1_checkpoint_loads_under_the_equivalent_mode_config(trained, t
         with pytest.raises(ValueError, match=f"was trained with conditioning {{.*{shown}.*}}, the config has"):
             CLPCLI(args=["validate", "--config", str(config), f"--ckpt_path={other}",
                          f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_the_sharded_strategy_checks_a_checkpoint_before_loading_its_weights(trained, tmp_path, monkeypatch):
+    """ModelParallelStrategy loads weights before on_load_checkpoint: ShardedStrategy checks the file first."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from clp_lightning.callbacks.checkpoint import CheckpointError
+    from clp_lightning.strategies import ShardedStrategy
+
+    config, path = trained
+    other = CLPCLI(args=["--config", str(config), "--model.init_args.policy.model_name_or_path=tiny:gpt2"],
+                   run=False).model
+    loads = []
+    monkeypatch.setattr(ModelParallelStrategy, "load_checkpoint", lambda self, p, weights_only=None: loads.append(p))
+    strategy = ShardedStrategy()
+    strategy._lightning_module = other
+    with pytest.raises(CheckpointError, match="model.ckpt. was trained with base model .* the config has"):
+        strategy.load_checkpoint(path)
+    assert loads == []  # refused before the strategy read a tensor
+    strategy._lightning_module = CLPCLI(args=["--config", str(config)], run=False).model
+    strategy.load_checkpoint(path)
+    assert loads == [path]

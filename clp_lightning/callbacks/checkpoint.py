@@ -25,12 +25,13 @@ class CheckpointError(ValueError):
     """A file given as a checkpoint is not one this project can load; the message says what it is not."""
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint without unpickling arbitrary objects, with a clear error for a file that is not one.
 
     Args:
         path: a file written by ``torch.save`` (Lightning's ``.ckpt``).
         map_location: passed to ``torch.load``.
+        mmap: map the tensors' storage instead of reading it (for a caller that reads only the plain values).
 
     Returns:
         The checkpoint dictionary; it has a ``state_dict``.
@@ -54,7 +55,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise CheckpointError(f"{str(path)!r} is truncated or corrupt: it starts like a checkpoint but its zip index "
                               f"is missing ({path.stat().st_size} bytes; was the write interrupted?)")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{str(path)!r} holds objects that weights_only loading refuses ({first}); checkpoints "

@@ -142,9 +142,13 @@ def _two_task_job(tmp_path: Path, config_path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster, tmp_path, strategy):
     d, env = cluster
     config_path, runs, job_env = _job(tmp_path, env, "tiny", max_steps=4, val_check_interval=2)
+    # fsdp: the sharded variant of the script (conf/trainer/fsdp.yaml), whose grid evaluations at steps 2 and 4 run
+    # on the sharded policy (generation kept in step across the ranks) and must equal one process's on its checkpoint
+    job_env["CLP_STRATEGY"] = strategy
     done = subprocess.run(
         [
             "sbatch",
@@ -163,6 +167,8 @@ def test_fit_script_runs_two_tasks_and_matches_single_process_evaluation(cluster
     fit_report = json.loads((run / "evaluation" / "latest.json").read_text())
     assert fit_report["step"] == 4
     assert "Starting with 2 processes" in out  # two SLURM tasks, one DDP process each
+    saved = [f.read_text() for f in run.rglob("config.yaml")]  # the resolved config the run saved
+    assert saved and all(("ShardedStrategy" in text) == (strategy == "fsdp") for text in saved)
     # the same checkpoint evaluated by one process gives the numbers the two ranks computed together
     single = subprocess.run(
         [
