@@ -1,6 +1,10 @@
 """``clp compare``: overlay the Pareto fronts of several runs (or report files) and print a comparison table.
 
     clp compare runs/quickstart/rl runs/other/rl --labels full-CLP logit-CLP --output compare.png
+
+The table gives each run's hypervolume with a bootstrap interval over its prompts and, for every run evaluated on
+the same prompts as the first, the paired difference to the first run with its interval
+(:func:`clp_lightning.evaluation.paired_bootstrap`); reports written before per-prompt rows were kept show ``n/a``.
 """
 
 from __future__ import annotations
@@ -8,8 +12,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+from clp_lightning.evaluation.reports import sampled_kl
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -22,17 +29,37 @@ def load_report(path: str | Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no grid-evaluation report at {path} (looked for {[str(c) for c in candidates]})")
 
 
-def comparison_table(reports: list[dict[str, Any]], labels: list[str]) -> str:
-    """Markdown table: hypervolume, steerability per objective, steps, trainable and total parameters."""
+def comparison_table(reports: list[dict[str, Any]], labels: list[str], num_resamples: int = 2000) -> str:
+    """Markdown table: hypervolume, steerability per objective, steps, trainable and total parameters, the KL to the
+    reference (sampled, mean over the grid), the hypervolume's 95% bootstrap interval and the paired difference to
+    the first run (95% interval), ``n/a`` where a report lacks what they need."""
+    from clp_lightning.evaluation.bootstrap import bootstrap_ci, paired_bootstrap
+
     names = reports[0]["objectives"]
-    head = ["run", "hypervolume", *[f"steer {n}" for n in names], "steps", "trainable params", "total params"]
+    head = ["run", "hypervolume", *[f"steer {n}" for n in names], "steps", "trainable params", "total params", "KL",
+            "HV 95% CI", f"HV - {labels[0]} (95% CI)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in zip(labels, reports):
-        params = r.get("parameters", {})
+    for k, (label, r) in enumerate(zip(labels, reports)):
+        params, kl = r.get("parameters", {}), sampled_kl(r)
+        interval = difference = "n/a"
+        if "per_prompt_rewards" in r:
+            low, high = bootstrap_ci(r, num_resamples)["ci"]
+            interval = f"[{low:.4f}, {high:.4f}]"
+        if k > 0 and _pairable(reports[0], r):
+            paired = paired_bootstrap(r, reports[0], num_resamples)
+            difference = f"{paired['difference']:+.4f} [{paired['ci'][0]:+.4f}, {paired['ci'][1]:+.4f}]"
         cells = [label, f"{r['hypervolume']:.4f}", *[f"{r['steerability'][n]:+.2f}" for n in names], str(r["step"]),
-                 str(params.get("trainable_parameters", "?")), str(params.get("total_parameters", "?"))]
+                 str(params.get("trainable_parameters", "?")), str(params.get("total_parameters", "?")),
+                 "n/a" if math.isnan(kl) else f"{kl:.3f}", interval, difference]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _pairable(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two reports can be compared prompt by prompt (see :func:`paired_bootstrap`)."""
+    keys = ("objectives", "grid", "ref_point", "prompts_sha256")
+    return all(k in a and k in b and a[k] == b[k] for k in keys) and "per_prompt_rewards" in a and (
+        "per_prompt_rewards" in b)
 
 
 def overlay_figure(reports: list[dict[str, Any]], labels: list[str]):
@@ -46,8 +73,10 @@ def overlay_figure(reports: list[dict[str, Any]], labels: list[str]):
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
     for ax, (i, j) in zip(axes[0], pairs):
         for label, r in zip(labels, reports):
-            pts = r["rewards"]
-            ax.plot([p[i] for p in pts], [p[j] for p in pts], "o-", ms=4, label=f"{label} (HV {r['hypervolume']:.3g})")
+            pts, kl = r["rewards"], sampled_kl(r)
+            kl_text = "" if math.isnan(kl) else f", KL {kl:.3g}"
+            ax.plot([p[i] for p in pts], [p[j] for p in pts], "o-", ms=4,
+                    label=f"{label} (HV {r['hypervolume']:.3g}{kl_text})")
         ref = reports[0].get("reference_rewards")
         if ref is not None:
             ax.scatter([ref[i]], [ref[j]], marker="*", s=120, color="black", label="reference policy", zorder=4)

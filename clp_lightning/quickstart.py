@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -79,16 +80,27 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def print_summary(report: dict) -> None:
-    """Each objective's mean reward at a few weightings, from a grid-evaluation report."""
+    """Each objective's mean reward at a few weightings, from a grid-evaluation report, and the KL to the reference
+    there (when the report estimated it by sampling)."""
     names = report["objectives"]
-    print("\nmean reward per objective at each weighting (validation prompts, greedy decoding):")
+    evaluation = report.get("evaluation", {})
+    decoding = "sampled" if evaluation.get("generation", {}).get("do_sample") else "greedy"
+    if evaluation.get("num_samples", 1) > 1:
+        decoding += f", {evaluation['num_samples']} responses per prompt"
+    print(f"\nmean reward per objective at each weighting (validation prompts, {decoding} decoding):")
     print(f"  {'w':>12}  " + "  ".join(f"{n:>10}" for n in names))
+    kl = []
     for target in SUMMARY_WEIGHTINGS:
-        for w, rewards in zip(report["grid"], report["rewards"]):
+        for g, (w, rewards) in enumerate(zip(report["grid"], report["rewards"])):
             if all(abs(a - b) < 1e-6 for a, b in zip(w, target)):
                 label = "(" + ", ".join(f"{x:g}" for x in w) + ")"
                 print(f"  {label:>12}  " + "  ".join(f"{r:>10.4f}" for r in rewards))
+                if "kl_se" in report and not math.isnan(report["kl"][g]):
+                    kl.append(f"{label} {report['kl'][g]:.3f} ± {report['kl_se'][g]:.3f}")
     print(f"  {'reference':>12}  " + "  ".join(f"{r:>10.4f}" for r in report["reference_rewards"]))
+    if kl:
+        print(f"KL to the reference (nats, ± SE over prompts; {evaluation.get('kl_samples', '?')} sampled responses "
+              f"per prompt): " + ", ".join(kl))
     if "vertex_gain" in report:
         gain = ", ".join(f"{n} {v:+.4f}" for n, v in report["vertex_gain"].items())
         print(f"vertex gain (reward i at w = e_i minus the reference policy's): {gain}")

@@ -2,9 +2,11 @@
 
 Logs ``val/pareto/hypervolume``, ``val/steerability/<objective>``, ``val/vertex_gain/<objective>`` (reward ``i`` at
 ``w = e_i`` minus the reference policy's), ``val/monotonicity_violations/<objective>``,
-``val/reward/<objective>/w=<w>`` and ``val/kl``; a figure of the front (TensorBoard image and PNG); a text table of
-responses at several weightings; and the numbers as files in ``<log_dir>/evaluation/`` (``epoch_<n>.json`` and
-``metrics.csv``). The same code runs in ``fit`` and in ``validate`` on a checkpoint.
+``val/reward/<objective>/w=<w>``, ``val/kl`` (the KL to the reference estimated from sampled responses, mean over the
+grid), ``val/greedy_log_ratio`` (greedy decoding only) and, for a policy conditioned on alpha,
+``val/alpha=<a>/pareto/hypervolume`` and ``val/alpha=<a>/kl``; a figure of the front (TensorBoard image and PNG); a
+text table of responses at several weightings; and the numbers as files in ``<log_dir>/evaluation/``
+(``epoch_<n>.json`` and ``metrics.csv``). The same code runs in ``fit`` and in ``validate`` on a checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import csv
 import hashlib
 import json
 import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,14 @@ from torch import Tensor
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume, pareto_steerability
-from clp_lightning.evaluation.metrics import mean_over_ranks
+from clp_lightning.evaluation.metrics import (
+    GridRewardMeans,
+    PromptRows,
+    mean_and_standard_error,
+    mean_over_ranks,
+    prompt_digest,
+    prompts_sha256,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +46,43 @@ def weight_label(w: Tensor | list[float]) -> str:
     return ",".join(f"{v:.2f}" for v in values)
 
 
+def samples_the_policy(generation: GenerationSettings) -> bool:
+    """Whether ``generation`` draws from the policy's own distribution (temperature 1, no top-k, top-p, minimum
+    length or extra setting): only then is a response's log-ratio an unbiased sample of the KL."""
+    return (generation.do_sample and generation.temperature == 1.0 and generation.top_k == 0
+            and generation.top_p == 1.0 and generation.min_new_tokens == 0 and not generation.extra)
+
+
 class GridEvaluation(L.Callback):
     """Evaluates the policy over a grid of weightings on the validation prompts.
+
+    The report (see :func:`grid_report` for every key) gives, at each weighting, the mean reward over the prompts
+    (``rewards``) with its standard error (``rewards_se``; the prompt is the unit: each prompt's mean over its
+    ``num_samples`` responses, then std / sqrt(P) over prompts), each prompt's own means (``per_prompt_rewards``,
+    prompts ordered by their digest, the same order in every evaluation of the same prompts, with
+    ``prompts_sha256`` to check it) for paired comparisons (:func:`clp_lightning.evaluation.paired_bootstrap`), and
+    the KL to the reference estimated by sampling (``kl``, ``kl_se``). Under DDP each rank evaluates its share of the
+    prompts and the rows are gathered (:class:`~clp_lightning.evaluation.PromptRows`); the distributed sampler may
+    repeat a few prompts to even out the shares: the per-prompt rows and the standard errors count each prompt once,
+    while ``rewards`` (as always) averages every evaluated response.
+
+    **The KL.** ``kl`` at weighting ``w`` estimates ``E_x KL(pi(.|x,w) || pi_ref(.|x))``: the policy's own
+    distribution (temperature 1, untruncated: the distribution the training objective's KL term is about) against
+    the reference, over responses of at most ``generation.max_new_tokens`` tokens, averaged over the evaluated
+    prompts. It is the mean of the k1 estimator, the sequence log-ratio ``log pi(y|x,w) - log pi_ref(y|x)``, over
+    ``y ~ pi(.|x,w)``: unbiased for that KL. When the evaluation's decoding is that distribution (``do_sample``,
+    temperature 1, ``top_k`` 0, ``top_p`` 1, no minimum length or extra setting) its own responses are used;
+    otherwise (greedy by default) ``kl_samples`` more responses per prompt and weighting are drawn from it.
+    Greedy evaluations also report ``greedy_log_ratio``, the log-ratio of the greedy response itself (a number
+    that earlier versions called ``kl``; it is not a KL).
+
+    **Randomness.** Evaluation samples from its own seed (``seed``, the batch's prompts and what is drawn), inside a
+    fork of torch's generators: the training's random stream is neither consumed nor moved, and the same batch of
+    prompts gets the same draws at every evaluation and in every run evaluated with the same ``seed`` (common random
+    numbers, which make paired differences less noisy).
+
+    **Alpha.** For a policy conditioned on the KL strength (``CLPModule(alpha_range=...)``), the top-level numbers
+    are at ``alpha_range``'s low end, and the report's ``by_alpha`` holds one front per alpha of ``alphas``.
 
     Args:
         grid_step: lattice step of the grid (``m = 2``: 0.1 gives 11 points; ``m = 3``: 0.25 gives 15).
@@ -49,6 +96,13 @@ class GridEvaluation(L.Callback):
         sample_prompts: prompts shown in the text table of responses.
         sample_weightings: weightings shown in the text table (default: the grid's corners and its centre).
         output_dir: where report files go (default ``<log_dir>/evaluation``).
+        num_samples: responses per prompt and weighting (the reference policy's too); more than 1 needs
+            ``generation.do_sample``.
+        kl_samples: responses per prompt and weighting drawn for the KL when the evaluation's own responses are not
+            samples of the policy (e.g. greedy); 0 disables the KL (reported as nan).
+        seed: seed of the evaluation's sampling.
+        alphas: KL strengths at which an alpha-conditioned policy gets a front of its own (``by_alpha``); None: the
+            low end, the geometric mean and the high end of ``alpha_range``. An error for other policies.
     """
 
     def __init__(
@@ -61,19 +115,41 @@ class GridEvaluation(L.Callback):
         sample_prompts: int = 3,
         sample_weightings: list[list[float]] | None = None,
         output_dir: str | None = None,
+        num_samples: int = 1,
+        kl_samples: int = 4,
+        seed: int = 0,
+        alphas: list[float] | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
-        self.grid_step, self.every_n_epochs, self.max_prompts = grid_step, every_n_epochs, max_prompts
         self.generation = generation or GenerationSettings(do_sample=False)
+        if num_samples < 1 or kl_samples < 0:
+            raise ValueError(f"need num_samples >= 1 and kl_samples >= 0, got {num_samples} and {kl_samples}")
+        if num_samples > 1 and not self.generation.do_sample:
+            raise ValueError(f"num_samples={num_samples} needs sampled decoding, but generation.do_sample is false: "
+                             "greedy decoding gives the same response every time (set generation.do_sample: true, "
+                             "or num_samples: 1)")
+        if alphas is not None and not alphas:
+            raise ValueError("alphas is empty: list at least one KL strength, or leave it None for the default")
+        self.grid_step, self.every_n_epochs, self.max_prompts = grid_step, every_n_epochs, max_prompts
         self.ref_point_config = ref_point
         self.sample_prompts, self.sample_weightings_config = sample_prompts, sample_weightings
         self.output_dir_config = output_dir
+        self.num_samples, self.kl_samples, self.seed, self.alphas_config = num_samples, kl_samples, seed, alphas
         self.history: list[dict[str, Any]] = []
         self.validations = 0  # validation epochs seen during fit (saved in checkpoints)
         self.last: dict[str, Any] | None = None
         self.metric: ParetoSteerabilityMetric | None = None
         self._reference_cache: dict[str, dict[str, Any]] = {}
+
+    @property
+    def kl_sampling(self) -> str:
+        """Where the KL's responses come from, in words (also in the report's ``evaluation``)."""
+        if self.kl_samples == 0:
+            return "none (kl_samples: 0)"
+        if samples_the_policy(self.generation):
+            return "the evaluation's own responses"
+        return "separate samples from the policy (temperature 1)"
 
     # -------------------------------------------------------------------------------------------------- set-up
 
@@ -92,6 +168,28 @@ class GridEvaluation(L.Callback):
         if self.metric is None:
             self.metric = ParetoSteerabilityMetric(self.grid, ref_point=ref)
         self.metric.to(pl_module.device)
+        self.alphas = self._alphas(pl_module)
+        # the evaluated KL strengths, the top-level one first (None: a policy not conditioned on alpha)
+        top = None if self.alphas is None else pl_module.evaluation_alpha()
+        self._evaluated = [top] + [a for a in (self.alphas or []) if a != top]
+        g = self.grid.shape[0]
+        self._means = {a: self.metric if a == top else GridRewardMeans(g, m).to(pl_module.device)
+                       for a in self._evaluated}
+        self._rows = {a: PromptRows(g, m).to(pl_module.device) for a in self._evaluated}
+
+    def _alphas(self, pl_module: L.LightningModule) -> list[float] | None:
+        """The listed KL strengths (checked against ``alpha_range`` now, before any generation), None without alpha
+        conditioning."""
+        alpha_range = getattr(pl_module, "alpha_range", None)
+        if alpha_range is None:
+            if self.alphas_config is not None:
+                raise ValueError(f"alphas {self.alphas_config} set, but the policy is not conditioned on alpha "
+                                 "(model.alpha_range is None): there is one front, at kl_coef")
+            return None
+        low, high = (float(a) for a in alpha_range)
+        alphas = [low, math.sqrt(low * high), high] if self.alphas_config is None else self.alphas_config
+        alphas = list(dict.fromkeys(pl_module.evaluation_alpha(float(a)) for a in alphas))  # checked, each once
+        return alphas
 
     # (m,) mean rewards of the reference policy on the prompts of the latest evaluation
     reference_rewards: Tensor | None = None
@@ -100,7 +198,8 @@ class GridEvaluation(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.metric is not None
-        self.metric.reset()
+        for metric in [*self._means.values(), *self._rows.values()]:
+            metric.reset()
         self._seen = 0
         self._ref_rows: list[Tensor] = []
         self._samples: list[dict[str, Any]] = []
@@ -115,31 +214,63 @@ class GridEvaluation(L.Callback):
     ) -> None:
         if not self._run or (self.max_prompts is not None and self._seen >= self.max_prompts):
             return
-        assert self.metric is not None
         if self.max_prompts is not None:
             keep = self.max_prompts - self._seen
             batch = {k: v[:keep] for k, v in batch.items()}
         self._seen += len(batch["prompt"])
         was_training = pl_module.training
         pl_module.eval()
-        out = pl_module.evaluate_weightings(batch, self.grid, self.generation)
-        self.metric.update(out["point"], out["rewards"], out["kl"])
-        reference = self._reference(pl_module, batch)
-        self._ref_rows.append(reference["rewards"])
-        self._collect_samples(pl_module, batch, out, reference)
+        digests = [prompt_digest(*row) for row in zip(batch["prompt"], batch["source"], batch["reference"])]
+        batch_key = prompts_sha256(digests)
+        outs = {alpha: self._evaluate(pl_module, batch, digests, batch_key, alpha) for alpha in self._evaluated}
+        reference = self._reference(pl_module, batch, batch_key)
+        n, k = len(batch["prompt"]), self.num_samples
+        self._ref_rows.append(reference["rewards"].view(n, k, -1).mean(1))  # each prompt's mean over its samples
+        self._collect_samples(pl_module, batch, outs[self._evaluated[0]], reference)
         pl_module.train(was_training)
 
-    def _reference(self, pl_module: L.LightningModule, batch: dict[str, list[str]]) -> dict[str, Any]:
+    @contextmanager
+    def _seeded(self, pl_module: L.LightningModule, *parts: Any) -> Iterator[None]:
+        """Draw from a seed of the evaluation's own (``seed`` and ``parts``) inside a fork of torch's generators, so
+        that the training's random stream is neither consumed nor moved (see the class docstring)."""
+        digest = hashlib.sha256(json.dumps([self.seed, *parts]).encode()).digest()
+        devices = list(range(torch.cuda.device_count())) if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            yield
+
+    def _evaluate(self, pl_module: L.LightningModule, batch: dict[str, list[str]], digests: list[bytes],
+                  batch_key: str, alpha: float | None) -> dict[str, Any]:
+        """The grid at one KL strength: the rows go to the reward means and to the per-prompt rows."""
+        g, n, k, m = self.grid.shape[0], len(batch["prompt"]), self.num_samples, len(self.names)
+        with self._seeded(pl_module, "grid", alpha, batch_key):
+            out = pl_module.evaluate_weightings(batch, self.grid, self.generation, alpha=alpha, num_samples=k)
+        self._means[alpha].update(out["point"], out["rewards"], out["kl"])
+        kl = None
+        if self.kl_samples and samples_the_policy(self.generation):
+            kl = out["kl"].view(g, n, k).mean(2)
+        elif self.kl_samples:
+            settings = GenerationSettings(max_new_tokens=self.generation.max_new_tokens, do_sample=True)
+            with self._seeded(pl_module, "kl", alpha, batch_key):
+                draws = pl_module.evaluate_weightings(batch, self.grid, settings, score=False, alpha=alpha,
+                                                      num_samples=self.kl_samples)
+            kl = draws["kl"].view(g, n, self.kl_samples).mean(2)
+        rewards = out["rewards"].view(g, n, k, m).mean(2)  # (G, n, m) each prompt's mean over its samples
+        self._rows[alpha].update(digests, rewards.transpose(0, 1), None if kl is None else kl.T)
+        return out
+
+    def _reference(self, pl_module: L.LightningModule, batch: dict[str, list[str]], batch_key: str) -> dict[str, Any]:
         """The reference policy's responses and rewards on ``batch``, measured once per batch content.
 
         The reference never trains, so a fit's validation prompts need it once, and ``validate`` or ``test`` on other
-        data measures it on that data. Keyed by what determines it (the batch's text and the decoding settings),
-        not by a checkpoint, which could only carry numbers of other prompts.
+        data measures it on that data. Keyed by what determines it (the batch's text, the decoding settings, the
+        number of samples and the seed), not by a checkpoint, which could only carry numbers of other prompts.
         """
-        content = [batch[key] for key in ("prompt", "source", "reference")] + [asdict(self.generation)]
+        content = [batch_key, asdict(self.generation), self.num_samples, self.seed]
         key = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
         if key not in self._reference_cache:
-            reference = pl_module.evaluate_reference(batch, self.generation)
+            with self._seeded(pl_module, "reference", batch_key):
+                reference = pl_module.evaluate_reference(batch, self.generation, num_samples=self.num_samples)
             self._reference_cache[key] = {"rewards": reference["rewards"].cpu(), "texts": reference["texts"]}
         cached = self._reference_cache[key]
         return {"rewards": cached["rewards"].to(pl_module.device), "texts": cached["texts"]}
@@ -147,27 +278,33 @@ class GridEvaluation(L.Callback):
     def _collect_samples(
         self, pl_module: L.LightningModule, batch: dict[str, list[str]], grid_out: dict, reference: dict | None
     ) -> None:
-        """Responses at the sample weightings for the first prompts, beside the reference policy's."""
+        """Responses at the sample weightings for the first prompts (the first of each prompt's samples), beside the
+        reference policy's."""
         need = self.sample_prompts - len(self._samples)
         if need <= 0:
             return
         # sample weightings on the grid reuse the grid's responses; others get a generation pass of their own
         match = (self.sample_weightings[:, None, :] - self.grid[None]).abs().amax(-1) < 1e-6  # (S, P)
         if bool(match.any(1).all()):
-            out, points, n = grid_out, match.float().argmax(1).tolist(), len(batch["prompt"])
+            out, points, n, k = grid_out, match.float().argmax(1).tolist(), len(batch["prompt"]), self.num_samples
         else:
-            batch = {k: v[:need] for k, v in batch.items()}
-            n = len(batch["prompt"])
-            out = pl_module.evaluate_weightings(batch, self.sample_weightings, self.generation)
+            batch = {key: v[:need] for key, v in batch.items()}
+            n, k = len(batch["prompt"]), 1
+            with self._seeded(pl_module, "sample weightings", prompts_sha256(
+                    [prompt_digest(*row) for row in zip(batch["prompt"], batch["source"], batch["reference"])])):
+                out = pl_module.evaluate_weightings(batch, self.sample_weightings, self.generation,
+                                                    alpha=self._evaluated[0])
             points = list(range(self.sample_weightings.shape[0]))
         for p in range(min(need, n)):
             rows = [
-                {"weights": weight_label(w), "response": out["texts"][g * n + p],
-                 "rewards": out["rewards"][g * n + p].tolist()}
+                {"weights": weight_label(w), "response": out["texts"][(g * n + p) * k],
+                 "rewards": out["rewards"][(g * n + p) * k].tolist()}
                 for w, g in zip(self.sample_weightings, points)
             ]
             sample = {"prompt": batch["prompt"][p], "responses": rows}
-            sample["reference"] = {"response": reference["texts"][p], "rewards": reference["rewards"][p].tolist()}
+            first = p * self.num_samples  # the reference's samples of prompt p start here
+            sample["reference"] = {"response": reference["texts"][first],
+                                   "rewards": reference["rewards"][first].tolist()}
             self._samples.append(sample)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -178,8 +315,8 @@ class GridEvaluation(L.Callback):
         self.reference_rewards = mean_over_ranks(rows.to(pl_module.device, torch.float32))
         if self.ref_point_config is None:
             self.metric.set_reference_point(self.reference_rewards, overwrite=True)
-        result = self.metric.compute()
-        report = self._report(trainer, result, pl_module)
+        fronts = {alpha: self._front(alpha) for alpha in self._evaluated}  # collectives: every rank, same order
+        report = self._report(trainer, fronts, pl_module)
         self._log(pl_module, report, "test" if trainer.state.fn == "test" else "val")
         self.history.append({"epoch": report["epoch"], "step": report["step"], "rewards": report["rewards"]})
         self.last = report
@@ -187,15 +324,32 @@ class GridEvaluation(L.Callback):
         if trainer.is_global_zero:
             self._write(trainer, report, directory)
 
+    def _front(self, alpha: float | None) -> dict[str, Any]:
+        """One KL strength's numbers, reduced over ranks: the reward means of every evaluated row, and the
+        per-prompt rows with the standard errors taken over them."""
+        means, rows = self._means[alpha].compute(), self._rows[alpha].compute()
+        _, rewards_se = mean_and_standard_error(rows["rewards"], dim=1)
+        kl, kl_se = mean_and_standard_error(rows["kl"], dim=1)
+        return {"alpha": alpha, "rewards": means["rewards"], "rewards_se": rewards_se, "kl": kl, "kl_se": kl_se,
+                "log_ratio": means["kl"], "per_prompt_rewards": rows["rewards"], "digests": rows["digests"]}
+
     # ---------------------------------------------------------------------------------------------------- reports
 
-    def _report(self, trainer: L.Trainer, result: dict[str, Tensor], pl_module: L.LightningModule) -> dict[str, Any]:
+    def _report(self, trainer: L.Trainer, fronts: dict[float | None, dict[str, Any]],
+                pl_module: L.LightningModule) -> dict[str, Any]:
         assert self.metric is not None and self.reference_rewards is not None
+        top = fronts[self._evaluated[0]]
+        greedy = not self.generation.do_sample
+        own = samples_the_policy(self.generation)
+        evaluation = {"generation": asdict(self.generation), "num_samples": self.num_samples,
+                      "kl_samples": self.num_samples if own and self.kl_samples else self.kl_samples,
+                      "kl_sampling": self.kl_sampling, "seed": self.seed, "alpha": top["alpha"],
+                      "num_prompts": len(top["digests"])}
         return grid_report(
             self.names,
             self.grid,
-            result["rewards"],
-            result["kl"],
+            top["rewards"],
+            top["kl"],
             self.reference_rewards,
             self.metric.ref_point,
             ref_point_from="config" if self.ref_point_config is not None else "reference policy on these prompts",
@@ -204,18 +358,33 @@ class GridEvaluation(L.Callback):
             samples=self._samples,
             parameters=pl_module.policy.report() if hasattr(pl_module, "policy") else {},
             tol=self.metric.tol,
+            rewards_se=top["rewards_se"],
+            kl_se=top["kl_se"],
+            greedy_log_ratio=top["log_ratio"] if greedy else None,
+            per_prompt_rewards=top["per_prompt_rewards"],
+            prompts_sha256=prompts_sha256(top["digests"]),
+            by_alpha=None if self.alphas is None else [fronts[a] for a in self.alphas],
+            evaluation=evaluation,
         )
 
     def _log(self, pl_module: L.LightningModule, report: dict[str, Any], stage: str) -> None:
-        metrics = {"pareto/hypervolume": report["hypervolume"], "kl": sum(report["kl"]) / len(report["kl"]),
+        metrics = {"pareto/hypervolume": report["hypervolume"],
                    "pareto/reference_hypervolume": report["reference_hypervolume"],
                    "pareto/front_size": float(sum(report["front_mask"]))}
+        if not math.isnan(kl := grid_mean(report["kl"])):  # nan: the KL is off (kl_samples: 0)
+            metrics["kl"] = kl
+        if "greedy_log_ratio" in report:
+            metrics["greedy_log_ratio"] = grid_mean(report["greedy_log_ratio"])
         for i, name in enumerate(self.names):
             metrics[f"steerability/{name}"] = report["steerability"][name]
             metrics[f"vertex_gain/{name}"] = report["vertex_gain"][name]
             metrics[f"monotonicity_violations/{name}"] = float(report["monotonicity_violations"][name])
             for w, rewards in zip(report["grid"], report["rewards"]):
                 metrics[f"reward/{name}/w={weight_label(w)}"] = rewards[i]
+        for entry in report.get("by_alpha", []):
+            metrics[f"alpha={entry['alpha']:g}/pareto/hypervolume"] = entry["hypervolume"]
+            if not math.isnan(kl := grid_mean(entry["kl"])):
+                metrics[f"alpha={entry['alpha']:g}/kl"] = kl
         metrics = {f"{stage}/{k}": v for k, v in metrics.items()}
         # already reduced across ranks by the metric: every rank has the same numbers, so syncing them again only
         # costs a few scalars (and keeps Lightning from warning about unsynced epoch metrics)
@@ -259,7 +428,7 @@ class GridEvaluation(L.Callback):
         fields = ["stage", "epoch", "step", "hypervolume", "kl"] + [f"steerability/{n}" for n in self.names] + [
             f"reward/{n}/w={weight_label(w)}" for w in report["grid"] for n in self.names]
         row = {"stage": stage, "epoch": report["epoch"], "step": report["step"],
-               "hypervolume": report["hypervolume"], "kl": sum(report["kl"]) / len(report["kl"])}
+               "hypervolume": report["hypervolume"], "kl": grid_mean(report["kl"])}
         row.update({f"steerability/{n}": report["steerability"][n] for n in self.names})
         for w, rewards in zip(report["grid"], report["rewards"]):
             row.update({f"reward/{n}/w={weight_label(w)}": r for n, r in zip(self.names, rewards)})
@@ -296,18 +465,27 @@ def grid_report(
     samples: list[dict[str, Any]] | None = None,
     parameters: dict[str, Any] | None = None,
     tol: float = 0.0,
+    rewards_se: Tensor | None = None,
+    kl_se: Tensor | None = None,
+    greedy_log_ratio: Tensor | None = None,
+    per_prompt_rewards: Tensor | None = None,
+    prompts_sha256: str | None = None,
+    by_alpha: list[dict[str, Any]] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report of a grid evaluation, as :class:`GridEvaluation` writes it (``latest.json``, ``validate.json``, ...).
 
     The one place that knows the report's keys: anything that assembles a front some other way (the study's
     fixed-weighting policies, one per grid point) builds its report here too, so every report reads the same.
-    The Pareto front, hypervolume and steerability are computed from ``rewards``, in ``rewards``' dtype.
+    The Pareto front, hypervolume and steerability are computed from ``rewards``, in ``rewards``' dtype. The
+    optional arguments add their keys only when given, so reports of older versions (without them) read the same.
 
     Args:
         objectives: the m objective names.
         grid: weightings ``(G, m)``; must contain every vertex (see :func:`vertex_gain`).
         rewards: mean rewards ``(G, m)`` of the policy at each weighting.
-        kl: mean KL to the reference ``(G,)`` at each weighting (nan where none was measured).
+        kl: KL to the reference ``(G,)`` at each weighting, estimated from sampled responses (see
+            :class:`GridEvaluation`); nan where none was measured.
         reference_rewards: mean rewards ``(m,)`` of the reference policy on the same prompts and decoding.
         ref_point: hypervolume reference point ``(m,)``.
         ref_point_from: where ``ref_point`` came from, in words.
@@ -316,33 +494,82 @@ def grid_report(
         samples: responses at a few weightings (see :func:`samples_markdown`); default none.
         parameters: parameter counts of the policy (``policy.report()``); default none.
         tol: slack for monotonicity violations.
+        rewards_se: standard errors ``(G, m)`` of ``rewards``, over prompts (each prompt's mean over its samples).
+        kl_se: standard errors ``(G,)`` of ``kl``, over prompts.
+        greedy_log_ratio: mean log-ratio ``log pi(y|x,w) / pi_ref(y|x)`` ``(G,)`` of the greedy responses ``y``.
+        per_prompt_rewards: ``(G, P, m)`` each prompt's mean reward over its samples, prompts in digest order.
+        prompts_sha256: digest of the evaluated prompts in that order (:func:`clp_lightning.evaluation.prompts_sha256`).
+        by_alpha: one front per KL strength of an alpha-conditioned policy: dicts with ``alpha`` and ``rewards``
+            ``(G, m)``, ``kl`` ``(G,)``, optionally ``rewards_se`` and ``kl_se``. Each becomes ``{alpha, rewards,
+            rewards_se, kl, kl_se, hypervolume, steerability, vertex_gain, front_mask}``, measured from the same
+            ``ref_point`` and ``reference_rewards``.
+        evaluation: how the numbers were measured (decoding, samples, seed, alpha), recorded as given.
 
     Returns:
         A JSON-serialisable dict.
     """
-    summary = pareto_steerability(grid, rewards, ref_point, tol)
     reference_rewards, ref_point = reference_rewards.cpu(), ref_point.cpu()
-    return {
-        "epoch": epoch,
-        "step": step,
-        "objectives": list(objectives),
-        "grid": grid.tolist(),
-        "rewards": rewards.tolist(),
-        "kl": kl.tolist(),
-        "front_mask": summary["front_mask"].tolist(),
-        "hypervolume": float(summary["hypervolume"]),
+    front = _front_summary(grid, rewards, reference_rewards, ref_point, objectives, tol)
+    report: dict[str, Any] = {"epoch": epoch, "step": step, "objectives": list(objectives), "grid": grid.tolist(),
+                              "rewards": rewards.tolist()}
+    if rewards_se is not None:
+        report["rewards_se"] = rewards_se.tolist()
+    report["kl"] = kl.tolist()
+    if kl_se is not None:
+        report["kl_se"] = kl_se.tolist()
+    if greedy_log_ratio is not None:
+        report["greedy_log_ratio"] = greedy_log_ratio.tolist()
+    report.update({
+        "front_mask": front["front_mask"],
+        "hypervolume": front["hypervolume"],
         "ref_point": ref_point.tolist(),
         "ref_point_from": ref_point_from,
         "reference_rewards": reference_rewards.tolist(),
         # the reference policy's own point measured against the same reference point: a front that improves on the
         # reference policy has a larger hypervolume than this
         "reference_hypervolume": hypervolume(reference_rewards.view(1, -1), ref_point),
+        "vertex_gain": front["vertex_gain"],
+        "steerability": front["steerability"],
+        "monotonicity_violations": front["monotonicity_violations"],
+    })
+    if by_alpha is not None:
+        report["by_alpha"] = []
+        for entry in by_alpha:
+            summary = _front_summary(grid, entry["rewards"], reference_rewards, ref_point, objectives, tol)
+            se = {key: None if entry.get(key) is None else entry[key].tolist() for key in ("rewards_se", "kl_se")}
+            report["by_alpha"].append({
+                "alpha": float(entry["alpha"]), "rewards": entry["rewards"].tolist(), "rewards_se": se["rewards_se"],
+                "kl": entry["kl"].tolist(), "kl_se": se["kl_se"], "hypervolume": summary["hypervolume"],
+                "steerability": summary["steerability"], "vertex_gain": summary["vertex_gain"],
+                "front_mask": summary["front_mask"],
+            })
+    if evaluation is not None:
+        report["evaluation"] = evaluation
+    if prompts_sha256 is not None:
+        report["prompts_sha256"] = prompts_sha256
+    if per_prompt_rewards is not None:
+        report["per_prompt_rewards"] = per_prompt_rewards.tolist()
+    report["samples"] = [] if samples is None else samples
+    report["parameters"] = {} if parameters is None else parameters
+    return report
+
+
+def _front_summary(grid: Tensor, rewards: Tensor, reference_rewards: Tensor, ref_point: Tensor, objectives: list[str],
+                   tol: float) -> dict[str, Any]:
+    """Front, hypervolume, steerability and vertex gains of one front ``rewards`` ``(G, m)``, as report values."""
+    summary = pareto_steerability(grid, rewards, ref_point, tol)
+    return {
+        "front_mask": summary["front_mask"].tolist(),
+        "hypervolume": float(summary["hypervolume"]),
         "vertex_gain": dict(zip(objectives, vertex_gain(grid.cpu(), rewards.cpu(), reference_rewards).tolist())),
         "steerability": dict(zip(objectives, summary["spearman"].tolist())),
         "monotonicity_violations": dict(zip(objectives, summary["violations"].tolist())),
-        "samples": [] if samples is None else samples,
-        "parameters": {} if parameters is None else parameters,
     }
+
+
+def grid_mean(values: list[float]) -> float:
+    """The mean over the grid of a report's per-weighting column (nan if any value is nan)."""
+    return sum(values) / len(values) if values else math.nan
 
 
 def vertex_gain(grid: Tensor, rewards: Tensor, reference_rewards: Tensor) -> Tensor:

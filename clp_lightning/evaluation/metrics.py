@@ -2,12 +2,17 @@
 
 Notation: P grid points (weightings), m objectives, B samples in one ``update``.
 
-Each rank scores its share of (grid point, prompt) pairs and calls ``update``; the states are per-point sums and
-counts reduced with ``sum``, so ``compute`` gives the same means whatever the split across ranks.
+Each rank scores its share of (grid point, prompt) pairs and calls ``update``. :class:`GridRewardMeans` keeps per-point
+sums and counts reduced with ``sum``, so ``compute`` gives the same means whatever the split across ranks;
+:class:`PromptRows` keeps one row per prompt, gathered from every rank and put in an order that does not depend on
+the split either.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
 
 from clp_lightning.evaluation.pareto import hypervolume, pareto_front_mask
 from clp_lightning.evaluation.steerability import steerability
@@ -243,3 +249,119 @@ class ParetoSteerabilityMetric(GridRewardMeans):
             )
         out = super().compute()
         return {**out, **pareto_steerability(self.grid_weights, out["rewards"], self.ref_point, self.tol)}
+
+
+def prompt_digest(prompt: str, source: str = "", reference: str = "") -> bytes:
+    """The 32-byte SHA-256 of a prompt's text and of the texts its rewards read (``source``, ``reference``): the
+    identity of a prompt in per-prompt rows, whatever batch or rank it was evaluated in."""
+    return hashlib.sha256(json.dumps([prompt, source, reference]).encode()).digest()
+
+
+def prompts_sha256(digests: Sequence[bytes]) -> str:
+    """One hex digest of a list of prompts, in order (each one's :func:`prompt_digest`): two reports with the same value
+    evaluated the same prompts in the same order, so their per-prompt rows pair up."""
+    return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def mean_and_standard_error(rows: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Mean over ``dim`` and its standard error ``std / sqrt(n)`` (``std`` with Bessel's correction), in float64.
+
+    The rows are the units of the SE (here: prompts, each already averaged over its samples). nan where ``n < 2``.
+
+    Example:
+        >>> mean_and_standard_error(torch.tensor([1.0, 2.0, 3.0, 6.0]), dim=0)
+        (tensor(3., dtype=torch.float64), tensor(1.0801, dtype=torch.float64))
+    """
+    rows = rows.to(torch.float64)
+    n = rows.shape[dim]
+    mean = rows.mean(dim)
+    if n < 2:
+        return mean, torch.full_like(mean, torch.nan)
+    var = (rows - mean.unsqueeze(dim)).pow(2).sum(dim) / (n - 1)
+    return mean, var.sqrt() / math.sqrt(n)
+
+
+class PromptRows(Metric):
+    """Each prompt's mean reward (and mean sequence log-ratio) at each grid point, gathered from every rank.
+
+    Notation: G grid points, m objectives, n prompts in one ``update``, P distinct prompts in all.
+
+    A prompt is identified by its :func:`prompt_digest`. ``compute`` sorts the prompts by digest, so two evaluations
+    of the same prompts list them in the same order whatever the batch size, the number of ranks or the policy
+    evaluated; and it keeps a digest once: the distributed sampler repeats prompts to give every rank the same
+    number (a prompt repeated in the data also counts once here).
+
+    The states are flat float lists concatenated across ranks (``dist_reduce_fx="cat"``): one dtype and one dimension,
+    so that uneven shares gather (torchmetrics pads and trims them) and a rank without prompts still takes part. The
+    digest's bytes are stored as floats, which hold 0..255 exactly.
+
+    Args:
+        num_points: G.
+        num_objectives: m.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+    DIGEST_BYTES = 32
+
+    def __init__(self, num_points: int, num_objectives: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_points < 1 or num_objectives < 1:
+            raise ValueError(f"need num_points >= 1 and num_objectives >= 1, got {num_points} and {num_objectives}")
+        self.num_points, self.num_objectives = num_points, num_objectives
+        self.add_state("digest_bytes", [], dist_reduce_fx="cat")  # (n * 32,)
+        self.add_state("reward_rows", [], dist_reduce_fx="cat")  # (n * G * m,)
+        self.add_state("kl_rows", [], dist_reduce_fx="cat")  # (n * G,), nan where no KL was measured
+
+    def update(self, digests: Sequence[bytes], rewards: Tensor, kl: Tensor | None = None) -> None:
+        """Add the rows of ``n`` prompts.
+
+        Args:
+            digests: n :func:`prompt_digest` values.
+            rewards: (n, G, m) each prompt's mean raw reward over its samples at each grid point.
+            kl: (n, G) each prompt's mean sequence log-ratio over its KL samples at each grid point, or None (nan).
+
+        Raises:
+            ValueError: bad shapes or a digest that is not 32 bytes.
+        """
+        shape = (len(digests), self.num_points, self.num_objectives)
+        if rewards.shape != shape:
+            raise ValueError(f"`rewards` must have shape (n, G, m) = {shape}, got {tuple(rewards.shape)}")
+        if kl is not None and kl.shape != shape[:2]:
+            raise ValueError(f"`kl` must have shape (n, G) = {shape[:2]}, got {tuple(kl.shape)}")
+        if any(len(d) != self.DIGEST_BYTES for d in digests):
+            raise ValueError(f"every digest must be {self.DIGEST_BYTES} bytes (prompt_digest), got lengths "
+                             f"{[len(d) for d in digests]}")
+        kl = torch.full(shape[:2], torch.nan) if kl is None else kl
+        digest_bytes = torch.tensor([list(d) for d in digests], dtype=self.dtype, device=self.device)
+        self.digest_bytes.append(digest_bytes.view(-1))
+        self.reward_rows.append(rewards.detach().to(self.device, self.dtype).reshape(-1))
+        self.kl_rows.append(kl.detach().to(self.device, self.dtype).reshape(-1))
+
+    def compute(self) -> dict[str, Any]:
+        """The rows of every rank, sorted by digest, each digest once.
+
+        Returns:
+            ``digests`` list of P bytes, ``rewards`` (G, P, m), ``kl`` (G, P) (on the metric's device, its dtype).
+
+        Raises:
+            ValueError: no prompt was added on any rank.
+        """
+        if isinstance(self.digest_bytes, list) and not self.digest_bytes:
+            raise ValueError("no prompt rows to compute: update() was never called")
+        raw = dim_zero_cat(self.digest_bytes).round().to(torch.uint8).view(-1, self.DIGEST_BYTES).tolist()
+        if not raw:
+            raise ValueError("no prompt rows to compute: every rank's share was empty")
+        digests = [bytes(d) for d in raw]
+        rewards = dim_zero_cat(self.reward_rows).view(len(digests), self.num_points, self.num_objectives)
+        kl = dim_zero_cat(self.kl_rows).view(len(digests), self.num_points)
+        order, seen = [], set()
+        for i in sorted(range(len(digests)), key=digests.__getitem__):  # stable: a repeat keeps its first copy
+            if digests[i] not in seen:
+                seen.add(digests[i])
+                order.append(i)
+        index = torch.tensor(order, device=rewards.device)
+        return {"digests": [digests[i] for i in order], "rewards": rewards[index].transpose(0, 1),
+                "kl": kl[index].T}

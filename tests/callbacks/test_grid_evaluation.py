@@ -1,6 +1,7 @@
 """Grid evaluation during fit writes its reports and TensorBoard entries; validate on a checkpoint reproduces them."""
 
 import json
+import math
 
 import lightning as L
 import pytest
@@ -13,6 +14,7 @@ from clp_lightning.callbacks import GridEvaluation, SafeCheckpointIO
 from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
+from clp_lightning.evaluation import prompt_digest, prompts_sha256
 from clp_lightning.module import CLPModule
 from clp_lightning.rewards import LengthReward, RougeReward
 
@@ -65,8 +67,8 @@ def fitted(tmp_path_factory):
     )
     module = make_module()
     module.reference_calls, evaluate_reference = [], module.evaluate_reference
-    module.evaluate_reference = lambda batch, generation: module.reference_calls.append(batch["id"]) or (
-        evaluate_reference(batch, generation))
+    module.evaluate_reference = lambda batch, generation, **kw: module.reference_calls.append(batch["id"]) or (
+        evaluate_reference(batch, generation, **kw))
     trainer.fit(module, datamodule=data)
     return tmp_path, trainer, callback
 
@@ -134,8 +136,8 @@ def test_validate_on_other_prompts_measures_the_reference_on_them(fitted, tmp_pa
     again, module = grid_callback(), make_module()
     measured = []
     evaluate_reference = module.evaluate_reference
-    module.evaluate_reference = lambda batch, generation: measured.append(
-        (batch["prompt"], evaluate_reference(batch, generation))) or measured[-1][1]
+    module.evaluate_reference = lambda batch, generation, **kw: measured.append(
+        (batch["prompt"], evaluate_reference(batch, generation, **kw))) or measured[-1][1]
     make_trainer(tmp_path, [again]).validate(module, datamodule=other, ckpt_path=str(tmp_path / "stale.ckpt"))
     other.setup("validate")
     assert [p for prompts, _ in measured for p in prompts] == list(other.data["val"]["prompt"])
@@ -203,3 +205,142 @@ def test_every_n_epochs_and_three_objective_figure(tmp_path):
     from clp_lightning.evaluation.plots import front_figure
 
     assert len(front_figure(report).axes) == 3  # the pairwise projections
+
+
+# ---------------------------------------------------------------- standard errors, sampled KL, per-prompt rows
+
+
+def test_report_has_standard_errors_per_prompt_rows_and_a_sampled_kl(fitted):
+    tmp_path, trainer, callback = fitted
+    report = callback.last
+    per_prompt = torch.tensor(report["per_prompt_rewards"], dtype=torch.float64)
+    assert per_prompt.shape == (3, 3, 2)  # (G, P, m): 3 weightings, the 3 validation prompts, 2 objectives
+    assert torch.allclose(per_prompt.mean(1), torch.tensor(report["rewards"], dtype=torch.float64), atol=1e-6)
+    expected_se = per_prompt.std(1) / 3**0.5  # the prompt is the unit
+    assert torch.allclose(torch.tensor(report["rewards_se"], dtype=torch.float64), expected_se, atol=1e-9)
+    # the prompts in digest order, and their digest
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    data.setup("validate")
+    val = data.data["val"]
+    digests = sorted(prompt_digest(*row) for row in zip(val["prompt"], val["source"], val["reference"]))
+    assert report["prompts_sha256"] == prompts_sha256(digests)
+    # greedy decoding: the KL comes from 4 samples per prompt at temperature 1, the greedy log-ratio apart
+    assert report["evaluation"]["kl_samples"] == 4 and report["evaluation"]["kl_sampling"].startswith("separate")
+    assert all(math.isfinite(k) for k in report["kl"]) and all(s >= 0 for s in report["kl_se"])
+    assert len(report["greedy_log_ratio"]) == 3 and report["greedy_log_ratio"] != report["kl"]
+    assert "by_alpha" not in report  # not conditioned on alpha
+    events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert events.Scalars("val/kl")[-1].value == pytest.approx(sum(report["kl"]) / 3)  # the sampled KL
+    assert "val/greedy_log_ratio" in events.Tags()["scalars"]
+
+
+def sampled_callback(**kwargs) -> GridEvaluation:
+    return GridEvaluation(grid_step=0.5, sample_prompts=1, num_samples=2,
+                          generation=GenerationSettings(do_sample=True, max_new_tokens=5), **kwargs)
+
+
+def test_sampled_evaluation_is_seeded_by_its_own_seed(fitted, tmp_path):
+    fit_dir, _, _ = fitted
+    ckpt = str(fit_dir / "run" / "checkpoints" / "last.ckpt")
+    data = lambda: SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)  # noqa: E731
+    reports = []
+    for seed in (0, 0, 1):
+        callback = sampled_callback(seed=seed)
+        make_trainer(tmp_path, [callback]).validate(make_module(), datamodule=data(), ckpt_path=ckpt)
+        reports.append(callback.last)
+    same, other = reports[1], reports[2]
+    assert reports[0]["per_prompt_rewards"] == same["per_prompt_rewards"] and reports[0]["kl"] == same["kl"]
+    assert other["per_prompt_rewards"] != same["per_prompt_rewards"]  # another seed, other draws
+    assert other["prompts_sha256"] == same["prompts_sha256"]  # the same prompts, in the same order: they pair
+    report = same
+    per_prompt = torch.tensor(report["per_prompt_rewards"])
+    assert per_prompt.shape == (3, 3, 2) and torch.allclose(per_prompt.mean(1), torch.tensor(report["rewards"]),
+                                                            atol=1e-6)
+    # temperature 1, no truncation: the KL is estimated from the evaluation's own 2 samples per prompt
+    assert report["evaluation"]["kl_samples"] == 2 and report["evaluation"]["kl_sampling"].startswith("the eval")
+    assert "greedy_log_ratio" not in report and all(math.isfinite(k) for k in report["kl"])
+
+
+def test_evaluation_draws_leave_the_global_generator_where_it_was():
+    module = make_module()
+    callback = sampled_callback(seed=3)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    with callback._seeded(module, "grid", None, "batch"):
+        first = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)
+    with callback._seeded(module, "grid", None, "batch"):
+        assert torch.equal(torch.rand(4), first)  # the same draws for the same (seed, parts)
+    with callback._seeded(module, "kl", None, "batch"):
+        assert not torch.equal(torch.rand(4), first)
+
+
+def test_bad_sampling_settings_are_refused():
+    with pytest.raises(ValueError, match="num_samples=2 needs sampled decoding, but generation.do_sample is false"):
+        GridEvaluation(num_samples=2, generation=GenerationSettings(do_sample=False))
+    with pytest.raises(ValueError, match="kl_samples >= 0"):
+        GridEvaluation(kl_samples=-1)
+
+
+def test_kl_samples_zero_reports_nan_and_logs_no_kl(tmp_path):
+    callback = GridEvaluation(grid_step=0.5, sample_prompts=0, kl_samples=0,
+                              generation=GenerationSettings(do_sample=False, max_new_tokens=3))
+    data = SyntheticTLDRDataModule(num_train=8, num_val=2, batch_size=2, val_batch_size=2, seed=0)
+    make_trainer(tmp_path, [callback]).validate(make_module(), datamodule=data)
+    assert all(math.isnan(k) for k in callback.last["kl"]) and callback.last["evaluation"]["kl_samples"] == 0
+    events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
+    events.Reload()
+    assert "val/kl" not in events.Tags()["scalars"] and "val/greedy_log_ratio" in events.Tags()["scalars"]
+
+
+# ---------------------------------------------------------------- one front per alpha
+
+
+def alpha_module(alpha_range=(0.01, 0.5)) -> CLPModule:
+    torch.manual_seed(0)
+    rewards = [RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
+               LengthReward(name="brevity", unit="chars", scale=10.0)]
+    policy = PolicyConfig("tiny:t5", ConditioningConfig(prompt=True, condition_on_alpha=True), max_prompt_length=48)
+    return CLPModule(policy, rewards, samples_per_prompt=2, alpha_range=alpha_range,
+                     generation=GenerationSettings(max_new_tokens=4))
+
+
+def test_alpha_conditioned_policy_gets_a_front_per_alpha(tmp_path):
+    callback = GridEvaluation(grid_step=0.5, sample_prompts=1, kl_samples=2,
+                              generation=GenerationSettings(do_sample=False, max_new_tokens=4))
+    data = SyntheticTLDRDataModule(num_train=8, num_val=2, batch_size=2, val_batch_size=2, seed=0)
+    make_trainer(tmp_path, [callback]).validate(alpha_module(), datamodule=data)
+    report = callback.last
+    alphas = [entry["alpha"] for entry in report["by_alpha"]]
+    assert alphas == pytest.approx([0.01, (0.01 * 0.5) ** 0.5, 0.5])  # low, geometric mean, high
+    keys = {"alpha", "rewards", "rewards_se", "kl", "kl_se", "hypervolume", "steerability", "vertex_gain",
+            "front_mask"}
+    assert all(set(entry) == keys for entry in report["by_alpha"])
+    low = report["by_alpha"][0]  # the top level is the low end of alpha_range, as evaluations always were
+    assert report["evaluation"]["alpha"] == 0.01
+    assert low["rewards"] == report["rewards"] and low["hypervolume"] == report["hypervolume"]
+    assert low["kl"] == report["kl"]
+    events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for alpha in alphas:
+        assert {f"val/alpha={alpha:g}/pareto/hypervolume", f"val/alpha={alpha:g}/kl"} <= scalars
+    from clp_lightning.evaluation.plots import front_figure
+
+    legend = [t.get_text() for t in front_figure(report).axes[0].get_legend().get_texts()]
+    assert any(text.startswith("alpha 0.01: KL ") for text in legend) and any("alpha 0.5:" in t for t in legend)
+
+
+def test_alphas_are_checked_before_evaluating(tmp_path):
+    data = SyntheticTLDRDataModule(num_train=8, num_val=2, batch_size=2, val_batch_size=2, seed=0)
+    outside = GridEvaluation(grid_step=0.5, alphas=[0.1, 0.7])
+    with pytest.raises(ValueError, match=r"alpha=0.7 is outside alpha_range \[0.01, 0.5\]"):
+        make_trainer(tmp_path, [outside]).validate(alpha_module(), datamodule=data)
+    unconditioned = GridEvaluation(grid_step=0.5, alphas=[0.1])
+    with pytest.raises(ValueError, match=r"alphas \[0.1\] set, but the policy is not conditioned on alpha"):
+        make_trainer(tmp_path, [unconditioned]).validate(make_module(), datamodule=data)
+    chosen = GridEvaluation(grid_step=0.5, sample_prompts=0, kl_samples=0, alphas=[0.5, 0.02],
+                            generation=GenerationSettings(do_sample=False, max_new_tokens=2))
+    make_trainer(tmp_path, [chosen]).validate(alpha_module(), datamodule=data)
+    assert [entry["alpha"] for entry in chosen.last["by_alpha"]] == [0.5, 0.02]  # as listed

@@ -1,4 +1,5 @@
-"""GridRewardMeans and ParetoSteerabilityMetric: accumulation, reference point, and a 2-process DDP reduction."""
+"""GridRewardMeans, ParetoSteerabilityMetric and PromptRows: accumulation, reference point, per-prompt rows, standard
+errors, and 2-process DDP reductions."""
 
 import math
 import socket
@@ -9,7 +10,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from clp_lightning.evaluation import GridRewardMeans, ParetoSteerabilityMetric, pareto_steerability
+from clp_lightning.evaluation import (
+    GridRewardMeans,
+    ParetoSteerabilityMetric,
+    PromptRows,
+    mean_and_standard_error,
+    pareto_steerability,
+    prompt_digest,
+    prompts_sha256,
+)
 
 STAIRCASE_WEIGHTS = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
 
@@ -146,3 +155,81 @@ def _free_port() -> int:
 @pytest.mark.ddp
 def test_ddp_sync_equals_single_process():
     mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+# ---------------------------------------------------------------- per-prompt rows and standard errors
+
+
+def test_mean_and_standard_error_by_hand():
+    rows = torch.tensor([[1.0, 10.0], [2.0, 10.0], [3.0, 10.0], [6.0, 10.0]])  # 4 prompts, 2 columns
+    mean, se = mean_and_standard_error(rows, dim=0)
+    # column 0: mean 3, deviations -2 -1 0 3, variance 14 / 3, SE sqrt(14/3) / 2; column 1: no spread
+    assert_close(mean, torch.tensor([3.0, 10.0], dtype=torch.float64))
+    assert_close(se, torch.tensor([(14 / 3) ** 0.5 / 2, 0.0], dtype=torch.float64))
+    mean, se = mean_and_standard_error(rows[:1], dim=0)
+    assert mean.tolist() == [1.0, 10.0] and se.isnan().all()  # one prompt: no standard error
+
+
+def _prompt_data(num_prompts: int = 5, num_points: int = 3, m: int = 2):
+    gen = torch.Generator().manual_seed(1)
+    digests = [prompt_digest(f"post {i}", f"source {i}", "") for i in range(num_prompts)]
+    return digests, torch.randn(num_prompts, num_points, m, generator=gen), torch.rand(num_prompts, num_points,
+                                                                                       generator=gen)
+
+
+def test_prompt_rows_come_out_in_digest_order_whatever_the_batches():
+    digests, rewards, kl = _prompt_data()
+    order = sorted(range(5), key=digests.__getitem__)
+    one = PromptRows(3, 2)
+    one.update(digests, rewards, kl)
+    out = one.compute()
+    assert out["digests"] == sorted(digests)
+    assert_close(out["rewards"], rewards[order].transpose(0, 1))  # (G, P, m)
+    assert_close(out["kl"], kl[order].T)
+    # other batches, in another order, with a prompt repeated (as the distributed sampler pads): the same rows
+    other = PromptRows(3, 2)
+    for part in ([4, 0], [2], [3, 1, 4]):
+        other.update([digests[i] for i in part], rewards[part], kl[part])
+    again = other.compute()
+    assert again["digests"] == out["digests"]
+    assert_close(again["rewards"], out["rewards"])
+    assert_close(again["kl"], out["kl"])
+    assert prompts_sha256(again["digests"]) == prompts_sha256(out["digests"])
+    no_kl = PromptRows(3, 2)
+    no_kl.update(digests, rewards)
+    assert no_kl.compute()["kl"].isnan().all()
+
+
+def test_prompt_rows_check_their_inputs():
+    metric = PromptRows(3, 2)
+    with pytest.raises(ValueError, match=r"`rewards` must have shape \(n, G, m\) = \(1, 3, 2\), got \(1, 2, 2\)"):
+        metric.update([prompt_digest("a")], torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match="32 bytes"):
+        metric.update([b"short"], torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match="update"):
+        metric.compute()
+
+
+def _ddp_rows_worker(rank: int, world_size: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        digests, rewards, kl = _prompt_data()
+        expected = PromptRows(3, 2, sync_on_compute=False)
+        expected.update(digests, rewards, kl)
+        expected = expected.compute()
+        # uneven shares, rank 1's padded with a repeat of prompt 0 (as DistributedSampler does)
+        parts = [[0, 1], [2]] if rank == 0 else [[3, 4, 0]]
+        metric = PromptRows(3, 2)
+        for part in parts:
+            metric.update([digests[i] for i in part], rewards[part], kl[part])
+        got = metric.compute()
+        assert got["digests"] == expected["digests"], f"rank {rank}"
+        assert_close(got["rewards"], expected["rewards"])
+        assert_close(got["kl"], expected["kl"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ddp_prompt_rows_gather_in_one_order():
+    mp.spawn(_ddp_rows_worker, args=(2, _free_port()), nprocs=2, join=True)

@@ -1,0 +1,16 @@
+"""Reading grid-evaluation reports, old and new: what a reader may take from ``kl`` (see ``grid_report``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def sampled_kl(report: dict[str, Any]) -> float:
+    """The mean over the grid of a report's KL to the reference, estimated from sampled responses; nan when the report
+    has none: ``kl_samples: 0``, or a report written before the KL was sampled, whose ``kl`` (no ``kl_se`` beside it)
+    is the log-ratio of the greedy responses, not a KL."""
+    if "kl_se" not in report or not report.get("kl"):
+        return math.nan
+    values = [float(v) for v in report["kl"]]
+    return math.nan if any(math.isnan(v) for v in values) else sum(values) / len(values)

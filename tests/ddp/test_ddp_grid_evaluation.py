@@ -1,0 +1,32 @@
+"""The grid evaluation's per-prompt rows under DDP: 2 processes give every rank the rows of one process, in the same
+order, each prompt once (the distributed sampler's repeat removed)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_validate_script.py")
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_processes_report_the_rows_of_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    for devices in (1, 2):
+        done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), str(devices)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = json.loads((tmp_path / "devices1_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / f"devices2_rank{r}.json").read_text()) for r in (0, 1)]
+    rows = torch.tensor(one["per_prompt_rewards"])
+    assert rows.shape == (3, 5, 2) and len(rows.unique()) > 3  # the prompts' rows differ: their order matters
+    for two in ranks:
+        assert two["prompts_sha256"] == one["prompts_sha256"] and two["evaluation"]["num_prompts"] == 5
+        assert torch.allclose(torch.tensor(two["per_prompt_rewards"]), rows, atol=1e-5)
+        assert torch.allclose(torch.tensor(two["kl"]), torch.tensor(one["kl"]), atol=1e-4)
+    assert ranks[0]["per_prompt_rewards"] == ranks[1]["per_prompt_rewards"] and ranks[0]["kl"] == ranks[1]["kl"]

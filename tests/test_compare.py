@@ -1,0 +1,65 @@
+"""``clp compare``, the front figure and the quick-start summary read reports with and without the sampled-evaluation
+keys (``rewards_se``, ``kl_se``, ``per_prompt_rewards``, ...): a report of an older version still reads, and its
+greedy log-ratio is never shown as a KL."""
+
+import math
+
+import torch
+
+from clp_lightning.callbacks.grid_evaluation import grid_report
+from clp_lightning.compare import comparison_table, overlay_figure
+from clp_lightning.evaluation import mean_and_standard_error
+from clp_lightning.evaluation.plots import front_figure
+from clp_lightning.evaluation.reports import sampled_kl
+from clp_lightning.quickstart import print_summary
+
+GRID = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+
+
+def new_report(shift: float = 0.0) -> dict:
+    """A report built by grid_report from per-prompt rows (G=3, P=6, m=2), everything moved up by ``shift``."""
+    steps = torch.arange(6, dtype=torch.float64)
+    per_prompt = torch.stack([torch.stack([0.2 * g + 0.05 * steps, 1.0 - 0.3 * g + 0.1 * (steps % 3)], -1)
+                              for g in range(3)]) + shift  # (G, P, m)
+    rewards, rewards_se = mean_and_standard_error(per_prompt, dim=1)
+    kl = torch.tensor([0.5, 0.2, 0.7], dtype=torch.float64)
+    return grid_report(["relevance", "brevity"], GRID.double(), rewards, kl, torch.tensor([0.0, 0.5]),
+                       torch.tensor([-1.0, -1.0]), ref_point_from="config", epoch=0, step=10,
+                       rewards_se=rewards_se, kl_se=kl / 10, per_prompt_rewards=per_prompt, prompts_sha256="ab" * 32,
+                       evaluation={"generation": {"do_sample": False}, "num_samples": 1, "kl_samples": 4})
+
+
+def old_report() -> dict:
+    """A report as versions before sampled evaluation wrote it: ``kl`` was the greedy responses' log-ratio."""
+    keys = ("rewards_se", "kl_se", "per_prompt_rewards", "prompts_sha256", "evaluation")
+    return {k: v for k, v in new_report().items() if k not in keys}
+
+
+def test_new_keys_come_in_a_fixed_order_and_are_optional():
+    report = new_report()
+    assert list(report)[:8] == ["epoch", "step", "objectives", "grid", "rewards", "rewards_se", "kl", "kl_se"]
+    assert list(report)[-4:] == ["prompts_sha256", "per_prompt_rewards", "samples", "parameters"]
+    assert "rewards_se" not in old_report() and list(old_report())[4:6] == ["rewards", "kl"]
+    assert sampled_kl(report) == math.fsum([0.5, 0.2, 0.7]) / 3 and math.isnan(sampled_kl(old_report()))
+
+
+def test_comparison_table_gives_kl_intervals_and_the_paired_difference():
+    table = comparison_table([new_report(), new_report(shift=0.1), old_report()], ["a", "b", "old"], 200)
+    head, _, a, b, old = (line.split(" | ") for line in table.splitlines())
+    assert head[0] == "| run" and head[-3:] == ["KL", "HV 95% CI", "HV - a (95% CI) |"]
+    assert a[-3] == "0.467" and a[-2].startswith("[") and a[-1] == "n/a |"  # no difference to itself
+    difference = float(b[-1].split(" ")[0])
+    low = float(b[-1].split("[")[1].split(",")[0])
+    assert difference > 0 and low > 0  # b is a moved up in both objectives, on the same prompts
+    assert old[-3:] == ["n/a", "n/a", "n/a |"]  # an old report: no KL, no interval, no pairing
+    assert overlay_figure([new_report(), old_report()], ["new", "old"]) is not None
+
+
+def test_front_figure_and_summary_read_old_and_new_reports(capsys):
+    for report in (new_report(), old_report()):
+        assert len(front_figure(report).axes) == 1
+        print_summary(report)
+    out = capsys.readouterr().out
+    assert out.count("mean reward per objective") == 2
+    assert out.count("KL to the reference") == 1  # only the new report has a sampled KL
+    assert "(1, 0) 0.700 ± 0.070" in out  # w = (1, 0) is the grid's last point

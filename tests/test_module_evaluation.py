@@ -1,0 +1,74 @@
+"""CLPModule.evaluate_weightings / evaluate_reference: several samples per prompt, their row order, and alpha."""
+
+import pytest
+import torch
+
+from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.config import GenerationSettings
+from clp_lightning.module import CLPModule
+from clp_lightning.rewards import LengthReward
+
+BATCH = {"prompt": ["SUBREDDIT: r/a\n\nPOST: one post\n\nTL;DR:",
+                    "SUBREDDIT: r/b\n\nPOST: another, longer post\n\nTL;DR:"],
+         "source": ["one post", "another, longer post"], "reference": ["post", "longer post"], "id": ["0", "1"]}
+GRID = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+GREEDY = GenerationSettings(do_sample=False, max_new_tokens=4)
+
+
+def make_module(conditioning: ConditioningConfig, **kwargs) -> CLPModule:
+    torch.manual_seed(0)
+    rewards = [LengthReward(name="brevity", unit="chars", scale=10.0),
+               LengthReward(name="words", unit="words")]
+    policy = PolicyConfig("tiny:t5", conditioning, max_prompt_length=48)
+    return CLPModule(policy, rewards, samples_per_prompt=2, **kwargs).eval()
+
+
+@pytest.mark.parametrize("decoding", ["policy", "logit_mixture"])
+def test_samples_of_a_prompt_are_consecutive_rows(decoding):
+    """Row ``(g * P + p) * k + s``: with greedy decoding every sample repeats the one response of (g, p)."""
+    module = make_module(ConditioningConfig(mode="mixing", options={"targets": "logits"}), decoding=decoding)
+    one = module.evaluate_weightings(BATCH, GRID, GREEDY)
+    three = module.evaluate_weightings(BATCH, GRID, GREEDY, num_samples=3)
+    assert len(three["texts"]) == 3 * 2 * 3 and three["rewards"].shape == (18, 2) and three["kl"].shape == (18,)
+    assert three["texts"] == [t for t in one["texts"] for _ in range(3)]
+    assert torch.equal(three["rewards"], one["rewards"].repeat_interleave(3, 0))
+    assert torch.allclose(three["kl"], one["kl"].repeat_interleave(3, 0), atol=1e-5)
+    assert three["point"].tolist() == [g for g in range(3) for _ in range(2 * 3)]
+    assert torch.equal(three["weights"], GRID[three["point"]])
+    reference = module.evaluate_reference(BATCH, GREEDY, num_samples=2)
+    assert reference["rewards"].shape == (4, 2) and reference["texts"][0] == reference["texts"][1]
+
+
+def test_sampled_rows_differ_and_score_against_their_own_prompt():
+    module = make_module(ConditioningConfig(mode="mixing", options={"targets": "logits"}))
+    torch.manual_seed(0)
+    out = module.evaluate_weightings(BATCH, GRID, GenerationSettings(max_new_tokens=6), num_samples=4)
+    assert len(set(out["texts"])) > 3  # sampled: the rows are not all one response
+    # the length reward reads only the response: row r's reward is that of its own text
+    expected = module.score(["x"] * len(out["texts"]), out["texts"], ["x"] * len(out["texts"]))
+    assert torch.equal(out["rewards"], expected)
+
+
+def test_alpha_is_checked_against_alpha_range():
+    module = make_module(ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.01, 0.5))
+    assert module.evaluation_alpha() == 0.01 and module.evaluation_alpha(0.2) == 0.2
+    seen = []
+    encode = module.policy.encode
+
+    def record(prompts, weights=None, alpha=None):  # the reference's prompts are encoded without alpha: skipped
+        if alpha is not None:
+            seen.append(alpha)
+        return encode(prompts, weights, alpha)
+
+    module.policy.encode = record
+    module.evaluate_weightings(BATCH, GRID[:1], GREEDY, alpha=0.3)
+    assert seen[-1].tolist() == pytest.approx([0.3, 0.3])
+    module.evaluate_weightings(BATCH, GRID[:1], GREEDY)
+    assert seen[-1].tolist() == pytest.approx([0.01, 0.01])  # the default: alpha_range's low end
+    with pytest.raises(ValueError, match=r"alpha=0.9 is outside alpha_range \[0.01, 0.5\]"):
+        module.evaluate_weightings(BATCH, GRID[:1], GREEDY, alpha=0.9)
+    plain = make_module(ConditioningConfig(prompt=True))
+    with pytest.raises(ValueError, match="alpha=0.1 given, but the policy is not conditioned on alpha"):
+        plain.evaluate_weightings(BATCH, GRID[:1], GREEDY, alpha=0.1)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        plain.evaluate_weightings(BATCH, GRID[:1], GREEDY, num_samples=0)
