@@ -1,4 +1,5 @@
-"""CLP variants against the baselines on the quick-start task, at equal total training steps, over seeds.
+"""CLP variants against the baselines on the quick-start task: each variant's learning rate picked on validation,
+then several seeds compared on held-out prompts, at equal training steps and at equal KL to the reference.
 
 Every run starts from one warm start (conf/quickstart_sft.yaml) and is evaluated by the same grid evaluation. The
 variants are the rows of ``VARIANTS``; their kind says how a run gets its grid report:
@@ -7,16 +8,34 @@ variants are the rows of ``VARIANTS``; their kind says how a run gets its grid r
 - ``soup``: Rewarded Soups. The step budget is split across m experts (each trained with the one-hot weighting of its
   objective, only its own copies or adapters trained), which are then combined without further training: their
   parameters interpolated (``rs_*``), or their logits mixed at decoding time (``mix_lora``: ``sum_i w_i * logits_i``,
-  with the ``rs_lora`` experts).
+  with the ``rs_lora`` experts). Joint CLP with attention copies also trains the shared weights, which the experts
+  cannot (their soup would not be an interpolation); ``attention_own`` is joint CLP trained like the experts, so
+  that the difference is measured. LoRA trains the adapters alone either way.
 - ``fixed``: one policy per grid weighting (the sampler fixed at that weighting, the full step budget each), each
   policy's point taken at its own weighting: the expensive upper reference, costing G times the budget.
 
+The protocol:
+
+1. **Learning rate.** Each variant trains at ``--lr-factors`` times its base rate (the task config's, or the
+   variant's own), seed ``--seeds[0]``; the rate with the largest hypervolume on the *validation* prompts is chosen
+   (``fixed`` is not swept: it trains at its base rate).
+2. **Seeds.** The chosen rate trains with every seed (the sweep's run is reused for the first).
+3. **Test.** Each chosen run is evaluated on ``--test-prompts`` prompts of the *test* split, which no choice saw:
+   hypervolume (mean and spread over seeds; a bootstrap interval over prompts with the seeds' per-prompt rewards
+   averaged) and the paired difference to ``--compare-to`` on the same prompts (paired bootstrap,
+   :func:`clp_lightning.evaluation.paired_bootstrap`).
+4. **Equal KL.** A policy that drifts further from the reference buys more reward. Every run is evaluated
+   ``--evaluations`` times during training; each evaluation carries the sampled KL to the reference (mean over the
+   grid). Hypervolume is read off each run's (KL, hypervolume) path, from the reference policy's point (KL 0) on, at
+   the budget every variant reaches: the smallest of the variants' final KLs.
+
     python experiments/study.py --out runs/study                                   # the full study
-    python experiments/study.py --out runs/study --variants all lora rs_lora --seeds 0 --steps 20   # smallest
+    python experiments/study.py --out runs/study --variants all lora rs_lora --seeds 0 --steps 20 --lr-factors 1
     python experiments/study.py --out runs/study3 --three-objectives                               # m = 3
 
-Writes <out>/table.md (hypervolume mean +- std over seeds, steerability, training steps, parameters) and
-<out>/fronts.png (one front per variant, seed 0), and prints the table.
+Writes <out>/table.md (the tables), <out>/results.json (every number behind them), <out>/fronts.png (test fronts,
+first seed) and <out>/kl.png (validation hypervolume against KL over training), and prints the tables. An
+interrupted study picks up where it stopped: a run whose report exists is not run again.
 """
 
 from __future__ import annotations
@@ -30,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -40,6 +61,8 @@ from clp_lightning.callbacks.grid_evaluation import grid_report  # noqa: E402
 from clp_lightning.cli import CLPCLI, run_cli  # noqa: E402
 from clp_lightning.compare import overlay_figure  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
+from clp_lightning.evaluation import bootstrap_ci, paired_bootstrap  # noqa: E402
+from clp_lightning.evaluation.reports import sampled_kl  # noqa: E402
 
 CONF = ROOT / "conf"
 
@@ -52,8 +75,10 @@ class Variant:
         fragment: the conditioning config, under ``conf/conditioning/``.
         kind: how the run gets its grid report (see the module docstring): ``fit``, ``soup`` or ``fixed``.
         decoding: ``model.decoding`` when a soup is evaluated (None: the config's, parameter interpolation).
-        lr: the optimizer's learning rate (None: the config's).
+        lr: the base learning rate, which the sweep multiplies (None: the task config's).
         experts_of: the soup variant whose experts this soup reuses, trained once for both (None: its own).
+        overrides: further command-line settings of the variant's runs.
+        sweep: whether the learning rate is chosen by the sweep (False: the base rate).
     """
 
     fragment: str
@@ -61,6 +86,8 @@ class Variant:
     decoding: str | None = None
     lr: float | None = None
     experts_of: str | None = None
+    overrides: tuple[str, ...] = ()
+    sweep: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("fit", "soup", "fixed"):
@@ -75,6 +102,7 @@ class Variant:
 
 
 LORA_LR = 2e-3  # a frozen base with small adapters wants a larger step than full finetuning
+OWN_ONLY = "--model.init_args.policy.conditioning.train_shared=false"  # only the mode's copies / adapters train
 VARIANTS = {
     "prompt": Variant("prompt.yaml"),
     "logits": Variant("logits.yaml"),
@@ -82,11 +110,13 @@ VARIANTS = {
     "all": Variant("all.yaml"),
     "lora": Variant("lora.yaml", lr=LORA_LR),
     "prompt_attention": Variant("prompt_attention.yaml"),
+    "attention_own": Variant("attention.yaml", overrides=(OWN_ONLY,)),
     "rs_lora": Variant("lora.yaml", "soup", lr=LORA_LR),
     "rs_attention": Variant("attention.yaml", "soup"),
     "mix_lora": Variant("lora.yaml", "soup", decoding="logit_mixture", lr=LORA_LR, experts_of="rs_lora"),
-    "fixed": Variant("attention.yaml", "fixed"),
+    "fixed": Variant("attention.yaml", "fixed", sweep=False),
 }
+LR_FACTORS = (1 / 3, 1.0, 3.0)
 
 
 def cli(subcommand: str | None, configs: list[Path], overrides: list[str]) -> CLPCLI:
@@ -95,84 +125,202 @@ def cli(subcommand: str | None, configs: list[Path], overrides: list[str]) -> CL
     return run_cli(args, run=subcommand is not None)
 
 
-def run_variant(
-    name: str, seed: int, steps: int, sft: Path, out: Path, task: list[Path], overrides: list[str] = ()
-) -> dict:
-    """Train the variant's policy (or experts, or fixed-weighting policies) and return its grid report."""
-    variant = VARIANTS[name]
-    run = out / name / f"seed{seed}"
-    done = run / variant.done
-    if done.exists():  # finished earlier: an interrupted study picks up where it stopped
-        report = json.loads(done.read_text())
-        return {**report, "step": steps} if variant.kind == "soup" else report
-    configs = [*task, CONF / "conditioning" / variant.fragment]
-    common = [
-        f"--seed_everything={seed}",
-        f"--model.init_args.policy.model_name_or_path={sft}",
-        f"--model.init_args.weight_seed={seed}",
-        f"--trainer.logger.init_args.save_dir={run}",
-        "--trainer.logger.init_args.name=",
-        "--trainer.enable_progress_bar=false",
-        *overrides,
-    ]
-    if variant.lr is not None:
-        common.append(f"--model.init_args.optimizer.lr={variant.lr}")
-    if variant.kind == "fixed":
-        return run_fixed(run, configs, common, steps)
-    if variant.kind == "soup":
-        experts = out / (variant.experts_of or name) / f"seed{seed}"
-        return run_soup(configs, common, steps, experts, variant.decoding)
-    trained = cli("fit", configs, common + [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}"])
-    return json.loads((Path(trained.trainer.log_dir) / "evaluation" / "latest.json").read_text())
+def config_value(configs: list[Path], *keys: str) -> object:
+    """A value of the merged task configs (the last file that sets it wins), read without building anything."""
+    found = None
+    for config in configs:
+        node = yaml.safe_load(config.read_text()) or {}
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        found = node if node is not None else found
+    return found
 
 
-def run_soup(configs: list[Path], common: list[str], steps: int, experts: Path, decoding: str | None) -> dict:
-    """Train one expert per objective under ``experts`` (unless already there), then validate their combination."""
-    # only the experts' own copies / adapters train, so the soup is exactly their interpolation
-    common = common + ["--model.init_args.policy.conditioning.train_shared=false"]
-    num_objectives = 3 if any(c.name == "three_objectives.yaml" for c in configs) else 2
-    checkpoints = []
-    for i in range(num_objectives):
-        checkpoint = experts / f"expert{i}" / "checkpoints" / "last.ckpt"
-        if not checkpoint.exists():
-            expert = [
-                f"--trainer.logger.init_args.save_dir={experts / f'expert{i}'}",
-                f"--trainer.max_steps={steps // num_objectives}",
-                f"--trainer.val_check_interval={steps // num_objectives}",
-                "--model.init_args.sampler.kind=one_hot",
-                f"--model.init_args.sampler.index={i}",
-            ]
-            cli("fit", configs, common + expert)
-        checkpoints.append(str(checkpoint))
-    decoded = [] if decoding is None else [f"--model.init_args.decoding={decoding}"]
-    combined = f"--model.init_args.expert_checkpoints={json.dumps(checkpoints)}"
-    validated = cli("validate", configs, [*common, *decoded, combined])
-    report = json.loads((Path(validated.trainer.log_dir) / "evaluation" / "validate.json").read_text())
-    report["step"] = steps  # the experts' steps together
-    return report
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
-def run_fixed(run: Path, configs: list[Path], common: list[str], steps: int) -> dict:
-    """One policy per grid weighting, each trained at that weighting only; point g is policy g's rewards at g."""
-    points, grid = [], _grid(configs, common)
-    for g, weights in enumerate(grid):
-        policy_run = run / f"point{g}"
-        latest = policy_run / "evaluation" / "latest.json"
-        if not latest.exists():
-            # the policy is evaluated on the whole grid like the others; only its own weighting is kept
-            policy = [
-                f"--trainer.logger.init_args.save_dir={policy_run}",
-                f"--trainer.max_steps={steps}",
-                f"--trainer.val_check_interval={steps}",
-                "--model.init_args.sampler.kind=fixed",
-                f"--model.init_args.sampler.weights={json.dumps(weights)}",
-            ]
-            cli("fit", configs, common + policy)
-        points.append(json.loads(latest.read_text()))
-    report = fixed_report(points, steps)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "report.json").write_text(json.dumps(report, indent=2))
-    return report
+@dataclass
+class Study:
+    """The settings every run of a study shares, and the runs: training, test, and the KL path of each.
+
+    A run is ``(variant, learning rate, seed)``, in ``<out>/<variant>/lr<rate>/seed<seed>``.
+    """
+
+    out: Path
+    sft: Path
+    task: list[Path]
+    steps: int
+    overrides: tuple[str, ...] = ()  # settings of every run (the grid step)
+    evaluations: int = 4  # grid evaluations on the validation prompts during each training
+    test_prompts: int = 64
+
+    def base_lr(self, name: str) -> float:
+        lr = VARIANTS[name].lr or config_value(self.task, "model", "init_args", "optimizer", "lr")
+        if lr is None:
+            raise ValueError(f"variant {name!r} has no learning rate and the task configs set none")
+        return float(lr)
+
+    def lrs(self, name: str, factors: tuple[float, ...]) -> list[float]:
+        """The rates the sweep tries for ``name`` (only the base rate for a variant that is not swept)."""
+        base = self.base_lr(name)
+        return [float(f"{base * f:.3g}") for f in factors] if VARIANTS[name].sweep else [base]
+
+    def run_dir(self, name: str, lr: float, seed: int) -> Path:
+        return self.out / name / f"lr{lr:.3g}" / f"seed{seed}"
+
+    @property
+    def num_objectives(self) -> int:
+        return 3 if any(c.name == "three_objectives.yaml" for c in self.task) else 2
+
+    def _configs(self, name: str) -> list[Path]:
+        return [*self.task, CONF / "conditioning" / VARIANTS[name].fragment]
+
+    def _common(self, name: str, seed: int, lr: float, save_dir: Path) -> list[str]:
+        return [
+            f"--seed_everything={seed}",
+            f"--model.init_args.policy.model_name_or_path={self.sft}",
+            f"--model.init_args.weight_seed={seed}",
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+            "--trainer.logger.init_args.name=",
+            "--trainer.enable_progress_bar=false",
+            f"--model.init_args.optimizer.lr={lr}",
+            *VARIANTS[name].overrides,
+            *self.overrides,
+        ]
+
+    def _fit(self, configs: list[Path], common: list[str], steps: int, extra: list[str] = ()) -> None:
+        interval = max(1, steps // self.evaluations)  # the KL path: an evaluation every `interval` steps
+        cli("fit", configs, [*common, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={interval}",
+                             *extra])
+
+    # ----------------------------------------------------------------------------------------------- training
+
+    def train(self, name: str, seed: int, lr: float) -> dict:
+        """Train the run (once) and return its final grid report on the validation prompts."""
+        variant, run = VARIANTS[name], self.run_dir(name, lr, seed)
+        done = run / variant.done
+        if not done.exists():
+            configs, common = self._configs(name), self._common(name, seed, lr, run)
+            if variant.kind == "fit":
+                self._fit(configs, common, self.steps)
+            elif variant.kind == "soup":
+                self._soup(name, common, "validate", self._expert_checkpoints(name, seed, lr))
+            else:
+                self._fixed(name, seed, lr)
+        report = read(done)
+        return {**report, "step": self.steps} if variant.kind == "soup" else report
+
+    def _experts(self, name: str, seed: int, lr: float) -> Path:
+        return self.run_dir(VARIANTS[name].experts_of or name, lr, seed)
+
+    def _expert_checkpoints(self, name: str, seed: int, lr: float) -> list[Path]:
+        """Each expert's last checkpoint, training the experts that are not there yet."""
+        experts, steps = self._experts(name, seed, lr), self.steps // self.num_objectives
+        checkpoints = []
+        for i in range(self.num_objectives):
+            checkpoint = experts / f"expert{i}" / "checkpoints" / "last.ckpt"
+            if not checkpoint.exists():
+                # only the experts' own copies / adapters train, so the soup is exactly their interpolation
+                common = self._common(name, seed, lr, experts / f"expert{i}") + [OWN_ONLY]
+                self._fit(self._configs(name), common, steps,
+                          ["--model.init_args.sampler.kind=one_hot", f"--model.init_args.sampler.index={i}"])
+            checkpoints.append(checkpoint)
+        return checkpoints
+
+    def _soup(self, name: str, common: list[str], stage: str, checkpoints: list[Path], extra: list[str] = ()) -> dict:
+        """Evaluate the combination of the experts' ``checkpoints`` (``validate`` or ``test``); its report."""
+        decoding = VARIANTS[name].decoding
+        decoded = [] if decoding is None else [f"--model.init_args.decoding={decoding}"]
+        combined = f"--model.init_args.expert_checkpoints={json.dumps([str(c) for c in checkpoints])}"
+        evaluated = cli(stage, self._configs(name), [*common, OWN_ONLY, *decoded, combined, *extra])
+        return read(Path(evaluated.trainer.log_dir) / "evaluation" / f"{stage}.json")
+
+    def _fixed(self, name: str, seed: int, lr: float) -> dict:
+        """One policy per grid weighting, each trained at that weighting only; point g is policy g's rewards at g."""
+        run, configs = self.run_dir(name, lr, seed), self._configs(name)
+        points = []
+        for g, weights in enumerate(self.grid(configs, self._common(name, seed, lr, run))):
+            policy_run = run / f"point{g}"
+            latest = policy_run / "evaluation" / "latest.json"
+            if not latest.exists():
+                # the policy is evaluated on the whole grid like the others; only its own weighting is kept
+                fixed = ["--model.init_args.sampler.kind=fixed",
+                         f"--model.init_args.sampler.weights={json.dumps(weights)}"]
+                self._fit(configs, self._common(name, seed, lr, policy_run), self.steps, fixed)
+            points.append(read(latest))
+        report = fixed_report(points, self.steps)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    @staticmethod
+    def grid(configs: list[Path], common: list[str]) -> list[list[float]]:
+        """The evaluation grid the configs set up: the GridEvaluation callback's step over the task's objectives."""
+        built = cli(None, configs, common)
+        step = next(c.grid_step for c in built.trainer.callbacks if isinstance(c, GridEvaluation))
+        return simplex_grid(built.model.num_objectives, step).tolist()
+
+    # ----------------------------------------------------------------------------------------------- test
+
+    def test(self, name: str, seed: int, lr: float) -> dict:
+        """The trained run's grid report on ``test_prompts`` prompts of the test split (evaluated once)."""
+        variant, run = VARIANTS[name], self.run_dir(name, lr, seed)
+        done = run / "test" / "evaluation" / "test.json"
+        if variant.kind == "fixed":
+            done = run / "test_report.json"
+        if done.exists():
+            report = read(done)
+            return {**report, "step": self.steps} if variant.kind == "soup" else report
+        self.train(name, seed, lr)
+        data = [f"--data.init_args.num_test={self.test_prompts}"]
+        if variant.kind == "fit":
+            common = self._common(name, seed, lr, run / "test")
+            cli("test", self._configs(name), [*common, *data, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+            return read(done)
+        if variant.kind == "soup":
+            common = self._common(name, seed, lr, run / "test")
+            report = self._soup(name, common, "test", self._expert_checkpoints(name, seed, lr), data)
+            return {**report, "step": self.steps}
+        points = []
+        for g in range(len(list(run.glob("point*")))):
+            policy_run = run / f"point{g}"
+            common = self._common(name, seed, lr, policy_run / "test")
+            checkpoint = policy_run / "checkpoints" / "last.ckpt"
+            cli("test", self._configs(name), [*common, *data, f"--ckpt_path={checkpoint}"])
+            points.append(read(policy_run / "test" / "evaluation" / "test.json"))
+        report = fixed_report(points, self.steps)
+        done.write_text(json.dumps(report, indent=2))
+        return report
+
+    # ----------------------------------------------------------------------------------------------- KL path
+
+    def path(self, name: str, seed: int, lr: float) -> list[tuple[float, float]]:
+        """The run's (sampled KL, hypervolume) on the validation prompts at each evaluation during training, in
+        order, from the reference policy's point (KL 0, its own hypervolume) on."""
+        variant, run = VARIANTS[name], self.run_dir(name, lr, seed)
+        self.train(name, seed, lr)
+        if variant.kind == "fit":
+            reports = [read(f) for f in sorted((run / "evaluation").glob("epoch_*_step_*.json"))]
+        elif variant.kind == "fixed":
+            per_point = [[read(f) for f in sorted((run / f"point{g}" / "evaluation").glob("epoch_*_step_*.json"))]
+                         for g in range(len(list(run.glob("point*"))))]
+            reports = [fixed_report(list(points), self.steps) for points in zip(*per_point)]
+        else:  # the soup of the experts' checkpoints of each evaluation, evaluated once each
+            experts = self._experts(name, seed, lr)
+            saved = (experts / "expert0" / "checkpoints").glob("*step=*.ckpt")
+            steps = [int(f.stem.rsplit("step=", 1)[1]) for f in saved]
+            reports = []
+            for step in sorted(steps):
+                checkpoints = [next((experts / f"expert{i}" / "checkpoints").glob(f"*step={step}.ckpt"))
+                               for i in range(self.num_objectives)]
+                save = run / "path" / f"step{step}"
+                if not (save / "evaluation" / "validate.json").exists():
+                    self._soup(name, self._common(name, seed, lr, save), "validate", checkpoints)
+                reports.append(read(save / "evaluation" / "validate.json"))
+        if not reports:
+            return []
+        return [(0.0, reports[0]["reference_hypervolume"])] + [(sampled_kl(r), r["hypervolume"]) for r in reports]
 
 
 def fixed_report(points: list[dict], steps: int) -> dict:
@@ -189,6 +337,12 @@ def fixed_report(points: list[dict], steps: int) -> dict:
     def column(key: str) -> torch.Tensor:  # each policy's value at its own weighting
         return torch.tensor([points[g][key][g] for g in own], dtype=torch.float64)
 
+    # per-point columns of the newer reports (per_prompt_rewards: policy g's prompts at its own weighting g)
+    columns = {key: column(key) for key in ("rewards_se", "kl_se", "greedy_log_ratio", "per_prompt_rewards")
+               if all(key in p for p in points)}
+    if len({p.get("prompts_sha256") for p in points}) > 1:
+        raise ValueError("the fixed-weighting policies were evaluated on different prompts (prompts_sha256 differ)")
+    shared = {key: first[key] for key in ("prompts_sha256", "evaluation") if key in first}
     return grid_report(
         first["objectives"],
         torch.tensor(first["grid"], dtype=torch.float64),
@@ -201,39 +355,115 @@ def fixed_report(points: list[dict], steps: int) -> dict:
         step=steps * len(points),  # G policies, each with the full budget
         samples=[],  # G policies' responses do not make one policy's table of responses
         parameters={k: v * len(points) if k.endswith("_parameters") else v for k, v in parameters.items()},
+        **columns,
+        **shared,
     )
 
 
-def _grid(configs: list[Path], common: list[str]) -> list[list[float]]:
-    """The evaluation grid the configs set up: the GridEvaluation callback's step over the task's objectives."""
-    built = cli(None, configs, common)
-    step = next(c.grid_step for c in built.trainer.callbacks if isinstance(c, GridEvaluation))
-    return simplex_grid(built.model.num_objectives, step).tolist()
+def at_kl(path: list[tuple[float, float]], budget: float) -> float:
+    """Hypervolume where the (KL, hypervolume) path first reaches KL ``budget``, linear between evaluations (nan if
+    it never does, or if KL was not measured)."""
+    for (kl0, hv0), (kl1, hv1) in zip(path, path[1:]):
+        if math.isnan(kl0) or math.isnan(kl1):
+            return math.nan
+        if kl0 <= budget <= kl1 and kl1 > kl0:
+            return hv0 + (hv1 - hv0) * (budget - kl0) / (kl1 - kl0)
+        if kl1 == budget:
+            return hv1
+    return math.nan
 
 
-def summarise(results: dict[str, list[dict]]) -> str:
-    names = next(iter(results.values()))[0]["objectives"]
-    head = ["variant", "hypervolume (mean ± std)", *[f"steer {n}" for n in names], "steps", "trainable", "total"]
+def pooled(reports: list[dict]) -> dict:
+    """One report whose per-prompt rewards are the seeds' mean (the same test prompts for every seed)."""
+    if len({r.get("prompts_sha256") for r in reports}) > 1:
+        raise ValueError("the seeds' test reports were evaluated on different prompts")
+    rows = torch.tensor([r["per_prompt_rewards"] for r in reports], dtype=torch.float64).mean(0)  # (G, P, m)
+    return {**reports[0], "per_prompt_rewards": rows.tolist(), "rewards": rows.mean(1).tolist()}
+
+
+def fmt(x: float, spec: str = ".3f") -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def analyse(results: dict[str, dict], compare_to: str, num_resamples: int) -> dict:
+    """Test statistics, bootstrap intervals and hypervolume at matched KL, from the runs' reports."""
+    finals = {v: [p[-1][0] for p in r["paths"] if p] for v, r in results.items()}
+    budgets = [statistics.fmean(k) for k in finals.values() if k and not any(math.isnan(x) for x in k)]
+    budget = min(budgets) if budgets else math.nan
+    reference = pooled(results[compare_to]["test"]) if compare_to in results else None
+    for variant, r in results.items():
+        hv = [t["hypervolume"] for t in r["test"]]
+        r["test_hypervolume"] = {"mean": statistics.fmean(hv), "std": statistics.stdev(hv) if len(hv) > 1 else 0.0}
+        r["test_kl"] = statistics.fmean(sampled_kl(t) for t in r["test"])
+        r["hypervolume_at_kl"] = statistics.fmean(at_kl(p, budget) for p in r["paths"]) if r["paths"] else math.nan
+        both = pooled(r["test"])
+        r["pooled_ci"] = bootstrap_ci(both, num_resamples)
+        if reference is not None and variant != compare_to:
+            r["versus"] = paired_bootstrap(both, reference, num_resamples)
+        names = r["test"][0]["objectives"]
+        r["vertex_gain"] = {n: statistics.fmean(t["vertex_gain"][n] for t in r["test"]) for n in names}
+        r["steerability"] = {n: statistics.fmean(t["steerability"][n] for t in r["test"]) for n in names}
+    return {"kl_budget": budget, "compare_to": compare_to}
+
+
+def tables(results: dict[str, dict], summary: dict) -> str:
+    names = next(iter(results.values()))["test"][0]["objectives"]
+    ref = summary["compare_to"]
+    head = ["variant", "lr", "test HV (mean ± std)", "test HV, seeds pooled [95% CI]", f"HV - {ref} [95% CI]",
+            "test KL", f"val HV at KL {fmt(summary['kl_budget'])}", *[f"vertex gain {n}" for n in names],
+            *[f"steer {n}" for n in names], "steps", "trainable", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for variant, reports in results.items():
-        hv = [r["hypervolume"] for r in reports]
-        std = statistics.stdev(hv) if len(hv) > 1 else 0.0
-        steer = [statistics.fmean(r["steerability"][n] for r in reports) for n in names]
-        params = reports[0].get("parameters", {})
+    for variant, r in results.items():
+        ci, vs = r["pooled_ci"], r.get("versus")
+        params = r["test"][0].get("parameters", {})
         lines.append("| " + " | ".join([
-            variant, f"{statistics.fmean(hv):.3f} ± {std:.3f} (n={len(hv)})" if len(hv) > 1 else f"{hv[0]:.3f} (n=1)",
-            *["nan" if math.isnan(s) else f"{s:+.2f}" for s in steer],
-            str(reports[0]["step"]), str(params.get("trainable_parameters", "?")),
-            str(params.get("total_parameters", "?"))]) + " |")
+            variant, f"{r['lr']:.3g}",
+            f"{r['test_hypervolume']['mean']:.3f} ± {r['test_hypervolume']['std']:.3f}",
+            f"{ci['hypervolume']:.3f} [{ci['ci'][0]:.3f}, {ci['ci'][1]:.3f}]",
+            "—" if vs is None else f"{vs['difference']:+.3f} [{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}]",
+            fmt(r["test_kl"]), fmt(r["hypervolume_at_kl"]),
+            *[f"{r['vertex_gain'][n]:+.3f}" for n in names], *[fmt(r["steerability"][n], "+.2f") for n in names],
+            str(r["test"][0]["step"]), str(params.get("trainable_parameters", "?")), str(len(r["test"]))]) + " |")
+    sweep_rates = sorted({lr for r in results.values() for lr in r["sweep"]})
+    lines += ["", "Learning-rate sweep (validation hypervolume, first seed; chosen rate in bold):", "",
+              "| variant | " + " | ".join(f"lr {lr:.3g}" for lr in sweep_rates) + " |",
+              "|---|" + "---|" * len(sweep_rates)]
+    for variant, r in results.items():
+        cells = []
+        for lr in sweep_rates:
+            hv = r["sweep"].get(lr)
+            cells.append("" if hv is None else (f"**{hv:.3f}**" if lr == r["lr"] else f"{hv:.3f}"))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def kl_figure(results: dict[str, dict], budget: float):
+    """Validation hypervolume against sampled KL over training, a line per run, the KL budget marked."""
+    import matplotlib.pyplot as plt
+
+    from clp_lightning.evaluation import plots  # noqa: F401  (selects the Agg backend)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (variant, r) in enumerate(results.items()):
+        colour = f"C{k % 10}"
+        for s, path in enumerate(r["paths"]):
+            ax.plot([p[0] for p in path], [p[1] for p in path], "o-", ms=3, color=colour, alpha=0.8,
+                    label=variant if s == 0 else None)
+    if not math.isnan(budget):
+        ax.axvline(budget, color="grey", ls="--", lw=1, label=f"KL budget {budget:.3g}")
+    ax.set_xlabel("KL to the reference (sampled, nats per response, mean over the grid)")
+    ax.set_ylabel("hypervolume (validation prompts)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/study", help="where runs, the table and the figure go")
+    parser.add_argument("--out", default="runs/study", help="where runs, the tables and the figures go")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=160, help="training steps per variant (RS: all experts)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also runs the sweep")
+    parser.add_argument("--steps", type=int, default=160, help="training steps per run (RS: all experts together)")
     parser.add_argument("--sft-steps", type=int, default=None, help="override the warm start's steps")
     parser.add_argument("--fixed-seeds", nargs="+", type=int, default=None,
                         help="seeds of the fixed-weighting baseline (G trainings per seed; default: the first seed)")
@@ -241,6 +471,13 @@ def main(argv: list[str] | None = None) -> str:
                         help="override the evaluation grid's step (and so the number of fixed-weighting policies)")
     parser.add_argument("--three-objectives", action="store_true",
                         help="add faithfulness as a third objective (conf/tasks/three_objectives.yaml)")
+    parser.add_argument("--lr-factors", nargs="+", type=float, default=list(LR_FACTORS),
+                        help="the sweep's rates, as multiples of each variant's base rate (1 alone: no sweep)")
+    parser.add_argument("--evaluations", type=int, default=4, help="validation evaluations per training (KL path)")
+    parser.add_argument("--test-prompts", type=int, default=64, help="held-out prompts of the test evaluation")
+    parser.add_argument("--compare-to", default=None,
+                        help="the variant the others are compared with, paired (default: rs_lora if run, else first)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = parser.parse_args(argv)
     out = Path(args.out)
     sft = out / "sft" / "model"
@@ -251,16 +488,31 @@ def main(argv: list[str] | None = None) -> str:
                                                     f"--trainer.logger.init_args.save_dir={out}", *extra])
     task = [CONF / "quickstart.yaml"] + ([CONF / "tasks" / "three_objectives.yaml"] if args.three_objectives else [])
     # GridEvaluation is the last callback of the task configs; jsonargparse applies init_args to the last list item
-    grid = [f"--trainer.callbacks.init_args.grid_step={args.grid_step}"] if args.grid_step else []
+    grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step else ()
+    study = Study(out, sft, task, args.steps, grid, args.evaluations, args.test_prompts)
     fixed_seeds = args.fixed_seeds or args.seeds[:1]
-    seeds = {v: fixed_seeds if VARIANTS[v].kind == "fixed" else args.seeds for v in args.variants}
-    results = {v: [run_variant(v, s, args.steps, sft, out, task, grid) for s in seeds[v]] for v in args.variants}
-    table = summarise(results)
+    results: dict[str, dict] = {}
+    for name in args.variants:
+        sweep = {lr: study.train(name, args.seeds[0], lr)["hypervolume"]
+                 for lr in study.lrs(name, tuple(args.lr_factors))}
+        lr = max(sweep, key=sweep.get)
+        seeds = fixed_seeds if VARIANTS[name].kind == "fixed" else args.seeds
+        results[name] = {"lr": lr, "sweep": sweep, "seeds": seeds,
+                         "test": [study.test(name, s, lr) for s in seeds],
+                         "paths": [study.path(name, s, lr) for s in seeds]}
+    compare_to = args.compare_to or ("rs_lora" if "rs_lora" in results else args.variants[0])
+    summary = analyse(results, compare_to, args.bootstrap)
+    table = tables(results, summary)
     (out / "table.md").write_text(table + "\n")
-    first = [reports[0] for reports in results.values()]
-    overlay_figure(first, list(results)).savefig(out / "fronts.png", dpi=100)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "variants": {
+        v: {k: x for k, x in r.items() if k != "test"} | {"test_reports": [str(study.run_dir(v, r["lr"], s))
+                                                                           for s in r["seeds"]]}
+        for v, r in results.items()}}, indent=2, default=str))
+    overlay_figure([r["test"][0] for r in results.values()], list(results)).savefig(out / "fronts.png", dpi=100)
+    kl_figure(results, summary["kl_budget"]).savefig(out / "kl.png", dpi=100)
     print(table)
-    print(f"table: {out / 'table.md'}; figure: {out / 'fronts.png'}")
+    print(f"tables: {out / 'table.md'}; numbers: {out / 'results.json'}; figures: {out / 'fronts.png'}, "
+          f"{out / 'kl.png'}")
     return table
 
 

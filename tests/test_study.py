@@ -3,6 +3,7 @@ front's report, and (slow) its smallest version end to end."""
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,10 +60,14 @@ def grid_evaluation_report(tmp_path_factory):
 
 
 class FakeCLI:
-    """Stands in for ``clp``: records each command and leaves the report (and checkpoint) a real run would."""
+    """Stands in for ``clp``: records each command and leaves the files a real run would (reports, checkpoints).
 
-    def __init__(self, report: dict) -> None:
-        self.report, self.calls = report, []
+    A fit evaluates every ``val_check_interval`` steps (``epoch_*_step_*.json``, with a checkpoint each); its reports
+    have the hypervolume ``hv(lr)`` and a KL that grows with the step, so that a study's choices can be checked.
+    """
+
+    def __init__(self, report: dict, hv=lambda lr: 1.0) -> None:
+        self.report, self.hv, self.calls = report, hv, []
 
     def __call__(self, subcommand, configs, overrides):
         options = dict(o.removeprefix("--").split("=", 1) for o in overrides)
@@ -72,14 +77,29 @@ class FakeCLI:
                 trainer=SimpleNamespace(callbacks=[GridEvaluation(grid_step=0.5)]),
                 model=SimpleNamespace(num_objectives=2),
             )
+        if "model.init_args.output_dir" in options:  # the warm start
+            Path(options["model.init_args.output_dir"]).mkdir(parents=True)
+            return SimpleNamespace()
         run = Path(options["trainer.logger.init_args.save_dir"])
         (run / "evaluation").mkdir(parents=True, exist_ok=True)
-        name = "latest.json" if subcommand == "fit" else f"{subcommand}.json"
-        (run / "evaluation" / name).write_text(json.dumps(self.report))
+        hv = self.hv(float(options["model.init_args.optimizer.lr"]))
         if subcommand == "fit":
+            steps, every = int(options["trainer.max_steps"]), int(options["trainer.val_check_interval"])
             (run / "checkpoints").mkdir(exist_ok=True)
+            for step in range(every, steps + 1, every):
+                report = {**self.report, "hypervolume": hv * step / steps, "kl": [step / 10] * len(self.report["kl"]),
+                          "step": step}
+                (run / "evaluation" / f"epoch_000_step_{step:06d}.json").write_text(json.dumps(report))
+                (run / "checkpoints" / f"epoch=0-step={step}.ckpt").write_bytes(b"")
+            (run / "evaluation" / "latest.json").write_text(json.dumps(report))
             (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+        else:
+            (run / "evaluation" / f"{subcommand}.json").write_text(json.dumps({**self.report, "hypervolume": hv}))
         return SimpleNamespace(trainer=SimpleNamespace(log_dir=str(run)))
+
+
+def new_study(study, tmp_path, steps=8):
+    return study.Study(tmp_path, tmp_path / "sft", [study.CONF / "quickstart.yaml"], steps)
 
 
 def test_variants_table_is_consistent(study):
@@ -90,43 +110,108 @@ def test_variants_table_is_consistent(study):
             owner = study.VARIANTS[variant.experts_of]
             assert owner.kind == "soup" and owner.experts_of is None, name
             assert (owner.fragment, owner.lr) == (variant.fragment, variant.lr), name
+    # joint CLP trained like the Rewarded Soups experts (only the copies), to measure what training the rest adds
+    assert study.VARIANTS["attention_own"].overrides == (study.OWN_ONLY,)
+    assert study.VARIANTS["attention_own"].fragment == study.VARIANTS["rs_attention"].fragment
     with pytest.raises(ValueError, match="not one of"):
         study.Variant("lora.yaml", "sweep")
     with pytest.raises(ValueError, match="for soups"):
         study.Variant("lora.yaml", decoding="logit_mixture")
 
 
+def test_learning_rates_are_the_base_rate_times_the_factors(study, tmp_path):
+    runs = new_study(study, tmp_path)
+    assert runs.base_lr("all") == 2e-4  # conf/quickstart.yaml's optimizer.lr
+    assert runs.lrs("all", (1 / 3, 1.0, 3.0)) == [6.67e-5, 2e-4, 6e-4]
+    assert runs.lrs("lora", (1.0, 3.0)) == [2e-3, 6e-3]  # the variant's own base
+    assert runs.lrs("fixed", (1 / 3, 1.0, 3.0)) == [2e-4]  # not swept: G trainings per rate
+    assert runs.run_dir("lora", 2e-3, 1) == tmp_path / "lora" / "lr0.002" / "seed1"
+
+
 def test_fit_variant_trains_once_with_its_settings_and_resumes(study, grid_evaluation_report, monkeypatch, tmp_path):
     fake = FakeCLI(grid_evaluation_report)
     monkeypatch.setattr(study, "cli", fake)
-    task = [study.CONF / "quickstart.yaml"]
-    study.run_variant("lora", 1, 8, tmp_path / "sft", tmp_path, task)
+    runs = new_study(study, tmp_path)
+    runs.train("lora", 1, 2e-3)
     [(subcommand, configs, options)] = fake.calls
     assert subcommand == "fit" and configs == ["quickstart.yaml", "lora.yaml"]
     assert options["trainer.max_steps"] == "8" and float(options["model.init_args.optimizer.lr"]) == 2e-3
-    assert options["trainer.logger.init_args.save_dir"] == str(tmp_path / "lora" / "seed1")
-    study.run_variant("lora", 1, 8, tmp_path / "sft", tmp_path, task)
+    assert options["trainer.val_check_interval"] == "2"  # 4 evaluations: the KL path
+    assert options["trainer.logger.init_args.save_dir"] == str(tmp_path / "lora" / "lr0.002" / "seed1")
+    runs.train("lora", 1, 2e-3)
     assert len(fake.calls) == 1  # its report is there: an interrupted study does not run it again
+    # the test evaluation: the last checkpoint on the held-out prompts, once
+    runs.test("lora", 1, 2e-3)
+    runs.test("lora", 1, 2e-3)
+    [(subcommand, _, options)] = fake.calls[1:]
+    assert subcommand == "test" and options["data.init_args.num_test"] == "64"
+    assert options["ckpt_path"] == str(tmp_path / "lora" / "lr0.002" / "seed1" / "checkpoints" / "last.ckpt")
+    # the KL path: the reference point, then each evaluation's (mean sampled KL, hypervolume)
+    path = runs.path("lora", 1, 2e-3)
+    assert path[0] == (0.0, grid_evaluation_report["reference_hypervolume"])
+    assert [round(kl, 6) for kl, _ in path[1:]] == [0.2, 0.4, 0.6, 0.8] and path[-1][1] == 1.0
 
 
 def test_soups_train_experts_once_and_mixing_reuses_them(study, grid_evaluation_report, monkeypatch, tmp_path):
     fake = FakeCLI(grid_evaluation_report)
     monkeypatch.setattr(study, "cli", fake)
-    task = [study.CONF / "quickstart.yaml"]
-    reports = [study.run_variant(v, 0, 8, tmp_path / "sft", tmp_path, task) for v in ("mix_lora", "rs_lora")]
+    runs = new_study(study, tmp_path)
+    reports = [runs.train(v, 0, 2e-3) for v in ("mix_lora", "rs_lora")]
     assert [r["step"] for r in reports] == [8, 8]  # the experts' steps together
     fits = [options for subcommand, _, options in fake.calls if subcommand == "fit"]
-    assert [f["trainer.logger.init_args.save_dir"] for f in fits] == [
-        str(tmp_path / "rs_lora" / "seed0" / f"expert{i}") for i in range(2)
-    ]
+    experts = tmp_path / "rs_lora" / "lr0.002" / "seed0"
+    assert [f["trainer.logger.init_args.save_dir"] for f in fits] == [str(experts / f"expert{i}") for i in range(2)]
     assert [(f["trainer.max_steps"], f["model.init_args.sampler.index"]) for f in fits] == [("4", "0"), ("4", "1")]
     assert all(f["model.init_args.policy.conditioning.train_shared"] == "false" for f in fits)
     validates = [options for subcommand, _, options in fake.calls if subcommand == "validate"]
     assert [v.get("model.init_args.decoding") for v in validates] == ["logit_mixture", None]
     assert validates[0]["model.init_args.expert_checkpoints"] == validates[1]["model.init_args.expert_checkpoints"]
     fake.calls.clear()
-    assert study.run_variant("mix_lora", 0, 8, tmp_path / "sft", tmp_path, task)["step"] == 8
+    assert runs.train("mix_lora", 0, 2e-3)["step"] == 8
     assert fake.calls == []
+    # the soup's KL path: the experts' checkpoints of each evaluation combined and validated, once each
+    path = runs.path("rs_lora", 0, 2e-3)
+    validates = [options for subcommand, _, options in fake.calls if subcommand == "validate"]
+    assert len(path) == 1 + 4 and len(validates) == 4
+    assert json.loads(validates[0]["model.init_args.expert_checkpoints"]) == [
+        str(experts / f"expert{i}" / "checkpoints" / "epoch=0-step=1.ckpt") for i in range(2)]
+    runs.path("rs_lora", 0, 2e-3)
+    assert len([c for c in fake.calls if c[0] == "validate"]) == 4
+
+
+def test_hypervolume_at_a_kl_budget_interpolates_along_the_path(study):
+    path = [(0.0, 1.0), (0.1, 2.0), (0.3, 3.0)]
+    assert study.at_kl(path, 0.2) == pytest.approx(2.5)
+    assert study.at_kl(path, 0.1) == pytest.approx(2.0)
+    assert study.at_kl(path, 0.0) == pytest.approx(1.0)
+    assert math.isnan(study.at_kl(path, 0.4))  # never reached
+    assert math.isnan(study.at_kl([(0.0, 1.0), (math.nan, 2.0)], 0.1))  # KL not measured
+    # KL that falls back below the budget later: the first crossing counts
+    assert study.at_kl([(0.0, 1.0), (0.4, 3.0), (0.1, 5.0)], 0.2) == pytest.approx(2.0)
+
+
+def test_the_protocol_picks_the_rate_on_validation_and_compares_on_test(study, grid_evaluation_report, monkeypatch,
+                                                                       tmp_path):
+    # the validation hypervolume peaks at the base rate for `all` (2e-4); LoRA's base is 2e-3, so its best is 6e-4
+    fake = FakeCLI(grid_evaluation_report, hv=lambda lr: 1.0 - abs(math.log(lr / 2e-4)))
+    monkeypatch.setattr(study, "cli", fake)
+    table = study.main(["--out", str(tmp_path), "--variants", "all", "lora", "--seeds", "0", "1", "--steps", "8",
+                        "--bootstrap", "50"])
+    results = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert results["all"]["lr"] == 2e-4 and results["lora"]["lr"] == 6.67e-4
+    fits = [o for c, _, o in fake.calls if c == "fit" and "model.init_args.optimizer.lr" in o]
+    seeds_by_lr = {}
+    for f in fits:
+        seeds_by_lr.setdefault(f["model.init_args.optimizer.lr"], set()).add(f["seed_everything"])
+    # the sweep at the first seed only; the other seeds only at the chosen rate
+    assert seeds_by_lr == {"6.67e-05": {"0"}, "0.0002": {"0", "1"}, "0.0006": {"0"},
+                           "0.000667": {"0", "1"}, "0.002": {"0"}, "0.006": {"0"}}
+    tests = [o for c, _, o in fake.calls if c == "test"]
+    assert sorted((o["model.init_args.optimizer.lr"], o["seed_everything"]) for o in tests) == [
+        ("0.0002", "0"), ("0.0002", "1"), ("0.000667", "0"), ("0.000667", "1")]
+    assert "| all | 0.0002 |" in table and "HV - all [95% CI]" in table  # compared with the first variant
+    assert "**1.000**" in table  # the chosen rate's validation hypervolume, in bold
+    assert (tmp_path / "fronts.png").exists() and (tmp_path / "kl.png").exists()
 
 
 def test_fixed_report_has_the_keys_of_a_grid_evaluation_report(study, grid_evaluation_report, monkeypatch, tmp_path):
@@ -158,32 +243,40 @@ def test_fixed_report_has_the_keys_of_a_grid_evaluation_report(study, grid_evalu
     # and through the study: one policy per grid point, trained at that weighting, assembled into report.json
     fake = FakeCLI(report)
     monkeypatch.setattr(study, "cli", fake)
-    returned = study.run_variant("fixed", 0, 4, tmp_path / "sft", tmp_path, [study.CONF / "quickstart.yaml"])
+    returned = new_study(study, tmp_path, steps=4).train("fixed", 0, 2e-4)
     fits = [options for subcommand, _, options in fake.calls if subcommand == "fit"]
     assert [json.loads(f["model.init_args.sampler.weights"]) for f in fits] == grid
-    written = json.loads((tmp_path / "fixed" / "seed0" / "report.json").read_text())
+    written = json.loads((tmp_path / "fixed" / "lr0.0002" / "seed0" / "report.json").read_text())
     assert list(written) == list(report) and written == json.loads(json.dumps(returned))
 
 
 @pytest.mark.slow
 def test_smallest_study_writes_table_and_figure(study, tmp_path):
     variants = ["logits", "rs_lora", "mix_lora", "fixed"]
-    options = "--seeds 0 --steps 4 --sft-steps 10 --grid-step 0.5".split()
+    options = ("--seeds 0 --steps 4 --sft-steps 10 --grid-step 0.5 --lr-factors 1 --evaluations 2 --test-prompts 4 "
+               "--bootstrap 50").split()
     table = study.main(["--out", str(tmp_path), "--variants", *variants, *options])
-    rows = table.splitlines()
-    assert rows[0].startswith("| variant | hypervolume") and len(rows) == 2 + len(variants)
+    rows = table.split("\n\n")[0].splitlines()
+    assert rows[0].startswith("| variant | lr | test HV") and len(rows) == 2 + len(variants)
     assert [r.split("|")[1].strip() for r in rows[2:]] == variants
     assert (tmp_path / "table.md").read_text().strip() == table
-    assert (tmp_path / "fronts.png").stat().st_size > 1000
+    assert (tmp_path / "fronts.png").stat().st_size > 1000 and (tmp_path / "kl.png").stat().st_size > 1000
     # decoding-time mixing reuses the Rewarded Soups experts instead of training its own
-    assert (tmp_path / "rs_lora" / "seed0" / "expert1" / "checkpoints" / "last.ckpt").exists()
-    assert not (tmp_path / "mix_lora" / "seed0" / "expert0").exists()
+    runs = tmp_path / "rs_lora" / "lr0.002" / "seed0"
+    assert (runs / "expert1" / "checkpoints" / "last.ckpt").exists()
+    assert not (tmp_path / "mix_lora" / "lr0.002" / "seed0" / "expert0").exists()
+    # the test evaluation: 4 held-out prompts, paired with every variant's
+    test = json.loads((runs / "test" / "evaluation" / "test.json").read_text())
+    assert len(test["per_prompt_rewards"][0]) == 4
+    results = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert "versus" in results["logits"] and "versus" not in results["rs_lora"]  # compared with rs_lora
     # one fixed-weighting policy per grid point (step 0.5: 3 points), each point taken at its own weighting
-    fixed = json.loads((tmp_path / "fixed" / "seed0" / "report.json").read_text())
+    fixed_run = tmp_path / "fixed" / "lr0.0002" / "seed0"
+    fixed = json.loads((fixed_run / "report.json").read_text())
     assert fixed["grid"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]] and fixed["step"] == 3 * 4
     for g in range(3):
-        own = json.loads((tmp_path / "fixed" / "seed0" / f"point{g}" / "evaluation" / "latest.json").read_text())
+        own = json.loads((fixed_run / f"point{g}" / "evaluation" / "latest.json").read_text())
         assert fixed["rewards"][g] == own["rewards"][g]
         assert list(fixed) == list(own)  # the same report schema
     assert 0 <= fixed["hypervolume"]
-    assert rows[-1].split("|")[5].strip() == "12"  # steps column: the G policies' budgets together
+    assert rows[-1].split("|")[-4].strip() == "12"  # steps column: the G policies' budgets together
