@@ -95,12 +95,17 @@ def test_checkpoint_leaves_out_frozen_weights_and_loads_weights_only(tmp_path):
     assert torch.equal(module.normalizer.mean, fresh.normalizer.mean)
 
 
-@pytest.mark.parametrize("trigger", ["train_step", "validation"])
+@pytest.mark.parametrize("trigger", ["train_step", "validation", "fit_end_mid_epoch", "fit_end_at_epoch_end"])
 def test_resume_continues_exactly(tmp_path, trigger):
     steps, stop = 4, 2
-    # checkpoints after a training step, or at the end of a mid-epoch validation (as the quick start writes them)
+    # checkpoints after a training step, at the end of a mid-epoch validation (as the quick start writes them), or
+    # when a fit ends at max_steps, mid-epoch or at an epoch's end (8 batches per epoch), and is then continued to a
+    # larger max_steps, across the next epoch boundary
     if trigger == "train_step":
         ckpt_args, trainer_args = dict(every_n_train_steps=1), dict(limit_val_batches=0)
+    elif trigger.startswith("fit_end"):
+        steps, stop = 12, 3 if trigger == "fit_end_mid_epoch" else 8
+        ckpt_args, trainer_args = dict(), dict(limit_val_batches=0)
     else:
         ckpt_args = dict(save_on_train_epoch_end=False)
         trainer_args = dict(

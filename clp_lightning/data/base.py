@@ -479,12 +479,27 @@ class ResumableDistributedSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self._skip_epoch, self._skip = -1, 0
         self.skipped = 0  # samples (over all ranks) skipped at the start of the current iteration
+        # data epoch minus the epoch number the trainer passes to set_epoch (see resume)
+        self._offset, self._align = 0, False
 
     def resume(self, epoch: int, samples_done: int) -> None:
-        """Skip the first ``samples_done`` indices (over all ranks) of ``epoch``, trained on before the stop."""
+        """Skip the first ``samples_done`` indices (over all ranks) of ``epoch``, trained on before the stop.
+
+        The saved epoch is the data's, whatever number the trainer passes next: restarting from a checkpoint written
+        when a fit ended at ``max_steps``, Lightning continues the saved epoch (its ``current_epoch`` and batch
+        indices are right) but calls ``set_epoch`` with the next epoch's number. The first ``set_epoch`` after a
+        resume therefore fixes the offset between the trainer's count and the data epoch, which later epochs keep.
+        An epoch saved complete resumes empty, and the trainer goes on to the next.
+        """
         if samples_done % self.num_replicas:
             raise ValueError(f"samples_done={samples_done} is not a multiple of the {self.num_replicas} ranks")
         self._skip_epoch, self._skip = epoch, samples_done
+        self.epoch, self._align = epoch, True
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._align:
+            self._offset, self._align = self._skip_epoch - epoch, False
+        super().set_epoch(epoch + self._offset)
 
     def __iter__(self) -> Iterator[int]:
         # the global order is dealt round-robin (rank r takes every W-th index), so skipping the first k*W indices
