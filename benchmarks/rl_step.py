@@ -279,7 +279,7 @@ def verdict(suite: str, row: dict[str, Any]) -> str:
     cell, ratio = row["cell"], row["ratio_to_baseline"]
     if cell["baseline"]:
         return ""
-    if suite == "trl":
+    if suite in ("trl", "smollm2"):
         target = TRL_SUMMARISE_TARGET if cell.get("group", "").startswith("summarise") else TRL_TARGET
         return "met" if ratio <= target else f"**missed** (target <= {target:.3f})"
     if suite == "modes":

