@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from clp_lightning import algorithms as alg
-from clp_lightning.callbacks.checkpoint import CheckpointError, read_checkpoint
+from clp_lightning.callbacks.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_setup, read_checkpoint
 from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
@@ -26,27 +26,6 @@ from clp_lightning.rewards import Reward, RewardNormalizer
 from clp_lightning.sharding import is_sharded, shard_transformer
 
 log = logging.getLogger(__name__)
-
-# version of the ``clp`` section of checkpoints (what the weights depend on); raise it when its meaning changes
-# 2: conditioning as ``mode`` + resolved ``options``; 1 named the built-in modes by ``targets`` / ``lora`` fields
-CHECKPOINT_FORMAT = 2
-
-
-def _conditioning_from_format_1(old: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 ``conditioning`` record in format 2's terms: ``targets: X`` was ``mode: mixing`` with ``{targets:
-    X}``, ``lora: {...}`` was ``mode: lora`` with the same (complete) fields, neither was ``mode: none``. The weights'
-    names did not change, so a format-1 checkpoint loads under the equivalent format-2 config."""
-    new = {k: v for k, v in old.items() if k not in ("targets", "lora")}
-    if old.get("targets") is not None:
-        new["mode"], new["options"] = "mixing", {"targets": old["targets"]}
-    elif old.get("lora") is not None:
-        new["mode"], new["options"] = "lora", old["lora"]
-    elif old.get("mode") is None:
-        new["mode"], new["options"] = "none", {}
-    else:
-        new["options"] = old.get("options") or {}
-    return new
-
 
 def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int = 1, world_size: int = 1) -> dict:
     """Every batch size of a run, derived in one place from the four numbers that define it."""
@@ -453,24 +432,7 @@ class CLPModule(L.LightningModule):
         Raises:
             CheckpointError: not a CLPModule checkpoint, written by a newer version, or trained with another setup.
         """
-        stored, current_setup = checkpoint.get("clp"), self._weights_depend_on()
-        if not isinstance(stored, dict):
-            raise CheckpointError(f"{name} was not written by CLPModule (it has no 'clp' section); a warm-start (SFT) "
-                                  "checkpoint is loaded through policy.model_name_or_path, not --ckpt_path")
-        if stored.get("format", 1) > CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{name} was written by a newer clp-lightning (checkpoint format "
-                                  f"{stored['format']}; this version reads format {CHECKPOINT_FORMAT}): upgrade")
-        if stored.get("format", 1) == 1 and isinstance(stored.get("conditioning"), dict):
-            stored = {**stored, "conditioning": _conditioning_from_format_1(stored["conditioning"])}
-        for key, what in (("objective_names", "objectives"), ("conditioning", "conditioning"),
-                          ("base_model", "base model")):
-            saved, configured = plain(stored.get(key)), plain(current_setup[key])
-            if key in stored and saved != configured:
-                if isinstance(saved, dict) and isinstance(configured, dict):  # name only the fields that differ
-                    fields = sorted(k for k in saved.keys() | configured.keys() if saved.get(k) != configured.get(k))
-                    saved, configured = ({k: d.get(k) for k in fields} for d in (saved, configured))
-                raise CheckpointError(f"{name} was trained with {what} {saved}, the config has {configured}: "
-                                      "load it with the config it was trained with")
+        check_setup(checkpoint.get("clp"), self._weights_depend_on(), name)
 
     def load_trained(self, path: str, checkpoint: dict[str, Any] | None = None) -> CLPModule:
         """Load a checkpoint's trained weights into this module, built from its config, as ``--ckpt_path`` does, for

@@ -15,8 +15,8 @@ import pytest
 import torch
 from cli_helpers import TINY_CONFIG, clp, remote_code_model, tampered, write_config
 
+from clp_lightning.callbacks.checkpoint import CHECKPOINT_FORMAT
 from clp_lightning.conditioning.policy import PolicyConfig
-from clp_lightning.module import CHECKPOINT_FORMAT
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -17,12 +17,66 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from clp_lightning.config import plain
+
 # torch.save writes a zip archive; its first bytes are a local file header
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointError(ValueError):
     """A file given as a checkpoint is not one this project can load; the message says what it is not."""
+
+
+# version of the ``clp`` section of checkpoints (what the weights depend on); raise it when its meaning changes
+# 2: conditioning as ``mode`` + resolved ``options``; 1 named the built-in modes by ``targets`` / ``lora`` fields
+CHECKPOINT_FORMAT = 2
+
+
+def _conditioning_from_format_1(old: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 ``conditioning`` record in format 2's terms: ``targets: X`` was ``mode: mixing`` with ``{targets:
+    X}``, ``lora: {...}`` was ``mode: lora`` with the same (complete) fields, neither was ``mode: none``. The weights'
+    names did not change, so a format-1 checkpoint loads under the equivalent format-2 config."""
+    new = {k: v for k, v in old.items() if k not in ("targets", "lora")}
+    if old.get("targets") is not None:
+        new["mode"], new["options"] = "mixing", {"targets": old["targets"]}
+    elif old.get("lora") is not None:
+        new["mode"], new["options"] = "lora", old["lora"]
+    elif old.get("mode") is None:
+        new["mode"], new["options"] = "none", {}
+    else:
+        new["options"] = old.get("options") or {}
+    return new
+
+
+def check_setup(stored: Any, current: dict[str, Any], name: str) -> None:
+    """Refuse a checkpoint whose weights depend on other objectives, conditioning or base model than the config's.
+
+    Args:
+        stored: the checkpoint's ``clp`` section (what its weights depend on, as ``CLPModule`` wrote it).
+        current: the same record of the module built from the config.
+        name: the checkpoint in error messages.
+
+    Raises:
+        CheckpointError: not a CLPModule checkpoint, written by a newer version, or trained with another setup (the
+            message names the fields that differ).
+    """
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{name} was not written by CLPModule (it has no 'clp' section); a warm-start (SFT) "
+                              "checkpoint is loaded through policy.model_name_or_path, not --ckpt_path")
+    if stored.get("format", 1) > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{name} was written by a newer clp-lightning (checkpoint format "
+                              f"{stored['format']}; this version reads format {CHECKPOINT_FORMAT}): upgrade")
+    if stored.get("format", 1) == 1 and isinstance(stored.get("conditioning"), dict):
+        stored = {**stored, "conditioning": _conditioning_from_format_1(stored["conditioning"])}
+    for key, what in (("objective_names", "objectives"), ("conditioning", "conditioning"),
+                      ("base_model", "base model")):
+        saved, configured = plain(stored.get(key)), plain(current[key])
+        if key in stored and saved != configured:
+            if isinstance(saved, dict) and isinstance(configured, dict):  # name only the fields that differ
+                fields = sorted(k for k in saved.keys() | configured.keys() if saved.get(k) != configured.get(k))
+                saved, configured = ({k: d.get(k) for k in fields} for d in (saved, configured))
+            raise CheckpointError(f"{name} was trained with {what} {saved}, the config has {configured}: "
+                                  "load it with the config it was trained with")
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
