@@ -27,7 +27,7 @@ The protocol:
 4. **Equal KL.** A policy that drifts further from the reference buys more reward. Every run is evaluated
    ``--evaluations`` times during training; each evaluation carries the sampled KL to the reference (mean over the
    grid). Hypervolume is read off each run's (KL, hypervolume) path, from the reference policy's point (KL 0) on, at
-   the budget every variant reaches: the smallest of the variants' final KLs.
+   the largest KL that every run reaches (the smallest of the runs' largest KLs).
 
     python experiments/study.py --out runs/study                                   # the full study
     python experiments/study.py --out runs/study --variants all lora rs_lora --seeds 0 --steps 20 --lr-factors 1
@@ -387,9 +387,9 @@ def fmt(x: float, spec: str = ".3f") -> str:
 
 def analyse(results: dict[str, dict], compare_to: str, num_resamples: int) -> dict:
     """Test statistics, bootstrap intervals and hypervolume at matched KL, from the runs' reports."""
-    finals = {v: [p[-1][0] for p in r["paths"] if p] for v, r in results.items()}
-    budgets = [statistics.fmean(k) for k in finals.values() if k and not any(math.isnan(x) for x in k)]
-    budget = min(budgets) if budgets else math.nan
+    # the largest KL that every run's path reaches, so that each run has a hypervolume there
+    reached = [max(kl for kl, _ in p) for r in results.values() for p in r["paths"] if p]
+    budget = math.nan if not reached or any(math.isnan(x) for x in reached) else min(reached)
     reference = pooled(results[compare_to]["test"]) if compare_to in results else None
     for variant, r in results.items():
         hv = [t["hypervolume"] for t in r["test"]]

@@ -211,6 +211,11 @@ def test_the_protocol_picks_the_rate_on_validation_and_compares_on_test(study, g
         ("0.0002", "0"), ("0.0002", "1"), ("0.000667", "0"), ("0.000667", "1")]
     assert "| all | 0.0002 |" in table and "HV - all [95% CI]" in table  # compared with the first variant
     assert "**1.000**" in table  # the chosen rate's validation hypervolume, in bold
+    # the KL budget: the largest KL every run's path reaches (the fake's paths all end at KL 0.8), and every run
+    # has a hypervolume there
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert summary["kl_budget"] == pytest.approx(0.8)
+    assert all(not math.isnan(r["hypervolume_at_kl"]) for r in results.values())
     assert (tmp_path / "fronts.png").exists() and (tmp_path / "kl.png").exists()
 
 
