@@ -140,6 +140,11 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def point_runs(run: Path) -> list[Path]:
+    """A fixed-weighting run's policies, in grid order (``point0``, ``point1``, ...)."""
+    return sorted(run.glob("point*"), key=lambda p: int(p.name.removeprefix("point")))
+
+
 @dataclass
 class Study:
     """The settings every run of a study shares, and the runs: training, test, and the KL path of each.
@@ -283,8 +288,7 @@ class Study:
             report = self._soup(name, common, "test", self._expert_checkpoints(name, seed, lr), data)
             return {**report, "step": self.steps}
         points = []
-        for g in range(len(list(run.glob("point*")))):
-            policy_run = run / f"point{g}"
+        for policy_run in point_runs(run):
             common = self._common(name, seed, lr, policy_run / "test")
             checkpoint = policy_run / "checkpoints" / "last.ckpt"
             cli("test", self._configs(name), [*common, *data, f"--ckpt_path={checkpoint}"])
@@ -303,8 +307,8 @@ class Study:
         if variant.kind == "fit":
             reports = [read(f) for f in sorted((run / "evaluation").glob("epoch_*_step_*.json"))]
         elif variant.kind == "fixed":
-            per_point = [[read(f) for f in sorted((run / f"point{g}" / "evaluation").glob("epoch_*_step_*.json"))]
-                         for g in range(len(list(run.glob("point*"))))]
+            per_point = [[read(f) for f in sorted((policy_run / "evaluation").glob("epoch_*_step_*.json"))]
+                         for policy_run in point_runs(run)]
             reports = [fixed_report(list(points), self.steps) for points in zip(*per_point)]
         else:  # the soup of the experts' checkpoints of each evaluation, evaluated once each
             experts = self._experts(name, seed, lr)

@@ -37,6 +37,7 @@ from clp_lightning.evaluation.metrics import (
     prompt_digest,
     prompts_sha256,
 )
+from clp_lightning.evaluation.reports import grid_mean
 
 log = logging.getLogger(__name__)
 
@@ -565,11 +566,6 @@ def _front_summary(grid: Tensor, rewards: Tensor, reference_rewards: Tensor, ref
         "steerability": dict(zip(objectives, summary["spearman"].tolist())),
         "monotonicity_violations": dict(zip(objectives, summary["violations"].tolist())),
     }
-
-
-def grid_mean(values: list[float]) -> float:
-    """The mean over the grid of a report's per-weighting column (nan if any value is nan)."""
-    return sum(values) / len(values) if values else math.nan
 
 
 def vertex_gain(grid: Tensor, rewards: Tensor, reference_rewards: Tensor) -> Tensor:
