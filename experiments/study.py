@@ -1,8 +1,11 @@
-"""CLP variants against the baselines on the quick-start task: each variant's learning rate picked on validation,
-then several seeds compared on held-out prompts, at equal training steps and at equal KL to the reference.
+"""CLP variants against the baselines on one task: each variant's learning rate picked on validation, then several
+seeds compared on held-out prompts, at equal training steps and at equal KL to the reference.
 
-Every run starts from one warm start (conf/quickstart_sft.yaml) and is evaluated by the same grid evaluation. The
-variants are the rows of ``VARIANTS``; their kind says how a run gets its grid report:
+The tasks are the rows of ``TASKS`` (``--task``): the quick start's (a tiny T5 from one warm start,
+conf/quickstart_sft.yaml; with a third objective), and the real-model task (SmolLM2-135M-Instruct on real
+CNN/DailyMail articles, conf/cnndm_smollm2.yaml, no warm start: the instruct model is the starting policy). Every run
+of a task starts from the same policy and is evaluated by the same grid evaluation. The variants are the rows of
+``VARIANTS``; their kind says how a run gets its grid report:
 
 - ``fit``: one CLP policy trained on the weight distribution, the full step budget.
 - ``soup``: Rewarded Soups. The step budget is split across m experts (each trained with the one-hot weighting of its
@@ -31,7 +34,9 @@ The protocol:
 
     python experiments/study.py --out runs/study                                   # the full study
     python experiments/study.py --out runs/study --variants all lora rs_lora --seeds 0 --steps 20 --lr-factors 1
-    python experiments/study.py --out runs/study3 --three-objectives                               # m = 3
+    python experiments/study.py --out runs/study3 --task three_objectives                           # m = 3
+    clp data cnndm-blanc --val-size 36 --test-size 64 --out data/cnndm_blanc_study      # real model: 64 test articles
+    python experiments/study.py --task cnndm_smollm2 --out runs/study_smollm2 --steps 24 --evaluations 2
 
 Writes <out>/table.md (the tables), <out>/results.json (every number behind them), <out>/fronts.png (test fronts,
 first seed) and <out>/kl.png (validation hypervolume against KL over training), and prints the tables. An
@@ -119,6 +124,40 @@ VARIANTS = {
 LR_FACTORS = (1 / 3, 1.0, 3.0)
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a study runs on.
+
+    Attributes:
+        configs: the task's configs, under ``conf/``, in order.
+        warm_start: the config whose fit writes the starting policy (under ``<out>/sft/model``), or None: the
+            task config's own model is the starting policy.
+        test_size: the data module's argument that sets how many test prompts there are.
+        variant_rates: whether a variant's own base rate (``Variant.lr``) applies; False: the task config's rate is
+            every variant's base (a task config that already trains the variant's parameters, e.g. LoRA).
+        variants: the variants the task supports (None: all).
+        overrides: settings of every run of the task.
+    """
+
+    configs: tuple[str, ...]
+    warm_start: str | None
+    test_size: str
+    variant_rates: bool = True
+    variants: tuple[str, ...] | None = None
+    overrides: tuple[str, ...] = ()
+
+
+STUDY_DATA = "data/cnndm_blanc_study"  # clp data cnndm-blanc --val-size 36 --test-size 64: 64 articles to test on
+TASKS = {
+    "quickstart": Task(("quickstart.yaml",), "quickstart_sft.yaml", "num_test"),
+    "three_objectives": Task(("quickstart.yaml", "tasks/three_objectives.yaml"), "quickstart_sft.yaml", "num_test"),
+    # LoRA on a frozen instruct model: the variants that train adapters (the config's rate, 5e-4, is their base)
+    "cnndm_smollm2": Task(("cnndm_smollm2.yaml",), None, "max_test_samples", variant_rates=False,
+                          variants=("lora", "rs_lora", "mix_lora"),
+                          overrides=(f"--data.init_args.path={STUDY_DATA}",)),
+}
+
+
 def cli(subcommand: str | None, configs: list[Path], overrides: list[str]) -> CLPCLI:
     """Run ``clp <subcommand>`` in this process; with None, only build the model, data and trainer."""
     args = ([subcommand] if subcommand else []) + [a for c in configs for a in ("--config", str(c))] + overrides
@@ -153,15 +192,18 @@ class Study:
     """
 
     out: Path
-    sft: Path
+    sft: Path | None  # the starting policy (None: the task config's model)
     task: list[Path]
     steps: int
     overrides: tuple[str, ...] = ()  # settings of every run (the grid step)
     evaluations: int = 4  # grid evaluations on the validation prompts during each training
     test_prompts: int = 64
+    test_size: str = "num_test"  # the data module's argument for the number of test prompts
+    variant_rates: bool = True  # see Task.variant_rates
 
     def base_lr(self, name: str) -> float:
-        lr = VARIANTS[name].lr or config_value(self.task, "model", "init_args", "optimizer", "lr")
+        own = VARIANTS[name].lr if self.variant_rates else None
+        lr = own or config_value(self.task, "model", "init_args", "optimizer", "lr")
         if lr is None:
             raise ValueError(f"variant {name!r} has no learning rate and the task configs set none")
         return float(lr)
@@ -182,9 +224,10 @@ class Study:
         return [*self.task, CONF / "conditioning" / VARIANTS[name].fragment]
 
     def _common(self, name: str, seed: int, lr: float, save_dir: Path) -> list[str]:
+        start = [] if self.sft is None else [f"--model.init_args.policy.model_name_or_path={self.sft}"]
         return [
             f"--seed_everything={seed}",
-            f"--model.init_args.policy.model_name_or_path={self.sft}",
+            *start,
             f"--model.init_args.weight_seed={seed}",
             f"--trainer.logger.init_args.save_dir={save_dir}",
             "--trainer.logger.init_args.name=",
@@ -278,7 +321,9 @@ class Study:
             report = read(done)
             return {**report, "step": self.steps} if variant.kind == "soup" else report
         self.train(name, seed, lr)
-        data = [f"--data.init_args.num_test={self.test_prompts}"]
+        # every test prompt is evaluated (a task config may cap the validation evaluation's prompts)
+        data = [f"--data.init_args.{self.test_size}={self.test_prompts}",
+                f"--trainer.callbacks.init_args.max_prompts={self.test_prompts}"]
         if variant.kind == "fit":
             common = self._common(name, seed, lr, run / "test")
             cli("test", self._configs(name), [*common, *data, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
@@ -465,7 +510,8 @@ def kl_figure(results: dict[str, dict], budget: float):
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/study", help="where runs, the tables and the figures go")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                        help="default: every variant the task supports")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also runs the sweep")
     parser.add_argument("--steps", type=int, default=160, help="training steps per run (RS: all experts together)")
     parser.add_argument("--sft-steps", type=int, default=None, help="override the warm start's steps")
@@ -473,8 +519,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="seeds of the fixed-weighting baseline (G trainings per seed; default: the first seed)")
     parser.add_argument("--grid-step", type=float, default=None,
                         help="override the evaluation grid's step (and so the number of fixed-weighting policies)")
-    parser.add_argument("--three-objectives", action="store_true",
-                        help="add faithfulness as a third objective (conf/tasks/three_objectives.yaml)")
+    parser.add_argument("--task", default="quickstart", choices=list(TASKS), help="what the study runs on")
+    parser.add_argument("--three-objectives", action="store_true", help="the same as --task three_objectives")
     parser.add_argument("--lr-factors", nargs="+", type=float, default=list(LR_FACTORS),
                         help="the sweep's rates, as multiples of each variant's base rate (1 alone: no sweep)")
     parser.add_argument("--evaluations", type=int, default=4, help="validation evaluations per training (KL path)")
@@ -483,20 +529,24 @@ def main(argv: list[str] | None = None) -> str:
                         help="the variant the others are compared with, paired (default: rs_lora if run, else first)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     args = parser.parse_args(argv)
+    task = TASKS["three_objectives" if args.three_objectives else args.task]
+    variants = args.variants or list(task.variants or VARIANTS)
+    if unsupported := [v for v in variants if task.variants is not None and v not in task.variants]:
+        parser.error(f"--task {args.task} runs the variants {list(task.variants)}, not {unsupported}")
     out = Path(args.out)
-    sft = out / "sft" / "model"
-    if not sft.exists():
+    sft = None if task.warm_start is None else out / "sft" / "model"
+    if sft is not None and not sft.exists():
         extra = [f"--trainer.max_steps={args.sft_steps}", f"--trainer.val_check_interval={args.sft_steps}"] \
             if args.sft_steps else []
-        cli("fit", [CONF / "quickstart_sft.yaml"], [f"--model.init_args.output_dir={sft}",
-                                                    f"--trainer.logger.init_args.save_dir={out}", *extra])
-    task = [CONF / "quickstart.yaml"] + ([CONF / "tasks" / "three_objectives.yaml"] if args.three_objectives else [])
+        cli("fit", [CONF / task.warm_start], [f"--model.init_args.output_dir={sft}",
+                                              f"--trainer.logger.init_args.save_dir={out}", *extra])
     # GridEvaluation is the last callback of the task configs; jsonargparse applies init_args to the last list item
     grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step else ()
-    study = Study(out, sft, task, args.steps, grid, args.evaluations, args.test_prompts)
+    study = Study(out, sft, [CONF / c for c in task.configs], args.steps, (*task.overrides, *grid), args.evaluations,
+                  args.test_prompts, task.test_size, task.variant_rates)
     fixed_seeds = args.fixed_seeds or args.seeds[:1]
     results: dict[str, dict] = {}
-    for name in args.variants:
+    for name in variants:
         sweep = {lr: study.train(name, args.seeds[0], lr)["hypervolume"]
                  for lr in study.lrs(name, tuple(args.lr_factors))}
         lr = max(sweep, key=sweep.get)
@@ -504,7 +554,7 @@ def main(argv: list[str] | None = None) -> str:
         results[name] = {"lr": lr, "sweep": sweep, "seeds": seeds,
                          "test": [study.test(name, s, lr) for s in seeds],
                          "paths": [study.path(name, s, lr) for s in seeds]}
-    compare_to = args.compare_to or ("rs_lora" if "rs_lora" in results else args.variants[0])
+    compare_to = args.compare_to or ("rs_lora" if "rs_lora" in results else variants[0])
     summary = analyse(results, compare_to, args.bootstrap)
     table = tables(results, summary)
     (out / "table.md").write_text(table + "\n")

@@ -219,6 +219,29 @@ def test_the_protocol_picks_the_rate_on_validation_and_compares_on_test(study, g
     assert (tmp_path / "fronts.png").exists() and (tmp_path / "kl.png").exists()
 
 
+def test_real_model_task_starts_from_its_config_and_tests_on_its_test_split(study, grid_evaluation_report,
+                                                                         monkeypatch, tmp_path):
+    fake = FakeCLI(grid_evaluation_report, hv=lambda lr: 1.0 - abs(math.log(lr / 5e-4)))
+    monkeypatch.setattr(study, "cli", fake)
+    with pytest.raises(SystemExit):  # a variant the task does not train is refused before anything runs
+        study.main(["--task", "cnndm_smollm2", "--out", str(tmp_path), "--variants", "all"])
+    assert fake.calls == []
+    study.main(["--task", "cnndm_smollm2", "--out", str(tmp_path), "--seeds", "0", "--steps", "8",
+                "--lr-factors", "1", "3", "--bootstrap", "20"])
+    assert not any("model.init_args.output_dir" in o for _, _, o in fake.calls)  # no warm start
+    fits = [(configs, o) for c, configs, o in fake.calls if c == "fit"]
+    assert {tuple(configs) for configs, _ in fits} == {("cnndm_smollm2.yaml", "lora.yaml")}
+    assert all("model.init_args.policy.model_name_or_path" not in o for _, o in fits)  # the config's model
+    assert all(o["data.init_args.path"] == study.STUDY_DATA for _, o in fits)
+    # LoRA's base rate is the task config's (5e-4), not the quick start's LoRA rate
+    assert {o["model.init_args.optimizer.lr"] for _, o in fits} == {"0.0005", "0.0015"}
+    tests = [o for c, _, o in fake.calls if c == "test"]
+    assert {o["data.init_args.max_test_samples"] for o in tests} == {"64"}
+    assert {o["trainer.callbacks.init_args.max_prompts"] for o in tests} == {"64"}  # the config caps validation
+    results = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert set(results) == {"lora", "rs_lora", "mix_lora"} and results["lora"]["lr"] == 5e-4
+
+
 def test_fixed_report_has_the_keys_of_a_grid_evaluation_report(study, grid_evaluation_report, monkeypatch, tmp_path):
     """The fixed-weighting front is one more grid report: the same keys in the same order, so that nothing that
     reads reports (the table, ``clp compare``, the figures) needs to know how a front was made."""
