@@ -122,7 +122,7 @@ class CLPCLI(LightningCLI):
             sys.exit(codes[0])
 
 
-def run_cli(args: list[str], **kwargs: Any) -> CLPCLI:
+def run_cli(args: list[str], cli_class: type[CLPCLI] | None = None, **kwargs: Any) -> CLPCLI:
     """``CLPCLI`` on ``args`` as if they were this process's command line, whatever ``sys.argv`` holds.
 
     The one place where code of the project (``clp quickstart``, ``clp steer``, the experiments) runs the CLI:
@@ -132,14 +132,30 @@ def run_cli(args: list[str], **kwargs: Any) -> CLPCLI:
     saved = sys.argv
     sys.argv = [saved[0] if saved else "clp", *args]
     try:
-        return CLPCLI(**kwargs)
+        return (cli_class or CLPCLI)(**kwargs)
     finally:
         sys.argv = saved
 
 
+class _ParseOnly(CLPCLI):
+    """Parses a config and runs the checks that come before building (data files), building nothing."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(args: list[str]) -> dict[str, Any]:
+    """The config ``args`` describe (every ``--config`` merged, overrides and defaults applied) as plain dicts, with no
+    model or data built: for tools that check their inputs against it before loading anything (``clp export``)."""
+    from jsonargparse import namespace_to_dict
+
+    return namespace_to_dict(run_cli(args, cli_class=_ParseOnly, run=False).config)
+
+
 TOOLS = {"quickstart": "clp_lightning.quickstart:quickstart", "steer": "clp_lightning.steer:steer",
          "compare": "clp_lightning.compare:compare", "data": "clp_lightning.data.prepare:main",
-         "reward": "clp_lightning.rewards.train:main"}
+         "reward": "clp_lightning.rewards.train:main",
+         "export": "clp_lightning.export:main", "serve": "clp_lightning.serve:main"}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -374,6 +374,7 @@ def load_policy_model(
     tokenizer: str | None = None,
     gguf_file: str | None = None,
     cache_dir: str | None = None,
+    use_safetensors: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a seq2seq or causal policy and its tokenizer.
 
@@ -387,6 +388,8 @@ def load_policy_model(
         gguf_file: a GGUF file inside the hub repository or directory ``name_or_path`` (a ``.gguf`` path or
             ``pkg:`` name needs none); converted once, see :func:`convert_gguf`.
         cache_dir: cache of converted GGUF checkpoints.
+        use_safetensors: True reads the weights from safetensors files only (never a pickle), as for untrusted
+            directories; None lets ``transformers`` choose.
 
     Returns:
         ``(model, tokenizer)``; causal tokenizers pad on the left and always have a pad token.
@@ -402,6 +405,8 @@ def load_policy_model(
         seq2seq = getattr(config, "is_encoder_decoder", False)
         auto_cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         dtype_kw = {"dtype": getattr(torch, torch_dtype)} if torch_dtype else {}
+        if use_safetensors is not None:
+            dtype_kw["use_safetensors"] = use_safetensors
         model = load_pretrained(auto_cls, path, trust_remote_code=trust_remote_code, **dtype_kw)
         tokenizer = load_pretrained(AutoTokenizer, tokenizer or path, trust_remote_code=trust_remote_code)
     if model_kind(model) == "causal":
@@ -411,6 +416,18 @@ def load_policy_model(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def sync_tied_config(model: PreTrainedModel) -> PreTrainedModel:
+    """Set ``tie_word_embeddings`` False when the output layer no longer shares the input embedding's weight (one of
+    them was conditioned or merged on its own), so that ``save_pretrained`` keeps both and loading does not tie them
+    back. Returns ``model``."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is not None and outputs is not None and outputs.weight is not inputs.weight:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            if getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+    return model
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

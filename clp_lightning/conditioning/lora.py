@@ -18,6 +18,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -152,8 +153,6 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def merge_lora(model: nn.Module, weights: Tensor) -> nn.Module:
     """Fold ``sum_i w_i * scale * B_i A_i`` into each base layer and drop the adapters (in place)."""
-    from clp_lightning.conditioning.mixing import _replace_module
-
     for layer in lora_layers(model):
         base = layer.get_base_layer()
         delta = sum(
@@ -163,8 +162,46 @@ def merge_lora(model: nn.Module, weights: Tensor) -> nn.Module:
             for i, w in enumerate(weights)
         )
         base.weight += delta.t() if layer.fan_in_fan_out else delta
-        _replace_module(model, layer, base)
+    return remove_adapters(model)
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Put each adapted layer's base layer back in its place (in place): the frozen base, without adapters."""
+    from clp_lightning.conditioning.mixing import _replace_module
+
+    for layer in lora_layers(model):
+        _replace_module(model, layer, layer.get_base_layer())
     return model
+
+
+def save_peft_adapters(model: nn.Module, spec: LoraSpec, directory: Path, kind: str) -> list[str]:
+    """Write each objective's adapter in peft's layout, ``<directory>/objective_<i>/`` (``adapter_config.json``,
+    ``adapter_model.safetensors``): ``PeftModel.from_pretrained(base, <directory>/objective_<i>)`` on the saved base
+    is the policy at the vertex ``w = e_i``.
+
+    Returns:
+        The adapter directories written.
+    """
+    from safetensors.torch import save_file
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    names = sorted({key for layer in layers.values() for key in layer.lora_A})
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=sorted(layers),
+        fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
+        task_type="SEQ_2_SEQ_LM" if kind == "seq2seq" else "CAUSAL_LM",
+    )
+    written = []
+    for name in names:
+        out = directory / name
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(out))
+        # peft's own key format: the adapter's name is left out and put back by whoever loads it
+        state = {f"base_model.model.{module}.lora_{part}.weight": getattr(layer, f"lora_{part}")[name].weight
+                 .detach().contiguous().cpu() for module, layer in layers.items() for part in ("A", "B")}
+        save_file(state, str(out / "adapter_model.safetensors"))
+        written.append(str(out))
+    return written
 
 
 @register_mode("lora")
@@ -200,6 +237,16 @@ class LoraConditioning(ConditioningMode):
             if ".lora_" in name and all(name in e for e in experts):  # adapter i from expert i
                 out[name] = experts[int(name.split(".objective_")[1].split(".")[0])][name]
         return out
+
+    def unconditioned(self, model: nn.Module) -> nn.Module:
+        return remove_adapters(model)
+
+    def conditioned_state(self, model: nn.Module) -> dict[str, Tensor]:
+        return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+    def save_extras(self, model: nn.Module, directory: Path, kind: str) -> list[str]:
+        written = save_peft_adapters(model, self.spec, directory / "adapters", kind)
+        return [str(Path(w).relative_to(directory)) for w in written]
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.spec)

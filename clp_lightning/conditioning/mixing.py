@@ -112,7 +112,8 @@ class MixedLinear(nn.Module):
 
     def __init__(self, layer: nn.Linear | Conv1D, num_objectives: int, state: WeightingState) -> None:
         super().__init__()
-        weight = layer.weight.detach().t() if isinstance(layer, Conv1D) else layer.weight.detach()
+        self.conv1d = isinstance(layer, Conv1D)  # merged back into the same class, so saved shapes stay the model's
+        weight = layer.weight.detach().t() if self.conv1d else layer.weight.detach()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.unsqueeze(0).repeat(num_objectives, 1, 1).contiguous())
         bias = layer.bias
@@ -168,9 +169,14 @@ class MixedLinear(nn.Module):
         w = w_rows.to(y.dtype).view(x.shape[0], *([1] * (x.dim() - 2)), m, 1)
         return (y * w).sum(-2)
 
-    def to_plain(self, weights: Tensor) -> nn.Linear:
-        """An ``nn.Linear`` holding the mixed parameters for one weighting ``(m,)``."""
+    def to_plain(self, weights: Tensor) -> nn.Linear | Conv1D:
+        """An ``nn.Linear`` (a ``Conv1D`` if built from one) holding the mixed parameters for one weighting ``(m,)``."""
         weight, bias = self.mixed(weights.view(1, -1))
+        if self.conv1d:
+            layer = Conv1D(self.out_features, self.in_features).to(self.weight.dtype)
+            layer.weight.data.copy_(weight[0].t())
+            layer.bias.data.copy_(bias[0])
+            return layer.to(self.weight.device)
         layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None, dtype=self.weight.dtype)
         layer.weight.data.copy_(weight[0])
         if bias is not None:
@@ -358,6 +364,18 @@ class ParameterMixing(ConditioningMode):
         # (m, ...) copies: copy i from expert i
         return {n: torch.stack([e[n][i] for i, e in enumerate(experts)]) for n in names
                 if all(n in e for e in experts)}
+
+    def unconditioned(self, model: nn.Module) -> nn.Module:
+        modules = list(dict.fromkeys(mixed_modules(model).values()))
+        if not modules:
+            return model
+        m, device = modules[0].num_objectives, modules[0].weight.device
+        # the base holds the uniform mixture, so that loaded as a plain model it is the policy at the simplex's centre
+        return unmix(model, torch.full((m,), 1.0 / m, device=device))
+
+    def conditioned_state(self, model: nn.Module) -> dict[str, Tensor]:
+        own = {id(p) for module in mixed_modules(model).values() for p in module.parameters()}
+        return {n: p for n, p in model.named_parameters() if id(p) in own}  # (m, ...) copies
 
     def options(self) -> dict[str, Any]:
         return {"targets": self.targets}

@@ -4,7 +4,10 @@ A mode conditions the model in place (:meth:`ConditioningMode.apply`), mixes by 
 :class:`~clp_lightning.conditioning.mixing.WeightingState`, says what its reference policy is
 (:attr:`~ConditioningMode.reference_in_model`, :meth:`~ConditioningMode.switched_off`), folds a weighting into a plain
 model (:meth:`~ConditioningMode.merge`), and gives the Rewarded Soups value of each conditioned parameter
-(:meth:`~ConditioningMode.expert_values`). The policy calls only these; it never asks which mode it has.
+(:meth:`~ConditioningMode.expert_values`), and splits itself from a plain base when the policy is saved
+(:meth:`~ConditioningMode.unconditioned`, :meth:`~ConditioningMode.conditioned_state`,
+:meth:`~ConditioningMode.save_extras`; loading applies the mode to the saved base and
+:meth:`~ConditioningMode.load_conditioned_state`). The policy calls only these; it never asks which mode it has.
 
 Built in: ``none`` (:class:`NoConditioning`, here), ``mixing`` (``m`` copies of selected modules,
 :mod:`~clp_lightning.conditioning.mixing`) and ``lora`` (``m`` LoRA adapters on a frozen base,
@@ -14,7 +17,8 @@ mode and is not one.
 Adding a mode is one file and one YAML fragment: subclass :class:`ConditioningMode` with keyword options in
 ``__init__`` (returned, defaults filled, by :meth:`~ConditioningMode.options`), decorate it with
 ``@register_mode("<name>")``, and select it with ``conditioning: {mode: <name>, options: {...}}``. A mode outside this
-package is named by its dotted path (``mode: my_package.modes.MyMode``), which also imports it.
+package is named by its dotted path (``mode: my_package.modes.MyMode``), which also imports it. A saved policy
+(``clp_config.json``) names its mode only by registered name (:func:`registered_mode`): loading one never imports.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 _MODES: dict[str, type[ConditioningMode]] = {}
@@ -42,11 +48,25 @@ def register_mode(name: str):
     return register
 
 
-def mode_class(name: str) -> type[ConditioningMode]:
-    """The mode registered as ``name``, or the class at dotted path ``name``; a clear error for anything else."""
+def _register_builtin_modes() -> None:
     # the built-in modes register when their modules are imported
     importlib.import_module("clp_lightning.conditioning.mixing")
     importlib.import_module("clp_lightning.conditioning.lora")
+
+
+def registered_mode(name: Any) -> type[ConditioningMode]:
+    """The mode registered as ``name``, and nothing else: for names read from files (a saved policy), which must not
+    choose code to import. A mode of one's own loads once its package has been imported (registering it)."""
+    _register_builtin_modes()
+    if not isinstance(name, str) or name not in _MODES:
+        raise ValueError(f"unknown conditioning mode {name!r}: expected one of the registered modes {sorted(_MODES)} "
+                         "(import the package that registers a mode of your own before loading)")
+    return _MODES[name]
+
+
+def mode_class(name: str) -> type[ConditioningMode]:
+    """The mode registered as ``name``, or the class at dotted path ``name``; a clear error for anything else."""
+    _register_builtin_modes()
     if name in _MODES:
         return _MODES[name]
     module, _, attribute = name.rpartition(".")
@@ -98,6 +118,46 @@ class ConditioningMode:
         """Rewarded Soups: the value of each conditioned parameter of ``model`` (by name) built from the ``m``
         experts' states, expert ``i`` giving copy or adapter ``i``. Parameters not listed are shared."""
         return {}
+
+    # ------------------------------------------------------------------------------------------------ save / load
+
+    def unconditioned(self, model: nn.Module) -> nn.Module:
+        """Make ``model`` (a copy of the conditioned one) the plain model that a saved policy stores as its base, in
+        place; loading applies the mode to it again, then :meth:`load_conditioned_state`."""
+        return model
+
+    def conditioned_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The mode's own parameters of ``model`` by name (``m`` copies, adapters): what a saved policy stores beside
+        its base. Each tensor once, under its first name."""
+        return {}
+
+    @torch.no_grad()
+    def load_conditioned_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        """Set the mode's own parameters of ``model`` (conditioned by :meth:`apply`) from a saved ``state``.
+
+        Raises:
+            ValueError: ``state`` lacks a parameter, has one the mode does not own, or a shape differs.
+        """
+        expected = self.conditioned_state(model)
+        missing, unknown = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        if missing or unknown:
+            problem = f"lacks {missing[:4]}" if missing else f"has parameters this mode does not own {unknown[:4]}"
+            raise ValueError(f"the saved conditioning ({self.name!r}) {problem}: was it saved by a policy conditioned "
+                             "like this one?")
+        for name, param in expected.items():
+            if state[name].shape != param.shape:
+                raise ValueError(f"saved parameter {name!r} has shape {tuple(state[name].shape)}, the policy's has "
+                                 f"{tuple(param.shape)}")
+            param.copy_(state[name])
+
+    def save_extras(self, model: nn.Module, directory: Path, kind: str) -> list[str]:
+        """Write extra files of the mode into a saved policy's ``directory`` (other libraries' formats of its
+        parameters, e.g. peft adapters); ``kind`` is ``seq2seq`` or ``causal``.
+
+        Returns:
+            The paths written, relative to ``directory``.
+        """
+        return []
 
     def options(self) -> dict[str, Any]:
         """Every option the mode was built with, defaults included (checkpoints record and compare them)."""

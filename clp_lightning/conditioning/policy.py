@@ -33,7 +33,7 @@ from clp_lightning.conditioning.mixing import WeightingState
 from clp_lightning.conditioning.mode import ConditioningMode, mode_class
 from clp_lightning.conditioning.prompt import ChatFormat, PromptConditioner
 from clp_lightning.conditioning.weights import validate_weights
-from clp_lightning.models import count_parameters, load_policy_model, model_kind
+from clp_lightning.models import count_parameters, load_policy_model, model_kind, sync_tied_config
 
 
 @dataclass
@@ -108,6 +108,10 @@ class ConditionalPolicy(nn.Module):
         chat_template: format prompts with the tokenizer's chat template (instruct models): ``system_prompt``, then
             the prompt as the user turn; generation also stops at the template's end-of-turn token.
         system_prompt: the system message of the chat template; None leaves the template's default.
+
+    Attributes:
+        objective_names: the objectives' names where known (a policy loaded from a saved directory), else None.
+        metadata: facts stored with a saved policy (:meth:`save_pretrained`), never applied; empty otherwise.
     """
 
     def __init__(
@@ -133,6 +137,9 @@ class ConditionalPolicy(nn.Module):
         if system_prompt is not None and not chat_template:
             raise ValueError("system_prompt is set but chat_template is False: the system message needs the template")
         self.chat = ChatFormat(tokenizer, system_prompt) if chat_template else None
+        self.system_prompt = system_prompt
+        self.objective_names: list[str] | None = None
+        self.metadata: dict[str, Any] = {}
         if self.chat is not None and self.chat.end_of_turn_id is not None:
             _add_stop_token(model, self.chat.end_of_turn_id)
         self.state = WeightingState()
@@ -157,26 +164,49 @@ class ConditionalPolicy(nn.Module):
     def from_pretrained(
         cls,
         model_name_or_path: str,
-        num_objectives: int,
+        num_objectives: int | None = None,
         conditioning: ConditioningConfig | None = None,
         *,
-        max_prompt_length: int = 512,
+        max_prompt_length: int | None = None,
         trust_remote_code: bool = False,
         torch_dtype: str | None = None,
         seed: int = 0,
         tokenizer: str | None = None,
         gguf_file: str | None = None,
         cache_dir: str | None = None,
-        chat_template: bool = False,
+        chat_template: bool | None = None,
         system_prompt: str | None = None,
     ) -> ConditionalPolicy:
         """Load a model by hub id, local path, GGUF file or ``tiny:<arch>`` and condition it (see
-        :func:`load_policy_model`)."""
+        :func:`load_policy_model`), or load a policy saved by :meth:`save_pretrained` (a directory with
+        ``clp_config.json``; see :mod:`clp_lightning.conditioning.pretrained`).
+
+        For a saved policy, ``num_objectives`` and ``conditioning`` come from the directory (when given, they must
+        agree with it), and ``max_prompt_length``, ``chat_template`` and ``system_prompt`` default to the saved values.
+        Otherwise ``num_objectives`` is required and the defaults are 512, no chat template and no system prompt.
+
+        Raises:
+            ValueError: no ``num_objectives`` for a plain model, or a saved policy that disagrees with the arguments.
+        """
+        from clp_lightning.conditioning.pretrained import is_saved_policy, load_policy
+
+        if is_saved_policy(model_name_or_path):
+            if gguf_file is not None:
+                raise ValueError(f"{model_name_or_path!r} is a saved CLP policy, not a GGUF checkpoint: drop gguf_file")
+            return load_policy(
+                cls, model_name_or_path, num_objectives, conditioning, max_prompt_length=max_prompt_length,
+                chat_template=chat_template, system_prompt=system_prompt, trust_remote_code=trust_remote_code,
+                torch_dtype=torch_dtype, tokenizer=tokenizer,
+            )
+        if num_objectives is None:
+            raise ValueError(f"num_objectives is required for {model_name_or_path!r}: only a saved CLP policy (a "
+                             "directory with clp_config.json) knows its own")
         model, tok = load_policy_model(
             model_name_or_path, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype, seed=seed,
             tokenizer=tokenizer, gguf_file=gguf_file, cache_dir=cache_dir,
         )
-        return cls(model, tok, num_objectives, conditioning, max_prompt_length, chat_template, system_prompt)
+        return cls(model, tok, num_objectives, conditioning, 512 if max_prompt_length is None else max_prompt_length,
+                   bool(chat_template), system_prompt)
 
     # ------------------------------------------------------------------------------------------------ conditioning
 
@@ -324,6 +354,40 @@ class ConditionalPolicy(nn.Module):
         """Response texts, special tokens dropped."""
         return self.tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
 
+    def generate_text(
+        self, prompts: Sequence[str], weights: Tensor | Sequence[float] | Sequence[Sequence[float]],
+        alpha: float | Tensor | None = None, **generation_kwargs: Any,
+    ) -> list[str]:
+        """Responses to ``prompts`` at one weighting ``(m,)`` for all or one per prompt ``(B, m)``: :meth:`encode`,
+        :meth:`generate` and :meth:`decode` in one call.
+
+        Args:
+            prompts: ``B`` prompt texts.
+            weights: ``(m,)`` or ``(B, m)``.
+            alpha: the KL strength, for a policy conditioned on it (a number or ``(B,)``).
+            **generation_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ...).
+        """
+        w = validate_weights(weights, self.num_objectives).to(self.device)
+        w = w.expand(len(prompts), -1) if w.dim() == 1 else w
+        if w.shape[0] != len(prompts):
+            raise ValueError(f"got {w.shape[0]} weightings for {len(prompts)} prompts")
+        if self.conditioning.condition_on_alpha and alpha is None:
+            raise ValueError("this policy is conditioned on alpha: pass alpha (the KL strength)")
+        a = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32, device=self.device)
+        a = None if a is None else a.expand(len(prompts))
+        enc = self.encode(prompts, w, a)
+        return self.decode(*self.generate(**enc, weights=w, alpha=a, **generation_kwargs))
+
+    def prompt_prefix(self, weights: Tensor | Sequence[float], alpha: float | None = None) -> str:
+        """The text :meth:`encode` puts in front of a prompt at one weighting ``(m,)``: empty without prompt
+        conditioning (inside the user turn when the policy uses a chat template)."""
+        if self.prompt_conditioner is None:
+            return ""
+        if self.conditioning.condition_on_alpha and alpha is None:
+            raise ValueError("this policy is conditioned on alpha: pass alpha (the KL strength)")
+        w = validate_weights(weights, self.num_objectives)
+        return self.prompt_conditioner.prefix(w, alpha if self.conditioning.condition_on_alpha else None)
+
     # -------------------------------------------------------------------------------------------- export, save, load
 
     def merged_model(self, weights: Tensor | Sequence[float]) -> PreTrainedModel:
@@ -336,7 +400,26 @@ class ConditionalPolicy(nn.Module):
             raise ValueError(f"merged_model takes one weighting (m,), got shape {tuple(w.shape)}")
         model = copy.deepcopy(self.model)
         w = w.to(self.device)
-        return self.mode.merge(model, w)
+        return sync_tied_config(self.mode.merge(model, w))
+
+    def save_pretrained(
+        self, directory: str, objective_names: Sequence[str] | None = None, metadata: dict[str, Any] | None = None
+    ) -> list[str]:
+        """Save the policy in Hugging Face's layout: the plain base model and tokenizer, ``clp_config.json`` and the
+        mode's parameters in ``conditioning.safetensors`` (see :mod:`clp_lightning.conditioning.pretrained`);
+        :meth:`from_pretrained` loads it back. The frozen reference copy is not saved.
+
+        Args:
+            directory: created if missing.
+            objective_names: the objectives' names (default: :attr:`objective_names`, else ``objective_<i>``).
+            metadata: JSON-serialisable facts stored with the policy (added to :attr:`metadata`).
+
+        Returns:
+            The names written in ``directory``.
+        """
+        from clp_lightning.conditioning.pretrained import save_policy
+
+        return save_policy(self, directory, None if objective_names is None else list(objective_names), metadata)
 
     @torch.no_grad()
     def load_expert_copies(self, experts: Sequence[dict[str, Tensor]]) -> None:

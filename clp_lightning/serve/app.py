@@ -1,0 +1,310 @@
+"""``clp serve``: steer a trained policy from a web page (one slider per objective) or a JSON endpoint.
+
+    clp serve --config conf/quickstart.yaml --ckpt_path runs/quickstart/rl/checkpoints/last.ckpt
+    clp serve exported/quickstart                               # a directory written by `clp export`
+    clp serve exported/quickstart --config conf/quickstart.yaml  # ... scored with that config's rewards
+
+Endpoints: ``GET /`` (the page), ``GET /api/info`` (objectives and limits), ``GET /api/front`` (the last grid
+evaluation), ``POST /generate`` with ``{"prompt": "...", "weights": [0.3, 0.7]}`` and ``Content-Type:
+application/json``, answering ``{"response", "rewards", "weights"}``, or ``{"error"}`` with status 400 (bad request),
+503 (busy) or 500.
+
+Built on the standard library's ``ThreadingHTTPServer`` and one static page (vanilla JS and CSS, inline): no new
+runtime dependency, no asset fetched from a CDN (the page works offline), and the page calls the same JSON endpoint as
+scripts do. Generation is greedy and runs one request at a time; requests beyond ``--max_waiting`` get 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import logging
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+
+from clp_lightning.conditioning.weights import validate_weights
+from clp_lightning.serve.backends import Backend, from_checkpoint, from_directory, is_number
+
+log = logging.getLogger(__name__)
+PAGE = Path(__file__).with_name("static") / "index.html"
+MAX_NEW_TOKENS_CAP = 1024
+WEIGHTS_ATOL = 1e-3  # a page's sliders or a script's rounded numbers, not exact floats
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``status`` is its HTTP status, the message goes to the client."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Limits:
+    """Bounds on what one request may cost.
+
+    Attributes:
+        max_prompt_chars: longest prompt, in characters.
+        max_new_tokens: response length (greedy decoding), at most ``MAX_NEW_TOKENS_CAP``.
+        max_waiting: requests that may wait while one generates; more get 503.
+    """
+
+    max_prompt_chars: int = 4000
+    max_new_tokens: int = 64
+    max_waiting: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_chars < 1:
+            raise ValueError(f"--max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP:
+            raise ValueError(f"--max_new_tokens must be in [1, {MAX_NEW_TOKENS_CAP}], got {self.max_new_tokens}")
+        if self.max_waiting < 0:
+            raise ValueError(f"--max_waiting must be >= 0, got {self.max_waiting}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        # JSON may escape a character as up to 12 bytes (a surrogate pair, \ud83d\ude00); 4 KiB for the rest
+        return 12 * self.max_prompt_chars + 4096
+
+
+class Gate:
+    """One generation at a time, at most ``max_waiting`` requests queued behind it; the rest are refused at once."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_inside = max_waiting + 1
+        self.inside = 0
+        self.count_lock, self.run_lock = threading.Lock(), threading.Lock()
+
+    @contextlib.contextmanager
+    def enter(self) -> Iterator[None]:
+        with self.count_lock:
+            if self.inside >= self.max_inside:
+                raise RequestError("busy, try again: other requests are generating", status=503)
+            self.inside += 1
+        try:
+            with self.run_lock:
+                yield
+        finally:
+            with self.count_lock:
+                self.inside -= 1
+
+
+class ServeApp:
+    """The HTTP-independent part of the server: request checks, the gate, and what each endpoint answers."""
+
+    def __init__(self, backend: Backend, limits: Limits) -> None:
+        self.backend, self.limits = backend, limits
+        self.gate = Gate(limits.max_waiting)
+        self.page = PAGE.read_bytes()
+
+    def info(self) -> dict[str, Any]:
+        return {"objectives": self.backend.objectives, "max_prompt_chars": self.limits.max_prompt_chars,
+                "max_new_tokens": self.limits.max_new_tokens, "weights_atol": WEIGHTS_ATOL}
+
+    def generate(self, body: bytes) -> dict[str, Any]:
+        prompt, weights = self.parse(body)
+        with self.gate.enter():
+            out = self.backend.generate(prompt, torch.tensor(weights, dtype=torch.float32))
+        # echoed in float64 (not the float32 the model reads), so a client can send the same weighting again
+        return {"response": out["response"], "rewards": out["rewards"], "weights": weights}
+
+    def parse(self, body: bytes) -> tuple[str, list[float]]:
+        """The prompt and the weighting (``m`` numbers) of a ``POST /generate`` body, or a :class:`RequestError`."""
+        m = len(self.backend.objectives)
+        example = json.dumps({"prompt": "...", "weights": [round(1 / m, 3)] * m})
+        try:
+            request = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RequestError("request body is not UTF-8 text; expected JSON such as " + example) from None
+        except json.JSONDecodeError as err:
+            raise RequestError(f"request body is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                               f"expected an object such as {example}") from None
+        if not isinstance(request, dict):
+            raise RequestError(f"request body must be a JSON object such as {example}, got {type(request).__name__}")
+        if unknown := sorted(set(request) - {"prompt", "weights"}):
+            raise RequestError(f"unknown field(s) {unknown}; expected only 'prompt' and 'weights'")
+        prompt = request.get("prompt")
+        if not isinstance(prompt, str):
+            raise RequestError(f"'prompt' must be a string (the post or article), got {_kind(prompt)}")
+        if not prompt.strip():
+            raise RequestError("'prompt' is empty: write the post or article to respond to")
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise RequestError(f"'prompt' is {len(prompt)} characters long, over the limit of "
+                               f"{self.limits.max_prompt_chars} (the server's --max_prompt_chars)")
+        weights = request.get("weights")
+        if not isinstance(weights, list) or not all(is_number(w) for w in weights):
+            raise RequestError(f"'weights' must be a list of {m} numbers, one per objective "
+                               f"({', '.join(self.backend.objectives)}), got {_kind(weights)}")
+        try:
+            weights = [float(w) for w in weights]
+        except OverflowError:  # an integer beyond float range
+            raise RequestError(f"'weights' must be numbers in [0, 1], got {_kind(weights)}") from None
+        try:
+            validate_weights(weights, m, atol=WEIGHTS_ATOL, name="'weights'")
+        except ValueError as err:
+            raise RequestError(f"{err} (objectives: {', '.join(self.backend.objectives)})") from None
+        total = sum(weights)  # the tolerance is for rounded numbers; the model gets the point on the simplex
+        return prompt, [w / total for w in weights]
+
+
+def _kind(value: Any) -> str:
+    text = json.dumps(value)
+    return "nothing" if value is None else text if len(text) <= 40 else f"{type(value).__name__} {text[:40]}..."
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes requests to the server's :class:`ServeApp`; never sends a traceback."""
+
+    server: Server
+    server_version = "clp-serve"
+    timeout = 30  # a client that stops sending mid-request frees its thread
+
+    def do_GET(self) -> None:
+        app, path = self.server.app, urlsplit(self.path).path
+        if path in ("/", "/index.html"):
+            self._send(200, app.page, "text/html; charset=utf-8")
+        elif path == "/api/info":
+            self._json(200, app.info())
+        elif path == "/api/front":
+            front = app.backend.front()
+            self._json(200, front) if front else self._json(404, {"error": "no grid evaluation to show"})
+        else:
+            self._json(404, {"error": f"no page {path!r}; try / or /api/info"})
+
+    def do_POST(self) -> None:
+        if urlsplit(self.path).path != "/generate":
+            self._json(404, {"error": f"no endpoint {self.path!r}; POST to /generate"})
+            return
+        try:
+            self._json(200, self.server.app.generate(self._body()))
+        except RequestError as err:
+            self._json(err.status, {"error": str(err)})
+        except Exception:
+            log.exception("generation failed")
+            self._json(500, {"error": "internal error while generating (details are in the server's log)"})
+
+    def _body(self) -> bytes:
+        limit = self.server.app.limits.max_body_bytes
+        if self.headers.get_content_type() != "application/json":
+            # also keeps other web sites from posting to a local server with a form or a plain-text fetch
+            raise RequestError(f"Content-Type must be application/json, got {self.headers.get('Content-Type')!r}")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise RequestError(f"Content-Length must be the body's size in bytes, got {length!r}")
+        if int(length) > limit:
+            self.close_connection = True  # the unread body would otherwise be read as the next request
+            raise RequestError(f"request body is {int(length)} bytes, over the limit of {limit} bytes "
+                               "(the server's --max_prompt_chars sets it)")
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            body = b""
+        if len(body) < int(length):
+            self.close_connection = True
+            raise RequestError(f"request body ended after {len(body)} of its {length} bytes (Content-Length)")
+        return body
+
+    def _json(self, status: int, payload: Any) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        log.info("%s %s", self.address_string(), format % args)
+
+
+class Server(ThreadingHTTPServer):
+    """A threading HTTP server holding the app (set before serving); IPv6 when the host is an IPv6 address."""
+
+    daemon_threads = True  # Ctrl-C does not wait for open connections
+    app: ServeApp
+
+    def __init__(self, host: str, port: int) -> None:
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as err:
+            raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port, or "
+                          "--port 0 for a free one") from None
+
+
+def make_server(backend: Backend, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> Server:
+    """A server bound to ``(host, port)`` (port 0: a free one, see ``server.server_address``), not yet serving."""
+    server = Server(host, port)
+    server.app = ServeApp(backend, limits or Limits())
+    return server
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses, the only hosts that keep the server private to this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (``clp serve``)."""
+    parser = argparse.ArgumentParser(prog="clp serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", nargs="?", help="a directory written by `clp export` (instead of --ckpt_path)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="the run's YAML config(s); with a directory, only its rewards are used")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint written by `clp fit`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help=f"response length, at most {MAX_NEW_TOKENS_CAP}")
+    parser.add_argument("--max_prompt_chars", type=int, default=4000, help="longest prompt accepted, in characters")
+    parser.add_argument("--max_waiting", type=int, default=4, help="requests that may queue; more are answered 503")
+    parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
+                        help="extra override for the config, e.g. --set=--model.init_args.policy.seed=1")
+    args = parser.parse_args(argv)
+    if (args.directory is None) == (args.ckpt_path is None):
+        parser.error("give either an exported directory or --ckpt_path (with --config), not both or neither")
+    if args.ckpt_path is not None and not args.config:
+        parser.error("--ckpt_path needs the run's --config to build the module")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.directory is not None and args.set:
+        parser.error("--set overrides the config of a --ckpt_path run; an exported directory takes none")
+    # the limits and the address are checked before any model loads (seconds to minutes)
+    limits = Limits(args.max_prompt_chars, args.max_new_tokens, args.max_waiting)
+    server = Server(args.host, args.port)
+    try:
+        if args.ckpt_path is not None:
+            backend: Backend = from_checkpoint(args.config, args.ckpt_path, args.set, limits.max_new_tokens)
+        else:
+            backend = from_directory(args.directory, args.config, limits.max_new_tokens)
+        server.app = ServeApp(backend, limits)
+        host, port = server.server_address[:2]
+        if not is_loopback(args.host):
+            print(f"warning: listening on {args.host}, reachable from other machines; the server has no "
+                  "authentication (use --host 127.0.0.1 to keep it local)")
+        print(f"serving {', '.join(backend.objectives)} at http://{f'[{host}]' if ':' in host else host}:{port}/ "
+              "(Ctrl-C stops)", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.server_close()

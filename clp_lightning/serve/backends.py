@@ -1,0 +1,212 @@
+"""What ``clp serve`` serves: a trained policy behind three calls, from a checkpoint or an exported directory.
+
+A backend has ``objectives`` (the names, one per weight), ``generate(prompt, weights) -> {"response", "rewards"}``
+for one prompt at one weighting ``(m,)`` (greedy decoding, so a weighting always gives the same response), and
+``front()``: what the page draws of the last grid evaluation's report (the JSON that
+:class:`~clp_lightning.callbacks.GridEvaluation` writes), or None. The HTTP layer knows nothing else about models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from clp_lightning.config import GenerationSettings
+
+log = logging.getLogger(__name__)
+# what the page draws of a report (it also holds samples and per-prompt rewards, which the page does not need)
+FRONT_KEYS = ("objectives", "grid", "rewards", "front_mask", "hypervolume", "reference_rewards", "epoch", "step")
+
+
+class Backend(Protocol):
+    """The interface the server talks to."""
+
+    objectives: list[str]
+
+    def generate(self, prompt: str, weights: Tensor) -> dict[str, Any]:
+        """The greedy response to ``prompt`` at ``weights`` ``(m,)`` and its rewards ``{objective: value}``."""
+        ...
+
+    def front(self) -> dict[str, Any] | None:
+        """The last grid evaluation's front (see :func:`read_report`), or None when there is none."""
+        ...
+
+
+def read_report(path: Path, objectives: list[str]) -> dict[str, Any] | None:
+    """The parts of the grid evaluation report at ``path`` that the page draws, or None (with a warning) when it is
+    missing, unreadable or not a front over ``objectives``.
+
+    The report only decorates the page, so a bad one must not stop the server; it is untrusted input, read as JSON.
+    """
+    if not path.is_file():
+        log.warning("no evaluation report at %s: the page will show no front", path)
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning("evaluation report %s is unreadable (%s): the page will show no front", path, err)
+        return None
+    m = len(objectives)
+    if not (isinstance(report, dict) and report.get("objectives") == objectives and _matrix(report.get("grid"), m)
+            and _matrix(report.get("rewards"), m) and len(report["grid"]) == len(report["rewards"])):
+        log.warning("%s is not a grid evaluation over %s (objectives, grid and rewards): no front", path, objectives)
+        return None
+    return {key: report[key] for key in FRONT_KEYS if key in report}
+
+
+def is_number(x: Any) -> bool:
+    """A JSON number (``true`` and ``false`` are not, though Python's bool is an int)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _matrix(rows: Any, m: int) -> bool:
+    return isinstance(rows, list) and all(
+        isinstance(r, list) and len(r) == m and all(is_number(x) and math.isfinite(x) for x in r) for r in rows)
+
+
+def score(rewards: Sequence[Any], prompt: str, response: str) -> dict[str, float]:
+    """Each reward of ``rewards`` for one response; rewards that need a human reference are left out (none is given).
+    """
+    return {r.name: float(r([prompt], [response], None)[0]) for r in rewards if not r.needs_references}
+
+
+class ModuleBackend:
+    """A trained :class:`~clp_lightning.module.CLPModule` (a checkpoint loaded into the module its config builds).
+
+    Generation and scoring go through :func:`clp_lightning.steer.steer_prompts`, the path ``clp steer`` takes, so a
+    weighting gives the same response here as there.
+
+    Args:
+        module: the module, weights loaded, in eval mode.
+        max_new_tokens: response length cap.
+        report_path: the run's ``evaluation/latest.json``, when there is one.
+    """
+
+    def __init__(self, module: Any, max_new_tokens: int, report_path: Path | None = None) -> None:
+        self.module = module
+        self.objectives = list(module.objective_names)
+        self.generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
+        self.report = None if report_path is None else read_report(report_path, self.objectives)
+
+    def generate(self, prompt: str, weights: Tensor) -> dict[str, Any]:
+        from clp_lightning.steer import steer_prompts
+
+        row = steer_prompts(self.module, [{"prompt": prompt}], [weights], self.generation)[0]
+        return {"response": row["response"], "rewards": row["rewards"]}
+
+    def front(self) -> dict[str, Any] | None:
+        return self.report
+
+
+class PolicyBackend:
+    """An exported :class:`~clp_lightning.conditioning.policy.ConditionalPolicy`, with rewards when a config was given.
+
+    Args:
+        policy: the loaded policy.
+        objectives: the objective names, one per weight.
+        rewards: rewards to score responses with (may be empty).
+        max_new_tokens: response length cap.
+        report: the front from the directory's ``evaluation.json`` (:func:`read_report`), or None.
+        alpha: the KL strength given to a policy conditioned on it (required for one, ignored by others).
+    """
+
+    def __init__(self, policy: Any, objectives: list[str], rewards: Sequence[Any], max_new_tokens: int,
+                 report: dict[str, Any] | None = None, alpha: float | None = None) -> None:
+        if len(objectives) != policy.num_objectives:
+            raise ValueError(f"the policy takes {policy.num_objectives} weights but {len(objectives)} objectives were "
+                             f"named ({objectives})")
+        if policy.conditioning.condition_on_alpha and alpha is None:
+            raise ValueError("this policy is conditioned on alpha: give the KL strength to generate at")
+        self.policy, self.rewards, self.report, self.alpha = policy, list(rewards), report, alpha
+        self.objectives = list(objectives)
+        self.generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, weights: Tensor) -> dict[str, Any]:
+        w = weights.view(1, -1).to(self.policy.device)
+        alpha = None if self.alpha is None else torch.full((1,), self.alpha, device=w.device)
+        enc = self.policy.encode([prompt], w, alpha)
+        ids, mask = self.policy.generate(**enc, weights=w, alpha=alpha, **self.generation.kwargs())
+        response = self.policy.decode(ids, mask)[0]
+        return {"response": response, "rewards": score(self.rewards, prompt, response)}
+
+    def front(self) -> dict[str, Any] | None:
+        return self.report
+
+
+def rewards_from_config(configs: Sequence[str]) -> list[Any]:
+    """The rewards that ``model.init_args.rewards`` of the configs describes (the last config that sets it wins),
+    built as LightningCLI builds them, without building the policy."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from clp_lightning.rewards import Reward
+
+    specs = None
+    for config in configs:
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        model = data.get("model") if isinstance(data, dict) else None
+        model = (model.get("init_args", model) if isinstance(model, dict) else None) or {}
+        if "rewards" in model:
+            specs = model["rewards"]
+    if specs is None:
+        raise ValueError(f"no model.init_args.rewards in {list(configs)}: the config names the rewards to score with")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--rewards", type=list[Reward])
+    # `instantiate` replaced `instantiate_classes` in jsonargparse 4.49; the project allows older releases
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return list(instantiate(parser.parse_object({"rewards": specs})).rewards)
+
+
+def check_configs(configs: Sequence[str]) -> None:
+    """Every config file exists (checked before any model loads: loading takes seconds to minutes)."""
+    for config in configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config {config!r} not found")
+
+
+def from_checkpoint(configs: Sequence[str], ckpt_path: str, overrides: Sequence[str],
+                    max_new_tokens: int) -> ModuleBackend:
+    """The module that ``configs`` build, with the checkpoint's weights; the front from the run's
+    ``<ckpt dir>/../evaluation/latest.json``."""
+    from clp_lightning.callbacks.checkpoint import read_checkpoint
+    from clp_lightning.steer import load_module
+
+    check_configs(configs)
+    checkpoint = read_checkpoint(ckpt_path)
+    module = load_module(list(configs), ckpt_path, list(overrides), checkpoint)
+    report = Path(ckpt_path).resolve().parent.parent / "evaluation" / "latest.json"
+    return ModuleBackend(module, max_new_tokens, report)
+
+
+def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) -> PolicyBackend:
+    """The policy exported to ``directory`` (by ``clp export``), scored with the rewards of ``configs`` if given; the
+    front from the directory's ``evaluation.json``."""
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{directory!r} is not a directory: expected one written by `clp export`")
+    if not (path / "clp_config.json").is_file():
+        raise FileNotFoundError(f"{directory!r} has no clp_config.json: expected a directory written by `clp export`")
+    check_configs(configs)
+    rewards = rewards_from_config(configs) if configs else []
+    policy = ConditionalPolicy.from_pretrained(str(path))
+    policy.eval()
+    names = ([r.name for r in rewards] or policy.objective_names
+             or [f"objective_{i + 1}" for i in range(policy.num_objectives)])
+    alpha = None
+    if policy.conditioning.condition_on_alpha:
+        alpha_range = (getattr(policy, "metadata", None) or {}).get("alpha_range")
+        if not alpha_range:
+            raise ValueError(f"the policy in {directory!r} is conditioned on alpha but records no alpha_range: serve "
+                             "it from its checkpoint (clp serve --config CONF --ckpt_path CKPT)")
+        alpha = float(alpha_range[0])  # the low end, as grid evaluation and `clp steer` generate by default
+    return PolicyBackend(policy, names, rewards, max_new_tokens, read_report(path / "evaluation.json", names), alpha)

@@ -1,0 +1,228 @@
+"""``clp export`` end to end: a tiny fit -> export -> ``ConditionalPolicy.from_pretrained`` (or plain ``transformers``)
+-> the same greedy outputs as the checkpoint's module (the path ``clp steer`` takes); the card and the evaluation;
+bad inputs refused before any model loads."""
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from cli_helpers import TINY_CONFIG, clp, write_config
+
+from clp_lightning.cli import main
+from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig
+from clp_lightning.steer import load_module
+
+# within the runs' max_prompt_length (32): a plain model is given the whole prompt, the policy its last 32 tokens
+PROMPTS = ["my soup is too salty\n\nTL;DR:", "a post about bikes"]
+W = [[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]]
+
+
+def fit(tmp, policy: dict, evaluation: bool) -> tuple[str, str]:
+    """A one-step tiny run; with ``evaluation``, a grid evaluation writes ``<tmp>/evaluation/latest.json``."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model"]["init_args"]["policy"].update(policy)
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp / "checkpoints"), "save_last": True}}]
+    trainer = {"default_root_dir": str(tmp), "callbacks": callbacks}
+    if evaluation:
+        callbacks.append({"class_path": "clp_lightning.callbacks.GridEvaluation", "init_args": {
+            "grid_step": 0.5, "sample_prompts": 1, "generation": {"do_sample": False, "max_new_tokens": 4}}})
+        trainer.update(limit_val_batches=1, val_check_interval=1, check_val_every_n_epoch=None,
+                       num_sanity_val_steps=0)
+    path = write_config(tmp / "config.yaml", config, **trainer)
+    main(["fit", "--config", str(path)])
+    return str(path), str(tmp / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def t5_run(tmp_path_factory):
+    """Tiny T5, logits conditioning, with a grid evaluation next to its checkpoint."""
+    return fit(tmp_path_factory.mktemp("t5_run"), {}, evaluation=True)
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+    """Tiny GPT-2, prompt + LoRA conditioning, no evaluation."""
+    return fit(tmp_path_factory.mktemp("gpt2_run"), {
+        "model_name_or_path": "tiny:gpt2",
+        "conditioning": {"prompt": True, "mode": "lora", "options": {"r": 2, "target_modules": "all"}}},
+        evaluation=False)
+
+
+def module_texts(module, weights) -> list[str]:
+    """Greedy responses of the checkpoint's module at each weighting, through its evaluation path (clp steer's)."""
+    from clp_lightning.config import GenerationSettings
+
+    out = module.evaluate_weightings({"prompt": PROMPTS}, torch.tensor(weights),
+                                     GenerationSettings(do_sample=False, max_new_tokens=6), score=False)
+    return out["texts"]
+
+
+def loaded_texts(policy: ConditionalPolicy, weights) -> list[str]:
+    return [t for w in weights for t in policy.generate_text(PROMPTS, w, do_sample=False, max_new_tokens=6)]
+
+
+def test_export_and_load_generate_as_the_checkpoint(t5_run, tmp_path, capsys):
+    config, ckpt = t5_run
+    out = tmp_path / "exported"
+    code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out))
+    assert code == 0, err[-2000:]
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "clp_config.json",
+            "conditioning.safetensors", "evaluation.json", "front.png", "README.md"} <= names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left behind
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report == json.loads((Path(ckpt).parent.parent / "evaluation" / "latest.json").read_text())
+    assert report["objectives"] == ["brevity", "length"] and len(report["grid"]) == 3
+
+    policy = ConditionalPolicy.from_pretrained(str(out))
+    module = load_module([config], ckpt, [])
+    assert loaded_texts(policy, W) == module_texts(module, W)
+
+    card = (out / "README.md").read_text()
+    front_matter = card.split("---")[1]
+    for line in ("library_name: clp-lightning", "  - clp", "  - multi-objective", "  - steerable",
+                 "pipeline_tag: text2text-generation"):
+        assert line in front_matter
+    assert "SyntheticTLDRDataModule" in card and "clp_lightning.rewards.LengthReward" in card
+    assert "![Pareto front](front.png)" in card and "| 1.00,0.00 |" in card
+    assert f"Hypervolume: {report['hypervolume']:.4g}" in card and "Vertex gains" in card
+    assert "ConditionalPolicy.from_pretrained" in card and "--weights" in card
+
+
+def test_export_of_a_causal_lora_policy_without_evaluation(gpt2_run, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config, ckpt = gpt2_run
+    out = tmp_path / "exported"
+    code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out))
+    assert code == 0, err[-2000:]
+    assert not (out / "evaluation.json").exists()
+    card = (out / "README.md").read_text()
+    assert "No grid evaluation was found" in card and "pipeline_tag: text-generation" in card
+    assert "adapters/objective_1/" in card
+
+    policy = ConditionalPolicy.from_pretrained(str(out))
+    module = load_module([config], ckpt, [])
+    assert loaded_texts(policy, W) == module_texts(module, W)
+    # one adapter through peft alone is the policy at that objective's vertex (prompt prefix included)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(out)),
+                                           str(out / "adapters" / "objective_0")).eval()
+    enc = module.policy.encode(PROMPTS, torch.tensor([[1.0, 0.0]] * 2))
+    ids = peft_model.generate(**enc, do_sample=False, max_new_tokens=6)[:, enc["input_ids"].shape[1]:]
+    assert policy.tokenizer.batch_decode(ids, skip_special_tokens=True) == module_texts(module, [[1.0, 0.0]])
+
+
+def test_export_at_one_weighting_is_a_plain_model(t5_run, tmp_path, capsys):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config, ckpt = t5_run
+    out = tmp_path / "plain"
+    code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--weights", "0.3,0.7",
+                    "--out", str(out))
+    assert code == 0, err[-2000:]
+    assert not (out / "clp_config.json").exists() and (out / "README.md").exists()
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(str(out)), AutoTokenizer.from_pretrained(str(out))
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    texts = tok.batch_decode(model.generate(**enc, do_sample=False, max_new_tokens=6)[:, 1:], skip_special_tokens=True)
+    assert texts == module_texts(load_module([config], ckpt, []), [[0.3, 0.7]])
+
+
+def test_export_at_one_weighting_with_a_prompt_prefix_runs_in_a_pipeline(gpt2_run, tmp_path, capsys):
+    from transformers import GenerationConfig, pipeline
+
+    config, ckpt = gpt2_run
+    out = tmp_path / "plain"
+    code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--weights", "0.25,0.75",
+                    "--out", str(out))
+    assert code == 0, err[-2000:]
+    prefix = GenerationConfig.from_pretrained(str(out)).clp_prompt_prefix
+    assert prefix == "<w 0.25,0.75> " and f"```text\n{prefix}\n```" in (out / "README.md").read_text()
+    pipe = pipeline("text-generation", model=str(out), tokenizer=str(out))
+    texts = []
+    for p in PROMPTS:  # token ids: a random byte-level model's text may cut UTF-8 where the prompt ends
+        ids = pipe(prefix + p, do_sample=False, max_new_tokens=6, return_tensors=True)[0]["generated_token_ids"]
+        texts.append(pipe.tokenizer.decode(ids[len(pipe.tokenizer(prefix + p)["input_ids"]):],
+                                           skip_special_tokens=True))
+    assert texts == module_texts(load_module([config], ckpt, []), [[0.25, 0.75]])
+
+
+def test_overwrite_replaces_a_previous_export(t5_run, tmp_path, capsys):
+    config, ckpt = t5_run
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out), "--overwrite",
+                    "--weights", "1,0")
+    assert code == 0, err[-2000:]
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+    # readable by others as the umask allows, though written in an owner-only temporary directory
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+
+
+# ------------------------------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import clp_lightning.steer as steer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("clp export loaded a model before refusing the input")
+
+    monkeypatch.setattr(steer, "load_module", refuse)
+    monkeypatch.setattr(PolicyConfig, "build", refuse)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_ckpt", "not found"),
+    ("other_mode", "was trained with conditioning {'options': {'targets': 'logits'}}, the config has "
+                   "{'options': {'targets': 'attention'}}"),
+    ("other_objectives", "was trained with objectives ['brevity', 'length'], the config has ['brevity', 'size']"),
+    ("existing_out", "exists and is not empty: choose another directory or pass --overwrite"),
+    ("out_is_file", "is a file, not a directory"),
+    ("bad_weights", "sums to 1.1, expected 1"),
+    ("weights_count", "has 3 entries, expected 2 (one per objective)"),
+    ("alpha_unconditioned", "--alpha 0.1 given, but the policy is not conditioned on alpha"),
+    ("missing_evaluation", "--evaluation 'nowhere.json' not found"),
+])
+def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path, capsys, no_model, case, message):
+    config, ckpt = t5_run
+    out = tmp_path / "out"
+    extra = []
+    if case == "missing_ckpt":
+        ckpt = str(tmp_path / "missing.ckpt")
+    elif case == "other_mode":
+        extra = ["--set=--model.init_args.policy.conditioning.options={targets: attention}"]
+    elif case == "other_objectives":
+        renamed = yaml.safe_load(Path(config).read_text())
+        renamed["model"]["init_args"]["rewards"][1]["init_args"]["name"] = "size"
+        config = str(tmp_path / "renamed.yaml")
+        Path(config).write_text(yaml.safe_dump(renamed))
+    elif case == "existing_out":
+        out.mkdir()
+        (out / "x").write_text("")
+    elif case == "out_is_file":
+        out.write_text("")
+    elif case == "bad_weights":
+        extra = ["--weights", "0.5,0.6"]
+    elif case == "weights_count":
+        extra = ["--weights", "0.2,0.3,0.5"]
+    elif case == "alpha_unconditioned":
+        extra = ["--weights", "1,0", "--alpha", "0.1"]
+    elif case == "missing_evaluation":
+        extra = ["--evaluation", "nowhere.json"]
+    code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out), *extra)
+    lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert message in lines[0]
+    assert not (out.exists() and case not in ("existing_out", "out_is_file"))

@@ -1,0 +1,417 @@
+"""``clp serve`` on a tiny fitted checkpoint: the JSON endpoint answers as ``clp steer`` does, refuses bad requests
+with a clear message, bounds concurrency, and the page works in a real headless Chromium."""
+
+import contextlib
+import copy
+import http.client
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import TINY_CONFIG, clp, write_config
+
+from clp_lightning.serve import Limits, make_server
+from clp_lightning.serve import app as serve_app
+from clp_lightning.serve.backends import from_checkpoint, from_directory, read_report
+
+PROMPT = "SUBREDDIT: r/cooking\n\nPOST: my soup is too salty, what can I add to fix it?\n\nTL;DR:"
+MAX_NEW_TOKENS = 6
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run fitted for one step, with a grid evaluation: its config, ``last.ckpt`` and ``latest.json``."""
+    tmp = tmp_path_factory.mktemp("serve")
+    config = write_config(
+        tmp / "config.yaml", max_steps=1, val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        limit_val_batches=1, default_root_dir=str(tmp),
+        logger={"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp), "name": "run", "version": ""}},
+        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"save_last": True, "save_on_train_epoch_end": False}},
+                   {"class_path": "clp_lightning.callbacks.GridEvaluation",
+                    "init_args": {"grid_step": 0.25, "kl_samples": 0, "sample_prompts": 1,
+                                  "generation": {"do_sample": False, "max_new_tokens": 4}}}])
+    from clp_lightning.cli import main
+
+    main(["fit", "--config", str(config)])
+    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
+    assert (tmp / "run" / "evaluation" / "latest.json").is_file()
+    return config, ckpt
+
+
+@pytest.fixture(scope="module")
+def backend(run):
+    config, ckpt = run
+    return from_checkpoint([str(config)], str(ckpt), [], MAX_NEW_TOKENS)
+
+
+@contextlib.contextmanager
+def served(backend, **limits):
+    """``backend`` served on a free loopback port in a thread; yields ``(host, port, server)``."""
+    server = make_server(backend, "127.0.0.1", 0, Limits(max_new_tokens=MAX_NEW_TOKENS, **limits))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (*server.server_address[:2], server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def request(address, method, path, body=None, headers=None):
+    """``(status, decoded JSON or text)`` of one HTTP request; ``body`` may be an object (sent as JSON) or bytes."""
+    conn = http.client.HTTPConnection(*address[:2], timeout=60)
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else headers or {}
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        reply = conn.getresponse()
+        data = reply.read().decode()
+        is_json = reply.getheader("Content-Type") == "application/json"
+        return reply.status, json.loads(data) if is_json else data
+    finally:
+        conn.close()
+
+
+def steered(run, tmp_path, weights):
+    """``clp steer``'s row for PROMPT at ``weights``, from its own load of the checkpoint."""
+    from clp_lightning.steer import steer
+
+    config, ckpt = run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    [row] = steer(["--config", str(config), "--ckpt_path", str(ckpt), "--weights", ",".join(map(str, weights)),
+                   "--prompts", str(prompts), "--max_new_tokens", str(MAX_NEW_TOKENS)])
+    return row
+
+
+# ------------------------------------------------------------------------------------------------- the endpoints
+
+def test_generate_answers_as_clp_steer_does(run, backend, tmp_path):
+    with served(backend) as address:
+        status, info = request(address, "GET", "/api/info")
+        assert status == 200 and info["objectives"] == ["brevity", "length"]
+        assert info["max_new_tokens"] == MAX_NEW_TOKENS and info["max_prompt_chars"] == 4000
+        status, page = request(address, "GET", "/")
+        assert status == 200 and "<title>clp serve</title>" in page
+        status, front = request(address, "GET", "/api/front")
+        report = json.loads((run[1].parent.parent / "evaluation" / "latest.json").read_text())
+        assert status == 200 and front["grid"] == report["grid"] and front["rewards"] == report["rewards"]
+        assert front["front_mask"] == report["front_mask"] and "samples" not in front  # only what the page draws
+        status, out = request(address, "POST", "/generate", {"prompt": PROMPT, "weights": [0.25, 0.75]})
+    assert status == 200, out
+    expected = steered(run, tmp_path, [0.25, 0.75])
+    assert out == {"response": expected["response"], "rewards": expected["rewards"], "weights": [0.25, 0.75]}
+    assert set(out["rewards"]) == {"brevity", "length"}
+
+
+def test_an_exported_policy_answers_as_its_checkpoint_does(run, backend, tmp_path):
+    """``clp serve DIR`` on the directory ``clp export`` writes: the policy decodes itself, with the config's rewards
+    when one is given, and the front is the directory's ``evaluation.json``."""
+    from clp_lightning.export import main as export
+
+    config, ckpt = run
+    directory = tmp_path / "exported"
+    export(["--config", str(config), "--ckpt_path", str(ckpt), "--out", str(directory)])
+    scored = from_directory(str(directory), [str(config)], MAX_NEW_TOKENS)
+    unscored = from_directory(str(directory), [], MAX_NEW_TOKENS)
+    assert scored.objectives == unscored.objectives == ["brevity", "length"]  # from the config, from the directory
+    w = torch.tensor([0.25, 0.75])
+    assert scored.generate(PROMPT, w) == backend.generate(PROMPT, w)
+    assert unscored.generate(PROMPT, w) == {"response": backend.generate(PROMPT, w)["response"], "rewards": {}}
+    with served(unscored) as address:
+        assert request(address, "GET", "/api/front")[1]["grid"] == backend.front()["grid"]
+
+
+def test_an_alpha_conditioned_export_generates_at_the_alpha_its_checkpoint_does(tmp_path):
+    """Both paths give an alpha-conditioned policy the low end of its alpha_range (as grid evaluation does)."""
+    from clp_lightning.cli import main
+    from clp_lightning.export import main as export
+
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model"]["init_args"]["policy"]["conditioning"].update(prompt=True, condition_on_alpha=True)
+    config["model"]["init_args"]["alpha_range"] = [0.05, 0.5]
+    path = write_config(tmp_path / "config.yaml", config, default_root_dir=str(tmp_path), callbacks=[
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True}}])
+    main(["fit", "--config", str(path)])
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    export(["--config", str(path), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "exported")])
+    exported = from_directory(str(tmp_path / "exported"), [str(path)], MAX_NEW_TOKENS)
+    assert exported.alpha == 0.05
+    checkpointed, w = from_checkpoint([str(path)], str(ckpt), [], MAX_NEW_TOKENS), torch.tensor([0.7, 0.3])
+    assert exported.generate(PROMPT, w) == checkpointed.generate(PROMPT, w)
+
+
+def test_a_directory_is_checked_before_loading(tmp_path, capsys, monkeypatch):
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    monkeypatch.setattr(ConditionalPolicy, "from_pretrained", lambda path: pytest.fail("loaded a bad directory"))
+    code, err = clp(capsys, "serve", str(tmp_path / "missing"))
+    assert code == 2 and "is not a directory: expected one written by `clp export`" in err
+    code, err = clp(capsys, "serve", str(tmp_path))
+    assert code == 2 and "has no clp_config.json" in err
+    (tmp_path / "clp_config.json").write_text("{}")
+    code, err = clp(capsys, "serve", str(tmp_path), "--config", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "config '" in err and "not found" in err
+
+
+def test_a_report_that_is_not_a_front_over_the_objectives_shows_no_front(run, tmp_path, caplog):
+    report = json.loads((run[1].parent.parent / "evaluation" / "latest.json").read_text())
+    assert read_report(tmp_path / "missing.json", ["brevity", "length"]) is None
+    for name, content in [("swapped", {**report, "objectives": ["length", "brevity"]}),
+                          ("ragged", {**report, "rewards": report["rewards"][:-1]}),
+                          ("not numbers", {**report, "grid": [["a", "b"]] * len(report["grid"])}), ("list", [1])]:
+        (tmp_path / "report.json").write_text(json.dumps(content))
+        assert read_report(tmp_path / "report.json", ["brevity", "length"]) is None, name
+    (tmp_path / "report.json").write_text("{not json")
+    assert read_report(tmp_path / "report.json", ["brevity", "length"]) is None
+    assert "is unreadable" in caplog.text and "is not a grid evaluation over ['brevity', 'length']" in caplog.text
+
+
+BAD_REQUESTS = {
+    "not JSON": (b'{"prompt": "hi", ', "request body is not valid JSON (Expecting property name"),
+    "not an object": ([1, 2], "request body must be a JSON object such as"),
+    "no prompt": ({"weights": [0.5, 0.5]}, "'prompt' must be a string (the post or article), got nothing"),
+    "prompt not text": ({"prompt": 3, "weights": [0.5, 0.5]}, "'prompt' must be a string (the post or article), got 3"),
+    "empty prompt": ({"prompt": "  \n", "weights": [0.5, 0.5]}, "'prompt' is empty: write the post or article"),
+    "long prompt": ({"prompt": "x" * 201, "weights": [0.5, 0.5]},
+                    "'prompt' is 201 characters long, over the limit of 200 (the server's --max_prompt_chars)"),
+    "no weights": ({"prompt": "hi"}, "'weights' must be a list of 2 numbers, one per objective (brevity, length)"),
+    "weights not numbers": ({"prompt": "hi", "weights": ["0.5", "0.5"]}, "'weights' must be a list of 2 numbers"),
+    "weights wrong count": ({"prompt": "hi", "weights": [0.2, 0.3, 0.5]},
+                            "'weights' [0.2, 0.3, 0.5] has 3 entries, expected 2 (one per objective)"),
+    "negative weight": ({"prompt": "hi", "weights": [-0.5, 1.5]}, "has negative entries; weights must be >= 0"),
+    "off the simplex": ({"prompt": "hi", "weights": [0.5, 0.6]},
+                        "'weights' [0.5, 0.6] sums to 1.1, expected 1 (a point on the simplex) (objectives: brevity"),
+    "huge weight": (b'{"prompt": "hi", "weights": [1' + b"0" * 400 + b', 0]}', "'weights' must be numbers in [0, 1]"),
+    "NaN weight": (b'{"prompt": "hi", "weights": [NaN, 1]}', "contains NaN or infinite entries"),
+    "unknown field": ({"prompt": "hi", "weights": [0.5, 0.5], "temperature": 2},
+                      "unknown field(s) ['temperature']; expected only 'prompt' and 'weights'"),
+    "body too large": (b" " * 7000, "request body is 7000 bytes, over the limit of 6496 bytes"),
+    "not UTF-8": (b'{"prompt": "\xff"}', "request body is not UTF-8 text"),
+}
+
+
+def test_bad_requests_get_400_and_a_clear_message(backend):
+    with served(backend, max_prompt_chars=200) as address:
+        for case, (body, message) in BAD_REQUESTS.items():
+            status, out = request(address, "POST", "/generate", body)
+            assert status == 400 and message in out["error"], (case, status, out)
+        status, out = request(address, "POST", "/generate", b"{}", {"Content-Type": "text/plain"})
+        assert status == 400 and out["error"] == "Content-Type must be application/json, got 'text/plain'"
+        assert request(address, "POST", "/predict", {})[0] == 404
+        assert request(address, "GET", "/etc/passwd") == (404, {"error": "no page '/etc/passwd'; try / or /api/info"})
+        # a body shorter than its Content-Length (the client stopped sending) is refused, not waited for
+        conn = http.client.HTTPConnection(*address[:2], timeout=10)
+        conn.putrequest("POST", "/generate")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "100")
+        conn.endheaders(b'{"prompt": "hi"')
+        conn.sock.shutdown(socket.SHUT_WR)
+        reply = conn.getresponse()
+        error = json.loads(reply.read())["error"]
+        assert reply.status == 400 and error == "request body ended after 15 of its 100 bytes (Content-Length)"
+        conn.close()
+        # the tolerance takes rounded numbers (a page's three decimals); the model gets them rescaled onto the simplex
+        status, out = request(address, "POST", "/generate", {"prompt": "hi", "weights": [0.3333, 0.6666]})
+        assert status == 200 and out["weights"] == [0.3333 / 0.9999, 0.6666 / 0.9999]
+
+
+class Stub:
+    """A backend whose generation waits until released, or fails."""
+
+    objectives = ["a", "b"]
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.entered, self.release = fail, threading.Event(), threading.Event()
+
+    def generate(self, prompt, weights):
+        if self.fail:
+            raise RuntimeError("secret internal detail")
+        self.entered.set()
+        assert self.release.wait(30)
+        return {"response": prompt.upper(), "rewards": {}}
+
+    def front(self):
+        return None
+
+
+def test_requests_beyond_the_queue_get_503_busy():
+    stub = Stub()
+    with served(stub, max_waiting=1) as address:
+        server = address[2]
+        body = {"prompt": "hi", "weights": [0.5, 0.5]}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(request(address, "POST", "/generate", body)))
+                   for _ in range(2)]
+        threads[0].start()
+        assert stub.entered.wait(10)  # the first one generates ...
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while server.app.gate.inside < 2 and time.monotonic() < deadline:  # ... the second one waits behind it
+            time.sleep(0.01)
+        assert request(address, "POST", "/generate", body) == (503, {"error": "busy, try again: other requests "
+                                                                              "are generating"})
+        stub.release.set()
+        for thread in threads:
+            thread.join(10)
+        assert [r[0] for r in results] == [200, 200] and server.app.gate.inside == 0
+
+
+def test_an_internal_error_is_500_without_details(caplog):
+    with served(Stub(fail=True)) as address:
+        status, out = request(address, "POST", "/generate", {"prompt": "hi", "weights": [1, 0]})
+        assert request(address, "GET", "/api/front") == (404, {"error": "no grid evaluation to show"})
+    assert status == 500 and out == {"error": "internal error while generating (details are in the server's log)"}
+    assert "secret internal detail" in caplog.text  # logged with its traceback for whoever runs the server
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+
+def test_clp_serve_prints_its_url_serves_and_stops_on_ctrl_c(run):
+    """The command as a user runs it: a free port, a warning for a non-loopback address, Ctrl-C exits cleanly."""
+    config, ckpt = run
+    # SIGINT as a terminal sends it (a child of a non-interactive shell may start with it ignored)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "clp_lightning", "serve", "--config", str(config), "--ckpt_path", str(ckpt),
+         "--port", "0", "--host", "0.0.0.0", "--max_new_tokens", str(MAX_NEW_TOKENS)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        warning, serving = server.stdout.readline(), server.stdout.readline()
+        assert warning.startswith("warning: listening on 0.0.0.0, reachable from other machines"), warning
+        url = re.fullmatch(r"serving brevity, length at http://0\.0\.0\.0:(\d+)/ \(Ctrl-C stops\)\n", serving)
+        assert url and url[1] != "0", serving
+        status, out = request(("127.0.0.1", int(url[1])), "POST", "/generate", {"prompt": PROMPT, "weights": [1, 0]})
+        assert status == 200 and set(out["rewards"]) == {"brevity", "length"}
+        server.send_signal(signal.SIGINT)
+        rest, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 0 and rest == "stopped\n" and "Traceback" not in err, err[-2000:]
+
+
+def test_clp_serve_refuses_bad_arguments_before_loading(run, tmp_path, capsys, monkeypatch):
+    config, ckpt = run
+    monkeypatch.setattr(serve_app, "from_checkpoint", lambda *a: pytest.fail("loaded a model"))
+    for argv, message in [
+        ((), "give either an exported directory or --ckpt_path"),
+        (("--ckpt_path", str(ckpt)), "--ckpt_path needs the run's --config"),
+        (("--config", str(config), "--ckpt_path", str(ckpt), "--port", "70000"), "--port must be in [0, 65535]"),
+        (("--config", str(config), "--ckpt_path", str(ckpt), "--max_new_tokens", "5000"),
+         "--max_new_tokens must be in [1, 1024], got 5000"),
+        ((str(ckpt.parent), "--set=--model.init_args.kl_coef=1"), "an exported directory takes none"),
+    ]:
+        code, err = clp(capsys, "serve", *argv)
+        assert code == 2 and message in err, (argv, err)
+
+
+def test_a_checkpoint_is_read_before_the_module_is_built(tmp_path, capsys, monkeypatch):
+    from clp_lightning import steer
+
+    monkeypatch.setattr(steer, "load_module", lambda *a: pytest.fail("built the module"))
+    config = write_config(tmp_path / "config.yaml")
+    (tmp_path / "bad.ckpt").write_text("not a checkpoint")
+    code, err = clp(capsys, "serve", "--config", str(config), "--ckpt_path", str(tmp_path / "bad.ckpt"))
+    assert code == 2 and "is not a checkpoint" in err
+    code, err = clp(capsys, "serve", "--config", str(tmp_path / "nope.yaml"), "--ckpt_path", str(tmp_path / "x"))
+    assert code == 2 and "config '" in err and "not found" in err
+
+
+def test_a_port_in_use_is_a_clear_error_before_loading(run, capsys, monkeypatch):
+    config, ckpt = run
+    monkeypatch.setattr(serve_app, "from_checkpoint", lambda *a: pytest.fail("loaded a model"))
+    with served(Stub()) as (host, port, _):
+        code, err = clp(capsys, "serve", "--config", str(config), "--ckpt_path", str(ckpt), "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port} (Address already in use): choose another --port" in err
+
+
+def test_only_loopback_hosts_are_private():
+    assert all(map(serve_app.is_loopback, ["127.0.0.1", "localhost", "::1", "127.0.0.2"]))
+    assert not any(map(serve_app.is_loopback, ["0.0.0.0", "192.168.1.4", "example.org", "::"]))
+
+
+# ----------------------------------------------------------------------------------------------- a real browser
+
+def chromium(tmp_path):
+    """Headless Chromium from the system's packages, driven by Selenium; skips, saying why, where one is missing."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[browser-test]')")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).is_file():
+            pytest.skip(f"{path} is missing (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM  # with the driver's path, Selenium Manager never runs (it would download)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, to check for errors
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_the_page_steers_in_a_real_browser(backend, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium(tmp_path)
+    try:
+        with served(backend) as address:
+            driver.get(f"http://127.0.0.1:{address[1]}/")
+            wait = WebDriverWait(driver, 20)
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+            shown = lambda: [float(d.text) for d in driver.find_elements(By.CSS_SELECTOR, ".slider output")]  # noqa
+            assert shown() == [0.5, 0.5]
+            assert driver.find_elements(By.CSS_SELECTOR, "#front-plot circle.ring[visibility=visible]")
+            # a key press moves a slider as a user does; the other one takes up the rest
+            sliders = driver.find_elements(By.CSS_SELECTOR, "input[type=range]")
+            sliders[0].send_keys(Keys.HOME)
+            assert shown() == [0.0, 1.0]
+            # then a value set as a drag sets it, with its input event
+            driver.execute_script("arguments[0].value = 300; arguments[0].dispatchEvent(new Event('input'))",
+                                  sliders[0])
+            assert shown() == [0.3, 0.7] and [int(s.get_attribute("value")) for s in sliders] == [300, 700]
+            current = driver.find_element(By.CSS_SELECTOR, "#front-table tr.current td").get_attribute("textContent")
+            assert current == "(0.25, 0.75)"  # the nearest point of the 0.25 grid
+            driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+            button = driver.find_element(By.ID, "generate")
+            button.click()
+            wait.until(lambda d: d.find_element(By.ID, "response").get_attribute("data-weights"))
+            wait.until(lambda d: button.is_enabled())
+            weights = json.loads(driver.find_element(By.ID, "response").get_attribute("data-weights"))
+            assert weights == pytest.approx([0.3, 0.7], abs=1e-12)
+            rewards = {row.get_attribute("data-objective"): float(row.find_elements(By.TAG_NAME, "td")[1]
+                                                                  .get_attribute("data-value"))
+                       for row in driver.find_elements(By.CSS_SELECTOR, "#rewards tr[data-objective]")}
+            status, out = request(address, "POST", "/generate", {"prompt": PROMPT, "weights": weights})
+            assert status == 200 and driver.find_element(By.ID, "response").text == out["response"].strip()
+            assert rewards == out["rewards"] and driver.find_element(By.ID, "error").text == ""
+            assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]  # no script error
+            # the server's message for a bad request shows in the page, and the button comes back
+            driver.find_element(By.ID, "prompt").clear()
+            button.click()
+            wait.until(lambda d: d.find_element(By.ID, "error").text)
+            assert driver.find_element(By.ID, "error").text == "'prompt' is empty: write the post or article to " \
+                                                               "respond to"
+            assert button.is_enabled()
+    finally:
+        driver.quit()
+
+
