@@ -230,6 +230,7 @@ class Study:
             *start,
             f"--model.init_args.weight_seed={seed}",
             f"--trainer.logger.init_args.save_dir={save_dir}",
+            f"--trainer.default_root_dir={save_dir}",  # a config's checkpoint dirpath may be relative to it
             "--trainer.logger.init_args.name=",
             "--trainer.enable_progress_bar=false",
             f"--model.init_args.optimizer.lr={lr}",

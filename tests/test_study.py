@@ -242,6 +242,21 @@ def test_real_model_task_starts_from_its_config_and_tests_on_its_test_split(stud
     assert set(results) == {"lora", "rs_lora", "mix_lora"} and results["lora"]["lr"] == 5e-4
 
 
+@pytest.mark.parametrize("task", ["quickstart", "cnndm_smollm2"])
+def test_each_run_writes_its_checkpoints_into_its_own_directory(study, task, tmp_path):
+    from clp_lightning.cli import parse_config
+
+    spec, run = study.TASKS[task], tmp_path / "lora" / "lr0.001" / "seed0"
+    runs = study.Study(tmp_path, None, [study.CONF / c for c in spec.configs], 8, spec.overrides)
+    args = [a for c in runs._configs("lora") for a in ("--config", str(c))] + runs._common("lora", 0, 1e-3, run)
+    config = parse_config(args)
+    callbacks = config["trainer"]["callbacks"]
+    [checkpoint] = [c["init_args"] for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    # no dirpath: Lightning writes into the logger's directory, which is the run's
+    assert checkpoint.get("dirpath") in (None, str(run / "checkpoints"))
+    assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(run)
+
+
 def test_fixed_report_has_the_keys_of_a_grid_evaluation_report(study, grid_evaluation_report, monkeypatch, tmp_path):
     """The fixed-weighting front is one more grid report: the same keys in the same order, so that nothing that
     reads reports (the table, ``clp compare``, the figures) needs to know how a front was made."""
