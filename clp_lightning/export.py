@@ -216,7 +216,7 @@ def export_weighting(module: Any, directory: Path, weights: list[float], alpha: 
     """Write the plain model at one weighting (with tokenizer, generation config and card) into ``directory``."""
     policy: ConditionalPolicy = module.policy
     prefix = policy.prompt_prefix(weights, alpha)
-    model = policy.merged_model(weights)
+    model = policy.merged_model(weights, alpha)
     if prefix:  # the model's prompts must start with it; kept where a loader of the directory can read it
         model.generation_config.clp_prompt_prefix = prefix
         # a config "from the model config" is rebuilt from config.json on loading, dropping the field

@@ -132,11 +132,14 @@ class CLPModule(L.LightningModule):
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         if alpha_range is not None:
             if not policy.conditioning.condition_on_alpha:
-                raise ValueError("alpha_range is set but the policy is not conditioned on alpha "
-                                 "(set policy.conditioning.condition_on_alpha: true and prompt: true)")
+                raise ValueError("alpha_range is set but the policy is not conditioned on alpha (set "
+                                 "policy.conditioning.condition_on_alpha: true, with prompt: true or alpha_scale)")
             alpha_low, alpha_high = alpha_range
             if not 0 <= alpha_low <= alpha_high:
                 raise ValueError(f"alpha_range {list(alpha_range)} must satisfy 0 <= low <= high")
+            if policy.conditioning.alpha_scale is not None and alpha_low <= 0:
+                raise ValueError(f"alpha_range {list(alpha_range)}: with alpha_scale the update is scaled by "
+                                 "alpha_scale / alpha, so alpha must be > 0")
         elif policy.conditioning.condition_on_alpha:
             raise ValueError("policy is conditioned on alpha but alpha_range is None; "
                              "set e.g. alpha_range: [0.01, 0.5]")

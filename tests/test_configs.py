@@ -181,9 +181,9 @@ def test_fragment_overrides_the_base(parser: Any, path: Path) -> None:
 def test_conditioning_fragment_is_the_variant_it_is_named_after(parser: Any, path: Path) -> None:
     # The base (full-CLP) differs from every variant but "all": each fragment must clear what it does not use.
     conditioning = ConditioningConfig(**parse(parser, BASE, path).model.init_args.policy.conditioning.as_dict())
-    expected = "prompt" if path.stem == "alpha" else path.stem.replace("_", "+")
+    expected = "prompt+alpha" if path.stem == "alpha" else path.stem.replace("_", "+")
     assert conditioning.name == expected
-    assert conditioning.condition_on_alpha == (path.stem == "alpha")
+    assert conditioning.condition_on_alpha == expected.endswith("+alpha")
 
 
 def test_fragments_stack_on_a_real_config(parser: Any) -> None:
@@ -205,8 +205,9 @@ def test_fragments_stack_on_a_real_config(parser: Any) -> None:
         ((BASE, CONF_DIR / "conditioning" / "alpha.yaml"), None, "conditioned on alpha but alpha_range is None"),
         ((BASE,), [0.01, 0.5], "not conditioned on alpha"),
         ((BASE, CONF_DIR / "conditioning" / "alpha.yaml"), [0.5, 0.01], r"alpha_range \[0.5, 0.01\] must satisfy"),
+        ((BASE, CONF_DIR / "conditioning" / "lora_alpha.yaml"), [0.0, 0.5], "so alpha must be > 0"),
     ],
-    ids=["alpha_without_range", "range_without_alpha", "reversed_range"],
+    ids=["alpha_without_range", "range_without_alpha", "reversed_range", "zero_alpha_in_the_parameters"],
 )
 def test_config_check_is_the_modules_own(parser: Any, configs: tuple[Path, ...], alpha_range: Any,
                                          message: str) -> None:

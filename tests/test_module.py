@@ -179,6 +179,25 @@ def test_causal_policy_trains(tmp_path):
     assert any(n.startswith("rewards.") for n in frozen) and any("reference" in n for n in frozen)
 
 
+def test_alpha_in_the_parameters_trains_and_scales_each_prompts_update(tmp_path, monkeypatch):
+    conditioning = ConditioningConfig(mode="lora", options={"r": 2, "target_modules": "attention"},
+                                      condition_on_alpha=True, alpha_scale=0.01)
+    module = make_module(conditioning, alpha_range=(0.01, 0.5), samples_per_prompt=2)
+    read = []  # the weighting rows the adapters read in each training forward
+    forward = module.policy.forward
+
+    def record(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        read.append((kwargs["weights"], kwargs["alpha"], module.policy._scaled(kwargs["weights"], kwargs["alpha"])))
+        return out
+
+    monkeypatch.setattr(module.policy, "forward", record)
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    make_trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, datamodule=make_data())
+    assert read and all(torch.allclose(s, w * (0.01 / a).unsqueeze(-1)) for w, a, s in read)
+    assert any(not torch.equal(before[n], p) for n, p in module.policy.named_parameters() if n in before)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -213,6 +213,7 @@ class LoraConditioning(ConditioningMode):
     """
 
     reference_in_model = True
+    update_linear_in_weights = True  # Delta W = sum_i w_i B_i A_i: scaling the row scales the update
 
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: str | Sequence[str] = ("attention",)) -> None:

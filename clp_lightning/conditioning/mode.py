@@ -91,10 +91,14 @@ class ConditioningMode:
         name: the registered name.
         reference_in_model: the reference policy is the model with the mode switched off (LoRA: the base), so the
             policy keeps no frozen copy; otherwise the policy copies the model before training.
+        update_linear_in_weights: the mode's change to the model is linear in the weighting row it reads (LoRA:
+            ``sum_i w_i B_i A_i``), so a row scaled by ``c`` scales the change by ``c``
+            (``ConditioningConfig.alpha_scale`` relies on it).
     """
 
     name: ClassVar[str] = "none"
     reference_in_model: ClassVar[bool] = False
+    update_linear_in_weights: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, num_objectives: int, state: Any) -> tuple[list[str], int]:
         """Condition ``model`` in place on the weighting in ``state``.

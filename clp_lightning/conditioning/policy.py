@@ -51,7 +51,13 @@ class ConditioningConfig:
             module-name patterns); ``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules``.
         train_shared: also train the parameters the mode does not add (parameter mixing; our default); False
             trains only the mode's own (copies, adapters). LoRA freezes its base either way.
-        condition_on_alpha: the policy also takes the KL strength ``alpha`` (needs ``prompt``).
+        condition_on_alpha: the policy also takes the KL strength ``alpha``, in the prompt (``prompt``) and/or in the
+            parameters (``alpha_scale``).
+        alpha_scale: alpha in the parameters: the mode's update to the model is scaled per row by
+            ``alpha_scale / alpha`` (LoRA-CLP: ``Delta W(w, alpha) = (alpha_scale / alpha) sum_i w_i B_i A_i``), the
+            form of the KL-regularised optimum, whose logits are the reference's plus ``w . R / alpha``; at
+            ``alpha = alpha_scale`` the policy is the unscaled one. Needs a mode whose update is linear in the
+            weighting (``lora``). None: alpha reaches the policy through the prompt only.
     """
 
     prompt: bool = False
@@ -62,17 +68,28 @@ class ConditioningConfig:
     options: dict[str, Any] = field(default_factory=dict)
     train_shared: bool = True
     condition_on_alpha: bool = False
+    alpha_scale: float | None = None
 
     def __post_init__(self) -> None:
         self.options = dict(self.options or {})
-        if self.condition_on_alpha and not self.prompt:
-            raise ValueError("condition_on_alpha=True needs prompt=True: alpha is given to the policy in the prompt")
-        self.build_mode()  # an unknown mode or option fails here, before any model loads
+        if self.condition_on_alpha and not (self.prompt or self.alpha_scale is not None):
+            raise ValueError("condition_on_alpha=True needs a channel for alpha: prompt=True (alpha in the prompt) "
+                             "and/or alpha_scale (alpha in the parameters)")
+        if self.alpha_scale is not None:
+            if not self.condition_on_alpha:
+                raise ValueError(f"alpha_scale={self.alpha_scale} is set but condition_on_alpha is False")
+            if not self.alpha_scale > 0:
+                raise ValueError(f"alpha_scale must be > 0 (a KL strength), got {self.alpha_scale}")
+        mode = self.build_mode()  # an unknown mode or option fails here, before any model loads
+        if self.alpha_scale is not None and not mode.update_linear_in_weights:
+            raise ValueError(f"alpha_scale scales the mode's update, and mode {self.mode!r} has no update separate "
+                             "from the model: use mode 'lora'")
 
     @property
     def name(self) -> str:
-        """Short label such as ``prompt+attention``, ``lora`` or ``none``."""
+        """Short label such as ``prompt+attention``, ``lora``, ``lora+alpha`` (conditioned on alpha too) or ``none``."""
         parts = (["prompt"] if self.prompt else []) + [self.build_mode().label()]
+        parts += ["alpha"] if self.condition_on_alpha else []
         return "+".join(p for p in parts if p) or "none"
 
     def build_mode(self) -> ConditioningMode:
@@ -90,8 +107,12 @@ class ConditioningConfig:
         return cls(**self.options)
 
     def stored(self) -> dict[str, Any]:
-        """The fields with the mode's options resolved (defaults filled): what checkpoints record and compare."""
-        return {**asdict(self), "options": self.build_mode().options()}
+        """The fields with the mode's options resolved (defaults filled): what checkpoints record and compare.
+
+        ``alpha_scale`` only when set, so that checkpoints written before it existed still compare equal.
+        """
+        fields = {k: v for k, v in asdict(self).items() if k != "alpha_scale" or v is not None}
+        return {**fields, "options": self.build_mode().options()}
 
 
 class ConditionalPolicy(nn.Module):
@@ -212,9 +233,22 @@ class ConditionalPolicy(nn.Module):
 
     @contextlib.contextmanager
     def conditioned(self, weights: Tensor, alpha: Tensor | None = None, cache: bool = False) -> Iterator[None]:
-        """Mixed modules and adapters read ``weights`` ``(B, m)`` inside the block."""
-        with self.state.use(weights, self._alpha(alpha), cache=cache):
+        """Mixed modules and adapters read ``weights`` ``(B, m)`` inside the block (with ``alpha_scale``, scaled by
+        ``alpha_scale / alpha`` per row)."""
+        alpha = self._alpha(alpha)
+        with self.state.use(self._scaled(weights, alpha), alpha, cache=cache):
             yield
+
+    def _scaled(self, weights: Tensor, alpha: Tensor | None) -> Tensor:
+        scale = self.conditioning.alpha_scale
+        if scale is None:
+            return weights
+        if alpha is None:
+            raise ValueError("this policy is conditioned on alpha in its parameters: pass alpha with the weights")
+        alpha = torch.as_tensor(alpha, dtype=weights.dtype, device=weights.device).expand(weights.shape[0])
+        if not bool((alpha > 0).all()):
+            raise ValueError(f"alpha must be > 0, got {alpha.tolist()}")
+        return weights * (scale / alpha).unsqueeze(-1)  # (B, m): rows no longer sum to 1, the update's size
 
     def _alpha(self, alpha: Tensor | None) -> Tensor | None:
         # callers always pass the rollout's alpha; only a policy conditioned on it sees it
@@ -390,16 +424,21 @@ class ConditionalPolicy(nn.Module):
 
     # -------------------------------------------------------------------------------------------- export, save, load
 
-    def merged_model(self, weights: Tensor | Sequence[float]) -> PreTrainedModel:
+    def merged_model(self, weights: Tensor | Sequence[float], alpha: float | None = None) -> PreTrainedModel:
         """A plain Hugging Face model holding the parameters at one weighting ``(m,)`` (no mixing, no adapters).
 
-        With prompt conditioning the merged model still expects the prefix in its input.
+        With prompt conditioning the merged model still expects the prefix in its input. ``alpha``: the KL strength
+        of a policy conditioned on it in its parameters (``alpha_scale``); the prefix carries it otherwise.
         """
         w = validate_weights(weights, self.num_objectives)
         if w.dim() != 1:
             raise ValueError(f"merged_model takes one weighting (m,), got shape {tuple(w.shape)}")
         model = copy.deepcopy(self.model)
         w = w.to(self.device)
+        if self.conditioning.alpha_scale is not None:
+            if alpha is None:
+                raise ValueError("this policy is conditioned on alpha in its parameters: pass alpha to merge it")
+            w = self._scaled(w.unsqueeze(0), torch.tensor([float(alpha)], device=self.device))[0]
         return sync_tied_config(self.mode.merge(model, w))
 
     def save_pretrained(

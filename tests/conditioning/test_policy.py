@@ -135,7 +135,7 @@ def test_bad_inputs_fail_with_clear_messages():
         policy.merged_model([0.5, 0.6])
     with pytest.raises(RuntimeError, match="inside policy.conditioned"):
         policy.model(**policy.encode(["x"]), decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="needs prompt=True"):
+    with pytest.raises(ValueError, match="needs a channel for alpha"):
         ConditioningConfig(condition_on_alpha=True)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ConditionalPolicy.from_pretrained("./no/such/model", 2)
