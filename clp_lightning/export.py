@@ -99,11 +99,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
                         help="extra override for the config, e.g. --set=--model.init_args.policy.seed=1")
-    # "--weights -1,2" would be read as an option; attached with "=" it is the value it was meant as
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [f"{a}={argv[i + 1]}" if a == "--weights" and i + 1 < len(argv) else a for i, a in enumerate(argv)
-            if i == 0 or argv[i - 1] != "--weights"]
-    return parser.parse_args(argv)
+    from clp_lightning.steer import attach_weights
+
+    return parser.parse_args(attach_weights(argv))
 
 
 # ------------------------------------------------------------------------------------------------ input checks

@@ -45,6 +45,14 @@ def read_prompts(path: str | None) -> list[dict[str, str]]:
     return [{"prompt": line.replace("\\n", "\n")} for line in lines]
 
 
+def attach_weights(argv: list[str] | None) -> list[str]:
+    """The command line (``sys.argv[1:]`` when None) with each ``--weights`` value attached by ``=``: argparse would
+    read ``--weights -1,2`` as an option, and attached it is the value it was meant as (and refused as one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return [f"{a}={argv[i + 1]}" if a == "--weights" and i + 1 < len(argv) else a for i, a in enumerate(argv)
+            if i == 0 or argv[i - 1] != "--weights"]
+
+
 def load_module(config: list[str], ckpt_path: str, overrides: list[str], checkpoint: dict | None = None) -> Any:
     """Build the module from its config (no training) and load a checkpoint's trained weights into it.
 
@@ -96,11 +104,7 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--no_score", action="store_true", help="skip scoring the responses")
     parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
                         help="extra override for the config, e.g. --set=--model.init_args.policy.seed=1")
-    # "--weights -1,2" would be read as an option; attached with "=" it is the value it was meant as
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [f"{a}={argv[i + 1]}" if a == "--weights" and i + 1 < len(argv) else a for i, a in enumerate(argv)
-            if i == 0 or argv[i - 1] != "--weights"]
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_weights(argv))
     # every input is checked before any model is loaded: that takes seconds to minutes
     for config in args.config:
         if not Path(config).is_file():
