@@ -40,7 +40,8 @@ The protocol:
 
 Writes <out>/table.md (the tables), <out>/results.json (every number behind them), <out>/fronts.png (test fronts,
 first seed) and <out>/kl.png (validation hypervolume against KL over training), and prints the tables. An
-interrupted study picks up where it stopped: a run whose report exists is not run again.
+interrupted study picks up where it stopped: a run whose report exists is not run again, and a fit cut short
+resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class Variant:
 
     @property
     def done(self) -> str:
-        """The report a finished run leaves under its directory: an interrupted study skips runs that have it."""
+        """The report a finished run leaves under its directory: an interrupted study skips runs that have it (a fit
+        writes its report at every evaluation: it is finished once the report is its last evaluation's)."""
         return {"fit": "evaluation/latest.json", "soup": "evaluation/validate.json", "fixed": "report.json"}[self.kind]
 
 
@@ -238,10 +240,23 @@ class Study:
             *self.overrides,
         ]
 
+    def _interval(self, steps: int) -> int:
+        return max(1, steps // self.evaluations)  # the KL path: an evaluation every `interval` steps
+
+    def fitted(self, run: Path, steps: int) -> bool:
+        """Whether the fit in ``run`` went through its last evaluation (a fit cut short has an earlier one)."""
+        latest = run / "evaluation" / "latest.json"
+        last_evaluation = steps // self._interval(steps) * self._interval(steps)
+        return latest.exists() and read(latest).get("step", 0) >= last_evaluation
+
     def _fit(self, configs: list[Path], common: list[str], steps: int, extra: list[str] = ()) -> None:
-        interval = max(1, steps // self.evaluations)  # the KL path: an evaluation every `interval` steps
+        interval = self._interval(steps)
+        # a fit that an interrupted study left half done resumes exactly from its last checkpoint
+        run = Path(next(o for o in common if o.startswith("--trainer.default_root_dir=")).split("=", 1)[1])
+        last = run / "checkpoints" / "last.ckpt"
+        resume = [f"--ckpt_path={last}"] if last.exists() else []
         cli("fit", configs, [*common, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={interval}",
-                             *extra])
+                             *extra, *resume])
 
     # ----------------------------------------------------------------------------------------------- training
 
@@ -249,7 +264,7 @@ class Study:
         """Train the run (once) and return its final grid report on the validation prompts."""
         variant, run = VARIANTS[name], self.run_dir(name, lr, seed)
         done = run / variant.done
-        if not done.exists():
+        if not (self.fitted(run, self.steps) if variant.kind == "fit" else done.exists()):
             configs, common = self._configs(name), self._common(name, seed, lr, run)
             if variant.kind == "fit":
                 self._fit(configs, common, self.steps)
@@ -269,7 +284,7 @@ class Study:
         checkpoints = []
         for i in range(self.num_objectives):
             checkpoint = experts / f"expert{i}" / "checkpoints" / "last.ckpt"
-            if not checkpoint.exists():
+            if not self.fitted(experts / f"expert{i}", steps):
                 # only the experts' own copies / adapters train, so the soup is exactly their interpolation
                 common = self._common(name, seed, lr, experts / f"expert{i}") + [OWN_ONLY]
                 self._fit(self._configs(name), common, steps,
@@ -292,7 +307,7 @@ class Study:
         for g, weights in enumerate(self.grid(configs, self._common(name, seed, lr, run))):
             policy_run = run / f"point{g}"
             latest = policy_run / "evaluation" / "latest.json"
-            if not latest.exists():
+            if not self.fitted(policy_run, self.steps):
                 # the policy is evaluated on the whole grid like the others; only its own weighting is kept
                 fixed = ["--model.init_args.sampler.kind=fixed",
                          f"--model.init_args.sampler.weights={json.dumps(weights)}"]

@@ -140,6 +140,7 @@ def test_fit_variant_trains_once_with_its_settings_and_resumes(study, grid_evalu
     assert options["trainer.logger.init_args.save_dir"] == str(tmp_path / "lora" / "lr0.002" / "seed1")
     runs.train("lora", 1, 2e-3)
     assert len(fake.calls) == 1  # its report is there: an interrupted study does not run it again
+    assert "ckpt_path" not in options  # nothing to resume from
     # the test evaluation: the last checkpoint on the held-out prompts, once
     runs.test("lora", 1, 2e-3)
     runs.test("lora", 1, 2e-3)
@@ -150,6 +151,23 @@ def test_fit_variant_trains_once_with_its_settings_and_resumes(study, grid_evalu
     path = runs.path("lora", 1, 2e-3)
     assert path[0] == (0.0, grid_evaluation_report["reference_hypervolume"])
     assert [round(kl, 6) for kl, _ in path[1:]] == [0.2, 0.4, 0.6, 0.8] and path[-1][1] == 1.0
+
+
+def test_a_fit_cut_short_resumes_from_its_last_checkpoint(study, grid_evaluation_report, monkeypatch, tmp_path):
+    fake = FakeCLI(grid_evaluation_report)
+    monkeypatch.setattr(study, "cli", fake)
+    runs = new_study(study, tmp_path)
+    run = runs.run_dir("lora", 2e-3, 0)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "evaluation").mkdir(parents=True)
+    # the study stopped mid-fit: a checkpoint, and the report of an evaluation before the last (step 8 of 8)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "evaluation" / "latest.json").write_text(json.dumps({**grid_evaluation_report, "step": 4}))
+    runs.train("lora", 0, 2e-3)
+    [(subcommand, _, options)] = fake.calls
+    assert subcommand == "fit" and options["ckpt_path"] == str(run / "checkpoints" / "last.ckpt")
+    runs.train("lora", 0, 2e-3)
+    assert len(fake.calls) == 1  # now through its last evaluation: finished
 
 
 def test_soups_train_experts_once_and_mixing_reuses_them(study, grid_evaluation_report, monkeypatch, tmp_path):
