@@ -159,12 +159,12 @@ def test_a_directory_is_checked_before_loading(tmp_path, capsys, monkeypatch):
     from clp_lightning.conditioning.policy import ConditionalPolicy
 
     monkeypatch.setattr(ConditionalPolicy, "from_pretrained", lambda path: pytest.fail("loaded a bad directory"))
-    code, err = clp(capsys, "serve", str(tmp_path / "missing"))
+    code, err = clp(capsys, "serve", str(tmp_path / "missing"), "--port", "0")
     assert code == 2 and "is not a directory: expected one written by `clp export`" in err
-    code, err = clp(capsys, "serve", str(tmp_path))
+    code, err = clp(capsys, "serve", str(tmp_path), "--port", "0")
     assert code == 2 and "has no clp_config.json" in err
     (tmp_path / "clp_config.json").write_text("{}")
-    code, err = clp(capsys, "serve", str(tmp_path), "--config", str(tmp_path / "nope.yaml"))
+    code, err = clp(capsys, "serve", str(tmp_path), "--config", str(tmp_path / "nope.yaml"), "--port", "0")
     assert code == 2 and "config '" in err and "not found" in err
 
 
@@ -325,9 +325,11 @@ def test_a_checkpoint_is_read_before_the_module_is_built(tmp_path, capsys, monke
     monkeypatch.setattr(steer, "load_module", lambda *a: pytest.fail("built the module"))
     config = write_config(tmp_path / "config.yaml")
     (tmp_path / "bad.ckpt").write_text("not a checkpoint")
-    code, err = clp(capsys, "serve", "--config", str(config), "--ckpt_path", str(tmp_path / "bad.ckpt"))
+    code, err = clp(capsys, "serve", "--config", str(config), "--ckpt_path", str(tmp_path / "bad.ckpt"),
+                    "--port", "0")
     assert code == 2 and "is not a checkpoint" in err
-    code, err = clp(capsys, "serve", "--config", str(tmp_path / "nope.yaml"), "--ckpt_path", str(tmp_path / "x"))
+    code, err = clp(capsys, "serve", "--config", str(tmp_path / "nope.yaml"), "--ckpt_path", str(tmp_path / "x"),
+                    "--port", "0")
     assert code == 2 and "config '" in err and "not found" in err
 
 
