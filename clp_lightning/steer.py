@@ -67,14 +67,16 @@ def load_module(config: list[str], ckpt_path: str, overrides: list[str], checkpo
 @torch.no_grad()
 def steer_prompts(
     module: Any, rows: list[dict[str, str]], weightings: list[torch.Tensor], generation: GenerationSettings,
-    score: bool = True,
+    score: bool = True, alpha: float | None = None,
 ) -> list[dict[str, Any]]:
     """Responses (and rewards) for every prompt at every weighting, through ``module.evaluate_weightings``.
 
-    A reward that needs human references is left out when the prompts do not all come with one.
+    A reward that needs human references is left out when the prompts do not all come with one. ``alpha``: the KL
+    strength for a policy conditioned on it (default: the low end of its ``alpha_range``).
     """
     prompts = [r["prompt"] for r in rows]
-    out = module.evaluate_weightings({"prompt": prompts}, torch.stack(weightings), generation, score=False)
+    out = module.evaluate_weightings({"prompt": prompts}, torch.stack(weightings), generation, score=False,
+                                     alpha=alpha)
     texts, rewards = out["texts"], {}
     if score:
         sources = [r.get("source", r["prompt"]) for r in rows] * len(weightings)

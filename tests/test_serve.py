@@ -135,24 +135,44 @@ def test_an_exported_policy_answers_as_its_checkpoint_does(run, backend, tmp_pat
         assert request(address, "GET", "/api/front")[1]["grid"] == backend.front()["grid"]
 
 
-def test_an_alpha_conditioned_export_generates_at_the_alpha_its_checkpoint_does(tmp_path):
-    """Both paths give an alpha-conditioned policy the low end of its alpha_range (as grid evaluation does)."""
+@pytest.fixture(scope="module")
+def alpha_run(tmp_path_factory):
+    """A tiny run of a policy conditioned on the KL strength (in its prompt), alpha in [0.05, 0.5]."""
     from clp_lightning.cli import main
-    from clp_lightning.export import main as export
 
+    tmp = tmp_path_factory.mktemp("alpha")
     config = copy.deepcopy(TINY_CONFIG)
     config["model"]["init_args"]["policy"]["conditioning"].update(prompt=True, condition_on_alpha=True)
     config["model"]["init_args"]["alpha_range"] = [0.05, 0.5]
-    path = write_config(tmp_path / "config.yaml", config, default_root_dir=str(tmp_path), callbacks=[
+    path = write_config(tmp / "config.yaml", config, default_root_dir=str(tmp), callbacks=[
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True}}])
+         "init_args": {"dirpath": str(tmp / "checkpoints"), "save_last": True}}])
     main(["fit", "--config", str(path)])
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    return path, tmp / "checkpoints" / "last.ckpt"
+
+
+def test_an_alpha_conditioned_export_generates_at_the_alpha_its_checkpoint_does(alpha_run, tmp_path):
+    """Both paths give an alpha-conditioned policy the low end of its alpha_range (as grid evaluation does)."""
+    from clp_lightning.export import main as export
+
+    path, ckpt = alpha_run
     export(["--config", str(path), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "exported")])
     exported = from_directory(str(tmp_path / "exported"), [str(path)], MAX_NEW_TOKENS)
     assert exported.alpha == 0.05
     checkpointed, w = from_checkpoint([str(path)], str(ckpt), [], MAX_NEW_TOKENS), torch.tensor([0.7, 0.3])
     assert exported.generate(PROMPT, w) == checkpointed.generate(PROMPT, w)
+    # a request may choose the KL strength within the trained range, through either path
+    assert exported.alpha_range == checkpointed.alpha_range == (0.05, 0.5)
+    assert exported.generate(PROMPT, w, 0.3) == checkpointed.generate(PROMPT, w, 0.3)
+    with served(checkpointed) as address:
+        assert request(address, "GET", "/api/info")[1]["alpha_range"] == [0.05, 0.5]
+        status, out = request(address, "POST", "/generate", {"prompt": PROMPT, "weights": [0.7, 0.3], "alpha": 0.3})
+        assert status == 200 and out["alpha"] == 0.3
+        assert out["response"] == checkpointed.generate(PROMPT, w, 0.3)["response"]
+        assert request(address, "POST", "/generate", {"prompt": PROMPT, "weights": [0.7, 0.3]})[1]["alpha"] == 0.05
+        for bad in (0.01, 2, "0.3", True):
+            status, out = request(address, "POST", "/generate", {"prompt": PROMPT, "weights": [1, 0], "alpha": bad})
+            assert status == 400 and "'alpha' must be a number in [0.05, 0.5]" in out["error"], (bad, out)
 
 
 def test_a_directory_is_checked_before_loading(tmp_path, capsys, monkeypatch):
@@ -199,7 +219,9 @@ BAD_REQUESTS = {
     "huge weight": (b'{"prompt": "hi", "weights": [1' + b"0" * 400 + b', 0]}', "'weights' must be numbers in [0, 1]"),
     "NaN weight": (b'{"prompt": "hi", "weights": [NaN, 1]}', "contains NaN or infinite entries"),
     "unknown field": ({"prompt": "hi", "weights": [0.5, 0.5], "temperature": 2},
-                      "unknown field(s) ['temperature']; expected only 'prompt' and 'weights'"),
+                      "unknown field(s) ['temperature']; expected only 'prompt', 'weights' and 'alpha'"),
+    "alpha for a policy without": ({"prompt": "hi", "weights": [0.5, 0.5], "alpha": 0.1},
+                                   "'alpha' 0.1 given, but this policy is not conditioned on the KL strength"),
     "body too large": (b" " * 7000, "request body is 7000 bytes, over the limit of 6496 bytes"),
     "not UTF-8": (b'{"prompt": "\xff"}', "request body is not UTF-8 text"),
 }
@@ -234,11 +256,12 @@ class Stub:
     """A backend whose generation waits until released, or fails."""
 
     objectives = ["a", "b"]
+    alpha_range = None
 
     def __init__(self, fail: bool = False) -> None:
         self.fail, self.entered, self.release = fail, threading.Event(), threading.Event()
 
-    def generate(self, prompt, weights):
+    def generate(self, prompt, weights, alpha=None):
         if self.fail:
             raise RuntimeError("secret internal detail")
         self.entered.set()
@@ -379,11 +402,12 @@ def test_the_page_steers_in_a_real_browser(backend, tmp_path):
             driver.get(f"http://127.0.0.1:{address[1]}/")
             wait = WebDriverWait(driver, 20)
             wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
-            shown = lambda: [float(d.text) for d in driver.find_elements(By.CSS_SELECTOR, ".slider output")]  # noqa
+            shown = lambda: [float(d.text) for d in driver.find_elements(By.CSS_SELECTOR, "#sliders output")]  # noqa
             assert shown() == [0.5, 0.5]
+            assert not driver.find_element(By.ID, "alpha-box").is_displayed()  # not conditioned on the KL strength
             assert driver.find_elements(By.CSS_SELECTOR, "#front-plot circle.ring[visibility=visible]")
             # a key press moves a slider as a user does; the other one takes up the rest
-            sliders = driver.find_elements(By.CSS_SELECTOR, "input[type=range]")
+            sliders = driver.find_elements(By.CSS_SELECTOR, "#sliders input[type=range]")
             sliders[0].send_keys(Keys.HOME)
             assert shown() == [0.0, 1.0]
             # then a value set as a drag sets it, with its input event
@@ -417,3 +441,32 @@ def test_the_page_steers_in_a_real_browser(backend, tmp_path):
         driver.quit()
 
 
+
+
+def test_the_page_steers_the_kl_strength_of_a_policy_conditioned_on_it(alpha_run, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    backend = from_checkpoint([str(alpha_run[0])], str(alpha_run[1]), [], MAX_NEW_TOKENS)
+    driver = chromium(tmp_path)
+    try:
+        with served(backend) as address:
+            driver.get(f"http://127.0.0.1:{address[1]}/")
+            wait = WebDriverWait(driver, 20)
+            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+            assert driver.find_element(By.ID, "alpha-box").is_displayed()
+            assert float(driver.find_element(By.ID, "alpha-value").text) == 0.05  # the range's low end
+            # halfway on the log scale: the geometric mean of the range
+            driver.execute_script("const a = document.getElementById('alpha'); a.value = 500;"
+                                  "a.dispatchEvent(new Event('input'))")
+            assert float(driver.find_element(By.ID, "alpha-value").text) == pytest.approx(0.158, abs=1e-3)
+            driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+            driver.find_element(By.ID, "generate").click()
+            wait.until(lambda d: d.find_element(By.ID, "response").get_attribute("data-alpha"))
+            alpha = float(driver.find_element(By.ID, "response").get_attribute("data-alpha"))
+            assert alpha == pytest.approx(0.05 * 10 ** 0.5)
+            body = {"prompt": PROMPT, "weights": [0.5, 0.5], "alpha": alpha}
+            status, out = request(address, "POST", "/generate", body)
+            assert status == 200 and driver.find_element(By.ID, "response").text == out["response"].strip()
+    finally:
+        driver.quit()

@@ -5,9 +5,9 @@
     clp serve exported/quickstart --config conf/quickstart.yaml  # ... scored with that config's rewards
 
 Endpoints: ``GET /`` (the page), ``GET /api/info`` (objectives and limits), ``GET /api/front`` (the last grid
-evaluation), ``POST /generate`` with ``{"prompt": "...", "weights": [0.3, 0.7]}`` and ``Content-Type:
-application/json``, answering ``{"response", "rewards", "weights"}``, or ``{"error"}`` with status 400 (bad request),
-503 (busy) or 500.
+evaluation), ``POST /generate`` with ``{"prompt": "...", "weights": [0.3, 0.7]}`` (and ``"alpha"``, the KL strength of
+a policy conditioned on it) and ``Content-Type: application/json``, answering ``{"response", "rewards", "weights"}``
+(and ``"alpha"``), or ``{"error"}`` with status 400 (bad request), 503 (busy) or 500.
 
 Built on the standard library's ``ThreadingHTTPServer`` and one static page (vanilla JS and CSS, inline): no new
 runtime dependency, no asset fetched from a CDN (the page works offline), and the page calls the same JSON endpoint as
@@ -108,18 +108,24 @@ class ServeApp:
         self.page = PAGE.read_bytes()
 
     def info(self) -> dict[str, Any]:
+        alpha_range = self.backend.alpha_range
         return {"objectives": self.backend.objectives, "max_prompt_chars": self.limits.max_prompt_chars,
-                "max_new_tokens": self.limits.max_new_tokens, "weights_atol": WEIGHTS_ATOL}
+                "max_new_tokens": self.limits.max_new_tokens, "weights_atol": WEIGHTS_ATOL,
+                "alpha_range": None if alpha_range is None else list(alpha_range)}
 
     def generate(self, body: bytes) -> dict[str, Any]:
-        prompt, weights = self.parse(body)
+        prompt, weights, alpha = self.parse(body)
         with self.gate.enter():
-            out = self.backend.generate(prompt, torch.tensor(weights, dtype=torch.float32))
+            out = self.backend.generate(prompt, torch.tensor(weights, dtype=torch.float32), alpha)
         # echoed in float64 (not the float32 the model reads), so a client can send the same weighting again
-        return {"response": out["response"], "rewards": out["rewards"], "weights": weights}
+        reply = {"response": out["response"], "rewards": out["rewards"], "weights": weights}
+        if self.backend.alpha_range is not None:
+            reply["alpha"] = self.backend.alpha_range[0] if alpha is None else alpha
+        return reply
 
-    def parse(self, body: bytes) -> tuple[str, list[float]]:
-        """The prompt and the weighting (``m`` numbers) of a ``POST /generate`` body, or a :class:`RequestError`."""
+    def parse(self, body: bytes) -> tuple[str, list[float], float | None]:
+        """The prompt, the weighting (``m`` numbers) and the optional KL strength ``alpha`` of a ``POST /generate``
+        body, or a :class:`RequestError`."""
         m = len(self.backend.objectives)
         example = json.dumps({"prompt": "...", "weights": [round(1 / m, 3)] * m})
         try:
@@ -131,8 +137,8 @@ class ServeApp:
                                f"expected an object such as {example}") from None
         if not isinstance(request, dict):
             raise RequestError(f"request body must be a JSON object such as {example}, got {type(request).__name__}")
-        if unknown := sorted(set(request) - {"prompt", "weights"}):
-            raise RequestError(f"unknown field(s) {unknown}; expected only 'prompt' and 'weights'")
+        if unknown := sorted(set(request) - {"prompt", "weights", "alpha"}):
+            raise RequestError(f"unknown field(s) {unknown}; expected only 'prompt', 'weights' and 'alpha'")
         prompt = request.get("prompt")
         if not isinstance(prompt, str):
             raise RequestError(f"'prompt' must be a string (the post or article), got {_kind(prompt)}")
@@ -154,7 +160,19 @@ class ServeApp:
         except ValueError as err:
             raise RequestError(f"{err} (objectives: {', '.join(self.backend.objectives)})") from None
         total = sum(weights)  # the tolerance is for rounded numbers; the model gets the point on the simplex
-        return prompt, [w / total for w in weights]
+        return prompt, [w / total for w in weights], self._alpha(request.get("alpha"))
+
+    def _alpha(self, alpha: Any) -> float | None:
+        if alpha is None:
+            return None
+        alpha_range = self.backend.alpha_range
+        if alpha_range is None:
+            raise RequestError(f"'alpha' {_kind(alpha)} given, but this policy is not conditioned on the KL strength")
+        low, high = alpha_range
+        if not is_number(alpha) or not low <= float(alpha) <= high:
+            raise RequestError(f"'alpha' must be a number in [{low}, {high}] (the KL strengths the policy was "
+                               f"trained on), got {_kind(alpha)}")
+        return float(alpha)
 
 
 def _kind(value: Any) -> str:

@@ -29,9 +29,11 @@ class Backend(Protocol):
     """The interface the server talks to."""
 
     objectives: list[str]
+    alpha_range: tuple[float, float] | None  # the KL strengths a policy conditioned on alpha was trained on
 
-    def generate(self, prompt: str, weights: Tensor) -> dict[str, Any]:
-        """The greedy response to ``prompt`` at ``weights`` ``(m,)`` and its rewards ``{objective: value}``."""
+    def generate(self, prompt: str, weights: Tensor, alpha: float | None = None) -> dict[str, Any]:
+        """The greedy response to ``prompt`` at ``weights`` ``(m,)`` (and KL strength ``alpha``, default the low end
+        of ``alpha_range``) and its rewards ``{objective: value}``."""
         ...
 
     def front(self) -> dict[str, Any] | None:
@@ -92,13 +94,14 @@ class ModuleBackend:
     def __init__(self, module: Any, max_new_tokens: int, report_path: Path | None = None) -> None:
         self.module = module
         self.objectives = list(module.objective_names)
+        self.alpha_range = None if module.alpha_range is None else tuple(float(a) for a in module.alpha_range)
         self.generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
         self.report = None if report_path is None else read_report(report_path, self.objectives)
 
-    def generate(self, prompt: str, weights: Tensor) -> dict[str, Any]:
+    def generate(self, prompt: str, weights: Tensor, alpha: float | None = None) -> dict[str, Any]:
         from clp_lightning.steer import steer_prompts
 
-        row = steer_prompts(self.module, [{"prompt": prompt}], [weights], self.generation)[0]
+        row = steer_prompts(self.module, [{"prompt": prompt}], [weights], self.generation, alpha=alpha)[0]
         return {"response": row["response"], "rewards": row["rewards"]}
 
     def front(self) -> dict[str, Any] | None:
@@ -114,24 +117,28 @@ class PolicyBackend:
         rewards: rewards to score responses with (may be empty).
         max_new_tokens: response length cap.
         report: the front from the directory's ``evaluation.json`` (:func:`read_report`), or None.
-        alpha: the KL strength given to a policy conditioned on it (required for one, ignored by others).
+        alpha_range: the KL strengths a policy conditioned on alpha was trained on (required for one, ignored by
+            others); it generates at the low end unless a request gives another.
     """
 
     def __init__(self, policy: Any, objectives: list[str], rewards: Sequence[Any], max_new_tokens: int,
-                 report: dict[str, Any] | None = None, alpha: float | None = None) -> None:
+                 report: dict[str, Any] | None = None, alpha_range: Sequence[float] | None = None) -> None:
         if len(objectives) != policy.num_objectives:
             raise ValueError(f"the policy takes {policy.num_objectives} weights but {len(objectives)} objectives were "
                              f"named ({objectives})")
-        if policy.conditioning.condition_on_alpha and alpha is None:
-            raise ValueError("this policy is conditioned on alpha: give the KL strength to generate at")
-        self.policy, self.rewards, self.report, self.alpha = policy, list(rewards), report, alpha
+        if policy.conditioning.condition_on_alpha and not alpha_range:
+            raise ValueError("this policy is conditioned on alpha: give the range of KL strengths it was trained on")
+        self.alpha_range = tuple(float(a) for a in alpha_range) if policy.conditioning.condition_on_alpha else None
+        self.alpha = None if self.alpha_range is None else self.alpha_range[0]  # as grid evaluation and clp steer
+        self.policy, self.rewards, self.report = policy, list(rewards), report
         self.objectives = list(objectives)
         self.generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
 
     @torch.no_grad()
-    def generate(self, prompt: str, weights: Tensor) -> dict[str, Any]:
+    def generate(self, prompt: str, weights: Tensor, alpha: float | None = None) -> dict[str, Any]:
         w = weights.view(1, -1).to(self.policy.device)
-        alpha = None if self.alpha is None else torch.full((1,), self.alpha, device=w.device)
+        alpha = self.alpha if alpha is None or self.alpha is None else alpha
+        alpha = None if alpha is None else torch.full((1,), alpha, device=w.device)
         enc = self.policy.encode([prompt], w, alpha)
         ids, mask = self.policy.generate(**enc, weights=w, alpha=alpha, **self.generation.kwargs())
         response = self.policy.decode(ids, mask)[0]
@@ -202,11 +209,12 @@ def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) 
     policy.eval()
     names = ([r.name for r in rewards] or policy.objective_names
              or [f"objective_{i + 1}" for i in range(policy.num_objectives)])
-    alpha = None
+    alpha_range = None
     if policy.conditioning.condition_on_alpha:
         alpha_range = (getattr(policy, "metadata", None) or {}).get("alpha_range")
-        if not alpha_range:
-            raise ValueError(f"the policy in {directory!r} is conditioned on alpha but records no alpha_range: serve "
-                             "it from its checkpoint (clp serve --config CONF --ckpt_path CKPT)")
-        alpha = float(alpha_range[0])  # the low end, as grid evaluation and `clp steer` generate by default
-    return PolicyBackend(policy, names, rewards, max_new_tokens, read_report(path / "evaluation.json", names), alpha)
+        if not (isinstance(alpha_range, list) and len(alpha_range) == 2 and all(is_number(a) for a in alpha_range)):
+            raise ValueError(f"the policy in {directory!r} is conditioned on alpha but records no alpha_range (two "
+                             f"numbers), got {alpha_range!r}: serve it from its checkpoint (clp serve --config CONF "
+                             "--ckpt_path CKPT)")
+    return PolicyBackend(policy, names, rewards, max_new_tokens, read_report(path / "evaluation.json", names),
+                         alpha_range)
