@@ -391,17 +391,25 @@ def chromium(tmp_path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+def open_page(driver, address):
+    """Load the page served at ``address`` and wait until it has built itself; returns a 20-second waiter."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"http://127.0.0.1:{address[1]}/")
+    wait = WebDriverWait(driver, 20)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    return wait
+
+
 def test_the_page_steers_in_a_real_browser(backend, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     driver = chromium(tmp_path)
     try:
         with served(backend) as address:
-            driver.get(f"http://127.0.0.1:{address[1]}/")
-            wait = WebDriverWait(driver, 20)
-            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+            wait = open_page(driver, address)
             shown = lambda: [float(d.text) for d in driver.find_elements(By.CSS_SELECTOR, "#sliders output")]  # noqa
             assert shown() == [0.5, 0.5]
             assert not driver.find_element(By.ID, "alpha-box").is_displayed()  # not conditioned on the KL strength
@@ -445,15 +453,12 @@ def test_the_page_steers_in_a_real_browser(backend, tmp_path):
 
 def test_the_page_steers_the_kl_strength_of_a_policy_conditioned_on_it(alpha_run, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     backend = from_checkpoint([str(alpha_run[0])], str(alpha_run[1]), [], MAX_NEW_TOKENS)
     driver = chromium(tmp_path)
     try:
         with served(backend) as address:
-            driver.get(f"http://127.0.0.1:{address[1]}/")
-            wait = WebDriverWait(driver, 20)
-            wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+            wait = open_page(driver, address)
             assert driver.find_element(By.ID, "alpha-box").is_displayed()
             assert float(driver.find_element(By.ID, "alpha-value").text) == 0.05  # the range's low end
             # halfway on the log scale: the geometric mean of the range
