@@ -41,10 +41,10 @@ CARD = "README.md"
 def main(argv: list[str] | None = None) -> Path:
     """Command-line entry point (``clp export``); returns the exported directory."""
     args = _parse_args(argv)
+    from clp_lightning.steer import check_configs
+
     # every input is checked before any model is loaded: that takes seconds to minutes
-    for config in args.config:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config {config!r} not found")
+    check_configs(args.config)
     out = Path(args.out)
     checkpoint = read_checkpoint(args.ckpt_path)
     check_output(out, args.overwrite, args.ckpt_path)
@@ -142,7 +142,9 @@ def find_evaluation(ckpt_path: str, explicit: str | None, objectives: list[str] 
                     ) -> tuple[Path | None, dict[str, Any] | None]:
     """The grid report to export: ``explicit``, else the run's ``evaluation/latest.json`` next to the checkpoint's
     directory; ``(None, None)`` when there is none (an explicit one must exist and be readable)."""
-    path = Path(explicit) if explicit else Path(ckpt_path).resolve().parent.parent / "evaluation" / "latest.json"
+    from clp_lightning.steer import run_report
+
+    path = Path(explicit) if explicit else run_report(ckpt_path)
     if not path.is_file():
         if explicit:
             raise FileNotFoundError(f"--evaluation {explicit!r} not found")

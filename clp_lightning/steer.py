@@ -53,6 +53,18 @@ def attach_weights(argv: list[str] | None) -> list[str]:
             if i == 0 or argv[i - 1] != "--weights"]
 
 
+def check_configs(configs: list[str]) -> None:
+    """Every config file exists (checked before any model loads: loading takes seconds to minutes)."""
+    for config in configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config {config!r} not found")
+
+
+def run_report(ckpt_path: str | Path) -> Path:
+    """Where the run of a checkpoint (``<run>/checkpoints/<file>``) keeps its last grid evaluation."""
+    return Path(ckpt_path).resolve().parent.parent / "evaluation" / "latest.json"
+
+
 def load_module(config: list[str], ckpt_path: str, overrides: list[str], checkpoint: dict | None = None) -> Any:
     """Build the module from its config (no training) and load a checkpoint's trained weights into it.
 
@@ -108,9 +120,7 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="extra override for the config, e.g. --set=--model.init_args.policy.seed=1")
     args = parser.parse_args(attach_weights(argv))
     # every input is checked before any model is loaded: that takes seconds to minutes
-    for config in args.config:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config {config!r} not found")
+    check_configs(args.config)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     checkpoint = read_checkpoint(args.ckpt_path)

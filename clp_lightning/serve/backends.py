@@ -136,12 +136,8 @@ class PolicyBackend:
 
     @torch.no_grad()
     def generate(self, prompt: str, weights: Tensor, alpha: float | None = None) -> dict[str, Any]:
-        w = weights.view(1, -1).to(self.policy.device)
-        alpha = self.alpha if alpha is None or self.alpha is None else alpha
-        alpha = None if alpha is None else torch.full((1,), alpha, device=w.device)
-        enc = self.policy.encode([prompt], w, alpha)
-        ids, mask = self.policy.generate(**enc, weights=w, alpha=alpha, **self.generation.kwargs())
-        response = self.policy.decode(ids, mask)[0]
+        alpha = self.alpha if alpha is None or self.alpha is None else alpha  # ignored by a policy not conditioned
+        [response] = self.policy.generate_text([prompt], weights, alpha, **self.generation.kwargs())
         return {"response": response, "rewards": score(self.rewards, prompt, response)}
 
     def front(self) -> dict[str, Any] | None:
@@ -172,25 +168,17 @@ def rewards_from_config(configs: Sequence[str]) -> list[Any]:
     return list(instantiate(parser.parse_object({"rewards": specs})).rewards)
 
 
-def check_configs(configs: Sequence[str]) -> None:
-    """Every config file exists (checked before any model loads: loading takes seconds to minutes)."""
-    for config in configs:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config {config!r} not found")
-
-
 def from_checkpoint(configs: Sequence[str], ckpt_path: str, overrides: Sequence[str],
                     max_new_tokens: int) -> ModuleBackend:
     """The module that ``configs`` build, with the checkpoint's weights; the front from the run's
     ``<ckpt dir>/../evaluation/latest.json``."""
     from clp_lightning.callbacks.checkpoint import read_checkpoint
-    from clp_lightning.steer import load_module
+    from clp_lightning.steer import check_configs, load_module, run_report
 
-    check_configs(configs)
+    check_configs(list(configs))
     checkpoint = read_checkpoint(ckpt_path)
     module = load_module(list(configs), ckpt_path, list(overrides), checkpoint)
-    report = Path(ckpt_path).resolve().parent.parent / "evaluation" / "latest.json"
-    return ModuleBackend(module, max_new_tokens, report)
+    return ModuleBackend(module, max_new_tokens, run_report(ckpt_path))
 
 
 def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) -> PolicyBackend:
@@ -203,7 +191,9 @@ def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) 
         raise FileNotFoundError(f"{directory!r} is not a directory: expected one written by `clp export`")
     if not (path / "clp_config.json").is_file():
         raise FileNotFoundError(f"{directory!r} has no clp_config.json: expected a directory written by `clp export`")
-    check_configs(configs)
+    from clp_lightning.steer import check_configs
+
+    check_configs(list(configs))
     rewards = rewards_from_config(configs) if configs else []
     policy = ConditionalPolicy.from_pretrained(str(path))
     policy.eval()
