@@ -66,16 +66,16 @@ def overlay_figure(reports: list[dict[str, Any]], labels: list[str]):
     """The fronts of several runs in one figure (pairwise projections for 3 or more objectives)."""
     import matplotlib.pyplot as plt
 
-    from clp_lightning.evaluation import plots  # noqa: F401  (selects the Agg backend)
+    from clp_lightning.evaluation import plots  # selects the Agg backend
 
     names = reports[0]["objectives"]
     pairs = list(itertools.combinations(range(len(names)), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
     for ax, (i, j) in zip(axes[0], pairs):
-        for label, r in zip(labels, reports):
+        for k, (label, r) in enumerate(zip(labels, reports)):
             pts, kl = r["rewards"], sampled_kl(r)
             kl_text = "" if math.isnan(kl) else f", KL {kl:.3g}"
-            ax.plot([p[i] for p in pts], [p[j] for p in pts], "o-", ms=4,
+            ax.plot([p[i] for p in pts], [p[j] for p in pts], marker="o", ms=4, **plots.series_style(k),
                     label=f"{label} (HV {r['hypervolume']:.3g}{kl_text})")
         ref = reports[0].get("reference_rewards")
         if ref is not None:
@@ -83,7 +83,7 @@ def overlay_figure(reports: list[dict[str, Any]], labels: list[str]):
         ax.set_xlabel(names[i])
         ax.set_ylabel(names[j])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=3)  # long enough to show dashes
     fig.tight_layout()
     return fig
 

@@ -316,7 +316,7 @@ class CLPModule(L.LightningModule):
     @torch.no_grad()
     def evaluate_weightings(
         self, batch: dict[str, list[str]], grid: Tensor, generation: GenerationSettings, score: bool = True,
-        alpha: float | None = None, num_samples: int = 1,
+        alpha: float | None = None, num_samples: int = 1, log_ratio: bool = True,
     ) -> dict[str, Any]:
         """Responses, raw rewards and log-ratios for each prompt of ``batch`` at each weighting of ``grid`` ``(G, m)``.
 
@@ -332,9 +332,11 @@ class CLPModule(L.LightningModule):
             score: score the responses with every reward; False leaves ``rewards`` None (the caller scores).
             alpha: KL strength given to an alpha-conditioned policy (see :meth:`evaluation_alpha`).
             num_samples: responses per (prompt, weighting).
+            log_ratio: compute ``kl``; False leaves it None and spares the two forward passes over prompt and
+                response (the policy's and the reference's) that it takes.
 
         Returns:
-            ``{"point": (N,), "rewards": (N, m) or None, "kl": (N,), "texts": list[str], "weights": (N, m)}``,
+            ``{"point": (N,), "rewards": (N, m) or None, "kl": (N,) or None, "texts": list[str], "weights": (N, m)}``,
             ``N = G * P * num_samples``. ``kl`` is each response's sequence log-ratio ``log pi(y|x,w) / pi_ref(y|x)``:
             a one-sample (k1) estimate of the KL when ``y`` was sampled from the policy itself (temperature 1, no
             truncation), and no KL estimate at all for a greedy ``y``.
@@ -353,13 +355,15 @@ class CLPModule(L.LightningModule):
                 enc = {key: value.repeat_interleave(k, 0) for key, value in enc.items()}
                 w_rows, prompts = w_rows.repeat_interleave(k, 0), [p for p in prompts for _ in range(k)]
             ids, mask = mixture_generate(self.policy, **enc, weights=w_rows, **generation.kwargs())
-            logp = mixture_log_probs(self.policy, **enc, response_ids=ids, response_mask=mask, weights=w_rows).log_probs
+            logp = mixture_log_probs(self.policy, **enc, response_ids=ids, response_mask=mask,
+                                     weights=w_rows).log_probs if log_ratio else None
         else:
             ids, mask = self.policy.generate(**enc, weights=w_rows, alpha=alpha_rows, num_return_sequences=k,
                                              **generation.kwargs())
             logp = self.policy(**enc, response_ids=ids, response_mask=mask, weights=w_rows,
-                               alpha=alpha_rows).log_probs
-        kl = alg.sequence_kl(logp, self.policy.reference_log_probs(prompts, ids, mask), mask, "k1")
+                               alpha=alpha_rows).log_probs if log_ratio else None
+        kl = None if logp is None else alg.sequence_kl(
+            logp, self.policy.reference_log_probs(prompts, ids, mask), mask, "k1")
         texts = self.policy.decode(ids, mask)
         rows = lambda xs: [x for x in xs * num_points for _ in range(k)]  # noqa: E731
         rewards = self.score(rows(batch["source"]), texts, rows(batch["reference"])) if score else None

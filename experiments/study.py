@@ -139,6 +139,10 @@ class Task:
             every variant's base (a task config that already trains the variant's parameters, e.g. LoRA).
         variants: the variants the task supports (None: all).
         overrides: settings of every run of the task.
+        expert_evaluations: whether a soup's experts run the grid evaluation during their fits. Nothing reads an
+            expert's own grid reports (the soup is what is evaluated), so False spares them where an evaluation costs
+            minutes; the task config's checkpoint callback must then save every few steps, since the soup's KL path
+            combines the experts' checkpoints.
     """
 
     configs: tuple[str, ...]
@@ -147,6 +151,7 @@ class Task:
     variant_rates: bool = True
     variants: tuple[str, ...] | None = None
     overrides: tuple[str, ...] = ()
+    expert_evaluations: bool = True
 
 
 STUDY_DATA = "data/cnndm_blanc_study"  # clp data cnndm-blanc --val-size 36 --test-size 64: 64 articles to test on
@@ -156,7 +161,8 @@ TASKS = {
     # LoRA on a frozen instruct model: the variants that train adapters (the config's rate, 5e-4, is their base)
     "cnndm_smollm2": Task(("cnndm_smollm2.yaml",), None, "max_test_samples", variant_rates=False,
                           variants=("lora", "rs_lora", "mix_lora"),
-                          overrides=(f"--data.init_args.path={STUDY_DATA}",)),
+                          overrides=(f"--data.init_args.path={STUDY_DATA}",),
+                          expert_evaluations=False),  # the config checkpoints every 4 steps
 }
 
 
@@ -202,6 +208,7 @@ class Study:
     test_prompts: int = 64
     test_size: str = "num_test"  # the data module's argument for the number of test prompts
     variant_rates: bool = True  # see Task.variant_rates
+    expert_evaluations: bool = True  # see Task.expert_evaluations
 
     def base_lr(self, name: str) -> float:
         own = VARIANTS[name].lr if self.variant_rates else None
@@ -249,6 +256,13 @@ class Study:
         last_evaluation = steps // self._interval(steps) * self._interval(steps)
         return latest.exists() and read(latest).get("step", 0) >= last_evaluation
 
+    def _expert_fitted(self, run: Path, steps: int) -> bool:
+        """Whether the expert in ``run`` trained all its ``steps`` (by its evaluation, or by its checkpoint where
+        experts are not evaluated)."""
+        if self.expert_evaluations:
+            return self.fitted(run, steps)
+        return any((run / "checkpoints").glob(f"*step={steps}.ckpt"))
+
     def _fit(self, configs: list[Path], common: list[str], steps: int, extra: list[str] = ()) -> None:
         interval = self._interval(steps)
         # a fit that an interrupted study left half done resumes exactly from its last checkpoint
@@ -284,11 +298,12 @@ class Study:
         checkpoints = []
         for i in range(self.num_objectives):
             checkpoint = experts / f"expert{i}" / "checkpoints" / "last.ckpt"
-            if not self.fitted(experts / f"expert{i}", steps):
+            if not self._expert_fitted(experts / f"expert{i}", steps):
                 # only the experts' own copies / adapters train, so the soup is exactly their interpolation
                 common = self._common(name, seed, lr, experts / f"expert{i}") + [OWN_ONLY]
+                quiet = [] if self.expert_evaluations else ["--trainer.limit_val_batches=0"]
                 self._fit(self._configs(name), common, steps,
-                          ["--model.init_args.sampler.kind=one_hot", f"--model.init_args.sampler.index={i}"])
+                          ["--model.init_args.sampler.kind=one_hot", f"--model.init_args.sampler.index={i}", *quiet])
             checkpoints.append(checkpoint)
         return checkpoints
 
@@ -371,18 +386,25 @@ class Study:
             per_point = [[read(f) for f in sorted((policy_run / "evaluation").glob("epoch_*_step_*.json"))]
                          for policy_run in point_runs(run)]
             reports = [fixed_report(list(points), self.steps) for points in zip(*per_point)]
-        else:  # the soup of the experts' checkpoints of each evaluation, evaluated once each
-            experts = self._experts(name, seed, lr)
-            saved = (experts / "expert0" / "checkpoints").glob("*step=*.ckpt")
-            steps = [int(f.stem.rsplit("step=", 1)[1]) for f in saved]
+        else:  # the soup of the experts' checkpoints nearest each evaluation of a fit, evaluated once each
+            experts, n = self._experts(name, seed, lr), self.num_objectives
+            saved = [int(f.stem.rsplit("step=", 1)[1])
+                     for f in (experts / "expert0" / "checkpoints").glob("*step=*.ckpt")]
+            interval = self._interval(self.steps)
+            # a fit evaluates at step s; the experts together are there at s / n steps each (ties: the later step)
+            steps = sorted({min(saved, key=lambda t: (abs(t - s / n), -t))
+                            for s in range(interval, self.steps + 1, interval)} if saved else set())
             reports = []
-            for step in sorted(steps):
+            for step in steps:
                 checkpoints = [next((experts / f"expert{i}" / "checkpoints").glob(f"*step={step}.ckpt"))
-                               for i in range(self.num_objectives)]
+                               for i in range(n)]
                 save = run / "path" / f"step{step}"
-                if not (save / "evaluation" / "validate.json").exists():
-                    self._soup(name, self._common(name, seed, lr, save), "validate", checkpoints)
-                reports.append(read(save / "evaluation" / "validate.json"))
+                if (save / "evaluation" / "validate.json").exists():
+                    reports.append(read(save / "evaluation" / "validate.json"))
+                elif step == self.steps // n:  # the experts' last checkpoints: the soup the training evaluated
+                    reports.append(read(run / variant.done))
+                else:
+                    reports.append(self._soup(name, self._common(name, seed, lr, save), "validate", checkpoints))
         if not reports:
             return []
         return [(0.0, reports[0]["reference_hypervolume"])] + [(sampled_kl(r), r["hypervolume"]) for r in reports]
@@ -506,19 +528,18 @@ def kl_figure(results: dict[str, dict], budget: float):
     """Validation hypervolume against sampled KL over training, a line per run, the KL budget marked."""
     import matplotlib.pyplot as plt
 
-    from clp_lightning.evaluation import plots  # noqa: F401  (selects the Agg backend)
+    from clp_lightning.evaluation import plots  # selects the Agg backend
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (variant, r) in enumerate(results.items()):
-        colour = f"C{k % 10}"
         for s, path in enumerate(r["paths"]):
-            ax.plot([p[0] for p in path], [p[1] for p in path], "o-", ms=3, color=colour, alpha=0.8,
-                    label=variant if s == 0 else None)
+            ax.plot([p[0] for p in path], [p[1] for p in path], marker="o", ms=3, alpha=0.8,
+                    **plots.series_style(k), label=variant if s == 0 else None)
     if not math.isnan(budget):
         ax.axvline(budget, color="grey", ls="--", lw=1, label=f"KL budget {budget:.3g}")
     ax.set_xlabel("KL to the reference (sampled, nats per response, mean over the grid)")
     ax.set_ylabel("hypervolume (validation prompts)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, handlelength=3)  # long enough to show dashes
     fig.tight_layout()
     return fig
 
@@ -559,7 +580,7 @@ def main(argv: list[str] | None = None) -> str:
     # GridEvaluation is the last callback of the task configs; jsonargparse applies init_args to the last list item
     grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step else ()
     study = Study(out, sft, [CONF / c for c in task.configs], args.steps, (*task.overrides, *grid), args.evaluations,
-                  args.test_prompts, task.test_size, task.variant_rates)
+                  args.test_prompts, task.test_size, task.variant_rates, task.expert_evaluations)
     fixed_seeds = args.fixed_seeds or args.seeds[:1]
     results: dict[str, dict] = {}
     for name in variants:

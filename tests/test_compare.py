@@ -63,3 +63,11 @@ def test_front_figure_and_summary_read_old_and_new_reports(capsys):
     assert out.count("mean reward per objective") == 2
     assert out.count("KL to the reference") == 1  # only the new report has a sampled KL
     assert "(1, 0) 0.700 ± 0.070" in out  # w = (1, 0) is the grid's last point
+
+
+def test_overlay_of_more_runs_than_colours_keeps_every_run_distinct():
+    reports = [new_report(shift=0.01 * k) for k in range(12)]
+    figure = overlay_figure(reports, [f"run{k}" for k in range(12)])
+    lines = [line for line in figure.axes[0].get_lines() if line.get_label().startswith("run")]
+    styles = {(line.get_color(), line.get_linestyle()) for line in lines}
+    assert len(lines) == 12 and len(styles) == 12  # the 11th and 12th runs are dashed, not the 1st's colour again

@@ -64,10 +64,12 @@ class FakeCLI:
 
     A fit evaluates every ``val_check_interval`` steps (``epoch_*_step_*.json``, with a checkpoint each); its reports
     have the hypervolume ``hv(lr)`` and a KL that grows with the step, so that a study's choices can be checked.
+    With ``checkpoint_every``, checkpoints come every that many steps instead; a fit with ``limit_val_batches=0``
+    writes no reports.
     """
 
-    def __init__(self, report: dict, hv=lambda lr: 1.0) -> None:
-        self.report, self.hv, self.calls = report, hv, []
+    def __init__(self, report: dict, hv=lambda lr: 1.0, checkpoint_every: int | None = None) -> None:
+        self.report, self.hv, self.calls, self.checkpoint_every = report, hv, [], checkpoint_every
 
     def __call__(self, subcommand, configs, overrides):
         options = dict(o.removeprefix("--").split("=", 1) for o in overrides)
@@ -86,13 +88,16 @@ class FakeCLI:
         if subcommand == "fit":
             steps, every = int(options["trainer.max_steps"]), int(options["trainer.val_check_interval"])
             (run / "checkpoints").mkdir(exist_ok=True)
+            for step in range(self.checkpoint_every or every, steps + 1, self.checkpoint_every or every):
+                (run / "checkpoints" / f"epoch=0-step={step}.ckpt").write_bytes(b"")
+            (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+            if options.get("trainer.limit_val_batches") == "0":
+                return SimpleNamespace(trainer=SimpleNamespace(log_dir=str(run)))
             for step in range(every, steps + 1, every):
                 report = {**self.report, "hypervolume": hv * step / steps, "kl": [step / 10] * len(self.report["kl"]),
                           "step": step}
                 (run / "evaluation" / f"epoch_000_step_{step:06d}.json").write_text(json.dumps(report))
-                (run / "checkpoints" / f"epoch=0-step={step}.ckpt").write_bytes(b"")
             (run / "evaluation" / "latest.json").write_text(json.dumps(report))
-            (run / "checkpoints" / "last.ckpt").write_bytes(b"")
         else:
             (run / "evaluation" / f"{subcommand}.json").write_text(json.dumps({**self.report, "hypervolume": hv}))
         return SimpleNamespace(trainer=SimpleNamespace(log_dir=str(run)))
@@ -187,14 +192,38 @@ def test_soups_train_experts_once_and_mixing_reuses_them(study, grid_evaluation_
     fake.calls.clear()
     assert runs.train("mix_lora", 0, 2e-3)["step"] == 8
     assert fake.calls == []
-    # the soup's KL path: the experts' checkpoints of each evaluation combined and validated, once each
+    # the soup's KL path: the experts' checkpoints of each evaluation combined and validated, once each; the last
+    # ones are the soup the training already validated
     path = runs.path("rs_lora", 0, 2e-3)
     validates = [options for subcommand, _, options in fake.calls if subcommand == "validate"]
-    assert len(path) == 1 + 4 and len(validates) == 4
+    assert len(path) == 1 + 4 and len(validates) == 3
     assert json.loads(validates[0]["model.init_args.expert_checkpoints"]) == [
         str(experts / f"expert{i}" / "checkpoints" / "epoch=0-step=1.ckpt") for i in range(2)]
     runs.path("rs_lora", 0, 2e-3)
-    assert len([c for c in fake.calls if c[0] == "validate"]) == 4
+    assert len([c for c in fake.calls if c[0] == "validate"]) == 3
+
+
+def test_experts_without_evaluations_are_done_by_their_checkpoint(study, grid_evaluation_report, monkeypatch,
+                                                                   tmp_path):
+    # the real-model task: experts skip the grid evaluation and checkpoint every 4 steps
+    fake = FakeCLI(grid_evaluation_report, checkpoint_every=4)
+    monkeypatch.setattr(study, "cli", fake)
+    runs = study.Study(tmp_path, None, [study.CONF / "cnndm_smollm2.yaml"], 24, evaluations=2,
+                       expert_evaluations=False)
+    runs.train("rs_lora", 0, 5e-4)
+    fits = [options for subcommand, _, options in fake.calls if subcommand == "fit"]
+    assert [(f["trainer.max_steps"], f["trainer.limit_val_batches"]) for f in fits] == [("12", "0"), ("12", "0")]
+    runs.train("rs_lora", 0, 5e-4)
+    assert len([c for c in fake.calls if c[0] == "fit"]) == 2  # their step-12 checkpoints say they are done
+    # the fit evaluates at steps 12 and 24: the experts' nearest checkpoints are 8 (of 4 and 8, the later) and 12,
+    # and the soup of the last ones is the training's own report
+    fake.calls.clear()
+    path = runs.path("rs_lora", 0, 5e-4)
+    [(subcommand, _, options)] = fake.calls
+    experts = tmp_path / "rs_lora" / "lr0.0005" / "seed0"
+    assert subcommand == "validate" and json.loads(options["model.init_args.expert_checkpoints"]) == [
+        str(experts / f"expert{i}" / "checkpoints" / "epoch=0-step=8.ckpt") for i in range(2)]
+    assert len(path) == 1 + 2
 
 
 def test_hypervolume_at_a_kl_budget_interpolates_along_the_path(study):
@@ -253,6 +282,9 @@ def test_real_model_task_starts_from_its_config_and_tests_on_its_test_split(stud
     assert all(o["data.init_args.path"] == study.STUDY_DATA for _, o in fits)
     # LoRA's base rate is the task config's (5e-4), not the quick start's LoRA rate
     assert {o["model.init_args.optimizer.lr"] for _, o in fits} == {"0.0005", "0.0015"}
+    # the soup's experts skip the grid evaluation there (minutes each on the real model); the CLP fits do not
+    assert {o.get("trainer.limit_val_batches") for _, o in fits if "model.init_args.sampler.index" in o} == {"0"}
+    assert all("trainer.limit_val_batches" not in o for _, o in fits if "model.init_args.sampler.index" not in o)
     tests = [o for c, _, o in fake.calls if c == "test"]
     assert {o["data.init_args.max_test_samples"] for o in tests} == {"64"}
     assert {o["trainer.callbacks.init_args.max_prompts"] for o in tests} == {"64"}  # the config caps validation

@@ -75,7 +75,9 @@ class GridEvaluation(L.Callback):
     temperature 1, ``top_k`` 0, ``top_p`` 1, no minimum length or extra setting) its own responses are used;
     otherwise (greedy by default) ``kl_samples`` more responses per prompt and weighting are drawn from it.
     Greedy evaluations also report ``greedy_log_ratio``, the log-ratio of the greedy response itself (a number
-    that earlier versions called ``kl``; it is not a KL).
+    that earlier versions called ``kl``; it is not a KL), unless ``greedy_log_ratio`` is off: it takes a forward pass
+    of the policy and one of the reference over every prompt and response, about a third of the evaluation's time
+    when prompts are long.
 
     **Randomness.** Evaluation samples from its own seed (``seed``, the batch's prompts and what is drawn), inside a
     fork of torch's generators: the training's random stream is neither consumed nor moved, and the same batch of
@@ -104,6 +106,7 @@ class GridEvaluation(L.Callback):
         seed: seed of the evaluation's sampling.
         alphas: KL strengths at which an alpha-conditioned policy gets a front of its own (``by_alpha``); None: the
             low end, the geometric mean and the high end of ``alpha_range``. An error for other policies.
+        greedy_log_ratio: report the greedy responses' own log-ratio (``greedy_log_ratio``) under greedy decoding.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class GridEvaluation(L.Callback):
         kl_samples: int = 4,
         seed: int = 0,
         alphas: list[float] | None = None,
+        greedy_log_ratio: bool = True,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -137,6 +141,7 @@ class GridEvaluation(L.Callback):
         self.sample_prompts, self.sample_weightings_config = sample_prompts, sample_weightings
         self.output_dir_config = output_dir
         self.num_samples, self.kl_samples, self.seed, self.alphas_config = num_samples, kl_samples, seed, alphas
+        self.greedy_log_ratio = greedy_log_ratio
         self.history: list[dict[str, Any]] = []
         self.validations = 0  # validation epochs seen during fit (saved in checkpoints)
         self.last: dict[str, Any] | None = None
@@ -244,11 +249,15 @@ class GridEvaluation(L.Callback):
                   batch_key: str, alpha: float | None) -> dict[str, Any]:
         """The grid at one KL strength: the rows go to the reward means and to the per-prompt rows."""
         g, n, k, m = self.grid.shape[0], len(batch["prompt"]), self.num_samples, len(self.names)
+        own = samples_the_policy(self.generation)  # the responses are the policy's samples: their log-ratio is the KL's
+        # the responses' log-ratio is reported as the KL (own samples) or as greedy_log_ratio, and is otherwise unused
+        log_ratio = (own and self.kl_samples > 0) or (not self.generation.do_sample and self.greedy_log_ratio)
         with self._seeded(pl_module, "grid", alpha, batch_key):
-            out = pl_module.evaluate_weightings(batch, self.grid, self.generation, alpha=alpha, num_samples=k)
+            out = pl_module.evaluate_weightings(batch, self.grid, self.generation, alpha=alpha, num_samples=k,
+                                                log_ratio=log_ratio)
         self._means[alpha].update(out["point"], out["rewards"], out["kl"])
         kl = None
-        if self.kl_samples and samples_the_policy(self.generation):
+        if self.kl_samples and own:
             kl = out["kl"].view(g, n, k).mean(2)
         elif self.kl_samples:
             settings = GenerationSettings(max_new_tokens=self.generation.max_new_tokens, do_sample=True)
@@ -361,7 +370,7 @@ class GridEvaluation(L.Callback):
             tol=self.metric.tol,
             rewards_se=top["rewards_se"],
             kl_se=top["kl_se"],
-            greedy_log_ratio=top["log_ratio"] if greedy else None,
+            greedy_log_ratio=top["log_ratio"] if greedy and self.greedy_log_ratio else None,
             per_prompt_rewards=top["per_prompt_rewards"],
             prompts_sha256=prompts_sha256(top["digests"]),
             by_alpha=None if self.alphas is None else [fronts[a] for a in self.alphas],

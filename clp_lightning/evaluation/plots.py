@@ -15,6 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from clp_lightning.evaluation.reports import sampled_kl  # noqa: E402
 
 
+def series_style(k: int) -> dict[str, str]:
+    """Colour and line style of the ``k``-th series of a figure with many: the 10 default colours, then the same
+    colours dashed, dotted, dash-dotted, so that no two of the first 40 series look alike."""
+    return {"color": f"C{k % 10}", "linestyle": ("-", "--", ":", "-.")[k // 10 % 4]}
+
+
 def _kl_label(kl: float) -> str:
     return "KL n/a" if math.isnan(kl) else f"KL {kl:.3g}"
 

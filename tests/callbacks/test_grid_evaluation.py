@@ -294,6 +294,29 @@ def test_kl_samples_zero_reports_nan_and_logs_no_kl(tmp_path):
     assert "val/kl" not in events.Tags()["scalars"] and "val/greedy_log_ratio" in events.Tags()["scalars"]
 
 
+def test_greedy_log_ratio_off_spares_its_forward_passes_and_changes_nothing_else(fitted, tmp_path, monkeypatch):
+    fit_dir, _, _ = fitted
+    ckpt = str(fit_dir / "run" / "checkpoints" / "last.ckpt")
+    reports, scored = [], []
+    for on in (True, False):
+        module = make_module()
+        reference_log_probs = module.policy.reference_log_probs
+        monkeypatch.setattr(module.policy, "reference_log_probs",
+                            lambda *a, **k: scored.append(on) or reference_log_probs(*a, **k))
+        callback = GridEvaluation(grid_step=0.5, sample_prompts=1, kl_samples=2, greedy_log_ratio=on,
+                                  generation=GenerationSettings(do_sample=False, max_new_tokens=4))
+        data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+        make_trainer(tmp_path / str(on), [callback]).validate(module, datamodule=data, ckpt_path=ckpt)
+        reports.append(callback.last)
+    with_ratio, without = reports
+    assert "greedy_log_ratio" in with_ratio and "greedy_log_ratio" not in without
+    for key in ("rewards", "per_prompt_rewards", "kl", "hypervolume", "vertex_gain"):
+        assert without[key] == with_ratio[key], key  # the same responses and the same sampled KL
+    # each batch: the greedy pass and the KL samples' pass score with the reference; without the ratio, only the
+    # samples (2 validation batches)
+    assert scored.count(True) == 4 and scored.count(False) == 2
+
+
 # ---------------------------------------------------------------- one front per alpha
 
 
