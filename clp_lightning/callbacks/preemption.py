@@ -57,7 +57,10 @@ def _parse_signals(owner: str, names: str | list[str] | tuple[str, ...]) -> tupl
 class _StopAtStepBoundary(L.Callback):
     """Shared mechanism: flag-only handlers, agreement across ranks at optimizer-step boundaries, then :meth:`_act`.
 
-    Subclasses choose the signals (:meth:`_signals_for`) and what to do once the ranks agree (:meth:`_act`).
+    Subclasses choose the signals (:meth:`_signals_for`) and what to do once the ranks agree (:meth:`_act`). The
+    stop then skips the validation that Lightning runs when training stops early: with a grid evaluation that is
+    minutes of generation on a real model, past a scheduler's grace period, and a report at an odd step. The
+    trainer's ``limit_val_batches`` is 0 until the fit ends, then restored.
     """
 
     def __init__(self, signal_names: str | list[str] | tuple[str, ...], check_every_n_steps: int) -> None:
@@ -71,6 +74,7 @@ class _StopAtStepBoundary(L.Callback):
         self._ignored: set[sig.Signals] = set()
         self._previous: dict[sig.Signals, object] = {}
         self._acted = False
+        self._limit_val_batches: int | float | None = None  # the trainer's, while a stop keeps validation off
 
     def _signals_for(self, trainer: L.Trainer) -> tuple[sig.Signals, ...]:
         """The signals this callback handles in this fit; the default is all of ``signals``."""
@@ -116,17 +120,21 @@ class _StopAtStepBoundary(L.Callback):
         self._act(trainer, self.received or self._handling[0])
         self._acted = True
         trainer.should_stop = True
+        # the same on every rank (they all act at this step), so no rank waits in a validation collective
+        self._limit_val_batches, trainer.limit_val_batches = trainer.limit_val_batches, 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore()
+        self._restore(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
+        self._restore(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore()
+        self._restore(trainer)
 
-    def _restore(self) -> None:
+    def _restore(self, trainer: L.Trainer) -> None:
+        if self._limit_val_batches is not None:  # a later trainer.validate() validates as configured
+            trainer.limit_val_batches, self._limit_val_batches = self._limit_val_batches, None
         for signum, previous in self._previous.items():
             # a handler someone set after ours (Lightning's restore at teardown) is theirs to keep
             if sig.getsignal(signum) == self._on_signal:
@@ -194,8 +202,8 @@ class StopOnSignal(_StopAtStepBoundary):
     or ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` when checkpointing is off. ``exit_code`` then holds
     ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), and ``clp fit`` exits with it. A second SIGINT while the stop
     is pending raises ``KeyboardInterrupt`` at once (Lightning's abort: exit 1, no checkpoint); a second SIGTERM is
-    ignored. A stop does not skip the validation that Lightning runs when training stops early; the checkpoint is on
-    disk before it starts.
+    ignored. The stop skips the validation that Lightning runs when training stops early, so the process exits right
+    after the checkpoint.
 
     Inert outside ``fit``. A signal that an active :class:`SlurmRequeue` handles (one configured with ``SIGTERM``,
     in a SLURM job) is left to it. Costs one boolean all-reduce per training step under DDP, every

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -136,6 +137,29 @@ def test_signal_mid_accumulation_waits_for_the_optimizer_step(tmp_path):
     # without a ModelCheckpoint, the checkpoint goes where `--ckpt_path hpc` or an explicit path finds it
     assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 2
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+class CountValidations(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_a_stop_skips_the_validation_of_an_early_stop_and_restores_it_after(tmp_path):
+    # validation every 2 steps: steps 2 and 4 validate, then the signal at batch 4 stops after step 5, which would
+    # otherwise validate once more (Lightning validates when training stops early)
+    count = CountValidations()
+    trainer = make_trainer(tmp_path, 50, enable_checkpointing=False, limit_val_batches=1, val_check_interval=2,
+                           check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                           callbacks=[StopOnSignal(), SignalAt(batch_idx=4, signum=signal.SIGTERM), count])
+    module = make_module()
+    trainer.fit(module, datamodule=make_data())
+    assert trainer.global_step == 5 and count.steps == [2, 4]
+    assert trainer.limit_val_batches == 1  # restored: validating later validates as configured
+    trainer.validate(module, datamodule=make_data())
+    assert count.steps == [2, 4, 5]
 
 
 def test_sigterm_that_slurm_requeue_handles_is_left_to_it(tmp_path, monkeypatch):
