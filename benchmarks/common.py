@@ -55,7 +55,7 @@ def conditioning(mode: str):
     """The conditioning of a mode, as the conditioning benchmark defines the modes; ``none`` is unconditioned."""
     from conditioning import MODES  # benchmarks/conditioning.py
 
-    from clp_lightning.conditioning.policy import ConditioningConfig
+    from clp_lightning.conditioning.config import ConditioningConfig
 
     return ConditioningConfig() if mode == "none" else MODES[mode]()
 

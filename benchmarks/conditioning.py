@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.config import ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.weights import DirichletSampler
 from clp_lightning.models import TINY_SIZES
 

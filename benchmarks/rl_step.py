@@ -139,7 +139,7 @@ def suites(names: list[str], sizes: list[str]) -> dict[str, list[Cell]]:
 def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import lightning as L
 
-    from clp_lightning.conditioning.policy import PolicyConfig
+    from clp_lightning.conditioning.config import PolicyConfig
     from clp_lightning.config import GenerationSettings, OptimizerConfig
     from clp_lightning.module import CLPModule
 

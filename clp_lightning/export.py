@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from clp_lightning.callbacks.checkpoint import check_setup, check_writable, read_checkpoint
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.config import ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.pretrained import CLP_CONFIG
 from clp_lightning.conditioning.weights import validate_weights
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from clp_lightning import algorithms as alg
 from clp_lightning.callbacks.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_setup, read_checkpoint
-from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig
+from clp_lightning.conditioning.config import PolicyConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
 from clp_lightning.models import disable_dropout as disable_dropout_in

@@ -17,8 +17,9 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.conditioning.lm import response_log_probs
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.config import OptimizerConfig, coerce, plain
 
 log = logging.getLogger(__name__)

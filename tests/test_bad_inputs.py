@@ -16,7 +16,7 @@ import torch
 from cli_helpers import TINY_CONFIG, clp, remote_code_model, tampered, write_config
 
 from clp_lightning.callbacks.checkpoint import CHECKPOINT_FORMAT
-from clp_lightning.conditioning.policy import PolicyConfig
+from clp_lightning.conditioning.config import PolicyConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

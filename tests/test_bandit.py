@@ -34,7 +34,7 @@ from reward_helpers import HashedTextReward
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.conditioning.weights import simplex_grid
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
 from clp_lightning.data.base import collate_prompts

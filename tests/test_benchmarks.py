@@ -125,7 +125,8 @@ def test_unknown_reward_count_is_refused(rl_cell):
 
 
 def _tiny_policy(vocab: int = 300):
-    from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+    from clp_lightning.conditioning.config import ConditioningConfig
+    from clp_lightning.conditioning.policy import ConditionalPolicy
     from clp_lightning.models import build_byte_tokenizer, build_tiny_model
 
     model = build_tiny_model("gpt2", "tiny", seed=0, vocab_size=vocab)

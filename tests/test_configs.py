@@ -21,7 +21,7 @@ from jsonargparse import Namespace
 from reward_helpers import HashedTextReward
 
 from clp_lightning.cli import CLPCLI, CONF_DIR, main
-from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings
 from clp_lightning.module import CLPModule
 

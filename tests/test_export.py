@@ -13,7 +13,8 @@ import yaml
 from cli_helpers import TINY_CONFIG, clp, write_config
 
 from clp_lightning.cli import main
-from clp_lightning.conditioning.policy import ConditionalPolicy, PolicyConfig
+from clp_lightning.conditioning.config import PolicyConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.steer import load_module
 
 # within the runs' max_prompt_length (32): a plain model is given the whole prompt, the policy its last 32 tokens

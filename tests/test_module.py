@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clp_lightning.callbacks import SafeCheckpointIO
-from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
 from clp_lightning.module import CLPModule, batch_plan

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings
 from clp_lightning.module import CLPModule
 from clp_lightning.rewards import LengthReward

@@ -10,7 +10,7 @@ A saved policy is a directory::
     ...                                                       the mode's extra files (LoRA-CLP: ``adapters/``)
 
 ``clp_config.json`` holds the format and its version, the model kind, ``num_objectives`` and the objectives' names,
-the :class:`~clp_lightning.conditioning.policy.ConditioningConfig` (mode by registered name, options, prompt
+the :class:`~clp_lightning.conditioning.config.ConditioningConfig` (mode by registered name, options, prompt
 template and precision, ``condition_on_alpha``), ``max_prompt_length``, ``chat_template`` and ``system_prompt``, and
 free-form ``metadata`` (for example the KL strengths an alpha-conditioned policy was trained on).
 
@@ -32,7 +32,8 @@ from clp_lightning.conditioning.mode import registered_mode
 from clp_lightning.models import PKG_PREFIX, TINY_PREFIX, load_policy_model, resolve_path, sync_tied_config
 
 if TYPE_CHECKING:
-    from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+    from clp_lightning.conditioning.config import ConditioningConfig
+    from clp_lightning.conditioning.policy import ConditionalPolicy
 
 CLP_CONFIG = "clp_config.json"
 CONDITIONING_WEIGHTS = "conditioning.safetensors"
@@ -149,7 +150,7 @@ def read_clp_config(directory: str | Path) -> dict[str, Any]:
 
 
 def _conditioning_class() -> type[ConditioningConfig]:
-    from clp_lightning.conditioning.policy import ConditioningConfig
+    from clp_lightning.conditioning.config import ConditioningConfig
 
     return ConditioningConfig
 

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from clp_lightning.callbacks import GridEvaluation, SafeCheckpointIO
-from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
 from clp_lightning.evaluation import prompt_digest, prompts_sha256
@@ -301,8 +301,11 @@ def test_greedy_log_ratio_off_spares_its_forward_passes_and_changes_nothing_else
     for on in (True, False):
         module = make_module()
         reference_log_probs = module.policy.reference_log_probs
-        monkeypatch.setattr(module.policy, "reference_log_probs",
-                            lambda *a, **k: scored.append(on) or reference_log_probs(*a, **k))
+        def counted(*args, on=on, score=reference_log_probs, **kwargs):
+            scored.append(on)
+            return score(*args, **kwargs)
+
+        monkeypatch.setattr(module.policy, "reference_log_probs", counted)
         callback = GridEvaluation(grid_step=0.5, sample_prompts=1, kl_samples=2, greedy_log_ratio=on,
                                   generation=GenerationSettings(do_sample=False, max_new_tokens=4))
         data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)

@@ -5,9 +5,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.lora import adapter_name, lora_layers
 from clp_lightning.conditioning.mixing import mixed_modules
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 
 PROMPTS = ["SUBREDDIT: r/cooking TITLE: soup POST: too salty TL;DR:", "hi", "a somewhat longer prompt, to pad"]
 

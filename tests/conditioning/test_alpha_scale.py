@@ -5,7 +5,8 @@ import pytest
 import torch
 from policy_helpers import PROMPTS, perturb
 
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.config import ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 
 LORA = {"r": 4, "target_modules": "all"}
 SCALE = 0.05

@@ -5,7 +5,8 @@ import torch
 from fixtures.gguf_model import write_tiny_llama_gguf
 from torch import nn
 
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.config import ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.prompt import ChatFormat
 
 SYSTEM = "You summarise news."

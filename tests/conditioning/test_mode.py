@@ -5,8 +5,9 @@ import pytest
 import torch
 from policy_helpers import PROMPTS
 
+from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.mode import ConditioningMode, mode_class, register_mode
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 
 MODE = "mode_helpers.LogitBias"
 

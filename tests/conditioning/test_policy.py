@@ -2,9 +2,10 @@ import pytest
 import torch
 from policy_helpers import MODES, PROMPTS, make_policy, perturb, plain_copy
 
+from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.lora import adapter_name, lora_layers
 from clp_lightning.conditioning.mixing import mixed_modules
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 
 GEN = dict(max_new_tokens=8, do_sample=False)
 

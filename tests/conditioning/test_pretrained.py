@@ -10,7 +10,8 @@ import torch
 from policy_helpers import MODES, PROMPTS, perturb
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.config import ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.pretrained import CLP_CONFIG, CONDITIONING_WEIGHTS
 
 ROUND_TRIP = {

@@ -7,8 +7,9 @@ import torch
 from policy_helpers import MODES, PROMPTS, perturb
 
 from clp_lightning import algorithms as alg
+from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.lm import samples_per_prompt
-from clp_lightning.conditioning.policy import ConditionalPolicy, ConditioningConfig
+from clp_lightning.conditioning.policy import ConditionalPolicy
 
 K = 3
 SETUPS = {**MODES, "prompt": ConditioningConfig(prompt=True)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from clp_lightning.callbacks import GridEvaluation
-from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
 from clp_lightning.module import CLPModule

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from clp_lightning.callbacks import GridEvaluation
-from clp_lightning.conditioning.policy import ConditioningConfig, PolicyConfig
+from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings
 from clp_lightning.data import SyntheticTLDRDataModule
 from clp_lightning.module import CLPModule
