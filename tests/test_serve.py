@@ -103,7 +103,7 @@ def test_generate_answers_as_clp_steer_does(run, backend, tmp_path):
     with served(backend) as address:
         status, info = request(address, "GET", "/api/info")
         assert status == 200 and info["objectives"] == ["brevity", "length"]
-        assert info["max_new_tokens"] == MAX_NEW_TOKENS and info["max_prompt_chars"] == 4000
+        assert info["max_new_tokens"] == MAX_NEW_TOKENS and info["max_prompt_chars"] == 4000 and info["has_front"]
         status, page = request(address, "GET", "/")
         assert status == 200 and "<title>clp serve</title>" in page
         status, front = request(address, "GET", "/api/front")
@@ -298,6 +298,7 @@ def test_an_internal_error_is_500_without_details(caplog):
     with served(Stub(fail=True)) as address:
         status, out = request(address, "POST", "/generate", {"prompt": "hi", "weights": [1, 0]})
         assert request(address, "GET", "/api/front") == (404, {"error": "no grid evaluation to show"})
+        assert request(address, "GET", "/api/info")[1]["has_front"] is False  # the page does not ask for it
     assert status == 500 and out == {"error": "internal error while generating (details are in the server's log)"}
     assert "secret internal detail" in caplog.text  # logged with its traceback for whoever runs the server
 

@@ -111,7 +111,8 @@ class ServeApp:
         alpha_range = self.backend.alpha_range
         return {"objectives": self.backend.objectives, "max_prompt_chars": self.limits.max_prompt_chars,
                 "max_new_tokens": self.limits.max_new_tokens, "weights_atol": WEIGHTS_ATOL,
-                "alpha_range": None if alpha_range is None else list(alpha_range)}
+                "alpha_range": None if alpha_range is None else list(alpha_range),
+                "has_front": self.backend.front() is not None}  # the page asks for /api/front only then
 
     def generate(self, body: bytes) -> dict[str, Any]:
         prompt, weights, alpha = self.parse(body)
