@@ -26,7 +26,8 @@ The protocol:
 3. **Test.** Each chosen run is evaluated on ``--test-prompts`` prompts of the *test* split, which no choice saw:
    hypervolume (mean and spread over seeds; a bootstrap interval over prompts with the seeds' per-prompt rewards
    averaged) and the paired difference to ``--compare-to`` on the same prompts (paired bootstrap,
-   :func:`clp_lightning.evaluation.paired_bootstrap`).
+   :func:`clp_lightning.evaluation.paired_bootstrap`). Hypervolumes are measured from the task's fixed point when
+   it has one (``Task.ref_point``), else from each report's own.
 4. **Equal KL.** A policy that drifts further from the reference buys more reward. Every run is evaluated
    ``--evaluations`` times during training; each evaluation carries the sampled KL to the reference (mean over the
    grid). Hypervolume is read off each run's (KL, hypervolume) path, from the reference policy's point (KL 0) on, at
@@ -51,6 +52,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -67,7 +69,7 @@ from clp_lightning.callbacks.grid_evaluation import grid_report  # noqa: E402
 from clp_lightning.cli import CLPCLI, run_cli  # noqa: E402
 from clp_lightning.compare import overlay_figure  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
-from clp_lightning.evaluation import bootstrap_ci, paired_bootstrap  # noqa: E402
+from clp_lightning.evaluation import bootstrap_ci, hypervolume, paired_bootstrap  # noqa: E402
 from clp_lightning.evaluation.reports import sampled_kl  # noqa: E402
 
 CONF = ROOT / "conf"
@@ -143,6 +145,11 @@ class Task:
             expert's own grid reports (the soup is what is evaluated), so False spares them where an evaluation costs
             minutes; the task config's checkpoint callback must then save every few steps, since the soup's KL path
             combines the experts' checkpoints.
+        ref_point: the fixed point the study's comparisons measure hypervolume from (test, intervals, KL paths),
+            one value per objective; None: each report's own, as evaluated. The learning rate is chosen on each
+            report's own either way. A task config whose grid evaluation measures from the reference policy's point
+            needs one: a front that misses that point by a hair in one objective has hypervolume 0 there, however
+            far it reaches in the other.
     """
 
     configs: tuple[str, ...]
@@ -152,6 +159,7 @@ class Task:
     variants: tuple[str, ...] | None = None
     overrides: tuple[str, ...] = ()
     expert_evaluations: bool = True
+    ref_point: tuple[float, ...] | None = None
 
 
 STUDY_DATA = "data/cnndm_blanc_study"  # clp data cnndm-blanc --val-size 36 --test-size 64: 64 articles to test on
@@ -162,7 +170,9 @@ TASKS = {
     "cnndm_smollm2": Task(("cnndm_smollm2.yaml",), None, "max_test_samples", variant_rates=False,
                           variants=("lora", "rs_lora", "mix_lora"),
                           overrides=(f"--data.init_args.path={STUDY_DATA}",),
-                          expert_evaluations=False),  # the config checkpoints every 4 steps
+                          expert_evaluations=False,  # the config checkpoints every 4 steps
+                          # relevance 0 (an unrelated text), brevity -5 (50 words: longer than any 48-token summary)
+                          ref_point=(0.0, -5.0)),
 }
 
 
@@ -209,6 +219,7 @@ class Study:
     test_size: str = "num_test"  # the data module's argument for the number of test prompts
     variant_rates: bool = True  # see Task.variant_rates
     expert_evaluations: bool = True  # see Task.expert_evaluations
+    ref_point: tuple[float, ...] | None = None  # see Task.ref_point
 
     def base_lr(self, name: str) -> float:
         own = VARIANTS[name].lr if self.variant_rates else None
@@ -349,7 +360,7 @@ class Study:
         if variant.kind == "fixed":
             done = run / "test_report.json"
         if done.exists():
-            report = read(done)
+            report = self._measured(read(done))
             return {**report, "step": self.steps} if variant.kind == "soup" else report
         self.train(name, seed, lr)
         # every test prompt is evaluated (a task config may cap the validation evaluation's prompts)
@@ -358,11 +369,11 @@ class Study:
         if variant.kind == "fit":
             common = self._common(name, seed, lr, run / "test")
             cli("test", self._configs(name), [*common, *data, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
-            return read(done)
+            return self._measured(read(done))
         if variant.kind == "soup":
             common = self._common(name, seed, lr, run / "test")
             report = self._soup(name, common, "test", self._expert_checkpoints(name, seed, lr), data)
-            return {**report, "step": self.steps}
+            return {**self._measured(report), "step": self.steps}
         points = []
         for policy_run in point_runs(run):
             common = self._common(name, seed, lr, policy_run / "test")
@@ -371,7 +382,7 @@ class Study:
             points.append(read(policy_run / "test" / "evaluation" / "test.json"))
         report = fixed_report(points, self.steps)
         done.write_text(json.dumps(report, indent=2))
-        return report
+        return self._measured(report)
 
     # ----------------------------------------------------------------------------------------------- KL path
 
@@ -407,7 +418,25 @@ class Study:
                     reports.append(self._soup(name, self._common(name, seed, lr, save), "validate", checkpoints))
         if not reports:
             return []
+        reports = [self._measured(r) for r in reports]
         return [(0.0, reports[0]["reference_hypervolume"])] + [(sampled_kl(r), r["hypervolume"]) for r in reports]
+
+    def _measured(self, report: dict) -> dict:
+        """``report`` as the comparisons read it: from ``ref_point`` when the study sets one."""
+        return report if self.ref_point is None else rebased(report, self.ref_point)
+
+
+def rebased(report: dict, ref_point: Sequence[float]) -> dict:
+    """``report`` with its hypervolumes measured from ``ref_point`` instead of its own point: the rewards are what
+    they were, only the metric's reference point moves (the bootstrap intervals read ``ref_point`` from it too)."""
+    point = torch.tensor(ref_point, dtype=torch.float64)
+    if point.shape != (len(report["objectives"]),):
+        raise ValueError(f"ref_point {list(ref_point)} has {point.numel()} values; the report has "
+                         f"{len(report['objectives'])} objectives {report['objectives']}")
+    front = torch.tensor(report["rewards"], dtype=torch.float64)
+    reference = torch.tensor([report["reference_rewards"]], dtype=torch.float64)
+    return {**report, "ref_point": point.tolist(), "ref_point_from": "the study's fixed point",
+            "hypervolume": hypervolume(front, point), "reference_hypervolume": hypervolume(reference, point)}
 
 
 def fixed_report(points: list[dict], steps: int) -> dict:
@@ -490,7 +519,9 @@ def analyse(results: dict[str, dict], compare_to: str, num_resamples: int) -> di
         names = r["test"][0]["objectives"]
         r["vertex_gain"] = {n: statistics.fmean(t["vertex_gain"][n] for t in r["test"]) for n in names}
         r["steerability"] = {n: statistics.fmean(t["steerability"][n] for t in r["test"]) for n in names}
-    return {"kl_budget": budget, "compare_to": compare_to}
+    first = next(iter(results.values()))["test"][0]
+    return {"kl_budget": budget, "compare_to": compare_to, "ref_point": first["ref_point"],
+            "ref_point_from": first.get("ref_point_from", "not recorded")}
 
 
 def tables(results: dict[str, dict], summary: dict) -> str:
@@ -512,7 +543,10 @@ def tables(results: dict[str, dict], summary: dict) -> str:
             *[f"{r['vertex_gain'][n]:+.3f}" for n in names], *[fmt(r["steerability"][n], "+.2f") for n in names],
             str(r["test"][0]["step"]), str(params.get("trainable_parameters", "?")), str(len(r["test"]))]) + " |")
     sweep_rates = sorted({lr for r in results.values() for lr in r["sweep"]})
-    lines += ["", "Learning-rate sweep (validation hypervolume, first seed; chosen rate in bold):", "",
+    point = ", ".join(f"{x:.4g}" for x in summary["ref_point"])
+    lines += ["", f"Hypervolumes from ({point}) ({summary['ref_point_from']}).", "",
+              "Learning-rate sweep (validation hypervolume from each report's own point, first seed; chosen rate in "
+              "bold):", "",
               "| variant | " + " | ".join(f"lr {lr:.3g}" for lr in sweep_rates) + " |",
               "|---|" + "---|" * len(sweep_rates)]
     for variant, r in results.items():
@@ -580,7 +614,7 @@ def main(argv: list[str] | None = None) -> str:
     # GridEvaluation is the last callback of the task configs; jsonargparse applies init_args to the last list item
     grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step else ()
     study = Study(out, sft, [CONF / c for c in task.configs], args.steps, (*task.overrides, *grid), args.evaluations,
-                  args.test_prompts, task.test_size, task.variant_rates, task.expert_evaluations)
+                  args.test_prompts, task.test_size, task.variant_rates, task.expert_evaluations, task.ref_point)
     fixed_seeds = args.fixed_seeds or args.seeds[:1]
     results: dict[str, dict] = {}
     for name in variants:

@@ -290,6 +290,22 @@ def test_real_model_task_starts_from_its_config_and_tests_on_its_test_split(stud
     assert {o["trainer.callbacks.init_args.max_prompts"] for o in tests} == {"64"}  # the config caps validation
     results = json.loads((tmp_path / "results.json").read_text())["variants"]
     assert set(results) == {"lora", "rs_lora", "mix_lora"} and results["lora"]["lr"] == 5e-4
+    # the comparisons measure from the task's fixed point; the rate was chosen on the reports' own hypervolume
+    fixed = hypervolume(torch.tensor(grid_evaluation_report["rewards"]), torch.tensor([0.0, -5.0]))
+    assert results["lora"]["test_hypervolume"]["mean"] == pytest.approx(fixed)
+    assert results["lora"]["sweep"] == {"0.0005": 1.0, "0.0015": pytest.approx(1.0 - math.log(3))}
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert summary["ref_point"] == [0.0, -5.0] and summary["ref_point_from"] == "the study's fixed point"
+
+
+def test_rebased_report_measures_the_same_rewards_from_another_point(study, grid_evaluation_report):
+    report = {**grid_evaluation_report, "rewards": [[0.5, 0.0], [1.0, -1.0]], "reference_rewards": [0.8, -0.5]}
+    moved = study.rebased(report, [0.0, -2.0])
+    assert moved["hypervolume"] == pytest.approx(0.5 * 2.0 + 0.5 * 1.0)  # two boxes from (0, -2)
+    assert moved["reference_hypervolume"] == pytest.approx(0.8 * 1.5)
+    assert moved["rewards"] == report["rewards"] and moved["ref_point"] == [0.0, -2.0]
+    with pytest.raises(ValueError, match=r"ref_point \[0.0\] has 1 values; the report has 2 objectives"):
+        study.rebased(report, [0.0])
 
 
 @pytest.mark.parametrize("task", ["quickstart", "cnndm_smollm2"])
