@@ -66,7 +66,8 @@ def logged_steps(steps: Path) -> list[str]:
     return steps.read_text().split("\n")[:-1] if steps.exists() else []
 
 
-def wait_for_a_step(process: subprocess.Popen, steps: Path, output: Path, timeout: float = 120) -> None:
+def wait_for_a_step(process: subprocess.Popen, steps: Path, output: Path, timeout: float = 300) -> None:
+    # generous: two DDP processes start slowly on a loaded 2-core machine (120 s was once not enough)
     deadline = time.monotonic() + timeout
     while not any(line.isdigit() and int(line) >= 1 for line in logged_steps(steps)):
         if process.poll() is not None or time.monotonic() > deadline:
