@@ -293,7 +293,7 @@ class CLPModule(L.LightningModule):
         """Responses and raw rewards for each prompt at each of ``predict_weights`` (greedy, eval generation)."""
         grid = validate_weights(self.predict_weights, self.num_objectives, name="predict_weights")
         out = self.evaluate_weightings(batch, grid.view(-1, self.num_objectives), GenerationSettings(
-            do_sample=False, max_new_tokens=self.generation.max_new_tokens))
+            do_sample=False, max_new_tokens=self.generation.max_new_tokens), log_ratio=False)
         n = len(batch["prompt"])
         return [
             {"id": batch["id"][r % n], "prompt": batch["prompt"][r % n], "weights": out["weights"][r].tolist(),

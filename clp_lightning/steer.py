@@ -88,7 +88,7 @@ def steer_prompts(
     """
     prompts = [r["prompt"] for r in rows]
     out = module.evaluate_weightings({"prompt": prompts}, torch.stack(weightings), generation, score=False,
-                                     alpha=alpha)
+                                     alpha=alpha, log_ratio=False)  # no KL here: spare its two forward passes
     texts, rewards = out["texts"], {}
     if score:
         sources = [r.get("source", r["prompt"]) for r in rows] * len(weightings)

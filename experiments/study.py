@@ -407,14 +407,14 @@ class Study:
                             for s in range(interval, self.steps + 1, interval)} if saved else set())
             reports = []
             for step in steps:
-                checkpoints = [next((experts / f"expert{i}" / "checkpoints").glob(f"*step={step}.ckpt"))
-                               for i in range(n)]
                 save = run / "path" / f"step{step}"
                 if (save / "evaluation" / "validate.json").exists():
                     reports.append(read(save / "evaluation" / "validate.json"))
                 elif step == self.steps // n:  # the experts' last checkpoints: the soup the training evaluated
                     reports.append(read(run / variant.done))
                 else:
+                    checkpoints = [next((experts / f"expert{i}" / "checkpoints").glob(f"*step={step}.ckpt"))
+                                   for i in range(n)]
                     reports.append(self._soup(name, self._common(name, seed, lr, save), "validate", checkpoints))
         if not reports:
             return []

@@ -303,7 +303,7 @@ class GridEvaluation(L.Callback):
             with self._seeded(pl_module, "sample weightings", prompts_sha256(
                     [prompt_digest(*row) for row in zip(batch["prompt"], batch["source"], batch["reference"])])):
                 out = pl_module.evaluate_weightings(batch, self.sample_weightings, self.generation,
-                                                    alpha=self._evaluated[0])
+                                                    alpha=self._evaluated[0], log_ratio=False)
             points = list(range(self.sample_weightings.shape[0]))
         for p in range(min(need, n)):
             rows = [
