@@ -1,9 +1,10 @@
 """Decoding-time mixing: next-token logits ``sum_i w_i * logits_i`` of ``m`` expert policies.
 
 The experts are the conditioned policy at the one-hot weightings ``e_i`` (for a Rewarded Soups policy, expert
-``i`` itself). Unlike parameter mixing, each decoding step runs every expert: ``m`` forward passes per token.
-This is a baseline for evaluation; it recomputes the whole prefix at each step (no KV cache), which is simple
-and exact but quadratic in the response length.
+``i`` itself). Unlike parameter mixing, each decoding step runs every expert: ``m`` forward passes per token. Each
+expert keeps its own key/value cache: its prompt is computed once (a causal prefill, or a seq2seq encoder pass
+under that expert's conditioning) and each step feeds the new token alone, so a response costs every expert one
+prompt pass and one single-token pass per token, as ``generate`` does for one policy.
 
 Notation: ``B`` rows, ``L`` prompt tokens, ``T`` response tokens, ``V`` vocabulary, ``m`` experts.
 """
@@ -12,19 +13,34 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutput
 
-from clp_lightning.conditioning.lm import PolicyOutput, response_logits, response_mask_from_ids
+from clp_lightning.conditioning.lm import (
+    PolicyOutput,
+    _cache_argument,
+    _cache_of,
+    _positions,
+    _prefill,
+    encode,
+    response_logits,
+    response_mask_from_ids,
+)
 from clp_lightning.conditioning.policy import ConditionalPolicy
+from clp_lightning.models import model_kind
+
+
+def _one_hots(policy: ConditionalPolicy, rows: int, device: torch.device) -> list[Tensor]:
+    """The ``m`` one-hot weightings ``(rows, m)``: expert ``i`` is the policy conditioned on ``e_i``."""
+    eye = torch.eye(policy.num_objectives, device=device)
+    return [eye[i].repeat(rows, 1) for i in range(policy.num_objectives)]
 
 
 def expert_logits(
     policy: ConditionalPolicy, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, response_mask: Tensor
 ) -> Tensor:
     """Logits of every expert for every response position, ``(m, B, T, V)`` (position ``t`` predicts token ``t``)."""
-    rows, out = input_ids.shape[0], []
-    for i in range(policy.num_objectives):
-        one_hot = torch.zeros(rows, policy.num_objectives, device=input_ids.device)
-        one_hot[:, i] = 1.0
+    out = []
+    for one_hot in _one_hots(policy, input_ids.shape[0], input_ids.device):
         with policy.conditioned(one_hot):
             out.append(response_logits(policy.model, input_ids, attention_mask, response_ids, response_mask))
     return torch.stack(out)
@@ -49,6 +65,45 @@ def mixture_log_probs(
     return PolicyOutput(logp, None)
 
 
+class _ExpertDecoder:
+    """One expert's incremental decoding: its prompt computed once, then one token per :meth:`step`, with its own
+    key/value cache. ``logits`` ``(B, V)`` (float32) predict the next response token."""
+
+    def __init__(self, policy: ConditionalPolicy, one_hot: Tensor, input_ids: Tensor, attention_mask: Tensor):
+        self.policy, self.one_hot, self.model = policy, one_hot, policy.model
+        self.seq2seq = model_kind(self.model) == "seq2seq"
+        self.cache_argument = _cache_argument(self.model)
+        with policy.conditioned(one_hot):
+            if self.seq2seq:
+                self.encoder = BaseModelOutput(last_hidden_state=encode(self.model, input_ids, attention_mask))
+                self.encoder_mask, self.cache = attention_mask, None
+                start = torch.full((input_ids.shape[0], 1), self.model.config.decoder_start_token_id,
+                                   device=input_ids.device)
+                self._decode(start)
+            else:
+                out = _prefill(self.model, input_ids, attention_mask)
+                self.cache, self.logits = _cache_of(out), out.logits[:, -1].float()
+                self.mask = attention_mask
+                self.position = _positions(attention_mask)[:, -1:]  # (B, 1): the last prompt token's
+
+    def _decode(self, tokens: Tensor) -> None:
+        out = self.model(encoder_outputs=self.encoder, attention_mask=self.encoder_mask, decoder_input_ids=tokens,
+                         use_cache=True, **{self.cache_argument: self.cache})
+        self.cache, self.logits = _cache_of(out), out.logits[:, -1].float()
+
+    def step(self, tokens: Tensor) -> None:
+        """Feed the last generated tokens ``(B, 1)``."""
+        with self.policy.conditioned(self.one_hot):
+            if self.seq2seq:
+                self._decode(tokens)
+                return
+            self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=self.mask.dtype)], 1)
+            self.position = self.position + 1
+            out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.position, use_cache=True,
+                             **{self.cache_argument: self.cache})
+            self.cache, self.logits = _cache_of(out), out.logits[:, -1].float()
+
+
 @torch.no_grad()
 def mixture_generate(
     policy: ConditionalPolicy,
@@ -69,11 +124,13 @@ def mixture_generate(
     response = torch.empty(rows, 0, dtype=torch.long, device=input_ids.device)
     done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     eos_ids = torch.as_tensor(eos, device=input_ids.device).view(-1)
-    for _step in range(max_new_tokens):
-        # one more (dummy) position: its logits predict the next token
-        step_ids = torch.cat([response, torch.full((rows, 1), pad, device=input_ids.device)], 1)
-        step_mask = torch.ones_like(step_ids)
-        logits = mixed_logits(expert_logits(policy, input_ids, attention_mask, step_ids, step_mask), weights)[:, -1]
+    experts = [_ExpertDecoder(policy, one_hot, input_ids, attention_mask)
+               for one_hot in _one_hots(policy, rows, input_ids.device)] if max_new_tokens > 0 else []
+    for step in range(max_new_tokens):
+        if step:
+            for expert in experts:
+                expert.step(response[:, -1:])
+        logits = mixed_logits(torch.stack([e.logits for e in experts])[:, :, None], weights)[:, 0]  # (B, V)
         if do_sample:
             token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         else:

@@ -29,3 +29,43 @@ def test_mixture_is_the_weighted_sum_of_expert_logits(arch):
         alone, alone_mask = policy.generate(**policy.encode(PROMPTS[row : row + 1]), weights=w[row : row + 1], **GEN)
         k = int(alone_mask.sum())
         assert ids[row, :k].tolist() == alone[0, :k].tolist()
+
+
+def _recomputed_mixture(policy, input_ids, attention_mask, weights, max_new_tokens, do_sample):
+    """The mixture decoded without any cache: every step runs every expert on the prompt and the whole response so
+    far (the definition the cached decoding must reproduce)."""
+    rows = input_ids.shape[0]
+    eos = torch.as_tensor(policy.model.generation_config.eos_token_id).view(-1)
+    pad = policy.tokenizer.pad_token_id or 0
+    response = torch.empty(rows, 0, dtype=torch.long)
+    done = torch.zeros(rows, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        ids = torch.cat([response, torch.full((rows, 1), pad)], 1)  # the dummy last position predicts the next
+        experts = expert_logits(policy, input_ids, attention_mask, ids, torch.ones_like(ids))
+        logits = torch.einsum("mbv,bm->bv", experts[:, :, -1], weights)
+        token = torch.multinomial(logits.softmax(-1), 1).squeeze(-1) if do_sample else logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        response = torch.cat([response, token[:, None]], 1)
+        done |= torch.isin(token, eos)
+        if done.all():
+            break
+    return response
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2", "llama"])
+@pytest.mark.parametrize("mode", ["attention", "lora", "all"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_cached_mixture_decodes_the_tokens_of_the_recomputed_one(arch, mode, do_sample):
+    # each expert keeps its own key/value cache; the tokens must be those of recomputing every prefix (a float64
+    # model, so that the two paths' rounding cannot flip a near-tie), greedy and sampled from the same seed, on
+    # left-padded prompts
+    policy = perturb(make_policy(arch, mode), scale=1.0).double().eval()
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
+    enc = policy.encode(PROMPTS)
+    assert arch == "t5" or (enc["attention_mask"] == 0).any()  # the causal prompts are padded
+    torch.manual_seed(3)
+    ids, mask = mixture_generate(policy, **enc, weights=w, max_new_tokens=8, do_sample=do_sample)
+    torch.manual_seed(3)
+    want = _recomputed_mixture(policy, enc["input_ids"], enc["attention_mask"], w, 8, do_sample)
+    assert ids.shape == want.shape
+    assert ids.masked_fill(mask == 0, -1).tolist() == want.masked_fill(mask == 0, -1).tolist()
