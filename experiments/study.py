@@ -38,6 +38,7 @@ The protocol:
     python experiments/study.py --out runs/study3 --task three_objectives                           # m = 3
     clp data cnndm-blanc --val-size 36 --test-size 64 --out data/cnndm_blanc_study      # real model: 64 test articles
     python experiments/study.py --task cnndm_smollm2 --out runs/study_smollm2 --steps 24 --evaluations 2
+    python experiments/study.py ... --variants mix_lora --lr-factors 3 --sweep-only    # one rate of a sweep alone
 
 Writes <out>/table.md (the tables), <out>/results.json (every number behind them), <out>/fronts.png (test fronts,
 first seed) and <out>/kl.png (validation hypervolume against KL over training), and prints the tables. An
@@ -599,6 +600,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--compare-to", default=None,
                         help="the variant the others are compared with, paired (default: rs_lora if run, else first)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="train the sweep's runs (first seed, every rate), print their validation hypervolumes "
+                             "and stop: no rate is chosen, nothing is tested (to spread a sweep over processes)")
     args = parser.parse_args(argv)
     task = TASKS["three_objectives" if args.three_objectives else args.task]
     variants = args.variants or list(task.variants or VARIANTS)
@@ -620,11 +624,17 @@ def main(argv: list[str] | None = None) -> str:
     for name in variants:
         sweep = {lr: study.train(name, args.seeds[0], lr)["hypervolume"]
                  for lr in study.lrs(name, tuple(args.lr_factors))}
+        if args.sweep_only:
+            print(f"{name}, seed {args.seeds[0]}: validation hypervolume by rate "
+                  + ", ".join(f"{lr:.3g}: {hv:.4f}" for lr, hv in sweep.items()))
+            continue
         lr = max(sweep, key=sweep.get)
         seeds = fixed_seeds if VARIANTS[name].kind == "fixed" else args.seeds
         results[name] = {"lr": lr, "sweep": sweep, "seeds": seeds,
                          "test": [study.test(name, s, lr) for s in seeds],
                          "paths": [study.path(name, s, lr) for s in seeds]}
+    if args.sweep_only:
+        return ""
     compare_to = args.compare_to or ("rs_lora" if "rs_lora" in results else variants[0])
     summary = analyse(results, compare_to, args.bootstrap)
     table = tables(results, summary)

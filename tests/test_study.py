@@ -389,3 +389,16 @@ def test_smallest_study_writes_table_and_figure(study, tmp_path):
         assert list(fixed) == list(own)  # the same report schema
     assert 0 <= fixed["hypervolume"]
     assert rows[-1].split("|")[-4].strip() == "12"  # steps column: the G policies' budgets together
+
+
+def test_sweep_only_trains_the_sweep_and_tests_nothing(study, grid_evaluation_report, monkeypatch, tmp_path, capsys):
+    fake = FakeCLI(grid_evaluation_report, hv=lambda lr: 1.0 - abs(math.log(lr / 2e-4)))
+    monkeypatch.setattr(study, "cli", fake)
+    assert study.main(["--out", str(tmp_path), "--variants", "all", "--seeds", "0", "1", "--steps", "8",
+                       "--lr-factors", "1", "3", "--sweep-only"]) == ""
+    fits = [o for c, _, o in fake.calls if c == "fit" and "model.init_args.optimizer.lr" in o]  # not the warm start
+    assert sorted((o["model.init_args.optimizer.lr"], o["seed_everything"]) for o in fits) == [
+        ("0.0002", "0"), ("0.0006", "0")]  # the first seed only, every rate
+    assert not [c for c, _, _ in fake.calls if c != "fit"]  # no test, no path
+    assert not (tmp_path / "results.json").exists()
+    assert "all, seed 0: validation hypervolume by rate 0.0002: 1.0000, 0.0006: " in capsys.readouterr().out
