@@ -45,26 +45,14 @@ def recomputed_mixture(policy, input_ids, attention_mask, weights, max_new_token
     """Greedy decoding from the mixture with every prefix recomputed at every step (the replaced algorithm)."""
     import torch
 
-    from clp_lightning.conditioning.lm import response_mask_from_ids
-    from clp_lightning.conditioning.mixture import expert_logits, mixed_logits
+    from clp_lightning.conditioning.mixture import decode, expert_logits, mixed_logits
 
-    rows = input_ids.shape[0]
-    eos = policy.model.generation_config.eos_token_id
-    eos = policy.tokenizer.eos_token_id if eos is None else eos
-    pad = policy.tokenizer.pad_token_id or 0
-    eos_ids = torch.as_tensor(eos).view(-1)
-    response = torch.empty(rows, 0, dtype=torch.long)
-    done = torch.zeros(rows, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        ids = torch.cat([response, torch.full((rows, 1), pad)], 1)  # the last (dummy) position predicts the next
-        logits = mixed_logits(expert_logits(policy, input_ids, attention_mask, ids, torch.ones_like(ids)), weights)
-        token = torch.where(done, torch.full((rows,), pad), logits[:, -1].argmax(-1))
-        response = torch.cat([response, token[:, None]], 1)
-        done |= torch.isin(token, eos_ids)
-        if done.all():
-            break
-    mask = response_mask_from_ids(response, eos)
-    return response.masked_fill(mask == 0, pad), mask
+    def next_logits(response):
+        pad = torch.full((response.shape[0], 1), policy.tokenizer.pad_token_id or 0)
+        ids = torch.cat([response, pad], 1)  # the last (dummy) position predicts the next token
+        return mixed_logits(expert_logits(policy, input_ids, attention_mask, ids, torch.ones_like(ids)), weights)[:, -1]
+
+    return decode(policy, next_logits, input_ids.shape[0], max_new_tokens)
 
 
 def _same_tokens(a, b) -> bool:

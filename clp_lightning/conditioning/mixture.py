@@ -11,6 +11,8 @@ Notation: ``B`` rows, ``L`` prompt tokens, ``T`` response tokens, ``V`` vocabula
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutput
@@ -117,20 +119,34 @@ def mixture_generate(
 ) -> tuple[Tensor, Tensor]:
     """Generate from the logit mixture at ``weights`` ``(B, m)``; returns ``(response_ids, response_mask)`` like
     :meth:`ConditionalPolicy.generate`. Sampling draws from torch's global generator."""
-    rows = input_ids.shape[0]
+    experts = [_ExpertDecoder(policy, one_hot, input_ids, attention_mask)
+               for one_hot in _one_hots(policy, input_ids.shape[0], input_ids.device)] if max_new_tokens > 0 else []
+
+    def next_logits(response: Tensor) -> Tensor:
+        if response.shape[1]:
+            for expert in experts:
+                expert.step(response[:, -1:])
+        return mixed_logits(torch.stack([e.logits for e in experts])[:, :, None], weights)[:, 0]  # (B, V)
+
+    return decode(policy, next_logits, input_ids.shape[0], max_new_tokens, do_sample, temperature)
+
+
+def decode(
+    policy: ConditionalPolicy, next_logits: Callable[[Tensor], Tensor], rows: int, max_new_tokens: int,
+    do_sample: bool = False, temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Decode ``rows`` responses token by token: ``next_logits(response)`` gives the ``(B, V)`` logits of the next
+    token after ``response`` ``(B, t)``; greedy or sampled at ``temperature``; a row stops at the policy's EOS and is
+    padded after it. Returns ``(response_ids, response_mask)``."""
+    device = policy.model.device
     eos = policy.model.generation_config.eos_token_id
     eos = policy.tokenizer.eos_token_id if eos is None else eos
     pad = policy.tokenizer.pad_token_id or 0
-    response = torch.empty(rows, 0, dtype=torch.long, device=input_ids.device)
-    done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-    eos_ids = torch.as_tensor(eos, device=input_ids.device).view(-1)
-    experts = [_ExpertDecoder(policy, one_hot, input_ids, attention_mask)
-               for one_hot in _one_hots(policy, rows, input_ids.device)] if max_new_tokens > 0 else []
-    for step in range(max_new_tokens):
-        if step:
-            for expert in experts:
-                expert.step(response[:, -1:])
-        logits = mixed_logits(torch.stack([e.logits for e in experts])[:, :, None], weights)[:, 0]  # (B, V)
+    response = torch.empty(rows, 0, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    eos_ids = torch.as_tensor(eos, device=device).view(-1)
+    for _step in range(max_new_tokens):
+        logits = next_logits(response)
         if do_sample:
             token = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)
         else:
