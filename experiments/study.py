@@ -579,6 +579,21 @@ def kl_figure(results: dict[str, dict], budget: float):
     return fig
 
 
+def parse_variant_seeds(specs: Sequence[str], variants: Sequence[str], error) -> dict[str, list[int]]:
+    """``["mix_lora=0,1"]`` -> ``{"mix_lora": [0, 1]}``; ``error`` (the parser's) on a malformed one or a variant
+    the study does not run."""
+    out = {}
+    for spec in specs:
+        name, _, seeds = spec.partition("=")
+        try:
+            out[name] = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            error(f"--variant-seeds {spec!r}: expected VARIANT=SEED[,SEED...], e.g. mix_lora=0,1")
+        if name not in variants:
+            error(f"--variant-seeds {spec!r}: {name!r} is not among the variants this study runs {list(variants)}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/study", help="where runs, the tables and the figures go")
@@ -600,6 +615,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--compare-to", default=None,
                         help="the variant the others are compared with, paired (default: rs_lora if run, else first)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    parser.add_argument("--variant-seeds", nargs="+", default=[], metavar="VARIANT=SEEDS",
+                        help="seeds of one variant instead of --seeds, e.g. mix_lora=0,1 (its first seed still the "
+                             "sweep's: the one --seeds names first)")
     parser.add_argument("--sweep-only", action="store_true",
                         help="train the sweep's runs (first seed, every rate), print their validation hypervolumes "
                              "and stop: no rate is chosen, nothing is tested (to spread a sweep over processes)")
@@ -608,6 +626,7 @@ def main(argv: list[str] | None = None) -> str:
     variants = args.variants or list(task.variants or VARIANTS)
     if unsupported := [v for v in variants if task.variants is not None and v not in task.variants]:
         parser.error(f"--task {args.task} runs the variants {list(task.variants)}, not {unsupported}")
+    variant_seeds = parse_variant_seeds(args.variant_seeds, variants, parser.error)
     out = Path(args.out)
     sft = None if task.warm_start is None else out / "sft" / "model"
     if sft is not None and not sft.exists():
@@ -629,7 +648,7 @@ def main(argv: list[str] | None = None) -> str:
                   + ", ".join(f"{lr:.3g}: {hv:.4f}" for lr, hv in sweep.items()))
             continue
         lr = max(sweep, key=sweep.get)
-        seeds = fixed_seeds if VARIANTS[name].kind == "fixed" else args.seeds
+        seeds = variant_seeds.get(name) or (fixed_seeds if VARIANTS[name].kind == "fixed" else args.seeds)
         results[name] = {"lr": lr, "sweep": sweep, "seeds": seeds,
                          "test": [study.test(name, s, lr) for s in seeds],
                          "paths": [study.path(name, s, lr) for s in seeds]}

@@ -402,3 +402,19 @@ def test_sweep_only_trains_the_sweep_and_tests_nothing(study, grid_evaluation_re
     assert not [c for c, _, _ in fake.calls if c != "fit"]  # no test, no path
     assert not (tmp_path / "results.json").exists()
     assert "all, seed 0: validation hypervolume by rate 0.0002: 1.0000, 0.0006: " in capsys.readouterr().out
+
+
+def test_variant_seeds_narrow_one_variants_seeds(study, grid_evaluation_report, monkeypatch, tmp_path):
+    fake = FakeCLI(grid_evaluation_report, hv=lambda lr: 1.0 - abs(math.log(lr / 2e-4)))
+    monkeypatch.setattr(study, "cli", fake)
+    with pytest.raises(SystemExit):  # a variant the study does not run, refused before anything runs
+        study.main(["--out", str(tmp_path), "--variants", "all", "--variant-seeds", "lora=0"])
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(tmp_path), "--variants", "all", "--variant-seeds", "all=one"])
+    assert fake.calls == []
+    study.main(["--out", str(tmp_path), "--variants", "all", "lora", "--seeds", "0", "1", "--steps", "8",
+                "--lr-factors", "1", "--variant-seeds", "lora=0", "--bootstrap", "20"])
+    tests = sorted((o["model.init_args.optimizer.lr"], o["seed_everything"]) for c, _, o in fake.calls if c == "test")
+    assert tests == [("0.0002", "0"), ("0.0002", "1"), ("0.002", "0")]  # all: seeds 0 and 1; lora: seed 0 only
+    results = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert results["lora"]["seeds"] == [0] and results["all"]["seeds"] == [0, 1]
