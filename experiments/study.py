@@ -31,7 +31,9 @@ The protocol:
 4. **Equal KL.** A policy that drifts further from the reference buys more reward. Every run is evaluated
    ``--evaluations`` times during training; each evaluation carries the sampled KL to the reference (mean over the
    grid). Hypervolume is read off each run's (KL, hypervolume) path, from the reference policy's point (KL 0) on, at
-   the largest KL that every run reaches (the smallest of the runs' largest KLs).
+   the largest KL that every run reaches (the smallest of the runs' largest KLs). A soup's path combines its
+   experts' checkpoints nearest each evaluation of a fit (equal steps); ``--every-checkpoint`` evaluates all of
+   them, which reaches lower KL.
 
     python experiments/study.py --out runs/study                                   # the full study
     python experiments/study.py --out runs/study --variants all lora rs_lora --seeds 0 --steps 20 --lr-factors 1
@@ -221,6 +223,7 @@ class Study:
     variant_rates: bool = True  # see Task.variant_rates
     expert_evaluations: bool = True  # see Task.expert_evaluations
     ref_point: tuple[float, ...] | None = None  # see Task.ref_point
+    every_checkpoint: tuple[str, ...] = ()  # soups whose KL path evaluates every expert checkpoint (--every-checkpoint)
 
     def base_lr(self, name: str) -> float:
         own = VARIANTS[name].lr if self.variant_rates else None
@@ -403,8 +406,10 @@ class Study:
             saved = [int(f.stem.rsplit("step=", 1)[1])
                      for f in (experts / "expert0" / "checkpoints").glob("*step=*.ckpt")]
             interval = self._interval(self.steps)
-            # a fit evaluates at step s; the experts together are there at s / n steps each (ties: the later step)
-            steps = sorted({min(saved, key=lambda t: (abs(t - s / n), -t))
+            # a fit evaluates at step s; the experts together are there at s / n steps each (ties: the later step);
+            # or every checkpoint the experts saved, down to the lower KL of their first ones
+            steps = sorted(set(saved) if name in self.every_checkpoint else
+                           {min(saved, key=lambda t: (abs(t - s / n), -t))
                             for s in range(interval, self.steps + 1, interval)} if saved else set())
             reports = []
             for step in steps:
@@ -618,6 +623,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--variant-seeds", nargs="+", default=[], metavar="VARIANT=SEEDS",
                         help="seeds of one variant instead of --seeds, e.g. mix_lora=0,1 (its first seed still the "
                              "sweep's: the one --seeds names first)")
+    parser.add_argument("--every-checkpoint", nargs="+", default=[], metavar="VARIANT",
+                        help="soups whose KL path evaluates every checkpoint their experts saved (more points, the "
+                             "first at lower KL; one grid evaluation each) instead of the ones nearest each "
+                             "evaluation of a fit")
     parser.add_argument("--sweep-only", action="store_true",
                         help="train the sweep's runs (first seed, every rate), print their validation hypervolumes "
                              "and stop: no rate is chosen, nothing is tested (to spread a sweep over processes)")
@@ -627,6 +636,8 @@ def main(argv: list[str] | None = None) -> str:
     if unsupported := [v for v in variants if task.variants is not None and v not in task.variants]:
         parser.error(f"--task {args.task} runs the variants {list(task.variants)}, not {unsupported}")
     variant_seeds = parse_variant_seeds(args.variant_seeds, variants, parser.error)
+    if not_soups := [v for v in args.every_checkpoint if v not in VARIANTS or VARIANTS[v].kind != "soup"]:
+        parser.error(f"--every-checkpoint is for soups, not {not_soups}")
     out = Path(args.out)
     sft = None if task.warm_start is None else out / "sft" / "model"
     if sft is not None and not sft.exists():
@@ -637,7 +648,8 @@ def main(argv: list[str] | None = None) -> str:
     # GridEvaluation is the last callback of the task configs; jsonargparse applies init_args to the last list item
     grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step else ()
     study = Study(out, sft, [CONF / c for c in task.configs], args.steps, (*task.overrides, *grid), args.evaluations,
-                  args.test_prompts, task.test_size, task.variant_rates, task.expert_evaluations, task.ref_point)
+                  args.test_prompts, task.test_size, task.variant_rates, task.expert_evaluations, task.ref_point,
+                  tuple(args.every_checkpoint))
     fixed_seeds = args.fixed_seeds or args.seeds[:1]
     results: dict[str, dict] = {}
     for name in variants:

@@ -224,6 +224,14 @@ def test_experts_without_evaluations_are_done_by_their_checkpoint(study, grid_ev
     assert subcommand == "validate" and json.loads(options["model.init_args.expert_checkpoints"]) == [
         str(experts / f"expert{i}" / "checkpoints" / "epoch=0-step=8.ckpt") for i in range(2)]
     assert len(path) == 1 + 2
+    # every checkpoint instead: steps 4 and 8 validated (8 read back), 12 the training's report
+    fake.calls.clear()
+    runs.every_checkpoint = ("rs_lora",)
+    path = runs.path("rs_lora", 0, 5e-4)
+    [(subcommand, _, options)] = fake.calls
+    assert json.loads(options["model.init_args.expert_checkpoints"]) == [
+        str(experts / f"expert{i}" / "checkpoints" / "epoch=0-step=4.ckpt") for i in range(2)]
+    assert len(path) == 1 + 3
 
 
 def test_hypervolume_at_a_kl_budget_interpolates_along_the_path(study):
@@ -411,6 +419,8 @@ def test_variant_seeds_narrow_one_variants_seeds(study, grid_evaluation_report, 
         study.main(["--out", str(tmp_path), "--variants", "all", "--variant-seeds", "lora=0"])
     with pytest.raises(SystemExit):
         study.main(["--out", str(tmp_path), "--variants", "all", "--variant-seeds", "all=one"])
+    with pytest.raises(SystemExit):  # a KL path of every checkpoint is for soups
+        study.main(["--out", str(tmp_path), "--variants", "all", "--every-checkpoint", "all"])
     assert fake.calls == []
     study.main(["--out", str(tmp_path), "--variants", "all", "lora", "--seeds", "0", "1", "--steps", "8",
                 "--lr-factors", "1", "--variant-seeds", "lora=0", "--bootstrap", "20"])
