@@ -83,15 +83,17 @@ class _ExpertDecoder:
                                    device=input_ids.device)
                 self._decode(start)
             else:
-                out = _prefill(self.model, input_ids, attention_mask)
-                self.cache, self.logits = _cache_of(out), out.logits[:, -1].float()
+                self._keep(_prefill(self.model, input_ids, attention_mask))
                 self.mask = attention_mask
                 self.position = _positions(attention_mask)[:, -1:]  # (B, 1): the last prompt token's
 
-    def _decode(self, tokens: Tensor) -> None:
-        out = self.model(encoder_outputs=self.encoder, attention_mask=self.encoder_mask, decoder_input_ids=tokens,
-                         use_cache=True, **{self.cache_argument: self.cache})
+    def _keep(self, out) -> None:
+        """Keep a forward's key/value cache and its last position's logits."""
         self.cache, self.logits = _cache_of(out), out.logits[:, -1].float()
+
+    def _decode(self, tokens: Tensor) -> None:
+        self._keep(self.model(encoder_outputs=self.encoder, attention_mask=self.encoder_mask,
+                              decoder_input_ids=tokens, use_cache=True, **{self.cache_argument: self.cache}))
 
     def step(self, tokens: Tensor) -> None:
         """Feed the last generated tokens ``(B, 1)``."""
@@ -101,9 +103,8 @@ class _ExpertDecoder:
                 return
             self.mask = torch.cat([self.mask, torch.ones_like(tokens, dtype=self.mask.dtype)], 1)
             self.position = self.position + 1
-            out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.position, use_cache=True,
-                             **{self.cache_argument: self.cache})
-            self.cache, self.logits = _cache_of(out), out.logits[:, -1].float()
+            self._keep(self.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.position,
+                                  use_cache=True, **{self.cache_argument: self.cache}))
 
 
 @torch.no_grad()
