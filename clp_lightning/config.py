@@ -129,3 +129,18 @@ def plain(value: Any) -> Any:
 def coerce(value: Any, cls: type) -> Any:
     """Build ``cls`` from a dict (hyper-parameters read back from a checkpoint); instances and None pass through."""
     return cls(**value) if isinstance(value, dict) else value
+
+
+def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int = 1, world_size: int = 1) -> dict:
+    """Every batch size of a run, derived in one place from the four numbers that define it."""
+    for name, value in (("batch_size", prompts_per_device), ("samples_per_prompt", samples_per_prompt),
+                        ("accumulate_grad_batches", accumulate), ("world_size", world_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return {
+        "prompts_per_device": prompts_per_device,
+        "samples_per_prompt": samples_per_prompt,
+        "sequences_per_device": prompts_per_device * samples_per_prompt,
+        "prompts_per_optimizer_step": prompts_per_device * accumulate * world_size,
+        "sequences_per_optimizer_step": prompts_per_device * samples_per_prompt * accumulate * world_size,
+    }

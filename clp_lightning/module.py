@@ -2,8 +2,9 @@
 
 One training step: prompts -> a weighting per prompt -> ``k`` responses per prompt -> rewards -> per-objective
 normalisation -> scalarisation with ``w`` -> KL penalty from the frozen reference -> leave-one-out advantages ->
-REINFORCE loss. Batch vocabulary (see :func:`batch_plan`): ``P`` prompts per device micro-batch, ``k`` samples per
-prompt, ``N = P * k`` sequences, ``m`` objectives.
+REINFORCE loss. Batch vocabulary (see :func:`~clp_lightning.config.batch_plan`): ``P`` prompts per device
+micro-batch, ``k`` samples per prompt, ``N = P * k`` sequences, ``m`` objectives. Generation at given weightings
+(every evaluation) is :class:`~clp_lightning.evaluation.generation.GenerationAtWeightings`.
 """
 
 from __future__ import annotations
@@ -17,40 +18,25 @@ import torch
 from torch import Tensor, nn
 
 from clp_lightning import algorithms as alg
-from clp_lightning.callbacks.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_setup, read_checkpoint
+from clp_lightning.callbacks.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    check_setup,
+    policy_state,
+    read_checkpoint,
+)
 from clp_lightning.conditioning.config import PolicyConfig
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.weights import validate_weights
-from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, coerce, plain
+from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, batch_plan, coerce, plain
+from clp_lightning.evaluation.generation import GenerationAtWeightings
 from clp_lightning.models import disable_dropout as disable_dropout_in
 from clp_lightning.rewards import Reward, RewardNormalizer
 from clp_lightning.sharding import is_sharded, shard_transformer
 
 log = logging.getLogger(__name__)
 
-def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int = 1, world_size: int = 1) -> dict:
-    """Every batch size of a run, derived in one place from the four numbers that define it."""
-    for name, value in (("batch_size", prompts_per_device), ("samples_per_prompt", samples_per_prompt),
-                        ("accumulate_grad_batches", accumulate), ("world_size", world_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    return {
-        "prompts_per_device": prompts_per_device,
-        "samples_per_prompt": samples_per_prompt,
-        "sequences_per_device": prompts_per_device * samples_per_prompt,
-        "prompts_per_optimizer_step": prompts_per_device * accumulate * world_size,
-        "sequences_per_optimizer_step": prompts_per_device * samples_per_prompt * accumulate * world_size,
-    }
-
-
-def _policy_state(path: str) -> dict[str, Tensor]:
-    """The policy's model parameters from a CLPModule checkpoint (``weights_only``)."""
-    state = read_checkpoint(path)["state_dict"]
-    prefix = "policy.model."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-class CLPModule(L.LightningModule):
+class CLPModule(GenerationAtWeightings, L.LightningModule):
     """Conditional Language Policy training.
 
     Args:
@@ -168,7 +154,7 @@ class CLPModule(L.LightningModule):
             disable_dropout_in(self.policy.model)
         self.policy.freeze_reference()
         if expert_checkpoints is not None:
-            self.policy.load_expert_copies([_policy_state(path) for path in expert_checkpoints])
+            self.policy.load_expert_copies([policy_state(path) for path in expert_checkpoints])
         self.rewards = nn.ModuleList(rewards)
         self.normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
         self.weight_seed = weight_seed
@@ -300,92 +286,6 @@ class CLPModule(L.LightningModule):
              "response": out["texts"][r], "rewards": dict(zip(self.objective_names, out["rewards"][r].tolist()))}
             for r in range(len(out["texts"]))
         ]
-
-    def evaluation_alpha(self, alpha: float | None = None) -> float:
-        """The KL strength evaluation gives the policy: ``alpha`` (in ``alpha_range``), by default ``alpha_range``'s
-        low end; ``kl_coef`` for a policy not conditioned on alpha, which takes no ``alpha``."""
-        if self.alpha_range is None:
-            if alpha is not None:
-                raise ValueError(f"alpha={alpha} given, but the policy is not conditioned on alpha (no alpha_range)")
-            return self.kl_coef
-        low, high = self.alpha_range
-        if alpha is not None and not low <= alpha <= high:
-            raise ValueError(f"alpha={alpha} is outside alpha_range [{low}, {high}], the KL strengths the policy was "
-                             "trained on")
-        return float(low if alpha is None else alpha)
-
-    @torch.no_grad()
-    def evaluate_weightings(
-        self, batch: dict[str, list[str]], grid: Tensor, generation: GenerationSettings, score: bool = True,
-        alpha: float | None = None, num_samples: int = 1, log_ratio: bool = True,
-    ) -> dict[str, Any]:
-        """Responses, raw rewards and log-ratios for each prompt of ``batch`` at each weighting of ``grid`` ``(G, m)``.
-
-        The one way the project generates at given weightings (grid evaluation, ``validate``, ``test``, ``predict``,
-        ``clp steer``): alpha conditioning and ``decoding="logit_mixture"`` apply everywhere. One generation pass
-        covers the whole grid; rows are grid-point-major, each prompt's samples consecutive: row
-        ``(g * P + p) * num_samples + s``.
-
-        Args:
-            batch: ``prompt`` (and, when ``score``, ``source`` and ``reference``) lists of ``P`` strings.
-            grid: weightings ``(G, m)``.
-            generation: decoding settings.
-            score: score the responses with every reward; False leaves ``rewards`` None (the caller scores).
-            alpha: KL strength given to an alpha-conditioned policy (see :meth:`evaluation_alpha`).
-            num_samples: responses per (prompt, weighting).
-            log_ratio: compute ``kl``; False leaves it None and spares the two forward passes over prompt and
-                response (the policy's and the reference's) that it takes.
-
-        Returns:
-            ``{"point": (N,), "rewards": (N, m) or None, "kl": (N,) or None, "texts": list[str], "weights": (N, m)}``,
-            ``N = G * P * num_samples``. ``kl`` is each response's sequence log-ratio ``log pi(y|x,w) / pi_ref(y|x)``:
-            a one-sample (k1) estimate of the KL when ``y`` was sampled from the policy itself (temperature 1, no
-            truncation), and no KL estimate at all for a greedy ``y``.
-        """
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        num_prompts, num_points, k = len(batch["prompt"]), grid.shape[0], num_samples
-        w_rows = grid.to(self.device).repeat_interleave(num_prompts, 0)  # (G*P, m)
-        alpha_rows = torch.full((w_rows.shape[0],), self.evaluation_alpha(alpha), device=self.device)
-        prompts = batch["prompt"] * num_points
-        enc = self.policy.encode(prompts, w_rows, alpha_rows)
-        if self.decoding == "logit_mixture":
-            from clp_lightning.conditioning.mixture import mixture_generate, mixture_log_probs
-
-            if k > 1:  # the mixture decodes one response per row: a row per sample
-                enc = {key: value.repeat_interleave(k, 0) for key, value in enc.items()}
-                w_rows, prompts = w_rows.repeat_interleave(k, 0), [p for p in prompts for _ in range(k)]
-            ids, mask = mixture_generate(self.policy, **enc, weights=w_rows, **generation.kwargs())
-            logp = mixture_log_probs(self.policy, **enc, response_ids=ids, response_mask=mask,
-                                     weights=w_rows).log_probs if log_ratio else None
-        else:
-            ids, mask = self.policy.generate(**enc, weights=w_rows, alpha=alpha_rows, num_return_sequences=k,
-                                             **generation.kwargs())
-            logp = self.policy(**enc, response_ids=ids, response_mask=mask, weights=w_rows,
-                               alpha=alpha_rows).log_probs if log_ratio else None
-        kl = None if logp is None else alg.sequence_kl(
-            logp, self.policy.reference_log_probs(prompts, ids, mask), mask, "k1")
-        texts = self.policy.decode(ids, mask)
-        rows = lambda xs: [x for x in xs * num_points for _ in range(k)]  # noqa: E731
-        rewards = self.score(rows(batch["source"]), texts, rows(batch["reference"])) if score else None
-        point = torch.arange(num_points, device=self.device).repeat_interleave(num_prompts * k)
-        return {"point": point, "rewards": rewards, "kl": kl, "texts": texts, "weights": grid.to(self.device)[point]}
-
-    @torch.no_grad()
-    def evaluate_reference(
-        self, batch: dict[str, list[str]], generation: GenerationSettings, num_samples: int = 1
-    ) -> dict[str, Any]:
-        """The reference policy's responses and their raw rewards (the vertex gains' baseline and the default
-        hypervolume reference point), ``num_samples`` per prompt.
-
-        Returns:
-            ``{"rewards": (P * num_samples, m), "texts": list[str]}``, each prompt's samples consecutive.
-        """
-        ids, mask = self.policy.generate_reference(batch["prompt"], num_return_sequences=num_samples,
-                                                   **generation.kwargs())
-        texts = self.policy.decode(ids, mask)
-        rows = lambda xs: [x for x in xs for _ in range(num_samples)]  # noqa: E731
-        return {"rewards": self.score(rows(batch["source"]), texts, rows(batch["reference"])), "texts": texts}
 
     # ------------------------------------------------------------------------------------------ optimizer, ckpts
 

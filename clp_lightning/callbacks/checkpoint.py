@@ -122,6 +122,13 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     return checkpoint
 
 
+def policy_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The policy's model parameters from a CLPModule checkpoint (read with :func:`read_checkpoint`), named as in the
+    model (Rewarded Soups loads its experts' from these)."""
+    prefix = "policy.model."
+    return {k[len(prefix) :]: v for k, v in read_checkpoint(path)["state_dict"].items() if k.startswith(prefix)}
+
+
 def check_writable(directory: str | Path, what: str = "checkpoint directory") -> None:
     """Fail now, not after hours of training, if files cannot be created in ``directory`` (created if missing).
 
