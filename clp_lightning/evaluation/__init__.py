@@ -1,5 +1,6 @@
 """Evaluation over a grid of weightings: Pareto front, hypervolume and steerability, as torchmetrics; bootstrap
-intervals of a report's hypervolume and of the difference between two reports."""
+intervals of a report's hypervolume and of the difference between two reports. Generation at given weightings, which
+every evaluation runs through, is the module's mixin in :mod:`clp_lightning.evaluation.generation`."""
 
 from clp_lightning.evaluation.bootstrap import bootstrap_ci, paired_bootstrap
 from clp_lightning.evaluation.metrics import (
