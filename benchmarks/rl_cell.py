@@ -28,7 +28,8 @@ class Cell:
     mode: str = "none"  # conditioning mode (see common.conditioning()), "none" for the unconditioned policy
     size: str = "small"  # GPT-2 size (clp_lightning.models.TINY_SIZES["gpt2"]), or "smollm2" (the real model)
     objectives: int = 2
-    rewards: str = "quickstart"  # "quickstart": MiniLM relevance + brevity; "cheap": lengths and ROUGE
+    rewards: str = "quickstart"  # "quickstart": MiniLM relevance + brevity; "quickstart padded": the same with
+    # MiniLM's inputs padded, not packed (EmbeddingSimilarityReward(pack=False)); "cheap": lengths and ROUGE
     prompts: int = 4  # P, prompts per step
     samples: int = 4  # G, samples per prompt
     new_tokens: int = 32  # L, exactly this many per response
@@ -41,11 +42,12 @@ class Cell:
 
 
 def rewards(kind: str, m: int) -> list:
-    """The first ``m`` rewards of the ``kind`` set ("quickstart" or "cheap")."""
+    """The first ``m`` rewards of the ``kind`` set ("quickstart", "quickstart padded" or "cheap")."""
     from clp_lightning.rewards import EmbeddingSimilarityReward, LengthReward, RougeReward
 
-    if kind == "quickstart":
-        pool = [EmbeddingSimilarityReward(name="relevance", model=MINILM, target="source", max_length=128),
+    if kind in ("quickstart", "quickstart padded"):
+        pack = None if kind == "quickstart" else False
+        pool = [EmbeddingSimilarityReward(name="relevance", model=MINILM, target="source", max_length=128, pack=pack),
                 LengthReward(name="brevity", mode="brevity", unit="words", scale=10.0)]
     else:
         pool = [

@@ -226,3 +226,50 @@ def test_smollm2_suite_is_the_summarisation_shape_against_trl_with_real_tokens(r
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     assert all(abs(n - 200) <= 2 for n in lengths), lengths  # re-tokenising decoded text may merge at the cut
     assert all(p.rstrip().endswith("tl ; dr :") or p.rstrip().endswith("TL;DR:") for p in prompts), prompts
+
+
+def test_packing_suite_pairs_packed_and_padded_rewards_in_both_frameworks(rl_step, rl_cell):
+    cells = rl_step.suites(["packing"], [])["packing"]
+    groups = {c.group for c in cells}
+    assert groups == {"small packed", "small padded", "summarise L=256 packed", "summarise L=256 padded"}
+    for group in groups:
+        members = [c for c in cells if c.group == group]
+        (baseline,) = [c for c in members if c.baseline]
+        assert baseline.framework == "trl" and {c.mode for c in members if c.framework == "clp"} == {"none", "lora"}
+        assert {c.rewards for c in members} == {"quickstart padded" if group.endswith("padded") else "quickstart"}
+    row = lambda ratio: {"cell": {"baseline": False, "group": "summarise L=256 packed"}, "ratio_to_baseline": ratio}  # noqa: E731
+    assert rl_step.verdict("packing", row(0.5)) == "met" and rl_step.verdict("packing", row(0.6)).startswith("**miss")
+    packed, padded = rl_cell.rewards("quickstart", 1)[0], rl_cell.rewards("quickstart padded", 1)[0]
+    assert packed.pack and not padded.pack  # the same MiniLM reward, packed or not
+
+
+def test_table_shows_phases_only_for_profiled_cells(rl_step):
+    row = {"cell": {"name": "c", "baseline": True}, "seconds_per_step": 1.0, "samples_per_second": 1.0,
+           "ratio_to_baseline": 1.0, "baseline": "c", "peak_mb": 1.0, "trainable": 1, "total": 1,
+           "phases": {"backward": 0.1, "optimizer": 0.1}}  # what a cell reports without --profile
+    assert "generate" not in rl_step.table("trl", [row], "cpu")
+    assert "generate" in rl_step.table("trl", [{**row, "phases": {**row["phases"], "generate": 0.5}}], "cpu")
+
+
+def test_reward_scoring_compares_the_four_variants_exactly(benchmark, tmp_path, capsys):
+    reward_scoring = benchmark("reward_scoring")
+    words = "the council voted to build a new bridge across the river next spring at a cost of millions".split()
+    rows = [{"article": " ".join(words[i:] + words[:i]) * 3, "summary": " ".join(words[: 2 + 3 * (i % 4)])}
+            for i in range(6)]
+    data = tmp_path / "human_scores.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reward_scoring.main(["--data", str(data), "--step-prompts", "2", "--samples", "2", "--grid", "3",
+                         "--eval-prompts", "2", "--batch-size", "2", "--rounds", "1", "--max-length", "64"])
+    lines = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| step")
+             or line.startswith("| evaluation")]
+    table = {(cols[0][2:], cols[2]): cols for cols in lines}
+    assert len(table) == 8
+    for cols in lines:
+        assert float(cols[5]) < 1e-5  # every variant gives the padded per-micro-batch scores
+    positions = {key: int(cols[6].rstrip(" |")) for key, cols in table.items()}
+    for shape in ("step", "evaluation"):
+        assert positions[shape, "packed, per call (now)"] < positions[shape, "padded, per call"]
+    # three micro-batches of evaluation each held both articles: per call embeds them once, not three times
+    assert positions["evaluation", "padded, per call"] < positions["evaluation", "padded, per micro-batch (before)"]
+    with pytest.raises(SystemExit, match="clp data cnndm-blanc"):
+        reward_scoring.main(["--data", str(tmp_path / "missing.jsonl")])

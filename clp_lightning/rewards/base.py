@@ -10,6 +10,7 @@ the parent LightningModule calls ``train()``. Rewards are ``nn.Module``s so that
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,13 +138,21 @@ class Reward(nn.Module):
         if self.needs_references and references is None:
             raise ValueError(f"reward {self.name!r} needs references (human summaries), got references=None")
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), self.prepare(sources, responses, references):
             for i in range(0, len(responses), self.batch_size):
                 j = i + self.batch_size
                 out.append(self.score(sources[i:j], responses[i:j], None if references is None else references[i:j]))
         if not out:
             return torch.zeros(0, device=self.device)
         return torch.cat([o.to(device=self.device, dtype=torch.float32) for o in out])
+
+    def prepare(
+        self, sources: list[str], responses: list[str], references: list[str] | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """Work shared by the micro-batches of one call, done after the inputs are checked and before the first
+        :meth:`score`, undone when the call ends. The default does nothing; a reward whose micro-batches repeat
+        inputs (evaluation scores every weighting of the same prompts in one call) computes them here once."""
+        return contextlib.nullcontext()
 
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
         """Score one micro-batch of ``b <= batch_size`` pairs; returns ``(b,)`` (any float dtype and device)."""

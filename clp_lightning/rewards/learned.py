@@ -13,6 +13,7 @@ A head directory (written by ``clp reward train-human``, see :mod:`clp_lightning
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -360,11 +361,13 @@ class HumanScoreReward(Reward):
                 cosine,
             )
 
+    def prepare(
+        self, sources: list[str], responses: list[str], references: list[str] | None
+    ) -> contextlib.AbstractContextManager[None]:
+        return self.encoder.remembering(sources)  # each distinct article embedded once per call
+
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
-        # The k samples of a prompt share its article: each distinct article is embedded once.
-        distinct = {text: i for i, text in enumerate(dict.fromkeys(sources))}
-        index = torch.tensor([distinct[s] for s in sources], device=self.device)
-        u = self.encoder.embed(list(distinct))[index]  # (b, H)
+        u = self.encoder.embed_distinct(sources)  # (b, H)
         v = self.encoder.embed(responses)  # (b, H)
         x = pair_features(u, v, log_word_counts(responses), self.features)  # (b, F)
         out = self.head(x.to(self.head.feature_mean.dtype))

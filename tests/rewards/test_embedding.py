@@ -56,3 +56,26 @@ def test_shared_sources_are_embedded_once_with_the_same_scores(reward, monkeypat
     scores = reward.score(sources, responses, None)
     assert sizes == [6, 2]  # every response, each distinct source once
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+
+
+def test_a_call_embeds_each_source_once_across_its_micro_batches(monkeypatch):
+    # evaluation's layout: every weighting's rows repeat the same prompts, in micro-batches of batch_size
+    reward = EmbeddingSimilarityReward(MINILM, batch_size=2)
+    sources = ["The city will build a bridge next year.", "Prices of eggs went up again."] * 3
+    responses = ["a bridge next year", "eggs cost more", "a new bridge", "eggs", "bridge", "prices rose"]
+    expected = torch.cat([reward.score(sources[i : i + 2], responses[i : i + 2], None) for i in (0, 2, 4)])
+    sizes = []
+    embed = reward.embed
+    monkeypatch.setattr(reward, "embed", lambda texts: sizes.append(list(texts)) or embed(texts))
+    scores = reward(sources, responses)
+    assert sizes[0] == sources[:2]  # the distinct sources, once, before any micro-batch
+    assert sizes[1:] == [responses[0:2], responses[2:4], responses[4:6]]  # then only the responses
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    assert reward._remembered is None  # nothing outlives the call
+
+
+def test_bad_input_is_refused_before_any_embedding(monkeypatch):
+    reward = EmbeddingSimilarityReward(MINILM, batch_size=2)
+    monkeypatch.setattr(reward, "embed", lambda texts: pytest.fail("embedded before the inputs were checked"))
+    with pytest.raises(ValueError, match="same length"):
+        reward(["a", "b"], ["x"])

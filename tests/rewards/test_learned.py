@@ -378,3 +378,15 @@ def test_another_name_for_the_same_encoder_is_accepted_with_a_warning(head_dir: 
         reward = HumanScoreReward(head=str(head_dir), model=str(copy))
     assert "differs from the encoder" in caplog.text and "embeds the probe sentence the same way" in caplog.text
     assert reward(["An article."], ["A summary."]).shape == (1,)
+
+
+def test_each_article_is_embedded_once_per_call(reward: HumanScoreReward, monkeypatch):
+    articles = [row[0] for row in ARTICLES[:2]] * 3
+    summaries = [row[1] for row in ARTICLES[:2]] * 3
+    expected = reward(articles, summaries)
+    monkeypatch.setattr(reward, "batch_size", 2)  # three micro-batches, each with both articles
+    embedded = []
+    embed = reward.encoder.embed
+    monkeypatch.setattr(reward.encoder, "embed", lambda texts: embedded.extend(texts) or embed(texts))
+    torch.testing.assert_close(reward(articles, summaries), expected)
+    assert sum(text in articles for text in embedded) == 2  # each distinct article once, not once per micro-batch
