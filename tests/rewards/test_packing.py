@@ -117,3 +117,11 @@ def test_pack_true_refuses_an_encoder_it_cannot_pack(tmp_path, minilm_tokenizer)
     assert not EmbeddingSimilarityReward(str(tmp_path)).pack  # None: pad an encoder packing is not known to suit
     with pytest.raises(ValueError, match="model_type='roberta'"):
         EmbeddingSimilarityReward(str(tmp_path), pack=True)
+
+
+def test_packing_in_bfloat16_uses_a_mask_of_the_model_dtype():
+    reward = EmbeddingSimilarityReward(MINILM, torch_dtype="bfloat16")
+    assert reward.model.dtype == torch.bfloat16 and reward.pack
+    packed = reward.embed(TEXTS[:5])
+    reward.pack = False
+    torch.testing.assert_close(packed, reward.embed(TEXTS[:5]), atol=3e-2, rtol=0)  # bfloat16 rounding
