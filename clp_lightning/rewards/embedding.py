@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -100,7 +99,7 @@ class EmbeddingSimilarityReward(Reward):
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (b, hidden)
         return F.normalize(mean.float(), dim=-1)
 
-    @contextmanager
+    @contextlib.contextmanager
     def remembering(self, texts: Sequence[str]) -> Iterator[None]:
         """Embed each distinct text of ``texts`` once (in micro-batches) and let :meth:`embed_distinct` reuse the
         embeddings until the block ends."""
