@@ -121,12 +121,26 @@ class _StackedForward:
         if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
             return self.peft_forward(x, *args, **kwargs)
         result = layer.base_layer(x, *args, **kwargs)
-        a = torch.cat([layer.lora_A[n].weight for n in self.names], 0)  # (m r, in)
-        b = torch.cat([layer.lora_B[n].weight for n in self.names], 1)  # (out, m r)
+        a, b, w = self._stacked(x.shape[0])
         h = nn.functional.linear(x.to(a.dtype), a)  # (rows, ..., m r)
-        w = (self.state.rows(h.shape[0]) * self.scaling).to(h.dtype).repeat_interleave(self.rank, dim=1)  # (rows, m r)
-        h = h * w.view(h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1])
+        h = h * w.view(h.shape[0], *([1] * (h.dim() - 2)), h.shape[-1]).to(h.dtype)
         return (result + nn.functional.linear(h, b)).to(result.dtype)
+
+    def _stacked(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The stacked adapter ``A`` ``(m r, in)`` and ``B`` ``(out, m r)`` and the per-row scale of each rank
+        ``(rows, m r)``; inside ``generate`` (a caching weighting) made once per call, not at every decoding step."""
+        if not self.state.caching:
+            return self._build(rows)
+        key = (id(self), rows)
+        if key not in self.state._cache:
+            self.state._cache[key] = self._build(rows)
+        return self.state._cache[key]
+
+    def _build(self, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        layer = self.layer
+        a = torch.cat([layer.lora_A[n].weight for n in self.names], 0)
+        b = torch.cat([layer.lora_B[n].weight for n in self.names], 1)
+        return a, b, (self.state.rows(rows) * self.scaling).to(a.dtype).repeat_interleave(self.rank, dim=1)
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:

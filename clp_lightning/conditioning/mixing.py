@@ -48,7 +48,7 @@ class WeightingState:
         self.caching = False
         self._unique: Tensor | None = None  # (G, m)
         self._inverse: Tensor | None = None  # (B,)
-        self._cache: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._cache: dict[Any, tuple[Tensor, ...]] = {}  # per call, when caching: mixed weights, stacked adapters
         self._per_rows: dict[tuple[str, int], Any] = {}
 
     @contextlib.contextmanager

@@ -198,3 +198,45 @@ def test_stacked_lora_adapters_equal_peft_per_adapter_loop(arch):
     with stacked.reference() as model:  # switched off: the base alone, as peft computes it
         base = _logits(model, stacked.kind, enc, ids)
     assert not torch.allclose(base, got)
+
+
+def test_stacked_lora_is_assembled_once_per_generate_call(arch, monkeypatch):
+    # Inside generate the stacked adapters and per-row scales are built once per layer and row count (the prefill's
+    # P rows, the decoding's P k), not at every decoding step, and the tokens equal those of building them every step.
+    from clp_lightning.conditioning.lora import _StackedForward
+
+    policy = perturb(make_policy(arch, "lora", m=3)).eval()
+    w = torch.distributions.Dirichlet(torch.ones(3)).sample((len(PROMPTS),))
+    enc = policy.encode(PROMPTS, w)
+    builds = []
+    build = _StackedForward._build
+    monkeypatch.setattr(_StackedForward, "_build",
+                        lambda self, rows: builds.append((id(self), rows)) or build(self, rows))
+
+    def sample():
+        torch.manual_seed(0)
+        return policy.generate(**enc, weights=w, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0,
+                               num_return_sequences=2)
+
+    cached = sample()
+    # seq2seq: the encoder's layers see P rows and the decoder's P k; causal: every layer sees both
+    assert {rows for _, rows in builds} == {len(PROMPTS), 2 * len(PROMPTS)}
+    assert len(builds) == len(set(builds)), "a layer stacked its adapters twice for one row count"
+    monkeypatch.setattr(type(policy.state), "use", _without_cache(type(policy.state).use))
+    builds.clear()
+    every_step = sample()
+    assert max(builds.count(b) for b in builds) == 6  # one per decoding step: what the cache saves
+    assert torch.equal(cached[0], every_step[0]) and torch.equal(cached[1], every_step[1])
+    with torch.no_grad():  # a new call sees the adapters as they are then, not the last call's stack
+        for layer in lora_layers(policy.model):
+            for b in layer.lora_B.values():
+                b.weight.mul_(-1.0)
+    monkeypatch.undo()
+    assert not torch.equal(sample()[0], cached[0])
+
+
+def _without_cache(use):
+    def patched(self, weights, alpha=None, cache=False):
+        return use(self, weights, alpha, cache=False)
+
+    return patched
