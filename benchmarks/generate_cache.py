@@ -18,7 +18,11 @@ sampling at temperature 1 with ``top_k = 0``. Variants (``--variants``):
 - ``shared``: what the RL step does (``clp_lightning.conditioning.lm.generate_responses``): each prompt prefilled
   once, its ``DynamicCache`` repeated ``k`` times;
 - ``shared+static+compile``: each prompt prefilled once, the repeated cache copied into a ``StaticCache``, the
-  decode step compiled: what the RL step would need to use both.
+  decode step compiled: what the RL step would need to use both;
+- ``shared-uncached`` (with ``--mode``, not in the default list): as ``shared`` but under a weighting without the
+  per-call cache (``policy.conditioned(w, cache=False)``), so that the conditioning rebuilds at every decoding step
+  what ``generate`` otherwise builds once per call (mixed copies of parameter conditioning, LoRA's stacked adapters
+  and per-row scales): the saving of that cache.
 
 All variants run in one process, in rounds: each round draws new prompts and runs every variant once on them, in
 a shuffled order, with the same seed; the table gives the median time per call over the rounds and the median of
@@ -63,7 +67,8 @@ from typing import Any
 from common import conditioning, machine, sync
 from rl_cell import SMOLLM2, model_dir
 
-VARIANTS = ("dynamic", "static", "static+compile", "static+compile-per-call", "shared", "shared+static+compile")
+VARIANTS = ("dynamic", "static", "static+compile", "static+compile-per-call", "shared", "shared+static+compile",
+            "shared-uncached")
 DEFAULT_VARIANTS = ["dynamic", "static", "static+compile", "shared", "shared+static+compile"]
 BASELINE = "dynamic"
 # what a compiled variant replaces: its break-even is against this variant's time (the baseline when it is not run)
@@ -150,7 +155,7 @@ class Runner:
             kwargs[_cache_argument(model)] = shared_static_cache(model, ids, mask, k, self.max_cache_len)
         model._previous_max_cache_length = self.largest_cache.get(variant, -1)
         torch.manual_seed(seed)
-        if variant == "shared":
+        if variant in ("shared", "shared-uncached"):
             responses, _ = generate_responses(model, self.tokenizer, ids, mask, num_return_sequences=k, **kwargs)
         else:
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -217,7 +222,7 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         if policy is None:
             out = runner.call(variant, batches[call], sample, args.seed + call)
         else:
-            with policy.conditioned(weights[call].to(args.device), cache=True):
+            with policy.conditioned(weights[call].to(args.device), cache=variant != "shared-uncached"):
                 out = runner.call(variant, batches[call], sample, args.seed + call)
         sync(args.device)
         return time.perf_counter() - start, out.cpu(), graphs() - before, graph_breaks() - breaks
@@ -314,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--models {' '.join(unknown)}: expected some of {', '.join(models)}")
     if args.mode != "none" and args.mode not in MODES:
         parser.error(f"--mode {args.mode}: expected none or one of {', '.join(MODES)}")
+    if args.mode == "none" and "shared-uncached" in args.variants:
+        parser.error("--variants shared-uncached: needs a conditioning --mode (the cache it turns off is the policy's)")
     if args.spread >= args.prompt_tokens:
         parser.error(f"--spread {args.spread} must be below --prompt-tokens {args.prompt_tokens}")
     if args.rounds < 1:

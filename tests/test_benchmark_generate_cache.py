@@ -66,6 +66,21 @@ def test_prefilled_static_cache_continues_as_the_shared_dynamic_cache(generate_c
     torch.testing.assert_close(static, shared, rtol=0, atol=0)
 
 
+def test_uncached_weighting_generates_the_cached_tokens_under_lora(generate_cache, tmp_path):
+    out = tmp_path / "out.json"
+    generate_cache.main([*SMALL, "--cache", str(tmp_path), "--out", str(out), "--mode", "lora",
+                         "--variants", "shared", "shared-uncached"])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["dynamic", "shared", "shared-uncached"]
+    assert rows["shared-uncached"]["greedy_match"] == 1.0 and rows["shared-uncached"]["sampled_match"] == 1.0
+
+
+def test_uncached_variant_without_a_conditioning_mode_is_refused(generate_cache, capsys):
+    with pytest.raises(SystemExit):
+        generate_cache.main(["--variants", "shared-uncached"])
+    assert "--variants shared-uncached: needs a conditioning --mode" in capsys.readouterr().err
+
+
 def test_spread_at_least_the_prompt_length_is_refused(generate_cache, capsys):
     with pytest.raises(SystemExit):
         generate_cache.main(["--prompt-tokens", "8", "--spread", "8"])
