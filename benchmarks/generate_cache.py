@@ -265,6 +265,9 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         row["saving_s"] = statistics.median(a - b for a, b in zip(rows[reference]["times"], row["times"]))
         row["break_even_calls"] = (None if row["compile_s"] is None else
                                    cold / row["saving_s"] if row["saving_s"] > 0 else float("inf"))
+    if "shared" in rows and "shared-uncached" in rows:  # what the per-call cache saves, paired within rounds
+        rows["shared-uncached"]["cached_over_uncached"] = statistics.median(
+            a / b for a, b in zip(rows["shared"]["times"], rows["shared-uncached"]["times"]))
     return list(rows.values())
 
 
@@ -281,6 +284,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['model']} | {r['variant']} | {r['first_call']:.2f} | {r['seconds_per_call']:.2f} "
                      f"| {r['ratio_to_baseline']:.2f} | {compile_s} | {even} | {graph_counts} "
                      f"| {r['greedy_match']:.0%} | {r['sampled_match']:.0%} |")
+    lines += [f"\n{r['model']}: shared / shared-uncached, median of the paired rounds: {r['cached_over_uncached']:.3f}"
+              for r in rows if "cached_over_uncached" in r]
     return "\n".join(lines)
 
 

@@ -67,12 +67,16 @@ def test_prefilled_static_cache_continues_as_the_shared_dynamic_cache(generate_c
 
 
 def test_uncached_weighting_generates_the_cached_tokens_under_lora(generate_cache, tmp_path):
+    # the variant's plumbing; the cache's exactness with adapters that change the tokens is tested in
+    # tests/conditioning/test_policy.py (here lora_B starts at zero)
     out = tmp_path / "out.json"
     generate_cache.main([*SMALL, "--cache", str(tmp_path), "--out", str(out), "--mode", "lora",
                          "--variants", "shared", "shared-uncached"])
-    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    results = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in results["rows"]}
     assert list(rows) == ["dynamic", "shared", "shared-uncached"]
     assert rows["shared-uncached"]["greedy_match"] == 1.0 and rows["shared-uncached"]["sampled_match"] == 1.0
+    assert rows["shared-uncached"]["cached_over_uncached"] > 0 and "shared / shared-uncached" in results["table"]
 
 
 def test_uncached_variant_without_a_conditioning_mode_is_refused(generate_cache, capsys):
