@@ -205,11 +205,32 @@ def test_alpha_in_the_parameters_trains_and_scales_each_prompts_update(tmp_path,
         (dict(samples_per_prompt=1), "samples_per_prompt=1: the leave-one-out baseline needs k >= 2"),
         (dict(alpha_range=(0.1, 0.2)), "not conditioned on alpha"),
         (dict(generation=GenerationSettings(max_new_tokens=0)), "max_new_tokens must be >= 1"),
+        (dict(conditioning=ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.0, 0.5),
+              alpha_log_uniform=True), r"alpha_range \[0.0, 0.5\]: alpha_log_uniform .* must be > 0"),
     ],
 )
 def test_bad_configuration_fails_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_module(**kwargs)
+
+
+def test_a_run_without_an_end_needs_a_constant_schedule(tmp_path):
+    """No max_steps and no max_epochs: a decaying schedule has no length to decay over and is refused before the
+    first step; the constant one trains (stopped here by a callback)."""
+    module = make_module(optimizer=OptimizerConfig(lr=1e-2, schedule="linear"))
+    before = _snapshot(module)
+    endless = dict(max_epochs=-1, enable_checkpointing=False)
+    with pytest.raises(ValueError, match=r"schedule='linear' .* not known .* set trainer.max_steps"):
+        make_trainer(tmp_path, max_steps=-1, **endless).fit(module, datamodule=make_data())
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters())
+
+    class StopAfterTwo(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 2
+
+    trainer = make_trainer(tmp_path, max_steps=-1, callbacks=[StopAfterTwo()], **endless)
+    trainer.fit(make_module(), datamodule=make_data())
+    assert trainer.global_step == 2
 
 
 def test_unknown_reward_model_path_fails_before_training():
@@ -287,6 +308,10 @@ def test_rl_step_sees_no_dropout_of_any_kind(tmp_path, arch, rate, conditioning,
     args = dict(response_ids=rollout["response_ids"], response_mask=rollout["response_mask"],
                 weights=rollout["weights"])
     again = [module.policy(**enc, **args).log_probs for _ in range(2)]  # fresh dropout masks, if any
+    # the reference is a fixed function whatever the policy keeps, also after the module's train() above
+    refs = [module.policy.reference_log_probs(prompts, rollout["response_ids"], rollout["response_mask"])
+            for _ in range(2)]
+    assert torch.equal(refs[0], refs[1])
     if disable:
         assert torch.equal(again[0], again[1])
         # LoRA starts at B = 0 (the policy is the base exactly); parameter mixing sums w_i theta over equal copies,

@@ -188,6 +188,12 @@ class ConditionalPolicy(nn.Module):
         reference = self.merged_model(torch.full((self.num_objectives,), 1.0 / self.num_objectives))
         self.reference_copy = reference.requires_grad_(False).eval()
 
+    def train(self, mode: bool = True) -> ConditionalPolicy:
+        super().train(mode)
+        if self.reference_copy is not None:  # a fixed function: its dropout never turns on
+            self.reference_copy.eval()
+        return self
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[PreTrainedModel]:
         """A block whose yielded model is the reference policy, in eval mode (a fixed function even while the
@@ -304,8 +310,10 @@ class ConditionalPolicy(nn.Module):
             return generate_responses(self.model, self.tokenizer, input_ids, attention_mask, **generation_kwargs)
 
     def decode(self, response_ids: Tensor, response_mask: Tensor) -> list[str]:
-        """Response texts, special tokens dropped."""
-        return self.tokenizer.batch_decode(response_ids * response_mask, skip_special_tokens=True)
+        """Response texts, special tokens dropped: each row's tokens where ``response_mask`` is 1, nothing of what
+        lies after its end (whatever id pads it: id 0 is an ordinary token in some vocabularies, GPT-2's ``!``)."""
+        rows = [ids[keep].tolist() for ids, keep in zip(response_ids, response_mask.bool())]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def generate_text(
         self, prompts: Sequence[str], weights: Tensor | Sequence[float] | Sequence[Sequence[float]],

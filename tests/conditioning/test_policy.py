@@ -240,3 +240,28 @@ def _without_cache(use):
         return use(self, weights, alpha, cache=False)
 
     return patched
+
+
+def test_decode_drops_what_follows_each_rows_end_whatever_id_pads_it():
+    """GPT-2, Llama 3 and Qwen2 put an ordinary token (``!``) at id 0 and pad with their EOS: a response shorter than
+    its batch's longest must decode to its own tokens, with nothing added for the positions after its end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from clp_lightning.conditioning.lm import response_mask_from_ids
+
+    vocab = {t: i for i, t in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<|endoftext|>"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    gpt2_like = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    assert gpt2_like.convert_ids_to_tokens(0) == "!"
+    eos = gpt2_like.eos_token_id
+    short, full = gpt2_like("hi")["input_ids"], gpt2_like("hello")["input_ids"]
+    ids = torch.tensor([short + [eos] + [eos] * 2, full])  # what generate returns: padded with EOS after the end
+    mask = response_mask_from_ids(ids, eos)
+    policy = make_policy("gpt2", "lora")
+    policy.tokenizer = gpt2_like
+    assert policy.decode(ids, mask) == ["hi", "hello"]
+    # any pad id, 0 included: only the masked tokens are read
+    assert policy.decode(ids.masked_fill(mask == 0, 0), mask) == ["hi", "hello"]
