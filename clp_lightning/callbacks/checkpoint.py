@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -145,23 +146,31 @@ def check_writable(directory: str | Path, what: str = "checkpoint directory") ->
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints to ``<path>.tmp`` and rename into place; load through :func:`read_checkpoint`."""
+    """Write checkpoints to a temporary file beside the target and rename it into place; load through
+    :func:`read_checkpoint`.
+
+    The temporary file's name (``.clp-partial-<random>.tmp``) holds nothing of the target's: a write killed midway
+    (SIGKILL at the end of a SLURM grace period) leaves a file that neither ``--ckpt_path last`` (``last*.ckpt``) nor
+    Lightning's SLURM resume (any name containing ``hpc_ckpt_``, numbered by the digits after it) takes for a
+    checkpoint. Any other interruption (an error, a second Ctrl+C) removes it.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.parent / f".clp-partial-{uuid.uuid4().hex}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "xb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial one
         except (OSError, RuntimeError) as err:
-            tmp.unlink(missing_ok=True)
             # torch reports a failed write as "[enforce fail at inline_container.cc...]"; say which file and why
             raise OSError(f"could not write checkpoint {str(path)!r} (disk full or file size limit?): "
                           f"{str(err).splitlines()[0]}; the previous checkpoint, if any, is unchanged") from err
+        finally:
+            tmp.unlink(missing_ok=True)  # gone already after the rename
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = True) -> dict:
         return read_checkpoint(path, map_location=map_location or "cpu")

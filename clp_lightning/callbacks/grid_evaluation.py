@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -127,6 +128,8 @@ class GridEvaluation(L.Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if max_prompts is not None and max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1 (or None: every validation prompt), got {max_prompts}")
         self.generation = generation or GenerationSettings(do_sample=False)
         if num_samples < 1 or kl_samples < 0:
             raise ValueError(f"need num_samples >= 1 and kl_samples >= 0, got {num_samples} and {kl_samples}")
@@ -338,6 +341,10 @@ class GridEvaluation(L.Callback):
         """One KL strength's numbers, reduced over ranks: the reward means of every evaluated row, and the
         per-prompt rows with the standard errors taken over them."""
         means, rows = self._means[alpha].compute(), self._rows[alpha].compute()
+        # torchmetrics squeezes a one-element result to a scalar (one objective: a grid of one point); restore shapes
+        g, m = self.grid.shape
+        means = {**means, "rewards": means["rewards"].reshape(g, m), "kl": means["kl"].reshape(g)}
+        rows = {**rows, "rewards": rows["rewards"].reshape(g, -1, m), "kl": rows["kl"].reshape(g, -1)}
         _, rewards_se = mean_and_standard_error(rows["rewards"], dim=1)
         kl, kl_se = mean_and_standard_error(rows["kl"], dim=1)
         return {"alpha": alpha, "rewards": means["rewards"], "rewards_se": rewards_se, "kl": kl, "kl_se": kl_se,
@@ -421,18 +428,25 @@ class GridEvaluation(L.Callback):
         directory.mkdir(parents=True, exist_ok=True)
         stem = f"epoch_{report['epoch']:03d}_step_{report['step']:06d}" if trainer.state.fn == "fit" else str(
             trainer.state.fn.value)  # validate.json, test.json
-        (directory / f"{stem}.json").write_text(json.dumps(report, indent=2))
-        (directory / "latest.json").write_text(json.dumps(report, indent=2))
+        text = json.dumps(report, indent=2)
+        for name in (f"{stem}.json", "latest.json"):  # a reader (clp export) never sees half a report
+            tmp = directory / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, directory / name)
         self._append_csv(directory / "metrics.csv", report, trainer.state.fn)
-        figure = front_figure(report, self.history[:-1])
-        figure.savefig(directory / f"{stem}_front.png", dpi=100)
+        # one objective has no front to draw: its reward is in the files and logs
+        figure = front_figure(report, self.history[:-1]) if len(self.names) > 1 else None
+        if figure is not None:
+            figure.savefig(directory / f"{stem}_front.png", dpi=100)
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_figure"):
-            experiment.add_figure("val/pareto/front", figure, global_step=report["step"])
+            if figure is not None:
+                experiment.add_figure("val/pareto/front", figure, global_step=report["step"])
             experiment.add_text("val/samples", samples_markdown(report), global_step=report["step"])
-        import matplotlib.pyplot as plt
+        if figure is not None:
+            import matplotlib.pyplot as plt
 
-        plt.close(figure)
+            plt.close(figure)
 
     def _append_csv(self, path: Path, report: dict[str, Any], stage: str) -> None:
         fields = ["stage", "epoch", "step", "hypervolume", "kl"] + [f"steerability/{n}" for n in self.names] + [

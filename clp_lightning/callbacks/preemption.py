@@ -260,6 +260,11 @@ class StopOnSignal(_StopAtStepBoundary):
             path = hpc_checkpoint_path(trainer.default_root_dir)
             resume = f"--ckpt_path {path}"
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
+        if resume == "--ckpt_path last":
+            # Tell the ModelCheckpoint that this step's last checkpoint exists. Otherwise, with save_last, its
+            # on_train_end saves "last" again over this file, from the state after the stop, which counts the
+            # interrupted epoch as finished: the resumed run would skip the rest of that epoch's batches.
+            checkpoint._last_checkpoint_saved, checkpoint._last_global_step_saved = str(path), trainer.global_step
         self.exit_code = 128 + received
         log.info("%s: saved %s at step %d; resume with the same command and %s", received.name, path,
                  trainer.global_step, resume)

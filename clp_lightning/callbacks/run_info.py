@@ -26,10 +26,15 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
 
 
 class RunInfo(L.Callback):
-    """Writes ``run_info.json`` (seed, git revision, command line, versions, CPU numerics) into the run's log
-    directory."""
+    """Writes what each run of the log directory was (seed, git revision, command line, versions, CPU numerics).
+
+    ``fit`` writes ``run_info.json``; a resumed fit keeps the records of the runs before it under ``"earlier"``.
+    ``validate``, ``test`` and ``predict`` write ``run_info_<stage>.json``, so that evaluating a checkpoint in the
+    training run's directory (the README's ``clp validate``) leaves the record of the training alone.
+    """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn ("fit", "validate", ...)
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: a collective under DDP
         if not trainer.is_global_zero:
             return
@@ -47,7 +52,24 @@ class RunInfo(L.Callback):
             "cpu_numerics": {"threads": torch.get_num_threads(), "kernels": torch.backends.cpu.get_cpu_capability(),
                              "MKL_CBWR": os.environ.get("MKL_CBWR")},
         }
-        (directory / "run_info.json").write_text(json.dumps(info, indent=2))
+        path = directory / ("run_info.json" if stage == "fit" else f"run_info_{stage}.json")
+        if stage == "fit":
+            earlier = _read(path)
+            if earlier is not None:
+                prior = earlier.pop("earlier", [])
+                info["earlier"] = [*(prior if isinstance(prior, list) else []), earlier]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, path)  # a reader never sees half a file
+
+
+def _read(path: Path) -> dict | None:
+    """An earlier record, or None when there is none (or it is unreadable: it is then replaced)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _seed() -> int | None:

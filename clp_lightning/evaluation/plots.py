@@ -32,6 +32,8 @@ def front_figure(report: dict[str, Any], history: list[dict[str, Any]] | None = 
     ``by_alpha`` draws one front per alpha, coloured, with alpha, mean KL over the grid and hypervolume in the legend.
     """
     names = report["objectives"]
+    if len(names) < 2:
+        raise ValueError(f"a front figure needs 2 or more objectives, got {names}")
     pairs = list(itertools.combinations(range(len(names)), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
     history = history or []

@@ -48,9 +48,12 @@ def spearman(x: Tensor, y: Tensor) -> float:
 def pearson(x: Tensor, y: Tensor) -> float:
     """Pearson correlation of two ``(P,)`` tensors, in float64; nan when either is constant or ``P < 2``."""
     x, y = _cpu64(x), _cpu64(y)
+    # constancy is checked on the values: centring a constant leaves rounding residues (1e-17), not zeros
+    if x.numel() < 2 or bool((x == x[0]).all()) or bool((y == y[0]).all()):
+        return math.nan
     x, y = x - x.mean(), y - y.mean()
     denom = (x.square().sum() * y.square().sum()).sqrt()
-    if x.numel() < 2 or denom == 0:
+    if denom == 0:
         return math.nan
     return float((x * y).sum() / denom)
 

@@ -19,12 +19,12 @@ from clp_lightning.module import CLPModule
 from clp_lightning.rewards import LengthReward, RougeReward
 
 
-def make_module() -> CLPModule:
+def make_module(objectives: int = 2) -> CLPModule:
     torch.manual_seed(0)
     rewards = [
         RougeReward(name="coverage", target="source", rouge_key="rouge1", measure="recall"),
         LengthReward(name="brevity", unit="chars", scale=10.0),
-    ]
+    ][:objectives]
     logits = ConditioningConfig(mode="mixing", options={"targets": "logits"})
     policy = PolicyConfig("tiny:t5", logits, max_prompt_length=48)
     return CLPModule(
@@ -281,6 +281,8 @@ def test_bad_sampling_settings_are_refused():
         GridEvaluation(num_samples=2, generation=GenerationSettings(do_sample=False))
     with pytest.raises(ValueError, match="kl_samples >= 0"):
         GridEvaluation(kl_samples=-1)
+    with pytest.raises(ValueError, match="max_prompts must be >= 1 .* got 0"):
+        GridEvaluation(max_prompts=0)
 
 
 def test_kl_samples_zero_reports_nan_and_logs_no_kl(tmp_path):
@@ -370,3 +372,16 @@ def test_alphas_are_checked_before_evaluating(tmp_path):
                             generation=GenerationSettings(do_sample=False, max_new_tokens=2))
     make_trainer(tmp_path, [chosen]).validate(alpha_module(), datamodule=data)
     assert [entry["alpha"] for entry in chosen.last["by_alpha"]] == [0.5, 0.02]  # as listed
+
+
+def test_one_objective_evaluates_its_one_point(tmp_path):
+    """A single reward makes a grid of one point: torchmetrics hands its one-element results back as scalars, which
+    must not break the report (and there is no front to draw)."""
+    data = SyntheticTLDRDataModule(num_train=4, num_val=2, batch_size=2, val_batch_size=2, seed=0)
+    callback = grid_callback()
+    make_trainer(tmp_path, [callback]).validate(make_module(objectives=1), datamodule=data)
+    report = json.loads((tmp_path / "run" / "evaluation" / "latest.json").read_text())
+    assert report["grid"] == [[1.0]] and len(report["rewards"]) == 1 and len(report["rewards"][0]) == 1
+    assert len(report["per_prompt_rewards"][0]) == 2  # both validation prompts
+    assert report["vertex_gain"]["coverage"] == pytest.approx(report["rewards"][0][0] - report["reference_rewards"][0])
+    assert not list((tmp_path / "run" / "evaluation").glob("*.png"))

@@ -64,6 +64,54 @@ def test_signal_checkpoints_at_step_boundary_requeues_stops_and_resumes_exactly(
     assert fake_slurm.read_text().count("requeue") == 1
 
 
+KILLED_MID_WRITE = """
+import os, signal, sys, torch
+from clp_lightning.callbacks import SafeCheckpointIO
+
+def killed(obj, f):  # SLURM's SIGKILL at the end of the grace period, half way through the file
+    f.write(b"PK" + bytes(1000))
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = killed
+SafeCheckpointIO().save_checkpoint({"state_dict": {}}, sys.argv[1])
+"""
+
+
+def test_a_checkpoint_write_killed_midway_leaves_nothing_a_slurm_resume_takes(tmp_path, fake_slurm):
+    """Lightning resumes a SLURM job from the highest number in any file name containing ``hpc_ckpt_``: a partial
+    file named after its target would point the resume at a checkpoint that does not exist."""
+    import subprocess
+
+    from clp_lightning.callbacks import SafeCheckpointIO
+
+    run = tmp_path / "run"
+    trainer(run, 4, [SlurmRequeue(requeue=False), SignalAt(batch_idx=1)]).fit(make_module(), datamodule=make_data())
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(run / "hpc_ckpt_2.ckpt")])
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(p.name for p in run.iterdir())
+    assert "hpc_ckpt_1.ckpt" in left and "hpc_ckpt_2.ckpt" not in left and len(left) == 2  # the partial file
+    assert not any("hpc_ckpt_" in name for name in left if name != "hpc_ckpt_1.ckpt")
+    resumed = trainer(run, 4, [SlurmRequeue()])
+    resumed.fit(make_module(), datamodule=make_data(), ckpt_path="hpc")  # from hpc_ckpt_1.ckpt, step 2
+    assert resumed.global_step == 4
+
+    # an exception mid-write (a second Ctrl+C) leaves nothing at all
+    def interrupted(obj, f):
+        f.write(b"PK")
+        raise KeyboardInterrupt
+
+    before = sorted(p.name for p in run.iterdir())
+    real_save = torch.save
+    torch.save = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            SafeCheckpointIO().save_checkpoint({"state_dict": {}}, run / "hpc_ckpt_2.ckpt")
+    finally:
+        torch.save = real_save
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_outside_slurm_the_signal_keeps_its_previous_handler(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     seen = []

@@ -202,3 +202,37 @@ def test_second_sigint_aborts_and_second_sigterm_is_ignored():
 def test_bad_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StopOnSignal(**kwargs)
+
+
+def test_stop_with_save_last_resumes_mid_epoch_at_the_next_batch(tmp_path):
+    """The shipped configs keep save_last on: the ModelCheckpoint must not save "last" again at the end of the
+    stopped fit, from a state that counts the interrupted epoch as finished (the resume would skip its batches)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Batches(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.current_epoch, batch_idx, batch["id"]))
+
+    def checkpoint():
+        return ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=100,
+                               save_on_train_epoch_end=False)
+
+    # 8 batches an epoch; the signal comes during batch 2 (step 3): the stop saves after it
+    stop, first = StopOnSignal(), Batches()
+    trainer = make_trainer(tmp_path, 6, callbacks=[stop, SignalAt(batch_idx=2, signum=signal.SIGTERM), checkpoint(),
+                                                   first])
+    trainer.fit(make_module(), datamodule=make_data())
+    assert stop.exit_code == 143 and trainer.global_step == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+
+    again, full = Batches(), Batches()
+    make_trainer(tmp_path, 6, callbacks=[checkpoint(), again]).fit(
+        make_module(), datamodule=make_data(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    make_trainer(tmp_path / "uninterrupted", 6, enable_checkpointing=False, callbacks=[full]).fit(
+        make_module(), datamodule=make_data())
+    # the resumed run takes epoch 0's batch 3 next, the very batches the uninterrupted run took
+    assert again.seen[0][:2] == (0, 3)
+    assert first.seen + again.seen == full.seen

@@ -30,6 +30,15 @@ def test_spearman_by_hand_with_ties():
     assert spearman(torch.tensor([0.0, 0.1, 0.2, 0.3]), torch.tensor([1.0, 10, 100, 1000])) == pytest.approx(1.0)
 
 
+def test_pearson_of_a_constant_is_nan_whatever_its_rounding():
+    from clp_lightning.evaluation.steerability import pearson
+
+    # 0.1 is not exact in binary: centring three copies leaves residues of about 1e-17, not zeros
+    assert math.isnan(pearson(torch.tensor([0.1] * 3, dtype=torch.float64), torch.tensor([1.0, 2, 3])))
+    assert math.isnan(pearson(torch.tensor([1.0, 2, 3]), torch.full((3,), 0.7)))
+    assert pearson(torch.tensor([1.0, 2, 3]), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)) == pytest.approx(1)
+
+
 def test_spearman_undefined_is_nan_and_shape_errors():
     assert math.isnan(spearman(torch.tensor([1.0, 2, 3]), torch.tensor([4.0, 4, 4])))
     assert math.isnan(spearman(torch.tensor([1.0]), torch.tensor([2.0])))
