@@ -69,11 +69,13 @@ class CLPCLI(LightningCLI):
         # jsonargparse builds the model (minutes for a real one) before the data module: bad data files and a
         # read-only output directory are found first, from the parsed config
         config = self.config.get(str(self.subcommand), self.config)  # `run=False` parses no subcommand
-        self._check_data_files(config.get("data"))
-        if self.subcommand != "fit":
+        self._check_data_files(config.get("data"), str(self.subcommand))
+        if self.subcommand not in ("fit", "validate", "test", "predict"):
             return
         root = config.trainer.get("default_root_dir") or "."
-        check_writable(root, "trainer.default_root_dir")
+        check_writable(root, "trainer.default_root_dir")  # every stage writes there: its config, its reports
+        if self.subcommand != "fit":
+            return
         callbacks = config.trainer.get("callbacks") or []
         for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
             dirpath = (callback.get("init_args") or {}).get("dirpath") if hasattr(callback, "get") else None
@@ -81,7 +83,7 @@ class CLPCLI(LightningCLI):
                 check_writable(dirpath, f"checkpoint directory of {callback.get('class_path', 'a callback')}")
 
     @staticmethod
-    def _check_data_files(data: Any) -> None:
+    def _check_data_files(data: Any, stage: str) -> None:
         if data is None or not data.get("class_path"):
             return
         from jsonargparse import namespace_to_dict
@@ -91,7 +93,8 @@ class CLPCLI(LightningCLI):
         module, _, name = data["class_path"].rpartition(".")
         cls = getattr(importlib.import_module(module), name)
         if isinstance(cls, type) and issubclass(cls, SummarizationDataModule):
-            cls(**namespace_to_dict(data.get("init_args") or {})).check_files()  # only stores its arguments
+            # the constructor only stores its arguments
+            cls(**namespace_to_dict(data.get("init_args") or {})).check_files(stage if stage != "None" else None)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -91,12 +91,26 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "linear", "cosine"] = "constant"
 
-    def build(self, params: list[torch.nn.Parameter], total_steps: int) -> dict[str, Any]:
-        """``configure_optimizers`` output for ``params`` over ``total_steps`` optimizer steps."""
+    def build(self, params: list[torch.nn.Parameter], total_steps: float) -> dict[str, Any]:
+        """``configure_optimizers`` output for ``params`` over ``total_steps`` optimizer steps (Lightning's
+        ``estimated_stepping_batches``).
+
+        Raises:
+            ValueError: the run's length is unknown (``inf``: no ``max_steps`` and no ``max_epochs``; -1: an unsized
+                loader) and the schedule needs it to decay.
+        """
         import math
 
+        if not math.isfinite(total_steps) or total_steps < 1:
+            if self.schedule != "constant":
+                raise ValueError(
+                    f"optimizer.schedule={self.schedule!r} decays over the run's optimizer steps, but this run's "
+                    f"number of steps is not known (Lightning estimates {total_steps}): set trainer.max_steps (or "
+                    "trainer.max_epochs), or use optimizer.schedule: constant"
+                )
+            total_steps = 1  # a constant schedule never reads it
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
-        warmup, total = self.warmup_steps, max(total_steps, 1)
+        warmup, total = self.warmup_steps, max(int(total_steps), 1)
 
         def factor(step: int) -> float:
             if step < warmup:

@@ -84,6 +84,8 @@ def resolve_path(name_or_path: str) -> str:
     Raises:
         FileNotFoundError: the package is not installed or has no such directory or file.
     """
+    if name_or_path.startswith("~"):  # from_pretrained would take "~/x" for a malformed hub id
+        return str(Path(name_or_path).expanduser())
     if not name_or_path.startswith(PKG_PREFIX):
         return name_or_path
     package, _, sub = name_or_path[len(PKG_PREFIX) :].partition("/")
@@ -398,6 +400,8 @@ def load_policy_model(
         arch, size = parse_tiny_name(name_or_path)
         tok = build_tiny_tokenizer(tokenizer, "seq2seq" if arch == "t5" else "causal")
         model = build_tiny_model(arch, size, seed=seed, vocab_size=len(tok))
+        if torch_dtype:
+            model = model.to(getattr(torch, torch_dtype))
         tokenizer = tok
     else:
         path = resolve_source(name_or_path, gguf_file, cache_dir)

@@ -10,7 +10,6 @@ micro-batch, ``k`` samples per prompt, ``N = P * k`` sequences, ``m`` objectives
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -125,12 +124,12 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             alpha_low, alpha_high = alpha_range
             if not 0 <= alpha_low <= alpha_high:
                 raise ValueError(f"alpha_range {list(alpha_range)} must satisfy 0 <= low <= high")
-            if alpha_log_uniform and alpha_low <= 0:
-                raise ValueError(f"alpha_range {list(alpha_range)}: alpha_log_uniform samples log(alpha), so the low "
-                                 "end must be > 0")
             if policy.conditioning.alpha_scale is not None and alpha_low <= 0:
                 raise ValueError(f"alpha_range {list(alpha_range)}: with alpha_scale the update is scaled by "
                                  "alpha_scale / alpha, so alpha must be > 0")
+            if alpha_log_uniform and alpha_low <= 0:
+                raise ValueError(f"alpha_range {list(alpha_range)}: alpha_log_uniform samples log(alpha), so the low "
+                                 "end must be > 0")
         elif policy.conditioning.condition_on_alpha:
             raise ValueError("policy is conditioned on alpha but alpha_range is None; "
                              "set e.g. alpha_range: [0.01, 0.5]")
@@ -298,15 +297,7 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         if not params:
             raise ValueError(f"policy conditioned as {self.policy.conditioning.name!r} has no trainable parameters")
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        if not math.isfinite(total) or total < 1:  # no max_steps and no max_epochs, or an unsized loader
-            if self.optimizer_config.schedule != "constant":
-                raise ValueError(
-                    f"optimizer.schedule={self.optimizer_config.schedule!r} decays over the run's optimizer steps, "
-                    f"but this run's number of steps is not known (Lightning estimates {total}): set "
-                    "trainer.max_steps (or trainer.max_epochs), or use optimizer.schedule: constant"
-                )
-            total = 1  # a constant schedule never reads it
-        return self.optimizer_config.build(params, int(total))
+        return self.optimizer_config.build(params, total)
 
     def _excluded_keys(self) -> set[str]:
         """Frozen weights rebuilt from the config at load time: rewards and the policy's frozen parameters (its

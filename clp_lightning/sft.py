@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from clp_lightning.callbacks.checkpoint import check_writable
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.conditioning.lm import response_log_probs
 from clp_lightning.conditioning.policy import ConditionalPolicy
@@ -30,7 +33,9 @@ class SFTModule(L.LightningModule):
 
     Args:
         policy: the model to warm-start (its conditioning is ignored: the warm start is unconditioned).
-        output_dir: where the final model and tokenizer are saved (``save_pretrained``); None saves nothing.
+        output_dir: where the final model and tokenizer are saved (``save_pretrained``); None saves nothing. The
+            directory is replaced when the fit ends, so it must be new, empty, or a model saved there before
+            (checked at construction, before any training).
         max_response_length: reference tokens kept (EOS included).
         optimizer: AdamW settings, warm-up and schedule.
     """
@@ -47,6 +52,8 @@ class SFTModule(L.LightningModule):
         policy, optimizer = coerce(policy, PolicyConfig), coerce(optimizer, OptimizerConfig)
         if max_response_length < 1:
             raise ValueError(f"max_response_length must be >= 1, got {max_response_length}")
+        if output_dir is not None:
+            check_output_dir(output_dir)
         # the warm start trains the plain model: the config's loading and prompt format, no conditioning
         self.policy = dataclasses.replace(policy, conditioning=ConditioningConfig()).build(1)
         self.output_dir = output_dir
@@ -84,7 +91,7 @@ class SFTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
-        return self.optimizer_config.build(list(self.policy.parameters()), int(total))
+        return self.optimizer_config.build(list(self.policy.parameters()), total)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters", {}))
@@ -94,16 +101,48 @@ class SFTModule(L.LightningModule):
             save_pretrained_atomic(self.policy, self.output_dir)
 
 
+def check_output_dir(output_dir: str | Path) -> Path:
+    """The model directory ``output_dir`` (``~`` expanded), checked before training: it will be replaced, so it must
+    not hold anything but an earlier saved model, and its parent must be writable.
+
+    Raises:
+        ValueError: ``output_dir`` is a file, or a directory with other contents (a run directory, checkpoints).
+        PermissionError: its parent directory cannot be written.
+    """
+    target = Path(output_dir).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"output_dir {str(target)!r} is a file; expected a directory for the warm-start model")
+    if target.is_dir():
+        entries = sorted(target.iterdir())
+        foreign = [p.name for p in entries if p.is_dir() or p.suffix == ".ckpt"]
+        if foreign or (entries and not (target / "config.json").is_file()):
+            shown = foreign or [p.name for p in entries]
+            raise ValueError(
+                f"output_dir {str(target)!r} holds more than a saved model ({', '.join(shown[:5])}"
+                f"{', ...' if len(shown) > 5 else ''}): the warm start replaces that directory when it ends; point "
+                "output_dir at a new directory or at a model it saved before"
+            )
+    check_writable(target.parent, "output_dir's parent directory")
+    return target
+
+
 def save_pretrained_atomic(policy: ConditionalPolicy, output_dir: str | Path) -> Path:
-    """``save_pretrained`` of model and tokenizer into a temporary directory, then renamed into place."""
-    target = Path(output_dir)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.model.save_pretrained(tmp)
-    policy.tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    """``save_pretrained`` of model and tokenizer into a temporary directory beside ``output_dir``, then moved into
+    its place; an earlier model there is replaced only once the new one is complete."""
+    target = check_output_dir(output_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        policy.model.save_pretrained(tmp)
+        policy.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the move
     log.info("warm-start model saved to %s", target)
     print(f"warm-start model saved to {target}")
     return target

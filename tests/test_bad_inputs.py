@@ -150,6 +150,14 @@ def test_unwritable_checkpoint_directory_fails_before_the_model_loads(tmp_path, 
     assert code == 2 and "checkpoint directory of lightning.pytorch.callbacks.ModelCheckpoint" in one_line(err)
 
 
+def test_unwritable_run_directory_fails_validate_before_the_model_loads(tmp_path, capsys, no_model):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = write_config(tmp_path / "config.yaml")
+    code, err = clp(capsys, "validate", "--config", str(config), f"--trainer.default_root_dir={blocker / 'run'}")
+    assert code == 2 and "trainer.default_root_dir" in one_line(err) and "is not writable" in one_line(err)
+
+
 # ------------------------------------------------------------------------------------------------ bad data files
 
 def data_config(tmp_path: Path, train: Path) -> Path:
@@ -282,3 +290,29 @@ def test_steer_names_the_checkpoint_of_another_mode(trained, tmp_path, capsys):
     line = one_line(err)
     assert code == 2 and str(ckpt) in line
     assert "was trained with conditioning {'options': {'targets': 'logits'}}" in line
+
+
+@pytest.mark.parametrize("case", ["no_validation_split", "missing_column"])
+def test_a_split_or_column_the_stage_needs_is_named_before_the_model_loads(tmp_path, capsys, no_model, case):
+    config = json.loads(json.dumps(TINY_CONFIG))
+    files = {"train": str(FIXTURES / "tldr_carper_train.jsonl")}
+    if case == "missing_column":
+        files["validation"] = str(FIXTURES / "tldr_missing_column.jsonl")
+    config["data"] = {"class_path": "clp_lightning.data.RedditTLDRDataModule",
+                      "init_args": {"path": None, "data_files": files, "batch_size": 2}}
+    path = write_config(tmp_path / "config.yaml", config, default_root_dir=str(tmp_path / "run"))
+    code, err = clp(capsys, "fit", "--config", str(path))
+    line = one_line(err)
+    if case == "no_validation_split":
+        assert code == 2 and "Split 'validation' is not in data_files (has ['train'])" in line
+    else:
+        assert code == 2 and "Cannot detect the TL;DR schema of split 'validation' from columns ['prompt']" in line
+
+
+def test_a_relative_dataset_folder_that_is_missing_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from clp_lightning.data import CNNDailyMailDataModule
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # `clp data` writes under data/, but not this one yet
+    with pytest.raises(FileNotFoundError, match="Dataset directory not found: 'data/cnndm_blanc'"):
+        CNNDailyMailDataModule(path="data/cnndm_blanc", name=None).check_files("fit")

@@ -150,3 +150,14 @@ def test_synthetic_bpe_tokenizer_does_not_import_the_data_package(monkeypatch):
     for name in {"clp_lightning.data", *(n for n in sys.modules if n.startswith("clp_lightning.data."))}:
         monkeypatch.setitem(sys.modules, name, None)
     assert len(models.build_tiny_tokenizer("synthetic-bpe-300", "causal")) == 300
+
+
+def test_home_relative_paths_load_and_tiny_models_take_the_dtype(tmp_path, monkeypatch):
+    from clp_lightning.models import build_byte_tokenizer
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    build_tiny_model("t5", seed=0).save_pretrained(tmp_path / "tiny_t5")
+    build_byte_tokenizer("seq2seq").save_pretrained(tmp_path / "tiny_t5")
+    model, _ = load_policy_model("~/tiny_t5")  # not a (malformed) hub id
+    assert Path(model.name_or_path) == tmp_path / "tiny_t5"
+    assert load_policy_model("tiny:t5", torch_dtype="bfloat16")[0].dtype == torch.bfloat16

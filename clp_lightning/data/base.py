@@ -205,6 +205,35 @@ def _json_document_rows(text: str, first_line: int) -> int:
     return len(document)
 
 
+def data_file_columns(file: str) -> set[str] | None:
+    """The columns ``datasets`` will find in a local data file, read from its header or rows without loading it;
+    None for a file this cannot read (compressed, remote, another format). Call after :func:`check_data_file`.
+
+    JSON: the keys of every row (JSON Lines or an array of objects; a column-oriented object's keys).
+    """
+    path = Path(file)
+    suffixes = [s.lower() for s in path.suffixes]
+    if not path.is_file() or not suffixes or suffixes[-1] not in _BUILDERS:
+        return None
+    fmt = _BUILDERS[suffixes[-1]]
+    if fmt == "parquet":
+        return set(pq.read_schema(path).names)
+    lines = (line for _, line in _utf8_lines(path, repr(file)))
+    if fmt == "csv":
+        return set(next((fields for fields in csv.reader(lines) if fields), []))
+    text = "".join(lines).lstrip()
+    if text.startswith(("[", "{")):
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError:
+            document = None  # not one document: JSON Lines
+        if isinstance(document, dict):
+            return set(document)
+        if isinstance(document, list):
+            return {key for row in document for key in row}
+    return {key for line in text.splitlines() if line.strip() for key in json.loads(line)}
+
+
 def _clip(text: str, width: int = 60) -> str:
     return repr(text if len(text) <= width else text[: width - 3] + "...")
 
@@ -298,12 +327,36 @@ class SummarizationDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------- loading
-    def check_files(self) -> None:
-        """Check that every local file exists and reads (:func:`check_data_file`), without loading any data.
+    def check_files(self, stage: str | None = None) -> None:
+        """Check that every local file exists and reads (:func:`check_data_file`), without loading any data; with
+        ``stage`` (``"fit"``, ``"validate"``, ...), also that the splits the stage reads are in ``data_files`` and
+        that each local split has the columns its schema needs (:func:`data_file_columns`).
 
         ``clp`` calls this before it builds the model, so a bad file costs no model loading.
+
+        Raises:
+            FileNotFoundError: a local file or directory is missing.
+            ValueError: a file does not read, a split is missing, or a split lacks a required column.
         """
-        self._check_files(self._load_kwargs())
+        kwargs = self._load_kwargs()
+        self._check_files(kwargs)
+        if stage is None:
+            return
+        splits = list(dict.fromkeys(self.splits[role] for role in _STAGE_ROLES.get(stage, ())))
+        if self.data_files is not None:
+            for split in splits:
+                if split not in self.data_files:
+                    raise ValueError(f"Split {split!r} is not in data_files (has {sorted(self.data_files)})")
+        local = self._local_files(kwargs)
+        for split in splits:
+            found = [data_file_columns(f) for f in local.get(split, [])]
+            if not found or any(columns is None for columns in found):
+                continue  # a hub dataset, or files this check cannot read: the load checks them
+            columns = sorted(set().union(*found))
+            required, _ = self._schema(columns, split)
+            for column in required:
+                if column not in columns:
+                    raise ValueError(f"Column {column!r} is missing from split {split!r}; found columns {columns}")
 
     def _load_kwargs(self) -> dict[str, Any]:
         """``load_dataset`` arguments, after checking that local files exist (datasets' own errors are vague)."""
@@ -314,7 +367,9 @@ class SummarizationDataModule(L.LightningDataModule):
                     raise FileNotFoundError(f"Data file not found: {file!r}")
             return {"path": builder_for(flat), "data_files": dict(self.data_files), "cache_dir": self.cache_dir}
         path = Path(self.path).expanduser()
-        looks_local = self.path.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS
+        # a hub id is "owner/name"; a relative path whose first folder exists here (data/cnndm_blanc) is local too
+        looks_local = (self.path.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS
+                       or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
         if looks_local and not path.is_dir():  # otherwise datasets would look the name up on the hub
             raise FileNotFoundError(f"Dataset directory not found: {self.path!r} (use `data_files` for single files)")
         return {"path": str(path) if path.is_dir() else self.path, "name": self.name, "cache_dir": self.cache_dir}

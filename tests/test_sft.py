@@ -1,0 +1,54 @@
+"""The warm start: its model directory is replaced only when that is safe, and only with a complete model."""
+
+import lightning as L
+import pytest
+
+from clp_lightning.conditioning.config import PolicyConfig
+from clp_lightning.config import OptimizerConfig
+from clp_lightning.data import SyntheticTLDRDataModule
+from clp_lightning.sft import SFTModule
+
+
+def fit(output_dir, **optimizer) -> SFTModule:
+    module = SFTModule(PolicyConfig("tiny:t5", max_prompt_length=48), output_dir=output_dir, max_response_length=8,
+                       optimizer=OptimizerConfig(lr=1e-3, **optimizer))
+    data = SyntheticTLDRDataModule(num_train=4, num_val=2, batch_size=2, seed=0)
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=data)
+    return module
+
+
+def test_saves_the_model_and_replaces_an_earlier_save(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fit("~/sft/model")  # ~ is the user's home, not a folder named "~"
+    model = tmp_path / "sft" / "model"
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    (model / "from_the_first_save.txt").write_text("x")
+    fit(str(model))  # a model saved there before is replaced by the new one, as a whole
+    assert (model / "config.json").is_file() and not (model / "from_the_first_save.txt").exists()
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model"]  # no temporary or old directory left
+
+
+@pytest.mark.parametrize("contents", ["run", "file", "checkpoint"])
+def test_a_directory_with_other_contents_is_refused_before_training(tmp_path, contents):
+    target = tmp_path / "out"
+    if contents == "file":
+        target.write_text("not a directory")
+        match = "is a file"
+    else:
+        target.mkdir()
+        (target / "config.yaml").write_text("trainer: {}")  # a run directory: its config, logs, checkpoints
+        (target / ("last.ckpt" if contents == "checkpoint" else "events.out.tfevents.1")).write_text("x")
+        match = "holds more than a saved model"
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=match):
+        SFTModule(PolicyConfig("tiny:t5"), output_dir=str(target))
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_without_an_end_needs_a_constant_schedule(tmp_path):
+    module = SFTModule(PolicyConfig("tiny:t5"), optimizer=OptimizerConfig(schedule="cosine"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=-1, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(ValueError, match="schedule='cosine'"):
+        trainer.fit(module, datamodule=SyntheticTLDRDataModule(num_train=4, num_val=2, batch_size=2, seed=0))
