@@ -46,7 +46,9 @@ class GenerationSettings:
 
     Attributes:
         max_new_tokens: response length cap.
-        min_new_tokens: responses are at least this long.
+        min_new_tokens: responses are at least this long. Above 0, ``generate`` masks EOS for the first tokens, so
+            training samples come from a truncation of the policy whose log-probs the loss uses (a small bias, as
+            with ``top_k`` or ``top_p``); the default 0 samples from the policy itself.
         do_sample: sample (training) or decode greedily.
         temperature: sampling temperature; 1 samples from the policy itself, as REINFORCE needs.
         top_k: 0 disables top-k filtering (so the sample comes from the policy, not a truncation of it).
