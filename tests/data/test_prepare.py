@@ -128,6 +128,8 @@ def test_data_module_loads_the_directory(tmp_path):
         max_test_samples=2,
         batch_size=4,
     )
+    for stage in ("fit", "validate", "test"):  # the CLI's early check: the directory's splits and their columns
+        dm.check_files(stage)
     dm.prepare_data()
     dm.setup()
     assert {role: len(d) for role, d in dm.data.items()} == {"train": 8, "val": 1, "test": 2, "predict": 2}
