@@ -69,7 +69,7 @@ class CLPCLI(LightningCLI):
         # jsonargparse builds the model (minutes for a real one) before the data module: bad data files and a
         # read-only output directory are found first, from the parsed config
         config = self.config.get(str(self.subcommand), self.config)  # `run=False` parses no subcommand
-        self._check_data_files(config.get("data"), str(self.subcommand))
+        self._check_data_files(config.get("data"), self.subcommand)
         if self.subcommand not in ("fit", "validate", "test", "predict"):
             return
         root = config.trainer.get("default_root_dir") or "."
@@ -83,7 +83,7 @@ class CLPCLI(LightningCLI):
                 check_writable(dirpath, f"checkpoint directory of {callback.get('class_path', 'a callback')}")
 
     @staticmethod
-    def _check_data_files(data: Any, stage: str) -> None:
+    def _check_data_files(data: Any, stage: str | None) -> None:
         if data is None or not data.get("class_path"):
             return
         from jsonargparse import namespace_to_dict
@@ -94,7 +94,7 @@ class CLPCLI(LightningCLI):
         cls = getattr(importlib.import_module(module), name)
         if isinstance(cls, type) and issubclass(cls, SummarizationDataModule):
             # the constructor only stores its arguments
-            cls(**namespace_to_dict(data.get("init_args") or {})).check_files(stage if stage != "None" else None)
+            cls(**namespace_to_dict(data.get("init_args") or {})).check_files(stage)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

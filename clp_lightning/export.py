@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -33,6 +32,7 @@ from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.pretrained import CLP_CONFIG
 from clp_lightning.conditioning.weights import validate_weights
+from clp_lightning.files import publish
 
 EVALUATION = "evaluation.json"
 FRONT = "front.png"
@@ -225,25 +225,6 @@ def export_weighting(module: Any, directory: Path, weights: list[float], alpha: 
     model.save_pretrained(str(directory))
     policy.tokenizer.save_pretrained(str(directory))
     (directory / CARD).write_text(weighting_card(policy, module.objective_names, weights, alpha, prefix, facts))
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` into place as ``out``, replacing what :func:`check_output` allowed to replace."""
-    # mkdtemp (and safetensors) create owner-only files; an export is for others to read, as under the user's umask
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [tmp, *tmp.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    old = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
-            os.replace(out, old / out.name)
-        else:
-            out.rmdir()
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _front_png(report: dict[str, Any], path: Path) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.conditioning.lm import response_log_probs
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.config import OptimizerConfig, coerce, plain
+from clp_lightning.files import publish
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,7 @@ def save_pretrained_atomic(policy: ConditionalPolicy, output_dir: str | Path) ->
     try:
         policy.model.save_pretrained(tmp)
         policy.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
+        publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after the move
     log.info("warm-start model saved to %s", target)

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -39,6 +38,7 @@ from clp_lightning.evaluation.metrics import (
     prompts_sha256,
 )
 from clp_lightning.evaluation.reports import grid_mean
+from clp_lightning.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -430,9 +430,7 @@ class GridEvaluation(L.Callback):
             trainer.state.fn.value)  # validate.json, test.json
         text = json.dumps(report, indent=2)
         for name in (f"{stem}.json", "latest.json"):  # a reader (clp export) never sees half a report
-            tmp = directory / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, directory / name)
+            write_text_atomic(directory / name, text)
         self._append_csv(directory / "metrics.csv", report, trainer.state.fn)
         # one objective has no front to draw: its reward is in the files and logs
         figure = front_figure(report, self.history[:-1]) if len(self.names) > 1 else None

@@ -248,7 +248,8 @@ class StopOnSignal(_StopAtStepBoundary):
 
     def _act(self, trainer: L.Trainer, received: sig.Signals) -> None:
         checkpoint = trainer.checkpoint_callback
-        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None:
+        as_last = isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath is not None
+        if as_last:
             # the name ModelCheckpoint gives its own last checkpoint; `--ckpt_path last` takes the newest last*.ckpt
             # in its directory
             path = Path(checkpoint.format_checkpoint_name({"epoch": trainer.current_epoch, "step": trainer.global_step},
@@ -260,7 +261,7 @@ class StopOnSignal(_StopAtStepBoundary):
             path = hpc_checkpoint_path(trainer.default_root_dir)
             resume = f"--ckpt_path {path}"
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
-        if resume == "--ckpt_path last":
+        if as_last:
             # Tell the ModelCheckpoint that this step's last checkpoint exists. Otherwise, with save_last, its
             # on_train_end saves "last" again over this file, from the state after the stop, which counts the
             # interrupted epoch as finished: the resumed run would skip the rest of that epoch's batches.

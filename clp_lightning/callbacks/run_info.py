@@ -12,6 +12,8 @@ import lightning as L
 import torch
 import transformers
 
+from clp_lightning.files import write_text_atomic
+
 
 def git_revision(cwd: str | Path | None = None) -> str | None:
     """The current commit (with ``-dirty`` if the tree has changes), or None outside a git checkout."""
@@ -58,9 +60,7 @@ class RunInfo(L.Callback):
             if earlier is not None:
                 prior = earlier.pop("earlier", [])
                 info["earlier"] = [*(prior if isinstance(prior, list) else []), earlier]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, path)  # a reader never sees half a file
+        write_text_atomic(path, json.dumps(info, indent=2))
 
 
 def _read(path: Path) -> dict | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -30,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from statistics import fmean
 from typing import Any
+
+from clp_lightning.files import write_text_atomic
 
 BLANC_VERSION = "0.3.4"
 BLANC_SHA256 = "008c10f45721bbb9ef771ac409e29b96bb90457f5c0ed7bb2960ef83a65a73be"  # blanc-0.3.4.tar.gz on PyPI
@@ -175,17 +176,6 @@ def build_dataset(
     return splits, scores
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (no half-written file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make the file owner-only
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -247,9 +237,9 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
     written = []
     for split in SPLITS:
         written.append(out / f"{split}.jsonl")
-        _write_atomic(written[-1], _jsonl(splits[split]))
+        write_text_atomic(written[-1], _jsonl(splits[split]))
     written.append(out / "human_scores.jsonl")
-    _write_atomic(written[-1], _jsonl(scores))
+    write_text_atomic(written[-1], _jsonl(scores))
     source = {
         "package": "blanc",
         "version": BLANC_VERSION,
@@ -266,7 +256,7 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
         "reference": _REFERENCE_RULE,
     }
     written.append(out / "source.json")
-    _write_atomic(written[-1], json.dumps(source, indent=2) + "\n")
+    write_text_atomic(written[-1], json.dumps(source, indent=2) + "\n")
 
     sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
     print(f"cnndm-blanc: {source['articles']} articles ({sizes}), {len(scores)} scored summaries")

@@ -1,0 +1,40 @@
+"""Files and directories written so that a reader never sees half of one: a temporary one beside the target,
+renamed into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (no half-written file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make the file owner-only
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` into place as ``out``, replacing what was there only once ``tmp`` is
+    complete (the caller decides what may be replaced), with the permissions of the user's umask."""
+    # mkdtemp (and safetensors) create owner-only files; an export is for others to read, as under the user's umask
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp, *tmp.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            os.replace(out, old / out.name)
+        else:
+            out.rmdir()
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
