@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -447,6 +448,13 @@ class GridEvaluation(L.Callback):
             plt.close(figure)
 
     def _append_csv(self, path: Path, report: dict[str, Any], stage: str) -> None:
+        """Add the report's row to ``metrics.csv``, rewritten whole and atomically.
+
+        A run resumed from an older checkpoint evaluates again at steps the file already has: the fit rows from that
+        abandoned future (this step and later) are dropped, and a ``validate`` or ``test`` row replaces one of its
+        stage at the same step, so each evaluation has one row. A grid or objectives that differ from the file's add
+        columns rather than shifting the old ones."""
+        stage = str(getattr(stage, "value", stage))
         fields = ["stage", "epoch", "step", "hypervolume", "kl"] + [f"steerability/{n}" for n in self.names] + [
             f"reward/{n}/w={weight_label(w)}" for w in report["grid"] for n in self.names]
         row = {"stage": stage, "epoch": report["epoch"], "step": report["step"],
@@ -454,12 +462,27 @@ class GridEvaluation(L.Callback):
         row.update({f"steerability/{n}": report["steerability"][n] for n in self.names})
         for w, rewards in zip(report["grid"], report["rewards"]):
             row.update({f"reward/{n}/w={weight_label(w)}": r for n, r in zip(self.names, rewards)})
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        rows: list[dict[str, Any]] = []
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                fields = list(reader.fieldnames or []) + [k for k in fields if k not in (reader.fieldnames or [])]
+                rows = [r for r in reader if not self._superseded(r, stage, int(report["step"]))]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([*rows, row])
+        write_text_atomic(path, out.getvalue())
+
+    @staticmethod
+    def _superseded(row: dict[str, str], stage: str, step: int) -> bool:
+        try:
+            row_step = int(row.get("step") or "")
+        except ValueError:
+            return False  # not a row this callback wrote: kept as it is
+        if row.get("stage") != stage:
+            return False
+        return row_step >= step if stage == "fit" else row_step == step
 
     # ----------------------------------------------------------------------------------------------- checkpoints
 

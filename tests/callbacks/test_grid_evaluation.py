@@ -385,3 +385,33 @@ def test_one_objective_evaluates_its_one_point(tmp_path):
     assert len(report["per_prompt_rewards"][0]) == 2  # both validation prompts
     assert report["vertex_gain"]["coverage"] == pytest.approx(report["rewards"][0][0] - report["reference_rewards"][0])
     assert not list((tmp_path / "run" / "evaluation").glob("*.png"))
+
+
+def test_metrics_csv_keeps_one_row_per_evaluation_across_resumes_and_grids(tmp_path):
+    """A run resumed from an older checkpoint evaluates again at steps the file has: the abandoned rows go, and a
+    changed grid adds columns instead of shifting values under the old header."""
+    import csv
+
+    callback = grid_callback()
+    callback.names = ["coverage", "brevity"]
+
+    def report(step, grid, value):
+        return {"epoch": 0, "step": step, "hypervolume": value, "kl": [0.1] * len(grid),
+                "steerability": {"coverage": 0.5, "brevity": 0.25}, "grid": grid,
+                "rewards": [[value, -value]] * len(grid)}
+
+    path, two = tmp_path / "metrics.csv", [[0.0, 1.0], [1.0, 0.0]]
+    for step in (2, 4, 6):
+        callback._append_csv(path, report(step, two, float(step)), "fit")
+    callback._append_csv(path, report(4, two, 40.0), "fit")  # resumed from the step-2 checkpoint
+    callback._append_csv(path, report(4, two, 41.0), "validate")
+    callback._append_csv(path, report(4, two, 42.0), "validate")  # the same checkpoint validated again
+    three = [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    callback._append_csv(path, report(6, three, 60.0), "fit")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["stage"], r["step"], float(r["hypervolume"])) for r in rows] == [
+        ("fit", "2", 2.0), ("fit", "4", 40.0), ("validate", "4", 42.0), ("fit", "6", 60.0)]
+    assert rows[1]["reward/coverage/w=1.00,0.00"] == "40.0" and rows[1]["reward/brevity/w=0.50,0.50"] == ""
+    assert rows[3]["reward/brevity/w=0.50,0.50"] == "-60.0" and rows[3]["steerability/brevity"] == "0.25"
+    assert not list(tmp_path.glob(".*.tmp"))
