@@ -53,6 +53,9 @@ class GenerationSettings:
         temperature: sampling temperature; 1 samples from the policy itself, as REINFORCE needs.
         top_k: 0 disables top-k filtering (so the sample comes from the policy, not a truncation of it).
         top_p: 1 disables nucleus filtering.
+        extra: more ``generate`` keyword arguments (e.g. ``repetition_penalty``). A penalty, filter or beam search
+            that the model's own generation config sets is not applied unless it is given here (a checkpoint does
+            not reshape the sampling distribution); one given here makes training samples off-policy.
     """
 
     max_new_tokens: int = 48

@@ -86,3 +86,34 @@ def test_responses_that_do_not_divide_among_the_prompts_are_refused():
     assert samples_per_prompt(3, 12) == 4 and samples_per_prompt(5, 5) == 1
     with pytest.raises(ValueError, match="10 responses for 3 prompts: expected k responses per prompt"):
         samples_per_prompt(3, 10)
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2"])
+def test_the_models_generation_config_cannot_reshape_the_sampling_distribution(arch):
+    """A checkpoint's generation_config.json (a repetition penalty, an n-gram ban, a minimum length, beams, more
+    return sequences) must not change what the policy samples or decodes greedily: the loss and the KL score the
+    tokens under the policy itself. Settings the caller passes still apply."""
+    import warnings
+
+    from clp_lightning.config import GenerationSettings
+
+    policy = perturb(ConditionalPolicy.from_pretrained(f"tiny:{arch}", 2, SETUPS["lora"], seed=0)).eval()
+    w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]])
+    enc = policy.encode(PROMPTS, w)
+
+    def run(settings: GenerationSettings, **extra) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        return policy.generate(**enc, weights=w, num_return_sequences=K, **settings.kwargs(), **extra)
+
+    sampled, greedy = GenerationSettings(max_new_tokens=8), GenerationSettings(max_new_tokens=8, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the "off" values passed are transformers' defaults: nothing to warn about
+        clean = run(sampled), run(greedy)
+    config = policy.model.generation_config
+    for name, value in dict(repetition_penalty=50.0, no_repeat_ngram_size=1, min_length=6, num_beams=3,
+                            num_return_sequences=2, typical_p=0.2).items():
+        setattr(config, name, value)
+    for got, want in zip((run(sampled), run(greedy)), clean):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    penalised = run(greedy, repetition_penalty=50.0, no_repeat_ngram_size=1)
+    assert not torch.equal(penalised[0], clean[1][0])  # asked for by the caller: applied
