@@ -20,6 +20,7 @@ import torch
 from clp_lightning.callbacks.checkpoint import check_writable, read_checkpoint
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings
+from clp_lightning.files import write_text_atomic
 
 
 def read_prompts(path: str | None) -> list[dict[str, str]]:
@@ -133,6 +134,8 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"no prompts in {args.prompts or 'standard input'!r}")
     if args.output:
+        if Path(args.output).is_dir():  # found only at the end otherwise, after the model loaded and generated
+            raise IsADirectoryError(f"--output {args.output!r} is a directory; name the JSONL file to write")
         check_writable(Path(args.output).resolve().parent, "--output directory")
     module = load_module(args.config, args.ckpt_path, args.set, checkpoint)
     weightings = [validate_weights(w, module.num_objectives, name="--weights") for w in weightings]
@@ -140,7 +143,8 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = steer_prompts(module, rows, weightings, generation, score=not args.no_score)
     lines = [json.dumps(r) for r in results]
     if args.output:
-        Path(args.output).write_text("\n".join(lines) + "\n")
+        # a crash mid-write keeps the file that was there, never half of the new one
+        write_text_atomic(Path(args.output), "\n".join(lines) + "\n")
         print(f"wrote {len(lines)} responses to {args.output}")
     else:
         for r in results:

@@ -261,6 +261,7 @@ def test_steer_refuses_bad_weights_before_loading_a_model(trained, tmp_path, cap
     ("no_prompt_field", "row 1 has no 'prompt' text field"),
     ("bad_checkpoint", "is not a checkpoint"),
     ("bad_output", "--output directory"),
+    ("output_is_a_directory", "is a directory; name the JSONL file to write"),
 ])
 def test_steer_refuses_bad_files_before_loading_a_model(trained, tmp_path, capsys, no_steer_model, case, message):
     config, ckpt = trained
@@ -274,7 +275,7 @@ def test_steer_refuses_bad_files_before_loading_a_model(trained, tmp_path, capsy
         ckpt.write_text("not weights")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    output = blocker / "out.jsonl" if case == "bad_output" else tmp_path / "out.jsonl"
+    output = {"bad_output": blocker / "out.jsonl", "output_is_a_directory": tmp_path}.get(case, tmp_path / "out.jsonl")
     code, err = clp(capsys, "steer", "--config", str(config), "--ckpt_path", str(ckpt), "--weights", "1,0",
                     "--prompts", str(prompts), "--output", str(output))
     assert code == 2 and message in one_line(err)

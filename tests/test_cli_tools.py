@@ -119,6 +119,32 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
     # bad weightings, prompts and checkpoints: tests/test_bad_inputs.py
 
 
+def test_steer_output_interrupted_mid_write_keeps_the_old_file(run, tmp_path, monkeypatch):
+    """A write that dies half-way (disk full, a kill) leaves the previous --output whole, not half a JSONL file."""
+    from pathlib import Path
+
+    from clp_lightning.steer import steer
+
+    tmp, config = run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a post\n")
+    out = tmp_path / "steered.jsonl"
+    out.write_text('{"old": 1}\n')
+    write_text = Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        steer(["--config", str(config), "--ckpt_path", str(tmp / "run" / "checkpoints" / "last.ckpt"),
+               "--weights", "1,0", "--prompts", str(prompts), "--output", str(out), "--max_new_tokens", "4"])
+    monkeypatch.undo()
+    assert out.read_text() == '{"old": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "prompts.txt", "steered.jsonl"]
+
+
 STEER_SETUPS = {
     # prompt + alpha conditioning: generation must write alpha into the prefix, or the policy refuses the prompt
     "alpha": ({"policy": {"conditioning": {"prompt": True, "mode": "mixing", "options": {"targets": "logits"},
