@@ -294,6 +294,32 @@ def test_requests_beyond_the_queue_get_503_busy():
         assert [r[0] for r in results] == [200, 200] and server.app.gate.inside == 0
 
 
+def test_malformed_requests_get_400_not_500():
+    """Bodies and headers that Python's parsers refuse with errors other than JSONDecodeError are the client's fault."""
+    stub = Stub()
+    stub.alpha_range = (0.1, 1.0)
+    stub.release.set()
+    bodies = {
+        "arrays nested too deep": (b"[" * 30000, "request body is not JSON that this server reads"),
+        "an integer of 5000 digits": (b'{"prompt": "hi", "weights": [0.5, 0.5], "alpha": ' + b"9" * 5000 + b"}",
+                                      "request body is not JSON that this server reads"),
+        "an alpha beyond float range": (b'{"prompt": "hi", "weights": [0.5, 0.5], "alpha": 1' + b"0" * 400 + b"}",
+                                        "'alpha' must be a number in [0.1, 1.0]"),
+    }
+    with served(stub, max_prompt_chars=4000) as address:
+        for case, (body, message) in bodies.items():
+            status, out = request(address, "POST", "/generate", body)
+            assert status == 400 and message in out["error"], (case, status, out)
+        conn = http.client.HTTPConnection(*address[:2], timeout=10)
+        conn.putrequest("POST", "/generate")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "\xb2")  # a digit to str.isdigit, not to int()
+        conn.endheaders(b"{}")
+        reply = conn.getresponse()
+        assert reply.status == 400 and "Content-Length must be" in json.loads(reply.read())["error"]
+        conn.close()
+
+
 def test_an_internal_error_is_500_without_details(caplog):
     with served(Stub(fail=True)) as address:
         status, out = request(address, "POST", "/generate", {"prompt": "hi", "weights": [1, 0]})

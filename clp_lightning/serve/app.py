@@ -21,6 +21,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import socket
 import threading
 from collections.abc import Iterator
@@ -136,6 +137,9 @@ class ServeApp:
         except json.JSONDecodeError as err:
             raise RequestError(f"request body is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
                                f"expected an object such as {example}") from None
+        except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; arrays nested too deep
+            raise RequestError(f"request body is not JSON that this server reads ({type(err).__name__}); expected an "
+                               f"object such as {example}") from None
         if not isinstance(request, dict):
             raise RequestError(f"request body must be a JSON object such as {example}, got {type(request).__name__}")
         if unknown := sorted(set(request) - {"prompt", "weights", "alpha"}):
@@ -170,10 +174,18 @@ class ServeApp:
         if alpha_range is None:
             raise RequestError(f"'alpha' {_kind(alpha)} given, but this policy is not conditioned on the KL strength")
         low, high = alpha_range
-        if not is_number(alpha) or not low <= float(alpha) <= high:
+        if not is_number(alpha) or not low <= _as_float(alpha) <= high:
             raise RequestError(f"'alpha' must be a number in [{low}, {high}] (the KL strengths the policy was "
                                f"trained on), got {_kind(alpha)}")
         return float(alpha)
+
+
+def _as_float(x: int | float) -> float:
+    """``float(x)``, or nan for an integer beyond float range (which no bound admits)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.nan
 
 
 def _kind(value: Any) -> str:
@@ -218,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
             # also keeps other web sites from posting to a local server with a form or a plain-text fetch
             raise RequestError(f"Content-Type must be application/json, got {self.headers.get('Content-Type')!r}")
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):  # "²".isdigit(), but int("²") fails
             self.close_connection = True
             raise RequestError(f"Content-Length must be the body's size in bytes, got {length!r}")
         if int(length) > limit:
