@@ -7,14 +7,16 @@ reward of each objective at each grid point.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 
-def _cpu64(x: Tensor) -> Tensor:
-    # Grids are tiny: compute on the CPU in float64, whatever device and dtype the means come from.
-    return torch.as_tensor(x).detach().to("cpu", torch.float64)
+def _cpu64(x: Tensor | Sequence[float]) -> Tensor:
+    # Grids are tiny: compute on the CPU in float64, whatever device and dtype the means come from (Python floats
+    # straight to float64: torch.as_tensor would round them to float32 first, making near-ties ties).
+    return (x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)).detach().to("cpu", torch.float64)
 
 
 def _average_ranks(x: Tensor) -> Tensor:

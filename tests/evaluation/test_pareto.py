@@ -88,6 +88,12 @@ def test_hypervolume_is_order_invariant_and_handles_empty():
     assert hypervolume([(5.0,), (3.0,)], (1.0,)) == 4.0
 
 
+def test_python_floats_are_read_in_float64():
+    # in float32 both rows of the front would be 0.1 (a tie, both kept) and the volume 1e-7 would lose a few percent
+    assert pareto_front_mask([[1.0, 0.1], [1.0, 0.1 + 1e-9]]).tolist() == [False, True]
+    assert hypervolume([[1.0, 0.1 + 1e-7]], [0.0, 0.1]) == pytest.approx(1e-7, rel=1e-6)
+
+
 def test_hypervolume_errors():
     with pytest.raises(ValueError, match=r"`ref` must have shape \(m,\) = \(2,\), got \(3,\)"):
         hypervolume(STAIRCASE, (0, 0, 0))

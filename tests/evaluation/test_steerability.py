@@ -39,6 +39,11 @@ def test_pearson_of_a_constant_is_nan_whatever_its_rounding():
     assert pearson(torch.tensor([1.0, 2, 3]), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)) == pytest.approx(1)
 
 
+def test_spearman_reads_python_floats_in_float64():
+    # rounded to float32 first, the rewards would all be 0.3: a constant, so nan
+    assert spearman([0.0, 0.1, 0.2], [0.3, 0.3 + 1e-9, 0.3 + 2e-9]) == pytest.approx(1.0)
+
+
 def test_spearman_undefined_is_nan_and_shape_errors():
     assert math.isnan(spearman(torch.tensor([1.0, 2, 3]), torch.tensor([4.0, 4, 4])))
     assert math.isnan(spearman(torch.tensor([1.0]), torch.tensor([2.0])))
