@@ -108,3 +108,32 @@ def test_the_sharded_strategy_checks_a_checkpoint_before_loading_its_weights(tra
     strategy._lightning_module = CLPCLI(args=["--config", str(config)], run=False).model
     strategy.load_checkpoint(path)
     assert loads == [path]
+
+
+def test_the_sharded_strategy_refuses_a_distributed_checkpoint_it_is_not_told_to_trust(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint unpickles a checkpoint directory's .metadata: a planted one would run code."""
+    import os
+    import pickle
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from clp_lightning.callbacks.checkpoint import CheckpointError
+    from clp_lightning.strategies import ShardedStrategy
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    directory = tmp_path / "step=1.ckpt"
+    directory.mkdir()
+    (directory / ".metadata").write_bytes(pickle.dumps(Payload()))
+    torch.save({"global_step": 1}, directory / "meta.pt")
+    loads = []
+    monkeypatch.setattr(ModelParallelStrategy, "load_checkpoint", lambda self, p, weights_only=None: loads.append(p))
+    with pytest.raises(CheckpointError, match="is a distributed checkpoint directory, which torch.distributed"):
+        ShardedStrategy().load_checkpoint(directory)
+    assert loads == [] and not marker.exists()
+    ShardedStrategy(trust_distributed_checkpoints=True).load_checkpoint(directory)  # the config's choice
+    assert loads == [directory]
