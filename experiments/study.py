@@ -74,6 +74,7 @@ from clp_lightning.compare import overlay_figure  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
 from clp_lightning.evaluation import bootstrap_ci, hypervolume, paired_bootstrap  # noqa: E402
 from clp_lightning.evaluation.reports import sampled_kl  # noqa: E402
+from clp_lightning.files import write_text_atomic  # noqa: E402
 
 CONF = ROOT / "conf"
 
@@ -345,7 +346,8 @@ class Study:
             points.append(read(latest))
         report = fixed_report(points, self.steps)
         run.mkdir(parents=True, exist_ok=True)
-        (run / "report.json").write_text(json.dumps(report, indent=2))
+        # its existence marks the run done (Variant.done): a half-written one would stop every resumed study
+        write_text_atomic(run / "report.json", json.dumps(report, indent=2))
         return report
 
     @staticmethod
@@ -385,7 +387,7 @@ class Study:
             cli("test", self._configs(name), [*common, *data, f"--ckpt_path={checkpoint}"])
             points.append(read(policy_run / "test" / "evaluation" / "test.json"))
         report = fixed_report(points, self.steps)
-        done.write_text(json.dumps(report, indent=2))
+        write_text_atomic(done, json.dumps(report, indent=2))
         return self._measured(report)
 
     # ----------------------------------------------------------------------------------------------- KL path

@@ -367,6 +367,26 @@ def test_fixed_report_has_the_keys_of_a_grid_evaluation_report(study, grid_evalu
     assert list(written) == list(report) and written == json.loads(json.dumps(returned))
 
 
+def test_a_fixed_report_cut_short_while_written_does_not_stop_the_resume(study, grid_evaluation_report,
+                                                                        monkeypatch, tmp_path):
+    """report.json marks a fixed-weighting run done: a write killed half-way must not leave half of one."""
+    monkeypatch.setattr(study, "cli", FakeCLI(grid_evaluation_report))
+    write_text = Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        if "report.json" in self.name:
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        new_study(study, tmp_path, steps=4).train("fixed", 0, 2e-4)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    resumed = new_study(study, tmp_path, steps=4).train("fixed", 0, 2e-4)
+    assert resumed == json.loads((tmp_path / "fixed" / "lr0.0002" / "seed0" / "report.json").read_text())
+
+
 @pytest.mark.slow
 def test_smallest_study_writes_table_and_figure(study, tmp_path):
     variants = ["logits", "rs_lora", "mix_lora", "fixed"]
