@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clp_lightning.conditioning.mode import ConditioningMode, mode_class
+from clp_lightning.conditioning.prompt import PromptConditioner
 
 if TYPE_CHECKING:
     from clp_lightning.conditioning.policy import ConditionalPolicy
@@ -57,6 +58,8 @@ class ConditioningConfig:
                 raise ValueError(f"alpha_scale={self.alpha_scale} is set but condition_on_alpha is False")
             if not self.alpha_scale > 0:
                 raise ValueError(f"alpha_scale must be > 0 (a KL strength), got {self.alpha_scale}")
+        if self.prompt:  # a bad template or precision fails here, not when the policy is built or first encodes
+            PromptConditioner(self.prompt_template, self.alpha_template, self.prompt_precision)
         mode = self.build_mode()  # an unknown mode or option fails here, before any model loads
         if self.alpha_scale is not None and not mode.update_linear_in_weights:
             raise ValueError(f"alpha_scale scales the mode's update, and mode {self.mode!r} has no update separate "

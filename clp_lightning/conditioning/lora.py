@@ -232,6 +232,13 @@ class LoraConditioning(ConditioningMode):
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: str | Sequence[str] = ("attention",)) -> None:
         modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        # checked when the config is made (it builds the mode), before any model loads
+        if not r >= 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        if not modules:
+            raise ValueError("LoRA target_modules is empty; expected 'attention', 'all' or module-name patterns")
         self.spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=modules)
 
     def apply(self, model: nn.Module, num_objectives: int, state: WeightingState) -> tuple[list[str], int]:

@@ -350,6 +350,8 @@ class ParameterMixing(ConditioningMode):
 
     def __init__(self, targets: str | Sequence[str]) -> None:
         self.targets = targets if isinstance(targets, str) else list(targets)
+        if not self.targets:  # checked when the config is made, before any model loads
+            raise ValueError("targets is empty; expected 'logits', 'attention', 'all' or module-name patterns")
 
     def apply(self, model: nn.Module, num_objectives: int, state: WeightingState) -> tuple[list[str], int]:
         report = apply_parameter_mixing(model, self.targets, num_objectives, state)

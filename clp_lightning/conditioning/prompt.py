@@ -33,6 +33,14 @@ class PromptConditioner:
             raise ValueError(f"prompt template {template!r} must contain a '{{weights}}' field")
         if "{weights}" not in alpha_template or "{alpha}" not in alpha_template:
             raise ValueError(f"alpha template {alpha_template!r} must contain '{{weights}}' and '{{alpha}}' fields")
+        # a template that names another field (or a positional one) would fail at the first encode, mid-run
+        for name, text, fields in (("prompt template", template, {"weights": ""}),
+                                   ("alpha template", alpha_template, {"weights": "", "alpha": ""})):
+            try:
+                text.format(**fields)
+            except (KeyError, IndexError, ValueError) as err:
+                raise ValueError(f"{name} {text!r} is not a format with only the fields {sorted(fields)}: "
+                                 f"{type(err).__name__} {err}") from None
         if precision < 0:
             raise ValueError(f"precision must be >= 0, got {precision}")
         self.template = template

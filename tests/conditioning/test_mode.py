@@ -80,6 +80,25 @@ def test_modes_are_chosen_by_name_and_bad_names_fail_early():
         register_mode("mixing")(Registered)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(prompt=True, prompt_template="<w {weights}> {extra}"), "only the fields \\['weights'\\]"),
+        (dict(prompt=True, prompt_template="<w {weights}> {0}"), "prompt template"),
+        (dict(prompt=True, condition_on_alpha=True, alpha_template="<w {weights} kl {alpha} {x}>"), "alpha template"),
+        (dict(prompt=True, prompt_precision=-1), "precision must be >= 0"),
+        (dict(mode="lora", options={"r": 0}), "rank r must be >= 1, got 0"),
+        (dict(mode="lora", options={"dropout": 1.5}), "dropout must be in"),
+        (dict(mode="lora", options={"target_modules": []}), "target_modules is empty"),
+        (dict(mode="mixing", options={"targets": []}), "targets is empty"),
+    ],
+)
+def test_bad_prompt_and_mode_settings_fail_when_the_config_is_made(settings, message):
+    # not when the model has loaded, nor (a template naming another field) at the first encode of the run
+    with pytest.raises(ValueError, match=message):
+        ConditioningConfig(**settings)
+
+
 @pytest.mark.parametrize(("mode", "options", "added"), [("mixing", {"targets": "attention"}, ".attn."),
                                                        (MODE, {}, "clp_logit_bias")])
 def test_train_shared_false_trains_only_what_the_mode_added(mode, options, added):
