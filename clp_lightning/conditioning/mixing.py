@@ -17,6 +17,7 @@ Notation: ``m`` objectives, ``B`` rows, ``G`` distinct weightings among the rows
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import fnmatch
 from collections.abc import Iterator, Sequence
@@ -185,14 +186,24 @@ class MixedLinear(nn.Module):
 
 
 class MixedEmbedding(nn.Module):
-    """A token embedding with ``m`` copies ``(m, V, d)``; rows gather from every copy and mix (``m * N * d``)."""
+    """A token embedding with ``m`` copies ``(m, V, d)``; rows gather from every copy and mix (``m * N * d``).
+
+    Built from an ``nn.Embedding`` or a subclass whose forward scales the lookup (Gemma's and BART's
+    ``embed_scale``): the scale is kept, and merging gives back the original class.
+    """
 
     def __init__(self, layer: nn.Embedding, num_objectives: int, state: WeightingState) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = layer.weight.shape
         self.padding_idx = layer.padding_idx
+        self.scale = _lookup_scale(layer)
         self.weight = nn.Parameter(layer.weight.detach().unsqueeze(0).repeat(num_objectives, 1, 1).contiguous())
         self.state = state
+        # the original module without its weight, outside the module tree: to_plain rebuilds its class from it
+        shell = copy.copy(layer)
+        shell._parameters = {**layer._parameters, "weight": None}
+        shell._buffers, shell._modules = dict(layer._buffers), dict(layer._modules)
+        self.__dict__["_shell"] = shell
 
     @property
     def num_objectives(self) -> int:
@@ -204,14 +215,35 @@ class MixedEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         w = self.state.rows(ids.shape[0]).to(self.weight.dtype)  # (rows, m)
         per_copy = torch.stack([F.embedding(ids, self.weight[i], self.padding_idx) for i in range(self.num_objectives)])
-        return _mix_rows(per_copy, w)
+        mixed = _mix_rows(per_copy, w)
+        return mixed if self.scale == 1.0 else mixed * self.scale
 
     def to_plain(self, weights: Tensor) -> nn.Embedding:
-        """An ``nn.Embedding`` holding the mixed table for one weighting ``(m,)``."""
+        """An embedding of the original class holding the mixed table for one weighting ``(m,)``."""
         table = torch.einsum("m,mvd->vd", weights.to(self.weight.dtype), self.weight)
-        layer = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx)
-        layer.weight.data = table.detach().clone()
-        return layer
+        layer = copy.deepcopy(self._shell)
+        layer.weight = nn.Parameter(table.detach().clone())
+        return layer.to(table.device)
+
+
+def _lookup_scale(layer: nn.Embedding) -> float:
+    """The factor ``layer`` multiplies its lookup by: 1 for an ``nn.Embedding``, ``embed_scale`` (rounded to the
+    weight's dtype, as Gemma multiplies) for a scaled one.
+
+    Raises:
+        ValueError: the forward is not a scaled lookup (e.g. a norm after it): per-row mixing of the table would not
+            be the model at the mixed parameters.
+    """
+    if type(layer).forward is nn.Embedding.forward:
+        return 1.0
+    scale = float(torch.as_tensor(getattr(layer, "embed_scale", 1.0)).to(layer.weight.dtype))
+    with torch.no_grad():
+        probe = torch.arange(min(layer.num_embeddings, 16), device=layer.weight.device)
+        scaled_lookup = torch.allclose(layer(probe), F.embedding(probe, layer.weight) * scale)
+    if not scaled_lookup:
+        raise ValueError(f"cannot condition the token embedding {type(layer).__name__}: its forward is not a (scaled) "
+                         "lookup; leave it shared (list the modules to condition instead of 'all')")
+    return scale
 
 
 def _mix_rows(per_copy: Tensor, w_rows: Tensor) -> Tensor:

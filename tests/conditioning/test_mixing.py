@@ -84,3 +84,42 @@ def test_named_targets_cover_the_expected_modules():
     ]
     with pytest.raises(ValueError, match="SelfAttention"):
         resolve_targets(t5, ["SelfAtention.q"])
+
+
+def test_a_scaled_token_embedding_keeps_its_scale_and_class(tmp_path):
+    # Gemma (like BART, M2M100, ...) multiplies its lookup by embed_scale = sqrt(d): a plain lookup in its place
+    # would make the policy differ from the pretrained model at every w
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    from clp_lightning.conditioning.config import ConditioningConfig
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+    from clp_lightning.models import build_byte_tokenizer
+
+    tok = build_byte_tokenizer("causal")
+    config = GemmaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 200, (2, 5))
+    want = model(input_ids=ids).logits
+    scaled = type(model.get_input_embeddings())
+    policy = ConditionalPolicy(model, tok, 2, ConditioningConfig(mode="mixing", options={"targets": "all"})).eval()
+    with policy.conditioned(torch.tensor([[0.5, 0.5], [1.0, 0.0]])):
+        assert torch.allclose(policy.model(input_ids=ids).logits, want, atol=1e-6)
+    merged = policy.merged_model(torch.tensor([0.3, 0.7]))
+    assert type(merged.get_input_embeddings()) is scaled
+    assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-6)
+    policy.save_pretrained(str(tmp_path))
+    loaded = ConditionalPolicy.from_pretrained(str(tmp_path)).eval()
+    with loaded.conditioned(torch.tensor([[0.2, 0.8], [0.0, 1.0]])):
+        assert torch.allclose(loaded.model(input_ids=ids).logits, want, atol=1e-6)
+
+
+def test_a_token_embedding_that_is_not_a_scaled_lookup_is_refused():
+    class NormedEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return nn.functional.normalize(super().forward(ids), dim=-1)
+
+    with pytest.raises(ValueError, match="NormedEmbedding: its forward is not a \\(scaled\\) lookup"):
+        MixedEmbedding(NormedEmbedding(10, 3), 2, WeightingState())
