@@ -26,6 +26,7 @@ from clp_lightning.callbacks.checkpoint import (
     read_checkpoint,
 )
 from clp_lightning.conditioning.config import PolicyConfig
+from clp_lightning.conditioning.mixture import check_experts
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, batch_plan, coerce, plain
@@ -153,6 +154,8 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         validate_weights(self.predict_weights, len(rewards), name="predict_weights")
 
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
+        if decoding == "logit_mixture":  # here, not at the first evaluation
+            check_experts(self.policy)
         if disable_dropout:  # before the reference is copied from it
             disable_dropout_in(self.policy.model)
         self.policy.freeze_reference()

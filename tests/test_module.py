@@ -277,6 +277,9 @@ def test_logit_mixture_decoding_evaluates_and_refuses_to_train(tmp_path):
         make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, datamodule=make_data())
     with pytest.raises(ValueError, match="decoding must be"):
         make_module(decoding="beam")
+    with pytest.raises(ValueError, match="prompt-conditioned policy"):  # when the module is made, not at validation
+        make_module(ConditioningConfig(prompt=True, mode="mixing", options={"targets": "attention"}),
+                    decoding="logit_mixture")
 
 
 @pytest.mark.parametrize("arch, rate", [("t5", {"dropout_rate": 0.1}), ("llama", {"attention_dropout": 0.1})])

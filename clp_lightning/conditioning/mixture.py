@@ -31,6 +31,24 @@ from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.models import model_kind
 
 
+def check_experts(policy: ConditionalPolicy) -> None:
+    """Refuse a policy whose experts the mixture cannot run: every expert reads the one encoding of the prompts it is
+    given, and conditions only its parameters on ``e_i``.
+
+    Raises:
+        ValueError: prompt conditioning (the encoding carries the prefix of the mixture's ``w``, so expert ``i``
+            would not be the policy at ``e_i``), or alpha in the parameters (``alpha_scale``: the experts get no
+            alpha to scale by).
+    """
+    if policy.conditioning.prompt:
+        raise ValueError("decoding-time mixing of a prompt-conditioned policy: every expert would read the prompt "
+                         "with the mixture's weighting in its prefix, not its own e_i; use decoding='policy', or a "
+                         "policy conditioned in its parameters only (Rewarded Soups, mixing, LoRA)")
+    if policy.conditioning.alpha_scale is not None:
+        raise ValueError("decoding-time mixing of a policy conditioned on alpha in its parameters (alpha_scale) is "
+                         "not supported: the experts run without alpha; use decoding='policy'")
+
+
 def _one_hots(policy: ConditionalPolicy, rows: int, device: torch.device) -> list[Tensor]:
     """The ``m`` one-hot weightings ``(rows, m)``: expert ``i`` is the policy conditioned on ``e_i``."""
     eye = torch.eye(policy.num_objectives, device=device)
@@ -41,6 +59,7 @@ def expert_logits(
     policy: ConditionalPolicy, input_ids: Tensor, attention_mask: Tensor, response_ids: Tensor, response_mask: Tensor
 ) -> Tensor:
     """Logits of every expert for every response position, ``(m, B, T, V)`` (position ``t`` predicts token ``t``)."""
+    check_experts(policy)
     out = []
     for one_hot in _one_hots(policy, input_ids.shape[0], input_ids.device):
         with policy.conditioned(one_hot):
@@ -120,6 +139,7 @@ def mixture_generate(
 ) -> tuple[Tensor, Tensor]:
     """Generate from the logit mixture at ``weights`` ``(B, m)``; returns ``(response_ids, response_mask)`` like
     :meth:`ConditionalPolicy.generate`. Sampling draws from torch's global generator."""
+    check_experts(policy)
     experts = [_ExpertDecoder(policy, one_hot, input_ids, attention_mask)
                for one_hot in _one_hots(policy, input_ids.shape[0], input_ids.device)] if max_new_tokens > 0 else []
 

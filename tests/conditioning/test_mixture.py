@@ -69,3 +69,22 @@ def test_cached_mixture_decodes_the_tokens_of_the_recomputed_one(arch, mode, do_
     want = _recomputed_mixture(policy, enc["input_ids"], enc["attention_mask"], w, 8, do_sample)
     assert ids.shape == want.shape
     assert ids.masked_fill(mask == 0, -1).tolist() == want.masked_fill(mask == 0, -1).tolist()
+
+
+def test_policies_whose_experts_the_mixture_cannot_run_are_refused():
+    # a prompt-conditioned policy's prompts carry the mixture's w in their prefix: expert i would read w, not e_i
+    from clp_lightning.conditioning.config import ConditioningConfig
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    policy = perturb(make_policy("gpt2", "prompt+attention")).eval()
+    w = torch.tensor([[0.3, 0.7]])
+    enc = policy.encode(PROMPTS[:1], w)
+    ids = torch.randint(3, 200, (1, 3))
+    with pytest.raises(ValueError, match="prompt-conditioned policy"):
+        mixture_generate(policy, **enc, weights=w, **GEN)
+    with pytest.raises(ValueError, match="prompt-conditioned policy"):
+        mixture_log_probs(policy, **enc, response_ids=ids, response_mask=torch.ones_like(ids), weights=w)
+    lora_alpha = ConditioningConfig(mode="lora", options={"r": 2}, condition_on_alpha=True, alpha_scale=0.1)
+    policy = ConditionalPolicy.from_pretrained("tiny:gpt2", 2, lora_alpha)
+    with pytest.raises(ValueError, match="alpha_scale"):
+        mixture_generate(policy, **policy.encode(PROMPTS[:1]), weights=w, **GEN)
