@@ -16,6 +16,7 @@ W = torch.tensor([[0.8, 0.2], [0.3, 0.7], [0.0, 1.0]])  # one weighting per prom
 def scaled_policy(arch: str, alpha_scale: float | None = SCALE) -> ConditionalPolicy:
     conditioning = ConditioningConfig(mode="lora", options=LORA, condition_on_alpha=alpha_scale is not None,
                                       alpha_scale=alpha_scale)
+    torch.manual_seed(0)  # peft initialises lora_A from the global generator: the same policy whatever ran before
     return perturb(ConditionalPolicy.from_pretrained(f"tiny:{arch}", 2, conditioning, seed=0), seed=0)
 
 
