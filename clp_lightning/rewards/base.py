@@ -20,6 +20,9 @@ from transformers import AutoTokenizer
 
 from clp_lightning.models import load_pretrained
 
+# Names of learned absolute position tables: BERT-likes and RoBERTa, BART, GPT-2.
+_POSITION_TABLES = ("position_embeddings", "embed_positions", "wpe")
+
 
 def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
     """``"bfloat16"`` -> ``torch.bfloat16``; None stays None (the checkpoint's dtype).
@@ -64,6 +67,37 @@ def load_scorer(
     loaded = load_pretrained(auto_cls, model, trust_remote_code=trust_remote_code, **dtype_kw)
     tok = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
     return loaded, tok
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """Longest input, in tokens, that ``model``'s learned absolute position embeddings cover (BERT, RoBERTa, BART,
+    GPT-2); None when no such table bounds it (T5's relative positions, DeBERTa-v3, rotary embeddings)."""
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            # BART's positions start at an offset of 2, RoBERTa's after its padding index: those rows are never used.
+            offset = getattr(module, "offset", None)
+            if offset is None:
+                offset = 0 if module.padding_idx is None else module.padding_idx + 1
+            limits.append(module.num_embeddings - offset)
+    return min(limits, default=None)
+
+
+def check_max_length(model: nn.Module, max_length: int, source: str) -> None:
+    """Refuse a ``max_length`` longer than the model's position embeddings, at construction time.
+
+    Without this check the reward loads and scores short inputs fine, and the first input longer than the table (a
+    long article, hours into a run) crashes the model with an index or size error.
+
+    Raises:
+        ValueError: ``max_length`` exceeds :func:`position_limit`.
+    """
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise ValueError(
+            f"max_length={max_length} is longer than the {limit} positions of {source!r}'s position embeddings; "
+            f"set max_length <= {limit}"
+        )
 
 
 class Reward(nn.Module):

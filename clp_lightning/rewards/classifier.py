@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, BatchEncoding, PreTrainedConfig
 
-from clp_lightning.rewards.base import Reward, load_scorer, to_device
+from clp_lightning.rewards.base import Reward, check_max_length, load_scorer, to_device
 
 ClassifierOutput = Literal["logit", "probability", "logit_diff"]
 
@@ -99,6 +99,7 @@ class SequenceClassifierReward(Reward):
             trust_remote_code=trust_remote_code,
             torch_dtype=torch_dtype,
         )
+        check_max_length(self.model, max_length, model)
         self.pair, self.pair_order, self.output = pair, pair_order, output
         self.max_length, self.source_max_chars = max_length, source_max_chars
         self.label = resolve_label(self.model.config, label, model)

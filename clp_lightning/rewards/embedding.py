@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import AutoModel
 
-from clp_lightning.rewards.base import Reward, load_scorer, to_device
+from clp_lightning.rewards.base import Reward, check_max_length, load_scorer, to_device
 from clp_lightning.rewards.packing import pack
 
 # Encoders whose output per text is unchanged by packing: learned absolute positions read from ``position_ids`` and
@@ -61,6 +61,7 @@ class EmbeddingSimilarityReward(Reward):
         self.model, self.tokenizer = load_scorer(
             AutoModel, model, tokenizer, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype
         )
+        check_max_length(self.model, max_length, model)
         self.target, self.max_length = target, max_length
         config = self.model.config
         packable = config.model_type in PACKABLE_MODEL_TYPES and config._attn_implementation in PACKABLE_ATTENTION

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
 
-from clp_lightning.rewards.base import Reward, load_scorer, to_device
+from clp_lightning.rewards.base import Reward, check_max_length, load_scorer, to_device
 
 
 def fit_source(
@@ -88,6 +88,7 @@ class Seq2SeqNLIReward(Reward):
         )
         if not self.tokenizer.is_fast:
             raise ValueError(f"{tokenizer or model!r}: Seq2SeqNLIReward needs a fast tokenizer (for source truncation)")
+        check_max_length(self.model, max_length, model)  # T5 has relative positions; a BART-based scorer does not
         start = self.model.config.decoder_start_token_id
         if start is None:
             raise ValueError(f"{model!r} has no decoder_start_token_id in its config")

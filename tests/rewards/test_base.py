@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, BartConfig, BartForSequenceClassification, RobertaConfig, RobertaModel
 
+from clp_lightning.models import build_tiny_model
 from clp_lightning.rewards import LengthReward, SequenceClassifierReward
-from clp_lightning.rewards.base import load_scorer, parse_dtype
+from clp_lightning.rewards.base import load_scorer, parse_dtype, position_limit
 
 SOURCES = ["the cat sat on the mat all day", "a dog barked at the mailman", "rain fell", "it was sunny", "x"]
 RESPONSES = ["cat on mat", "dog barked", "it rained", "sunny day today", "y z"]
@@ -70,3 +71,16 @@ def test_bad_arguments_fail_early():
     with pytest.raises(ValueError, match="float64x"):
         parse_dtype("float64x")
     assert parse_dtype("bfloat16") is torch.bfloat16 and parse_dtype(None) is None
+
+
+def test_position_limit_counts_the_usable_rows_of_the_position_table(classifier_dir):
+    small = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    assert position_limit(AutoModel.from_pretrained(classifier_dir)) == 128  # BERT: every row
+    roberta = RobertaModel(RobertaConfig(**small, max_position_embeddings=34, pad_token_id=1))
+    assert position_limit(roberta) == 32  # positions start after the padding index, as roberta-large-mnli's 514 -> 512
+    bart = BartForSequenceClassification(
+        BartConfig(d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                   encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=40)
+    )
+    assert position_limit(bart) == 40  # the table has 2 extra rows (BART's offset)
+    assert position_limit(build_tiny_model("t5", seed=0)) is None  # relative positions: no table bounds the length

@@ -49,12 +49,12 @@ def test_logit_outputs(classifier_dir, direct, kwargs, select):
 
 
 def test_label_names_resolve_case_insensitively(classifier_dir):
-    assert SequenceClassifierReward(str(classifier_dir), label="ENTAILMENT").label == 2
-    assert SequenceClassifierReward(str(classifier_dir), label="1").label == 1
+    assert SequenceClassifierReward(str(classifier_dir), label="ENTAILMENT", max_length=64).label == 2
+    assert SequenceClassifierReward(str(classifier_dir), label="1", max_length=64).label == 1
     with pytest.raises(ValueError, match="'faithful'.*contradiction.*neutral.*entailment"):
-        SequenceClassifierReward(str(classifier_dir), label="faithful")
+        SequenceClassifierReward(str(classifier_dir), label="faithful", max_length=64)
     with pytest.raises(ValueError, match="out of range"):
-        SequenceClassifierReward(str(classifier_dir), label=3)
+        SequenceClassifierReward(str(classifier_dir), label=3, max_length=64)
     with pytest.raises(ValueError, match="minus_label"):
         SequenceClassifierReward(str(classifier_dir), output="logit_diff", label=2)
     with pytest.raises(ValueError, match="output"):
@@ -120,3 +120,11 @@ def test_single_logit_head(tmp_path, classifier_dir):
     logit = SequenceClassifierReward(str(tmp_path), output="logit", label=0, max_length=32)(["q"], ["a"])
     prob = SequenceClassifierReward(str(tmp_path), output="probability", label=0, max_length=32)(["q"], ["a"])
     torch.testing.assert_close(prob, torch.sigmoid(logit))
+
+
+def test_max_length_longer_than_the_position_table_is_refused_at_construction(classifier_dir):
+    # The tiny classifier has 128 positions: max_length=512 would score short texts, then crash on the first long one.
+    with pytest.raises(ValueError, match="max_length=512 is longer than the 128 positions.*max_length <= 128"):
+        SequenceClassifierReward(str(classifier_dir), max_length=512)
+    at_limit = SequenceClassifierReward(str(classifier_dir), max_length=128)
+    assert at_limit(["word " * 300], ["a summary"]).shape == (1,)

@@ -79,3 +79,9 @@ def test_bad_input_is_refused_before_any_embedding(monkeypatch):
     monkeypatch.setattr(reward, "embed", lambda texts: pytest.fail("embedded before the inputs were checked"))
     with pytest.raises(ValueError, match="same length"):
         reward(["a", "b"], ["x"])
+
+
+def test_max_length_beyond_the_encoders_positions_is_refused():
+    # MiniLM has 512 positions; max_length=1024 used to load fine and crash on the first text over 512 tokens.
+    with pytest.raises(ValueError, match="max_length=1024 is longer than the 512 positions"):
+        EmbeddingSimilarityReward(MINILM, max_length=1024)

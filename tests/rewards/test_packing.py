@@ -114,9 +114,9 @@ def test_pack_true_refuses_an_encoder_it_cannot_pack(tmp_path, minilm_tokenizer)
                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
     RobertaModel(config).save_pretrained(tmp_path)
     minilm_tokenizer.save_pretrained(tmp_path)
-    assert not EmbeddingSimilarityReward(str(tmp_path)).pack  # None: pad an encoder packing is not known to suit
+    assert not EmbeddingSimilarityReward(str(tmp_path), max_length=32).pack  # None: pad an encoder not known to suit
     with pytest.raises(ValueError, match="model_type='roberta'"):
-        EmbeddingSimilarityReward(str(tmp_path), pack=True)
+        EmbeddingSimilarityReward(str(tmp_path), max_length=32, pack=True)
 
 
 def test_packing_in_bfloat16_uses_a_mask_of_the_model_dtype():
