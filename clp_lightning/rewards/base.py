@@ -59,13 +59,22 @@ def load_scorer(
         ``(model, tokenizer)``.
 
     Raises:
-        ValueError: ``torch_dtype`` is not a floating-point dtype (checked before anything is loaded).
+        ValueError: ``torch_dtype`` is not a floating-point dtype (checked before anything is loaded), or the
+            tokenizer has neither a padding nor an eos token.
         FileNotFoundError, OSError: the model or tokenizer cannot be found or read (see ``load_pretrained``).
     """
     dtype = parse_dtype(torch_dtype)
     dtype_kw = {"dtype": dtype} if dtype else {}
     loaded = load_pretrained(auto_cls, model, trust_remote_code=trust_remote_code, **dtype_kw)
     tok = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
+    # Decoder-based reward models (GPT-2, Llama heads) often ship without a padding token, in the tokenizer or in the
+    # config; they pool the last non-padding token, so without config.pad_token_id any batch of two fails.
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"the tokenizer of {model!r} has no padding token and no eos token to pad with")
+        tok.pad_token = tok.eos_token
+    if getattr(loaded.config, "pad_token_id", None) is None:
+        loaded.config.pad_token_id = tok.pad_token_id
     return loaded, tok
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
+from clp_lightning.models import build_byte_tokenizer
 from clp_lightning.rewards import SequenceClassifierReward
 
 SOURCES = ["the quick brown fox jumps over the lazy dog " * 6, "a short premise", "rain in spain"]
@@ -128,3 +129,27 @@ def test_max_length_longer_than_the_position_table_is_refused_at_construction(cl
         SequenceClassifierReward(str(classifier_dir), max_length=512)
     at_limit = SequenceClassifierReward(str(classifier_dir), max_length=128)
     assert at_limit(["word " * 300], ["a summary"]).shape == (1,)
+
+
+def decoder_reward_model(path, tokenizer) -> str:
+    """A one-logit GPT-2 reward model whose config has no pad_token_id, as many decoder-based ones ship."""
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=64, num_labels=1,
+                        bos_token_id=1, eos_token_id=1)
+    assert config.pad_token_id is None
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("tokenizer_has_pad", [True, False])
+def test_decoder_reward_model_without_pad_token_scores_a_batch_like_single_texts(tmp_path, tokenizer_has_pad):
+    tokenizer = build_byte_tokenizer("causal")
+    tokenizer.padding_side = "right"
+    if not tokenizer_has_pad:
+        tokenizer.pad_token = None
+    reward = SequenceClassifierReward(decoder_reward_model(tmp_path, tokenizer), pair=False, output="logit", label=0,
+                                      max_length=64)
+    responses = ["a much longer response of several words", "short"]
+    single = torch.cat([reward(["post"], [r]) for r in responses])
+    torch.testing.assert_close(reward(["post"] * 2, responses), single)  # used to fail on a batch of two
