@@ -75,6 +75,10 @@ def load_scorer(
         tok.pad_token = tok.eos_token
     if getattr(loaded.config, "pad_token_id", None) is None:
         loaded.config.pad_token_id = tok.pad_token_id
+    # Scoring pads on the right whatever the tokenizer was saved with (decoder models' tokenizers often pad on the
+    # left, for generation): models with absolute positions (BERT, GPT-2) count positions from the first column, so a
+    # left-padded text would be read at shifted positions and score differently in a batch than alone.
+    tok.padding_side = "right"
     return loaded, tok
 
 

@@ -153,3 +153,14 @@ def test_decoder_reward_model_without_pad_token_scores_a_batch_like_single_texts
     responses = ["a much longer response of several words", "short"]
     single = torch.cat([reward(["post"], [r]) for r in responses])
     torch.testing.assert_close(reward(["post"] * 2, responses), single)  # used to fail on a batch of two
+
+
+def test_a_left_padding_tokenizer_scores_a_batch_like_single_texts(tmp_path):
+    tokenizer = build_byte_tokenizer("causal")
+    assert tokenizer.padding_side == "left"  # as decoder tokenizers are saved for generation
+    reward = SequenceClassifierReward(decoder_reward_model(tmp_path, tokenizer), pair=False, output="logit", label=0,
+                                      max_length=64)
+    responses = ["a much longer response of several words", "short"]
+    single = torch.cat([reward(["post"], [r]) for r in responses])
+    # GPT-2's absolute positions: left padding used to shift the short text's positions and change its score
+    torch.testing.assert_close(reward(["post"] * 2, responses), single)

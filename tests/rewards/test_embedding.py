@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from clp_lightning.rewards import EmbeddingSimilarityReward
 
@@ -85,3 +86,14 @@ def test_max_length_beyond_the_encoders_positions_is_refused():
     # MiniLM has 512 positions; max_length=1024 used to load fine and crash on the first text over 512 tokens.
     with pytest.raises(ValueError, match="max_length=1024 is longer than the 512 positions"):
         EmbeddingSimilarityReward(MINILM, max_length=1024)
+
+
+def test_unpacked_embeddings_do_not_depend_on_the_saved_padding_side(tmp_path, minilm_tokenizer):
+    minilm_tokenizer.save_pretrained(tmp_path)
+    left = AutoTokenizer.from_pretrained(tmp_path, padding_side="left")
+    left.save_pretrained(tmp_path)
+    reward = EmbeddingSimilarityReward(MINILM, tokenizer=str(tmp_path), pack=False)
+    texts = ["a much longer response with many more words than the other one", "short"]
+    batched = reward.embed(texts)
+    single = torch.cat([reward.embed([t]) for t in texts])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)  # BERT positions count from the first column
