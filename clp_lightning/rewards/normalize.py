@@ -83,11 +83,21 @@ class RewardNormalizer(nn.Module):
         return self.var.sqrt()
 
     def batch_stats(self, rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Count ``()``, mean ``(m,)`` and population variance ``(m,)`` of ``rewards`` ``(N, m)`` over all ranks."""
+        """Count ``()``, mean ``(m,)`` and population variance ``(m,)`` of ``rewards`` ``(N, m)`` over all ranks.
+
+        Raises:
+            ValueError: a reward on any rank is NaN or infinite (the message lists the columns).
+        """
         r = rewards.detach().to(torch.float64)
         stats = torch.cat([r.new_tensor([r.shape[0]]), r.sum(0), (r * r).sum(0)])  # (1 + 2m,): one all-reduce
         stats = self.sync_fn(stats)
         count, total, total_sq = stats[0], stats[1 : 1 + self.num_objectives], stats[1 + self.num_objectives :]
+        # Checked after the sync, so every rank raises together instead of the others waiting in the next all-reduce;
+        # folded into the running statistics, one NaN would make every later reward of its column NaN, for good.
+        finite = torch.isfinite(total) & torch.isfinite(total_sq)
+        if not finite.all():
+            columns = (~finite).nonzero().flatten().tolist()
+            raise ValueError(f"rewards in column(s) {columns} are NaN or infinite (on this rank or another)")
         mean = total / count.clamp(min=1.0)
         var = (total_sq / count.clamp(min=1.0) - mean * mean).clamp(min=0.0)
         return count, mean, var

@@ -114,6 +114,23 @@ def test_bad_shapes_and_arguments():
         RewardNormalizer(3, momentum=0.0)
 
 
+def test_a_non_finite_reward_is_refused_and_leaves_the_stats_untouched():
+    norm = RewardNormalizer(3)
+    norm(_batches()[0])
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    bad = _batches()[2].clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"column\(s\) \[1\] are NaN or infinite"):
+        norm(bad)  # used to turn mean[1] and var[1] into NaN for the rest of the run (and into the checkpoint)
+    for key, value in norm.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+    bad[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        RewardNormalizer(3, mode="batch")(bad)
+    with pytest.raises(ValueError, match="NaN or infinite"):  # a NaN on another rank reaches this one through the sum
+        RewardNormalizer(3, sync_fn=lambda stats: stats + float("nan"))(_batches()[0])
+
+
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
