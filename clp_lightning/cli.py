@@ -226,12 +226,26 @@ def _condense(message: str) -> str:
     return text if len(text) <= 600 else text[:600] + " ..."
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is when a record is logged, not as it was when the handler
+    was made: one ``main`` call in a process (a test's captured stream, a notebook's redirect) would otherwise leave
+    the handler writing to a stream that is closed by the time a later call logs."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _show_info_logs() -> None:
     """Print the package's INFO messages (resume points, requeues, reports) the way Lightning prints its own."""
 
     logger = logging.getLogger("clp_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         # under DDP every rank logs; print rank 0's INFO lines and everyone's warnings
         handler.addFilter(lambda record: record.levelno >= logging.WARNING or rank_zero_only.rank == 0)

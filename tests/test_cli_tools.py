@@ -233,3 +233,23 @@ def test_test_and_predict_subcommands(run, tmp_path):
     assert len(rows) == 2 * 2  # 2 test prompts x 2 weightings
     assert {tuple(r["weights"]) for r in rows} == {(1.0, 0.0), (0.0, 1.0)}
     assert set(rows[0]["rewards"]) == {"coverage", "brevity"}
+
+
+def test_info_logs_go_to_the_stderr_of_the_moment(monkeypatch):
+    """The package's log handler, installed by the first `clp` call in a process, writes to sys.stderr as it is when
+    a record is logged: a stream captured for an earlier call may be closed by then."""
+    import io
+    import logging
+
+    from clp_lightning.cli import _show_info_logs
+
+    logger = logging.getLogger("clp_lightning")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    first, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    _show_info_logs()
+    first.close()
+    monkeypatch.setattr("sys.stderr", later)
+    logging.getLogger("clp_lightning.data").info("Split %r: %d examples", "validation", 2)
+    assert later.getvalue() == "Split 'validation': 2 examples\n"
