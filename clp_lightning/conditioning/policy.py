@@ -29,7 +29,7 @@ from clp_lightning.conditioning.lm import (
     response_log_probs,
 )
 from clp_lightning.conditioning.mixing import WeightingState
-from clp_lightning.conditioning.prompt import ChatFormat, PromptConditioner
+from clp_lightning.conditioning.prompt import ChatFormat, PromptConditioner, leading_special_tokens
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.models import count_parameters, load_policy_model, model_kind, sync_tied_config
 
@@ -88,6 +88,7 @@ class ConditionalPolicy(nn.Module):
             if conditioning.prompt
             else None
         )
+        self._leading_specials = leading_special_tokens(tokenizer) if conditioning.prompt else 0
         self.mode = conditioning.build_mode()
         own = list(model.parameters())  # held, so that no parameter the mode adds can reuse a replaced one's id
         self.conditioned_modules, self.extra_parameters = self.mode.apply(model, num_objectives, self.state)
@@ -255,7 +256,8 @@ class ConditionalPolicy(nn.Module):
                 raise ValueError("this policy is conditioned on alpha: pass alpha with the weights")
             prefixes = self.prompt_conditioner.prefixes(weights.cpu(), None if alpha is None else alpha.cpu())
             heads = tok(prefixes, add_special_tokens=False)["input_ids"]
-            body = [h + b for h, b in zip(heads, body)]
+            lead = 0 if self.chat is not None else self._leading_specials  # a BOS stays first
+            body = [b[:lead] + h + b[lead:] for h, b in zip(heads, body)]
         if self.chat is not None:
             body = [self.chat.wrap(b) for b in body]
         batch = tok.pad({"input_ids": body}, return_tensors="pt")

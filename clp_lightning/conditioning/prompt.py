@@ -1,7 +1,8 @@
 """Prompt conditioning: the weighting (and optionally the KL strength) written into the model's input text.
 
 For seq2seq models the prefix goes in front of the encoder input; for causal models in front of the prompt. Either
-way it is a prefix of the prompt text, so one implementation serves both.
+way it is a prefix of the prompt text, so one implementation serves both. It goes after the special tokens a
+tokenizer puts before every text (a BOS: Llama 3, Gemma), where the text itself starts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
+
+
+def leading_special_tokens(tokenizer: Any) -> int:
+    """How many special tokens ``tokenizer`` puts before a text (1 for a BOS, as Llama 3 and Gemma add; 0 for GPT-2,
+    T5 and SmolLM2), found by tokenising a probe text with and without them."""
+    plain = tokenizer("a b", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a b")["input_ids"]
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    return starts[0] if starts else 0
 
 
 class PromptConditioner:

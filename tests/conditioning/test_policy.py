@@ -265,3 +265,25 @@ def test_decode_drops_what_follows_each_rows_end_whatever_id_pads_it():
     assert policy.decode(ids, mask) == ["hi", "hello"]
     # any pad id, 0 included: only the masked tokens are read
     assert policy.decode(ids.masked_fill(mask == 0, 0), mask) == ["hi", "hello"]
+
+
+def test_prompt_prefix_goes_after_a_bos_the_tokenizer_adds():
+    """Tokenizers that start every text with a BOS (Llama 3, Gemma) get the weighting prefix after it, where the
+    text starts, as `tokenizer(prefix + prompt)` places it; one without (the byte tokenizer) gets it first."""
+    from tokenizers import processors
+
+    from clp_lightning.conditioning.prompt import leading_special_tokens
+    from clp_lightning.models import build_byte_tokenizer, build_tiny_model
+
+    def policy_with(tok):
+        return ConditionalPolicy(build_tiny_model("gpt2", "tiny"), tok, 2, ConditioningConfig(prompt=True))
+
+    w = torch.tensor([[0.3, 0.7]])
+    no_bos, bos_tok = build_byte_tokenizer("causal"), build_byte_tokenizer("causal")
+    bos = bos_tok.bos_token_id
+    bos_tok._tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", bos)])
+    assert leading_special_tokens(no_bos) == 0 and leading_special_tokens(bos_tok) == 1
+    plain = policy_with(no_bos).encode(["post TL;DR:"], w)["input_ids"][0].tolist()
+    with_bos = policy_with(bos_tok).encode(["post TL;DR:"], w)["input_ids"][0].tolist()
+    assert plain == no_bos("<w 0.30,0.70> post TL;DR:")["input_ids"] and plain[0] != bos
+    assert with_bos == [bos, *plain] == bos_tok("<w 0.30,0.70> post TL;DR:")["input_ids"]
