@@ -36,7 +36,8 @@ class SFTModule(L.LightningModule):
         output_dir: where the final model and tokenizer are saved (``save_pretrained``); None saves nothing. The
             directory is replaced when the fit ends, so it must be new, empty, or a model saved there before
             (checked at construction, before any training).
-        max_response_length: reference tokens kept (EOS included).
+        max_response_length: reference tokens kept (the stop token included: EOS, or a chat template's end of
+            turn).
         optimizer: AdamW settings, warm-up and schedule.
     """
 
@@ -56,16 +57,24 @@ class SFTModule(L.LightningModule):
             check_output_dir(output_dir)
         # the warm start trains the plain model: the config's loading and prompt format, no conditioning
         self.policy = dataclasses.replace(policy, conditioning=ConditioningConfig()).build(1)
+        if self._stop_id() is None:
+            raise ValueError(f"the tokenizer of {policy.model_name_or_path!r} has no EOS token: the warm start cannot "
+                             "teach the policy where a response ends")
         self.output_dir = output_dir
         self.max_response_length = max_response_length
         self.optimizer_config = optimizer or OptimizerConfig(lr=1e-4)
 
     def _targets(self, references: list[str]) -> tuple[Tensor, Tensor]:
-        """Reference summaries as response ids ``(B, T)`` ending in EOS, right-padded, and their mask."""
-        tok = self.policy.tokenizer
-        ids = tok([" " + r for r in references], add_special_tokens=False)["input_ids"]
-        eos = tok.eos_token_id
-        rows = [row[: self.max_response_length - 1] + [eos] for row in ids]
+        """Reference summaries as response ids ``(B, T)`` ending in the stop token, right-padded, and their mask.
+
+        As the policy will answer: after a plain prompt's cue (``TL;DR:``) with a space first and EOS last; in a chat
+        template's assistant turn as the template writes it, with no space first and its end-of-turn token last.
+        """
+        tok, chat = self.policy.tokenizer, self.policy.chat
+        texts = list(references) if chat is not None else [" " + r for r in references]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        stop = self._stop_id()
+        rows = [row[: self.max_response_length - 1] + [stop] for row in ids]
         width = max(len(r) for r in rows)
         out = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(out)
@@ -73,6 +82,14 @@ class SFTModule(L.LightningModule):
             out[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
         return out.to(self.device), mask.to(self.device)
+
+    def _stop_id(self) -> int:
+        """The token the policy must learn to end its response with: the chat template's end of turn where it has
+        one (generation stops there), else the tokenizer's EOS."""
+        chat = self.policy.chat
+        if chat is not None and chat.end_of_turn_id is not None:
+            return chat.end_of_turn_id
+        return self.policy.tokenizer.eos_token_id
 
     def _nll(self, batch: dict[str, list[str]]) -> tuple[Tensor, Tensor]:
         enc = self.policy.encode(batch["prompt"])

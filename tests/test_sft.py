@@ -52,3 +52,30 @@ def test_a_run_without_an_end_needs_a_constant_schedule(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     with pytest.raises(ValueError, match="schedule='cosine'"):
         trainer.fit(module, datamodule=SyntheticTLDRDataModule(num_train=4, num_val=2, batch_size=2, seed=0))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_targets_are_the_assistant_turn_as_the_template_writes_it():
+    """With a chat template the reference is the assistant's text (no space after the header) closed by the
+    template's end-of-turn token, which generation stops at, not by the tokenizer's EOS (here a different token)."""
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    module = SFTModule(PolicyConfig("tiny:gpt2", tokenizer="synthetic-bpe"), max_response_length=16)
+    model, tok = module.policy.model, module.policy.tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    tok.chat_template = CHATML
+    module.policy = ConditionalPolicy(model, tok, 1, chat_template=True)
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn != tok.eos_token_id
+    ids, mask = module._targets(["my bread burns"])
+    assert ids[0][mask[0].bool()].tolist() == tok("my bread burns", add_special_tokens=False)["input_ids"] + [
+        end_of_turn]
+    # without a template the reference follows the prompt's cue after a space and ends in EOS
+    plain = SFTModule(PolicyConfig("tiny:gpt2", tokenizer="synthetic-bpe"), max_response_length=16)
+    ids, mask = plain._targets(["my bread burns"])
+    assert ids[0][mask[0].bool()].tolist() == tok(" my bread burns", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id]
