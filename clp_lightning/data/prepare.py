@@ -4,7 +4,8 @@
 0.3.4 (Primer.ai, MIT licence; only the sdist carries ``data/``) into a directory that
 ``CNNDailyMailDataModule(path=DIR, name=None)`` loads like ``abisee/cnn_dailymail`` 3.0.0::
 
-    DIR/train.jsonl, validation.jsonl, test.jsonl   {"article", "highlights", "id"}, one row per article
+    DIR/train.jsonl, validation.jsonl, test.jsonl   {"article", "highlights", "id"}, one row per article (a split
+                                                    of size 0 has no file)
     DIR/human_scores.jsonl                          one row per (article, summary) pair, with its human scores
     DIR/source.json                                 provenance: sdist sha256, member, counts, reference rule
 
@@ -234,10 +235,18 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, removed = [], []
     for split in SPLITS:
-        written.append(out / f"{split}.jsonl")
-        write_text_atomic(written[-1], _jsonl(splits[split]))
+        file = out / f"{split}.jsonl"
+        if not splits[split]:
+            # an empty file is not a split to the data module: it fails on it; an earlier conversion's file would
+            # hold articles that are now in another split
+            if file.is_file():
+                file.unlink()
+                removed.append(file)
+            continue
+        written.append(file)
+        write_text_atomic(file, _jsonl(splits[split]))
     written.append(out / "human_scores.jsonl")
     write_text_atomic(written[-1], _jsonl(scores))
     source = {
@@ -262,6 +271,8 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
     print(f"cnndm-blanc: {source['articles']} articles ({sizes}), {len(scores)} scored summaries")
     for file in written:
         print(f"  wrote {file}")
+    for file in removed:
+        print(f"  removed {file} (an earlier conversion's; this one has no such split)")
     return source
 
 

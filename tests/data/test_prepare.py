@@ -245,3 +245,17 @@ def test_real_blanc_sdist(tmp_path, capsys):
     assert sorted(per_article.values()).count(1) == 200 and set(per_article.values()) == {1, 3, 4}
     assert all(0 <= x <= 4 for s in scores for x in s["scores"]) and {len(s["scores"]) for s in scores} <= {8, 9, 10}
     assert "300 articles (train 200, validation 50, test 50), 555 scored summaries" in capsys.readouterr().out
+
+
+def test_a_split_of_size_zero_has_no_file_and_the_others_load(tmp_path):
+    """--test-size 0 used to write an empty test.jsonl, on which the data module fails ("has no rows"); an earlier
+    conversion's test.jsonl (articles now in train) must not be left behind either."""
+    sdist = write_sdist(tmp_path / "blanc.tar.gz")
+    out = convert(tmp_path, sdist, val=2, test=2)
+    out = convert(tmp_path, sdist, val=2, test=0)
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["human_scores.jsonl", "train.jsonl", "validation.jsonl"]
+    dm = CNNDailyMailDataModule(path=str(out), name=None, cache_dir=str(tmp_path / "cache"), batch_size=4)
+    dm.check_files("fit")
+    dm.prepare_data()
+    dm.setup("fit")
+    assert {role: len(d) for role, d in dm.data.items()} == {"train": 10, "val": 2}
