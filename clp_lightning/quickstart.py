@@ -31,8 +31,9 @@ def quickstart(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (the numbers depend on it: 1, the default, gives the README's)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    for flag, value in (("--threads", args.threads), ("--sft-steps", args.sft_steps), ("--rl-steps", args.rl_steps)):
+        if value is not None and value < 1:  # 0 would otherwise run the stage's full length
+            parser.error(f"{flag} must be >= 1, got {value}")
     return _run(args)
 
 
@@ -61,13 +62,13 @@ def _run(args: argparse.Namespace) -> dict:
     if not (args.skip_sft and sft_model.exists()):
         overrides = [f"--trainer.default_root_dir={run / 'sft'}", f"--trainer.logger.init_args.save_dir={run}",
                      f"--model.init_args.output_dir={sft_model}"]
-        if args.sft_steps:
+        if args.sft_steps is not None:
             overrides += [f"--trainer.max_steps={args.sft_steps}",
                           f"--trainer.val_check_interval={max(args.sft_steps // 2, 1)}"]
         run_cli(["fit", "--config", str(CONF_DIR / "quickstart_sft.yaml"), *overrides])
     overrides = [f"--trainer.default_root_dir={run / 'rl'}", f"--trainer.logger.init_args.save_dir={run}",
                  f"--model.init_args.policy.model_name_or_path={sft_model}"]
-    if args.rl_steps:
+    if args.rl_steps is not None:
         interval = max(args.rl_steps // 2, 1)
         overrides += [f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={interval}"]
     cli = run_cli(["fit", "--config", str(CONF_DIR / "quickstart.yaml"), *overrides])

@@ -63,3 +63,17 @@ def test_quickstart_numbers_are_the_same_whatever_threads_the_machine_offers(tmp
     two = smoke_report(tmp_path / "two", env={**base, "OMP_NUM_THREADS": "2"})
     one = smoke_report(tmp_path / "one", env={**base, "OMP_NUM_THREADS": "1"})
     assert two == one
+
+
+@pytest.mark.parametrize("flag", ["--sft-steps", "--rl-steps", "--threads"])
+def test_a_step_count_below_one_is_refused_before_any_stage_runs(flag, monkeypatch, capsys, tmp_path):
+    """``--sft-steps 0`` used to be read as "not given" and ran the stage's full length."""
+    import clp_lightning.quickstart as quickstart_module
+
+    def no_stage(argv):
+        raise AssertionError(f"a stage ran: {argv}")
+
+    monkeypatch.setattr(quickstart_module, "run_cli", no_stage)
+    with pytest.raises(SystemExit) as exit_:
+        quickstart_module.quickstart(["--run-dir", str(tmp_path), flag, "0"])
+    assert exit_.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
