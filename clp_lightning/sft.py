@@ -97,6 +97,10 @@ class SFTModule(L.LightningModule):
         logp = response_log_probs(self.policy.model, **enc, response_ids=ids, response_mask=mask).log_probs
         return -logp.sum() / mask.sum(), mask.sum()
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.output_dir is not None:
+            check_apart_from_run(self.output_dir, self.trainer)
+
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> Tensor:
         loss, tokens = self._nll(batch)
         self.log("train/sft_loss", loss, prog_bar=True, batch_size=int(tokens))
@@ -141,6 +145,29 @@ def check_output_dir(output_dir: str | Path) -> Path:
             )
     check_writable(target.parent, "output_dir's parent directory")
     return target
+
+
+def check_apart_from_run(output_dir: str | Path, trainer: L.Trainer) -> None:
+    """Refuse an ``output_dir`` that is, or holds, a directory the run itself writes to (its root, log or checkpoint
+    directory): the run's files would make the final save refuse to replace it, after all the training.
+
+    Raises:
+        ValueError: naming the directory the two share.
+    """
+    target = Path(output_dir).expanduser().resolve()
+    written = [("trainer.default_root_dir", trainer.default_root_dir), ("the log directory", trainer.log_dir)]
+    written += [("the checkpoint directory", cb.dirpath) for cb in trainer.checkpoint_callbacks
+                if getattr(cb, "dirpath", None)]
+    for what, directory in written:
+        if directory is None:
+            continue
+        path = Path(directory).expanduser().resolve()
+        if path == target or target in path.parents:
+            raise ValueError(
+                f"output_dir {str(output_dir)!r} holds {what} {str(directory)!r}: the warm start replaces output_dir "
+                "with the model when it ends, and the run's own files there would stop it; point output_dir at a "
+                "directory of its own, e.g. <default_root_dir>/model"
+            )
 
 
 def save_pretrained_atomic(policy: ConditionalPolicy, output_dir: str | Path) -> Path:

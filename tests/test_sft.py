@@ -79,3 +79,23 @@ def test_chat_targets_are_the_assistant_turn_as_the_template_writes_it():
     ids, mask = plain._targets(["my bread burns"])
     assert ids[0][mask[0].bool()].tolist() == tok(" my bread burns", add_special_tokens=False)["input_ids"] + [
         tok.eos_token_id]
+
+
+@pytest.mark.parametrize("where", ["root", "parent_of_root", "checkpoints"])
+def test_an_output_dir_the_run_writes_into_is_refused_before_training(tmp_path, where):
+    """output_dir = the run's own directory passed the construction check (it was empty then), and the final save
+    refused it after all the training, for the run's logs and checkpoints there: the model was never written."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    root = tmp_path / "run" / "sft"
+    output_dir = {"root": root, "parent_of_root": tmp_path / "run", "checkpoints": tmp_path / "ckpts"}[where]
+    module = SFTModule(PolicyConfig("tiny:t5", max_prompt_length=48), output_dir=str(output_dir),
+                       max_response_length=8)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, default_root_dir=root,
+                        logger=TensorBoardLogger(root, name="", version=""), enable_progress_bar=False,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpts")], enable_model_summary=False,
+                        limit_val_batches=0)
+    with pytest.raises(ValueError, match="output_dir .* holds"):
+        trainer.fit(module, datamodule=SyntheticTLDRDataModule(num_train=4, num_val=2, batch_size=2, seed=0))
+    assert trainer.global_step == 0
