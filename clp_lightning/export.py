@@ -379,7 +379,8 @@ def weighting_card(policy: ConditionalPolicy, names: list[str], weights: list[fl
         where = " inside the user turn of the chat template" if policy.chat is not None else ""
         lines += ["**Prompts must start with the conditioning prefix** (also `clp_prompt_prefix` in "
                   f"`generation_config.json`){where}:", "", "```text", prefix, "```", ""]
-    lines += [f"The policy saw at most the last {policy.max_prompt_length} tokens of a prompt (before the prefix); "
+    kept = "last" if policy.prompt_truncation_side == "left" else "first"
+    lines += [f"The policy saw at most the {kept} {policy.max_prompt_length} tokens of a prompt (before the prefix); "
               "truncate longer prompts the same way to reproduce it.", ""]
     lines += _training_section(policy, names, facts)
     lines += ["## Use", "", "```python", f"from transformers import {auto}, AutoTokenizer", "",

@@ -95,6 +95,18 @@ class ConditioningConfig:
         return {**fields, "options": self.build_mode().options()}
 
 
+def check_truncation_side(value: str | None) -> str | None:
+    """``value`` if it is a prompt truncation side (``left``, ``right`` or None for the default).
+
+    Raises:
+        ValueError: naming the value and the choices.
+    """
+    if value not in (None, "left", "right"):
+        raise ValueError(f"truncation_side must be 'left' (keep a prompt's end), 'right' (keep its start) or null, "
+                         f"got {value!r}")
+    return value
+
+
 @dataclass
 class PolicyConfig:
     """What the policy is and how it is conditioned (one YAML block).
@@ -102,7 +114,10 @@ class PolicyConfig:
     Attributes:
         model_name_or_path: hub id, local directory (e.g. a warm-start checkpoint) or ``tiny:<arch>[-size]``.
         conditioning: how the weighting enters the model.
-        max_prompt_length: prompt tokens kept, from the end.
+        max_prompt_length: prompt tokens kept, from the end (see ``truncation_side``).
+        truncation_side: which end of a long prompt is cut: ``left`` keeps the end (a trailing cue such as
+            ``TL;DR:``), ``right`` the start (a leading one, such as T5's ``summarize:``, and an article's lede);
+            null: ``right`` with a chat template, else ``left``.
         trust_remote_code: run code shipped with the model; off unless turned on here.
         torch_dtype: ``float32``, ``bfloat16``, ... or None for the checkpoint's dtype.
         seed: initialisation seed for ``tiny:`` models.
@@ -126,10 +141,12 @@ class PolicyConfig:
     cache_dir: str | None = None
     chat_template: bool = False
     system_prompt: str | None = None
+    truncation_side: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.conditioning, dict):
             self.conditioning = ConditioningConfig(**self.conditioning)
+        check_truncation_side(self.truncation_side)  # here, not after the model has loaded
 
     def build(self, num_objectives: int) -> ConditionalPolicy:
         from clp_lightning.conditioning.policy import ConditionalPolicy  # the policy module imports this one
@@ -147,4 +164,5 @@ class PolicyConfig:
             cache_dir=self.cache_dir,
             chat_template=self.chat_template,
             system_prompt=self.system_prompt,
+            truncation_side=self.truncation_side,
         )

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clp_lightning.conditioning.config import ConditioningConfig
+from clp_lightning.conditioning.config import ConditioningConfig, check_truncation_side
 from clp_lightning.conditioning.lm import (
     PolicyOutput,
     _add_stop_token,
@@ -45,6 +45,9 @@ class ConditionalPolicy(nn.Module):
         max_prompt_length: prompt tokens kept (from the end, so a trailing cue such as ``TL;DR:`` survives),
             not counting the conditioning prefix. With a chat template, from the start of the user's text (the
             template's assistant header is the cue), not counting the template's tokens.
+        truncation_side: which end of a long prompt is cut: ``left`` keeps the end, ``right`` the start (a leading
+            cue, e.g. T5's ``summarize:`` and a news article's lede); None: ``right`` with a chat template, else
+            ``left``.
         chat_template: format prompts with the tokenizer's chat template (instruct models): ``system_prompt``, then
             the prompt as the user turn; generation also stops at the template's end-of-turn token.
         system_prompt: the system message of the chat template; None leaves the template's default.
@@ -63,6 +66,7 @@ class ConditionalPolicy(nn.Module):
         max_prompt_length: int = 512,
         chat_template: bool = False,
         system_prompt: str | None = None,
+        truncation_side: str | None = None,
     ) -> None:
         super().__init__()
         if num_objectives < 1:
@@ -72,6 +76,7 @@ class ConditionalPolicy(nn.Module):
         self.tokenizer = tokenizer
         self.kind = model_kind(model)
         self.max_prompt_length = max_prompt_length
+        self.truncation_side = check_truncation_side(truncation_side)
         if self.kind == "causal" and tokenizer.padding_side != "left":
             raise ValueError("causal policies generate from left-padded prompts: set tokenizer.padding_side='left'")
         if system_prompt is not None and not chat_template:
@@ -117,13 +122,15 @@ class ConditionalPolicy(nn.Module):
         cache_dir: str | None = None,
         chat_template: bool | None = None,
         system_prompt: str | None = None,
+        truncation_side: str | None = None,
     ) -> ConditionalPolicy:
         """Load a model by hub id, local path, GGUF file or ``tiny:<arch>`` and condition it (see
         :func:`load_policy_model`), or load a policy saved by :meth:`save_pretrained` (a directory with
         ``clp_config.json``; see :mod:`clp_lightning.conditioning.pretrained`).
 
         For a saved policy, ``num_objectives`` and ``conditioning`` come from the directory (when given, they must
-        agree with it), and ``max_prompt_length``, ``chat_template`` and ``system_prompt`` default to the saved values.
+        agree with it), and ``max_prompt_length``, ``chat_template``, ``system_prompt`` and ``truncation_side``
+        default to the saved values.
         Otherwise ``num_objectives`` is required and the defaults are 512, no chat template and no system prompt.
 
         Raises:
@@ -136,7 +143,8 @@ class ConditionalPolicy(nn.Module):
                 raise ValueError(f"{model_name_or_path!r} is a saved CLP policy, not a GGUF checkpoint: drop gguf_file")
             return load_policy(
                 cls, model_name_or_path, num_objectives, conditioning, max_prompt_length=max_prompt_length,
-                chat_template=chat_template, system_prompt=system_prompt, trust_remote_code=trust_remote_code,
+                chat_template=chat_template, system_prompt=system_prompt, truncation_side=truncation_side,
+                trust_remote_code=trust_remote_code,
                 torch_dtype=torch_dtype, tokenizer=tokenizer,
             )
         if num_objectives is None:
@@ -147,7 +155,7 @@ class ConditionalPolicy(nn.Module):
             tokenizer=tokenizer, gguf_file=gguf_file, cache_dir=cache_dir,
         )
         return cls(model, tok, num_objectives, conditioning, 512 if max_prompt_length is None else max_prompt_length,
-                   bool(chat_template), system_prompt)
+                   bool(chat_template), system_prompt, truncation_side)
 
     # ------------------------------------------------------------------------------------------------ conditioning
 
@@ -243,8 +251,7 @@ class ConditionalPolicy(nn.Module):
         """
         tok = self.tokenizer
         side = tok.truncation_side
-        # keep the end of a plain prompt (the TL;DR: cue), the start of a chat turn (the template holds the cue)
-        tok.truncation_side = "right" if self.chat is not None else "left"
+        tok.truncation_side = self.prompt_truncation_side
         try:
             body = tok(list(prompts), truncation=True, max_length=self.max_prompt_length,
                        add_special_tokens=self.chat is None)["input_ids"]
@@ -262,6 +269,12 @@ class ConditionalPolicy(nn.Module):
             body = [self.chat.wrap(b) for b in body]
         batch = tok.pad({"input_ids": body}, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    @property
+    def prompt_truncation_side(self) -> str:
+        """The end of a long prompt that is cut: the configured side, or by default the start of a plain prompt (its
+        trailing cue, ``TL;DR:``, survives) and the end of a chat turn (the template's assistant header is the cue)."""
+        return self.truncation_side or ("right" if self.chat is not None else "left")
 
     # ------------------------------------------------------------------------------------------- forward, generate
 

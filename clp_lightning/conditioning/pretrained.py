@@ -11,8 +11,9 @@ A saved policy is a directory::
 
 ``clp_config.json`` holds the format and its version, the model kind, ``num_objectives`` and the objectives' names,
 the :class:`~clp_lightning.conditioning.config.ConditioningConfig` (mode by registered name, options, prompt
-template and precision, ``condition_on_alpha``), ``max_prompt_length``, ``chat_template`` and ``system_prompt``, and
-free-form ``metadata`` (for example the KL strengths an alpha-conditioned policy was trained on).
+template and precision, ``condition_on_alpha``), ``max_prompt_length``, ``chat_template``, ``system_prompt`` and
+``truncation_side`` (absent in older files: null), and free-form ``metadata`` (for example the KL strengths an
+alpha-conditioned policy was trained on).
 
 The directory is untrusted input: its mode is looked up among registered modes by name only (never imported from a
 path), its tensors are read from safetensors files only, and ``trust_remote_code`` is whatever the caller passes.
@@ -95,6 +96,7 @@ def save_policy(
         "max_prompt_length": policy.max_prompt_length,
         "chat_template": policy.chat is not None,
         "system_prompt": policy.system_prompt,
+        "truncation_side": policy.truncation_side,
         "files": {"conditioning": CONDITIONING_WEIGHTS, "extras": extras},
         "metadata": {**policy.metadata, **(metadata or {})},
     }
@@ -136,6 +138,7 @@ def read_clp_config(directory: str | Path) -> dict[str, Any]:
     field("max_prompt_length", lambda v: type(v) is int and v >= 1, "a positive integer")
     field("chat_template", lambda v: type(v) is bool, "true or false")
     field("system_prompt", lambda v: v is None or isinstance(v, str), "text or null")
+    field("truncation_side", lambda v: v in (None, "left", "right"), "'left', 'right' or null")  # absent: null
     field("model_kind", lambda v: v in ("seq2seq", "causal"), "'seq2seq' or 'causal'")
     field("metadata", lambda v: v is None or isinstance(v, dict), "an object")
     conditioning = field("conditioning", lambda v: isinstance(v, dict), "an object")
@@ -168,6 +171,7 @@ def load_policy(
     max_prompt_length: int | None = None,
     chat_template: bool | None = None,
     system_prompt: str | None = None,
+    truncation_side: str | None = None,
     trust_remote_code: bool = False,
     torch_dtype: str | None = None,
     tokenizer: str | None = None,
@@ -179,7 +183,8 @@ def load_policy(
         directory: the saved policy.
         num_objectives: when given, must equal the saved one.
         conditioning: when given, must equal the saved one (options resolved); the saved one is used either way.
-        max_prompt_length, chat_template, system_prompt: None takes the saved value; a value overrides it.
+        max_prompt_length, chat_template, system_prompt, truncation_side: None takes the saved value; a value
+            overrides it.
         trust_remote_code: run code shipped with the base model; the file never turns it on.
         torch_dtype: dtype to load the base in (default: as saved).
         tokenizer: a tokenizer to use instead of the saved one.
@@ -209,7 +214,8 @@ def load_policy(
     chat = record["chat_template"] if chat_template is None else chat_template
     policy = cls(model, tok, m, saved,
                  record["max_prompt_length"] if max_prompt_length is None else max_prompt_length, chat,
-                 (record["system_prompt"] if chat else None) if system_prompt is None else system_prompt)
+                 (record["system_prompt"] if chat else None) if system_prompt is None else system_prompt,
+                 record.get("truncation_side") if truncation_side is None else truncation_side)
     policy.mode.load_conditioned_state(policy.model, load_file(str(weights_file), device=str(policy.device)))
     policy.objective_names = list(record["objective_names"])
     policy.metadata = dict(record["metadata"])

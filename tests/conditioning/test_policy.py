@@ -287,3 +287,24 @@ def test_prompt_prefix_goes_after_a_bos_the_tokenizer_adds():
     with_bos = policy_with(bos_tok).encode(["post TL;DR:"], w)["input_ids"][0].tolist()
     assert plain == no_bos("<w 0.30,0.70> post TL;DR:")["input_ids"] and plain[0] != bos
     assert with_bos == [bos, *plain] == bos_tok("<w 0.30,0.70> post TL;DR:")["input_ids"]
+
+
+def test_truncation_side_keeps_the_start_or_the_end_and_is_saved(tmp_path):
+    """`left` (the default without a chat template) keeps a long prompt's end, its `TL;DR:` cue; `right` keeps its
+    start, T5's `summarize:` and the article's lede. A saved policy keeps the setting; a bad value is refused when
+    the config is made."""
+    from clp_lightning.conditioning.config import PolicyConfig
+
+    prompt = ["summarize: the lede comes first and the rest is detail TL;DR:"]
+
+    def text(policy):
+        return policy.tokenizer.decode(policy.encode(prompt)["input_ids"][0], skip_special_tokens=True)
+
+    default = ConditionalPolicy.from_pretrained("tiny:gpt2", 2, max_prompt_length=12)
+    start = ConditionalPolicy.from_pretrained("tiny:gpt2", 2, max_prompt_length=12, truncation_side="right")
+    assert text(default) == "etail TL;DR:" and text(start) == "summarize: t"
+    start.save_pretrained(tmp_path / "saved", objective_names=["a", "b"])
+    loaded = ConditionalPolicy.from_pretrained(str(tmp_path / "saved"))
+    assert loaded.truncation_side == "right" and text(loaded) == "summarize: t"
+    with pytest.raises(ValueError, match="truncation_side must be 'left'.*got 'start'"):
+        PolicyConfig(truncation_side="start")
