@@ -32,6 +32,7 @@ from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.pretrained import CLP_CONFIG
 from clp_lightning.conditioning.weights import validate_weights
+from clp_lightning.evaluation.generation import check_alpha
 from clp_lightning.files import publish
 
 EVALUATION = "evaluation.json"
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     # every input is checked before any model is loaded: that takes seconds to minutes
     check_configs(args.config)
+    if args.alpha is not None and args.weights is None:
+        # the steerable policy takes alpha as an input when it generates: an export of it fixes none
+        raise ValueError(f"--alpha {args.alpha} applies only with --weights (a plain model fixed at one weighting "
+                         "and KL strength); the steerable policy takes alpha when it generates")
     out = Path(args.out)
     checkpoint = read_checkpoint(args.ckpt_path)
     check_output(out, args.overwrite, args.ckpt_path)
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> Path:
     facts = run_facts(setup)
     if args.alpha is not None and not facts["condition_on_alpha"]:
         raise ValueError(f"--alpha {args.alpha} given, but the policy is not conditioned on alpha")
+    if args.alpha is not None and facts["training"].get("alpha_range") is not None:
+        check_alpha(args.alpha, facts["training"]["alpha_range"], name="--alpha")  # as the loaded module would
     report_path, report = (None, None) if weights is not None else find_evaluation(args.ckpt_path, args.evaluation,
                                                                                   objectives)
 

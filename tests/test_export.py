@@ -191,6 +191,22 @@ def no_model(monkeypatch):
     monkeypatch.setattr(PolicyConfig, "build", refuse)
 
 
+ALPHA_SET = ["--set=--model.init_args.policy.conditioning={prompt: true, condition_on_alpha: true}",
+             "--set=--model.init_args.alpha_range=[0.05, 0.5]"]
+
+
+def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
+    """A copy of the checkpoint that records prompt + alpha conditioning (the config then needs ``ALPHA_SET``): an
+    alpha-conditioned checkpoint for checks that refuse the input before its weights are read."""
+    from clp_lightning.conditioning.config import ConditioningConfig
+
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["clp"]["conditioning"] = ConditioningConfig(prompt=True, condition_on_alpha=True, mode="mixing",
+                                                           options={"targets": "logits"}).stored()
+    torch.save(checkpoint, tmp_path / "alpha.ckpt")
+    return str(tmp_path / "alpha.ckpt")
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing_ckpt", "not found"),
     ("other_mode", "was trained with conditioning {'options': {'targets': 'logits'}}, the config has "
@@ -201,6 +217,8 @@ def no_model(monkeypatch):
     ("bad_weights", "sums to 1.1, expected 1"),
     ("weights_count", "has 3 entries, expected 2 (one per objective)"),
     ("alpha_unconditioned", "--alpha 0.1 given, but the policy is not conditioned on alpha"),
+    ("alpha_without_weights", "--alpha 0.1 applies only with --weights"),
+    ("alpha_out_of_range", "--alpha=0.9 is outside alpha_range [0.05, 0.5]"),
     ("missing_evaluation", "--evaluation 'nowhere.json' not found"),
 ])
 def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path, capsys, no_model, case, message):
@@ -227,6 +245,10 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
         extra = ["--weights", "0.2,0.3,0.5"]
     elif case == "alpha_unconditioned":
         extra = ["--weights", "1,0", "--alpha", "0.1"]
+    elif case == "alpha_without_weights":
+        extra = ["--alpha", "0.1"]
+    elif case == "alpha_out_of_range":
+        ckpt, extra = alpha_conditioned(ckpt, tmp_path), ["--weights", "1,0", "--alpha", "0.9", *ALPHA_SET]
     elif case == "missing_evaluation":
         extra = ["--evaluation", "nowhere.json"]
     code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out), *extra)

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from clp_lightning.conditioning.policy import ConditionalPolicy
 
 
+def check_alpha(alpha: float, alpha_range: tuple[float, float], name: str = "alpha") -> None:
+    """Refuse a KL strength ``alpha`` outside ``alpha_range``, the strengths an alpha-conditioned policy was trained
+    on; from the range alone, so that a tool can check it against the config before it loads the model."""
+    low, high = alpha_range
+    if not low <= alpha <= high:
+        raise ValueError(f"{name}={alpha} is outside alpha_range [{low}, {high}], the KL strengths the policy was "
+                         "trained on")
+
+
 class GenerationAtWeightings:
     """Evaluation generation of a conditional-policy system.
 
@@ -40,11 +49,9 @@ class GenerationAtWeightings:
             if alpha is not None:
                 raise ValueError(f"alpha={alpha} given, but the policy is not conditioned on alpha (no alpha_range)")
             return self.kl_coef
-        low, high = self.alpha_range
-        if alpha is not None and not low <= alpha <= high:
-            raise ValueError(f"alpha={alpha} is outside alpha_range [{low}, {high}], the KL strengths the policy was "
-                             "trained on")
-        return float(low if alpha is None else alpha)
+        if alpha is not None:
+            check_alpha(alpha, self.alpha_range)
+        return float(self.alpha_range[0] if alpha is None else alpha)
 
     @torch.no_grad()
     def evaluate_weightings(
