@@ -4,7 +4,8 @@
         --weights 1,0 --weights 0.3,0.7 --prompts prompts.txt --output steered.jsonl
 
 Prompts come from a text file (one per line; ``-`` or no file reads standard input) or a JSONL file with a
-``prompt`` field (and optionally ``source`` and ``reference``, used by rewards that need them).
+``prompt`` field (and optionally ``source`` and ``reference``, used by rewards that need them: text; a ``null``
+reference is none).
 """
 
 from __future__ import annotations
@@ -40,10 +41,21 @@ def read_prompts(path: str | None) -> list[dict[str, str]]:
                 raise ValueError(f"{path}: row {number} is not JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ValueError(f"{path}: row {number} has no 'prompt' text field")
+            # rewards read these as text; anything else would fail inside one, after the model loaded and generated
+            for field, allowed in (("source", (str,)), ("reference", (str, type(None)))):
+                if field in row and not isinstance(row[field], allowed):
+                    raise ValueError(f"{path}: row {number} has a {field!r} field that is not text (got "
+                                     f"{type(row[field]).__name__} {_short(row[field])}); expected a string"
+                                     + (" or null (no reference)" if field == "reference" else ""))
             rows.append(row)
         return rows
     # one prompt per line; a literal "\n" in a line stands for a newline (TL;DR prompts span lines)
     return [{"prompt": line.replace("\\n", "\n")} for line in lines]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def attach_weights(argv: list[str] | None) -> list[str]:

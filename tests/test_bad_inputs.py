@@ -259,6 +259,9 @@ def test_steer_refuses_bad_weights_before_loading_a_model(trained, tmp_path, cap
     ("no_prompts", "No such file or directory"),
     ("bad_jsonl", "row 2 is not JSON"),
     ("no_prompt_field", "row 1 has no 'prompt' text field"),
+    ("source_not_text", "row 1 has a 'source' field that is not text (got int 5); expected a string"),
+    ("reference_not_text", "row 2 has a 'reference' field that is not text (got list [\"x\"]); expected a string "
+                           "or null"),
     ("bad_checkpoint", "is not a checkpoint"),
     ("bad_output", "--output directory"),
     ("output_is_a_directory", "is a directory; name the JSONL file to write"),
@@ -266,8 +269,11 @@ def test_steer_refuses_bad_weights_before_loading_a_model(trained, tmp_path, cap
 def test_steer_refuses_bad_files_before_loading_a_model(trained, tmp_path, capsys, no_steer_model, case, message):
     config, ckpt = trained
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text({"bad_jsonl": '{"prompt": "a"}\n{"prompt": \n', "no_prompt_field": '{"text": "a"}\n'}.get(
-        case, '{"prompt": "a"}\n'))
+    prompts.write_text({"bad_jsonl": '{"prompt": "a"}\n{"prompt": \n', "no_prompt_field": '{"text": "a"}\n',
+                        "source_not_text": '{"prompt": "a", "source": 5}\n',
+                        # a null reference is none; a list is refused
+                        "reference_not_text": '{"prompt": "a", "reference": null}\n'
+                                              '{"prompt": "b", "reference": ["x"]}\n'}.get(case, '{"prompt": "a"}\n'))
     if case == "no_prompts":
         prompts = tmp_path / "missing.txt"
     if case == "bad_checkpoint":
