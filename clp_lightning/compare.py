@@ -16,7 +16,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from clp_lightning.callbacks.checkpoint import check_writable
 from clp_lightning.evaluation.reports import sampled_kl
+from clp_lightning.files import figure_format, save_figure_atomic
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -94,7 +96,8 @@ def compare(argv: list[str] | None = None) -> str:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories or report JSON files")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per run (default: the paths)")
-    parser.add_argument("--output", default=None, help="write the overlay figure here (PNG)")
+    parser.add_argument("--output", default=None,
+                        help="write the overlay figure here (format from the extension: .png, .pdf, .svg, ...)")
     args = parser.parse_args(argv)
     labels = args.labels or args.runs
     if len(labels) != len(args.runs):
@@ -103,9 +106,17 @@ def compare(argv: list[str] | None = None) -> str:
     objectives = {tuple(r["objectives"]) for r in reports}
     if len(objectives) != 1:
         raise ValueError(f"runs have different objectives: {sorted(objectives)}")
+    output = Path(args.output) if args.output else None
+    if output is not None:  # found only after the tables' bootstrap otherwise
+        if output.is_dir():
+            raise IsADirectoryError(f"--output {args.output!r} is a directory; name the figure file to write "
+                                    "(e.g. compare.png)")
+        figure_format(output, "--output")
+        check_writable(output.resolve().parent, "--output directory")
     table = comparison_table(reports, labels)
     print(table)
-    if args.output:
-        overlay_figure(reports, labels).savefig(args.output, dpi=100)
+    if output is not None:
+        # a crash mid-write keeps the figure that was there, never half of the new one
+        save_figure_atomic(overlay_figure(reports, labels), output, dpi=100)
         print(f"figure written to {args.output}")
     return table

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -14,6 +15,33 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make the file owner-only
     try:
         tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def figure_format(path: Path, what: str = "figure") -> str:
+    """The image format a figure at ``path`` is written in, from its extension (``png`` without one); refuses an
+    extension matplotlib cannot write, before the figure's work is done."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = path.suffix[1:].lower() or "png"
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"{what} {str(path)!r}: cannot write a figure as {fmt!r}; expected one of the extensions "
+                         f"{', '.join('.' + f for f in sorted(supported))}")
+    return fmt
+
+
+def save_figure_atomic(figure: Any, path: Path, **kwargs: Any) -> None:
+    """Save a matplotlib ``figure`` (``savefig`` ``kwargs``) to a temporary file beside ``path`` and rename it over
+    ``path``, in the format of ``path``'s extension (:func:`figure_format`)."""
+    # the format given explicitly: savefig would take it from the temporary name's extension, or append one
+    fmt = figure_format(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(tmp, format=fmt, **kwargs)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

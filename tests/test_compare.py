@@ -2,9 +2,12 @@
 keys (``rewards_se``, ``kl_se``, ``per_prompt_rewards``, ...): a report of an older version still reads, and its
 greedy log-ratio is never shown as a KL."""
 
+import json
 import math
 
+import pytest
 import torch
+from cli_helpers import clp
 
 from clp_lightning.callbacks.grid_evaluation import grid_report
 from clp_lightning.compare import comparison_table, overlay_figure
@@ -71,3 +74,55 @@ def test_overlay_of_more_runs_than_colours_keeps_every_run_distinct():
     lines = [line for line in figure.axes[0].get_lines() if line.get_label().startswith("run")]
     styles = {(line.get_color(), line.get_linestyle()) for line in lines}
     assert len(lines) == 12 and len(styles) == 12  # the 11th and 12th runs are dashed, not the 1st's colour again
+
+
+@pytest.fixture
+def two_reports(tmp_path):
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"r{k}.json")
+        paths[-1].write_text(json.dumps(new_report(shift=0.1 * k)))
+    return [str(p) for p in paths]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("parent_is_a_file", "--output directory"),
+    ("a_directory", "is a directory; name the figure file to write"),
+    ("unknown_format", "cannot write a figure as 'pnx'; expected one of the extensions"),
+])
+def test_a_bad_output_is_refused_before_the_tables_are_computed(two_reports, tmp_path, capsys, monkeypatch, case,
+                                                                message):
+    import clp_lightning.compare as compare
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tables were computed before the bad --output was refused")
+
+    monkeypatch.setattr(compare, "comparison_table", refuse)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    output = {"parent_is_a_file": blocker / "front.png", "a_directory": tmp_path,
+              "unknown_format": tmp_path / "front.pnx"}[case]
+    code, err = clp(capsys, "compare", *two_reports, "--output", str(output))
+    lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
+
+
+def test_the_figure_replaces_the_old_one_only_once_complete(two_reports, tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    output = tmp_path / "front.png"
+    code, err = clp(capsys, "compare", *two_reports, "--output", str(output))
+    assert code == 0, err[-2000:]
+    old = output.read_bytes()
+    assert old.startswith(b"\x89PNG")
+
+    def interrupted(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        clp(capsys, "compare", *two_reports, "--output", str(output))
+    assert output.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["front.png", "r0.json", "r1.json"]  # no temporary file
