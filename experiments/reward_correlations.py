@@ -1,7 +1,8 @@
 """Do the objectives of a config conflict? Correlations between rewards over the starting policy's own samples.
 
 The policy, its prompt format, its rollout decoding and the rewards come from the config (the same objects the RL
-run builds); extra rewards can be scored beside them for comparison. Prints the Pearson and Spearman correlation
+run builds); extra rewards can be scored beside them for comparison. A policy conditioned on the KL strength
+is given the one evaluation gives it (the low end of ``alpha_range``). Prints the Pearson and Spearman correlation
 of every pair of rewards over all samples, and the Pearson correlation within prompts (each prompt's samples
 centred on their mean): a negative value means that, for the same article, the sample that scores higher on one
 objective tends to score lower on the other, which is what a trade-off to steer needs.
@@ -24,19 +25,48 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from clp_lightning.callbacks.checkpoint import check_writable  # noqa: E402
 from clp_lightning.cli import run_cli  # noqa: E402
 from clp_lightning.evaluation import pearson, spearman  # noqa: E402
+from clp_lightning.files import write_text_atomic  # noqa: E402
 from clp_lightning.rewards import HumanScoreReward, Reward, RougeReward  # noqa: E402
+from clp_lightning.rewards.learned import load_head  # noqa: E402
+from clp_lightning.steer import check_configs  # noqa: E402
+
+
+def check_extra_reward(spec: str) -> None:
+    """Refuse an ``--extra-reward`` that :func:`extra_reward` cannot build; a quality head's files are read (in
+    milliseconds), its encoder is not loaded."""
+    name, sep, arg = spec.partition("=")
+    if name == "rouge" and not sep:
+        return
+    if name == "quality" and arg:
+        load_head(arg)
+        return
+    raise ValueError(f"--extra-reward {spec!r} is not one this script scores; expected 'rouge' or "
+                     "'quality=<head dir>'")
 
 
 def extra_reward(spec: str, encoder: str) -> Reward:
     """``rouge`` (ROUGE-1 recall of the reference highlights: coverage) or ``quality=<head dir>``."""
-    name, _, arg = spec.partition("=")
-    if name == "rouge":
+    check_extra_reward(spec)
+    if spec == "rouge":
         return RougeReward(name="coverage", target="reference", rouge_key="rouge1", measure="recall")
-    if name == "quality":
-        return HumanScoreReward(head=arg, model=encoder, name="quality")
-    raise ValueError(f"unknown extra reward {spec!r}; expected 'rouge' or 'quality=<head dir>'")
+    return HumanScoreReward(head=spec.partition("=")[2], model=encoder, name="quality")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input that can be checked before the policy, the rewards and the data load (seconds to minutes)."""
+    check_configs([args.config])
+    for flag, value in (("--prompts", args.prompts), ("--samples", args.samples)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for spec in args.extra_reward:
+        check_extra_reward(spec)
+    if args.out:
+        if Path(args.out).is_dir():
+            raise IsADirectoryError(f"--out {args.out!r} is a directory; name the JSON file to write")
+        check_writable(Path(args.out).resolve().parent, "--out directory")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,6 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the numbers as JSON")
     args = parser.parse_args(argv)
+    try:
+        check_inputs(args)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
 
     started = time.time()
     cli = run_cli(["--config", args.config], run=False)
@@ -62,9 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     prompts = [p for p in rows["prompt"] for _ in range(k)]
     uniform = torch.full((len(prompts), module.num_objectives), 1.0 / module.num_objectives)
+    # an alpha-conditioned policy refuses prompts without one (its prompt prefix may hold it); others ignore it
+    alpha = torch.full((len(prompts),), module.evaluation_alpha())
     with torch.no_grad():  # at initialisation the policy is the starting model at every weighting
-        ids, mask = module.policy.generate(**module.policy.encode(prompts, uniform), weights=uniform,
-                                           **module.generation.kwargs())
+        ids, mask = module.policy.generate(**module.policy.encode(prompts, uniform, alpha), weights=uniform,
+                                           alpha=alpha, **module.generation.kwargs())
     texts = module.policy.decode(ids, mask)
     repeat = lambda xs: [x for x in xs for _ in range(k)]  # noqa: E731
     scores = torch.stack([r(repeat(rows["source"]), texts, repeat(rows["reference"])) for r in rewards], -1).cpu()
@@ -77,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     result = {
         "config": args.config, "prompts": n, "samples_per_prompt": k, "decoding": module.generation.kwargs(),
+        "alpha": module.evaluation_alpha() if module.alpha_range is not None else None,
         "mean": dict(zip(names, scores.mean(0).tolist())), "std": dict(zip(names, scores.std(0).tolist())),
         "ended_before_max_new_tokens": float((mask.sum(1) < ids.shape[1]).float().mean()) if ids.numel() else 0.0,
         "pairs": pairs, "seconds": round(time.time() - started, 1),
@@ -88,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {pair:>26}: Pearson {values['pearson']:+.3f}  Spearman {values['spearman']:+.3f}  "
               f"within prompt {values['pearson_within_prompt']:+.3f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_text_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")  # never half a file over the old one
     return result
 
 

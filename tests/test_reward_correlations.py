@@ -1,0 +1,64 @@
+"""``experiments/reward_correlations.py``: bad inputs refused before the policy loads; an alpha-conditioned policy
+scored at the KL strength evaluation gives it; ``--out`` written whole."""
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import TINY_CONFIG, write_config
+
+from clp_lightning.conditioning.config import PolicyConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reward_correlations.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("experiments_reward_correlations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown_extra_reward", "--extra-reward 'bleu' is not one this script scores; expected 'rouge' or "
+                             "'quality=<head dir>'"),
+    ("missing_head", "head directory"),
+    ("no_samples", "--samples must be >= 1, got 0"),
+    ("no_prompts", "--prompts must be >= 1, got 0"),
+    ("out_in_a_file", "--out directory"),
+    ("out_is_a_directory", "is a directory; name the JSON file to write"),
+    ("missing_config", "not found"),
+])
+def test_bad_inputs_are_refused_before_the_policy_loads(script, tmp_path, capsys, monkeypatch, case, message):
+    def build(*args, **kwargs):
+        raise AssertionError("the policy was loaded before the bad input was refused")
+
+    monkeypatch.setattr(PolicyConfig, "build", build)
+    config = write_config(tmp_path / "config.yaml")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = {"unknown_extra_reward": ["--extra-reward", "bleu"],
+            "missing_head": ["--extra-reward", f"quality={tmp_path / 'no_head'}"],
+            "no_samples": ["--samples", "0"], "no_prompts": ["--prompts", "0"],
+            "out_in_a_file": ["--out", str(blocker / "out.json")], "out_is_a_directory": ["--out", str(tmp_path)],
+            "missing_config": ["--config", str(tmp_path / "missing.yaml")]}[case]
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--config", str(config), *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err.splitlines()[-1], err[-2000:]
+
+
+def test_an_alpha_conditioned_policy_is_scored_at_the_evaluation_alpha(script, tmp_path, capsys):
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model"]["init_args"]["policy"]["conditioning"].update(prompt=True, condition_on_alpha=True)
+    config["model"]["init_args"]["alpha_range"] = [0.05, 0.5]
+    path = write_config(tmp_path / "config.yaml", config)
+    out = tmp_path / "results" / "correlations.json"
+    out.parent.mkdir()
+    result = script.main(["--config", str(path), "--prompts", "2", "--samples", "2", "--out", str(out)])
+    assert result["alpha"] == 0.05 and result["prompts"] == 2 and "brevity vs length" in result["pairs"]
+    assert json.loads(out.read_text())["alpha"] == 0.05
+    assert [p.name for p in out.parent.iterdir()] == ["correlations.json"]  # no temporary file left behind
