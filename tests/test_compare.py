@@ -86,7 +86,7 @@ def two_reports(tmp_path):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("parent_is_a_file", "--output directory"),
+    ("parent_is_a_file", "--output directory"),  # and which flag to change, not a run's config keys
     ("a_directory", "is a directory; name the figure file to write"),
     ("unknown_format", "cannot write a figure as 'pnx'; expected one of the extensions"),
 ])
@@ -105,6 +105,8 @@ def test_a_bad_output_is_refused_before_the_tables_are_computed(two_reports, tmp
     code, err = clp(capsys, "compare", *two_reports, "--output", str(output))
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
+    if case == "parent_is_a_file":
+        assert lines[0].endswith("choose another --output")
 
 
 def test_the_figure_replaces_the_old_one_only_once_complete(two_reports, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import uuid
 import zipfile
@@ -141,8 +142,11 @@ def check_writable(directory: str | Path, what: str = "checkpoint directory") ->
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".clp-write-check-"):
             pass
     except OSError as err:
+        # a tool's flag (`--output directory`) names the flag to change; a run's directories come from its config
+        flag = re.match(r"--[\w-]+", what)
+        hint = flag.group() if flag else "with --trainer.default_root_dir or the checkpoint callback's dirpath"
         raise PermissionError(f"{what} {str(directory)!r} is not writable ({err.strerror or err}); choose another "
-                              "with --trainer.default_root_dir or the checkpoint callback's dirpath") from None
+                              f"{hint}") from None
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
