@@ -74,7 +74,7 @@ from clp_lightning.compare import overlay_figure  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
 from clp_lightning.evaluation import bootstrap_ci, hypervolume, paired_bootstrap  # noqa: E402
 from clp_lightning.evaluation.reports import sampled_kl  # noqa: E402
-from clp_lightning.files import write_text_atomic  # noqa: E402
+from clp_lightning.files import save_figure_atomic, write_text_atomic  # noqa: E402
 
 CONF = ROOT / "conf"
 
@@ -676,8 +676,9 @@ def main(argv: list[str] | None = None) -> str:
         v: {k: x for k, x in r.items() if k != "test"} | {"test_reports": [str(study.run_dir(v, r["lr"], s))
                                                                            for s in r["seeds"]]}
         for v, r in results.items()}}, indent=2, default=str))
-    overlay_figure([r["test"][0] for r in results.values()], list(results)).savefig(out / "fronts.png", dpi=100)
-    kl_figure(results, summary["kl_budget"]).savefig(out / "kl.png", dpi=100)
+    save_figure_atomic(overlay_figure([r["test"][0] for r in results.values()], list(results)), out / "fronts.png",
+                       dpi=100)
+    save_figure_atomic(kl_figure(results, summary["kl_budget"]), out / "kl.png", dpi=100)
     print(table)
     print(f"tables: {out / 'table.md'}; numbers: {out / 'results.json'}; figures: {out / 'fronts.png'}, "
           f"{out / 'kl.png'}")

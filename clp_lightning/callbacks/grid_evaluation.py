@@ -39,7 +39,7 @@ from clp_lightning.evaluation.metrics import (
     prompts_sha256,
 )
 from clp_lightning.evaluation.reports import grid_mean
-from clp_lightning.files import write_text_atomic
+from clp_lightning.files import save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class GridEvaluation(L.Callback):
         # one objective has no front to draw: its reward is in the files and logs
         figure = front_figure(report, self.history[:-1]) if len(self.names) > 1 else None
         if figure is not None:
-            figure.savefig(directory / f"{stem}_front.png", dpi=100)
+            save_figure_atomic(figure, directory / f"{stem}_front.png", dpi=100)
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_figure"):
             if figure is not None:
