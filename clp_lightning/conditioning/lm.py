@@ -243,7 +243,10 @@ def generate_responses(
     elif k > 1 and input_ids.shape[1] > 1:
         kwargs[_cache_argument(model)] = _prefilled_cache(model, input_ids, attention_mask, k)
     input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
-    kwargs = {**_PROCESSORS_OFF, **kwargs, "num_return_sequences": 1}  # the k copies are already in input_ids
+    off = dict(_PROCESSORS_OFF)
+    if "min_new_tokens" in kwargs:  # it replaces the model's min_length anyway (and both set draws a warning)
+        del off["min_length"]
+    kwargs = {**off, **kwargs, "num_return_sequences": 1}  # the k copies are already in input_ids
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_sync(model), **kwargs)
     # causal outputs repeat the prompt; seq2seq outputs start with the decoder start token
     response = out[:, input_ids.shape[1] :] if model_kind(model) == "causal" else out[:, 1:]

@@ -89,11 +89,13 @@ def test_responses_that_do_not_divide_among_the_prompts_are_refused():
 
 
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
-def test_the_models_generation_config_cannot_reshape_the_sampling_distribution(arch):
+def test_the_models_generation_config_cannot_reshape_the_sampling_distribution(arch, monkeypatch):
     """A checkpoint's generation_config.json (a repetition penalty, an n-gram ban, a minimum length, beams, more
     return sequences) must not change what the policy samples or decodes greedily: the loss and the KL score the
     tokens under the policy itself. Settings the caller passes still apply."""
     import warnings
+
+    from transformers.generation import utils as generation_utils
 
     from clp_lightning.config import GenerationSettings
 
@@ -106,9 +108,13 @@ def test_the_models_generation_config_cannot_reshape_the_sampling_distribution(a
         return policy.generate(**enc, weights=w, num_return_sequences=K, **settings.kwargs(), **extra)
 
     sampled, greedy = GenerationSettings(max_new_tokens=8), GenerationSettings(max_new_tokens=8, do_sample=False)
+    logged = []
+    monkeypatch.setattr(generation_utils.logger, "warning", lambda msg, *a, **k: logged.append(msg))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the "off" values passed are transformers' defaults: nothing to warn about
         clean = run(sampled), run(greedy)
+        run(GenerationSettings(max_new_tokens=8, min_new_tokens=3))
+    assert logged == []
     config = policy.model.generation_config
     for name, value in dict(repetition_penalty=50.0, no_repeat_ngram_size=1, min_length=6, num_beams=3,
                             num_return_sequences=2, typical_p=0.2).items():
