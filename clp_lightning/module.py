@@ -9,6 +9,8 @@ micro-batch, ``k`` samples per prompt, ``N = P * k`` sequences, ``m`` objectives
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -184,12 +186,14 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         Returns the generator of the weightings; also seeds torch's global generator, which ``generate`` samples
         responses with.
         """
-        seed = self.weight_seed
-        for part in (self.global_rank, self.current_epoch, batch_idx):
-            seed = (seed * 1_000_003 + part) % 2**61
-        seed = seed + 1 if seed == 0 else seed
-        torch.manual_seed(seed)
-        return torch.Generator().manual_seed(seed + 1)
+        # Two 63-bit seeds from a hash of the four parts: every (seed, rank, epoch, batch) gets its own pair, and the
+        # weightings' stream is never the responses' stream of another batch (a linear mix with the seed + 1 of the
+        # weightings gave batches 0 and 1 of the default seed 0 the same draws).
+        parts = json.dumps(["clp-rollout", self.weight_seed, self.global_rank, self.current_epoch, batch_idx])
+        digest = hashlib.sha256(parts.encode()).digest()
+        responses, weightings = (int.from_bytes(digest[i : i + 8], "little") >> 1 for i in (0, 8))
+        torch.manual_seed(responses)
+        return torch.Generator().manual_seed(weightings)
 
     def score(self, sources: Sequence[str], responses: Sequence[str], references: Sequence[str]) -> Tensor:
         """Raw rewards ``(N, m)``, one column per objective."""
