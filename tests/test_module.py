@@ -223,6 +223,7 @@ def test_alpha_in_the_parameters_trains_and_scales_each_prompts_update(tmp_path,
     [
         (dict(sampler=SamplerConfig(kind="fixed", weights=[0.5, 0.6])), r"\[0.5, 0.6\] sums to 1.1"),
         (dict(samples_per_prompt=1), "samples_per_prompt=1: the leave-one-out baseline needs k >= 2"),
+        (dict(samples_per_prompt=0, baseline="mean"), "samples_per_prompt=0: each prompt needs at least one"),
         (dict(alpha_range=(0.1, 0.2)), "not conditioned on alpha"),
         (dict(generation=GenerationSettings(max_new_tokens=0)), "max_new_tokens must be >= 1"),
         (dict(conditioning=ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.0, 0.5),
