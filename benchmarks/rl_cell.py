@@ -2,16 +2,20 @@
 
 A *cell* is one measured configuration (framework, conditioning mode, model size, objectives, rewards, step shape).
 ``rl_step.py`` picks the cells and runs clp-lightning on them; ``trl_runner.py`` runs TRL's ``RLOOTrainer`` on the
-same ones. Both load the model from ``model_dir``, the prompts from ``prompt_data`` and the rewards from ``rewards``,
-so that the two frameworks get the same weights, prompts and reward objects.
+same ones. Both load the model from ``model_dir``, the prompts from ``prompt_data`` (TRL: ``prompt_rows``, its rows
+built in a child process) and the rewards from ``rewards``, so that the two frameworks get the same weights, prompts
+and reward objects.
 
 Not a script: imported as a sibling module.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +115,24 @@ def prompt_data(cell: Cell, steps: int, path: Path | None = None):
 
     data.data["train"] = data.data["train"].map(cut)
     return data
+
+
+ROW_COLUMNS = ("prompt", "source", "reference")
+
+
+def prompt_rows(cell: Cell, steps: int, path: Path | None = None) -> dict[str, list[str]]:
+    """``prompt_data``'s training rows as columns (``ROW_COLUMNS``), built in a child process.
+
+    For TRL's worker: ``clp_lightning.data`` holds LightningDataModules, and importing it in that worker would put
+    Lightning's import (about 70 MB of resident memory) into the peak RSS reported as TRL's.
+    """
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from rl_cell import ROW_COLUMNS, Cell, prompt_data; "
+            "cell = Cell(**json.loads(sys.argv[2])); "
+            "train = prompt_data(cell, int(sys.argv[3]), sys.argv[4] or None).data['train']; "
+            "print(json.dumps({k: list(train[k]) for k in ROW_COLUMNS}))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), json.dumps(asdict(cell)), str(steps),
+                           "" if path is None else str(path)], capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"building the prompts of cell {cell.name!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])

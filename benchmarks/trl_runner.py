@@ -3,7 +3,8 @@
 The work is clp-lightning's for the same cell (``rl_step.py`` says what it is): the same saved model, prompts and
 reward objects (``rl_cell.py``), the rewards wrapped as TRL reward functions with fixed ``reward_weights = 1/m``;
 clp-lightning's KL coefficient is TRL's ``beta``. A Transformers ``on_step_end`` callback times the steps, as
-Lightning's ``on_train_batch_end`` times clp-lightning's.
+Lightning's ``on_train_batch_end`` times clp-lightning's. The prompts are built in a child process (``prompt_rows``),
+so that this worker, whose peak resident memory is reported as TRL's, does not import Lightning.
 
 Not a script: ``rl_step.py``'s worker calls ``run_trl`` in a cell's subprocess. Needs TRL (``pip install -e
 .[bench]``), imported only when a TRL cell runs.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Memory, step_times, sync
-from rl_cell import Cell, prompt_data, rewards
+from rl_cell import Cell, prompt_rows, rewards
 
 
 def run_trl(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
@@ -52,8 +53,8 @@ def run_trl(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
             sync(args.device)
             ends.append(time.perf_counter())
 
-    train = prompt_data(cell, total, path).data["train"]
-    dataset = datasets.Dataset.from_dict({k: train[k] for k in ("prompt", "source", "reference")})
+    # clp-lightning's rows, built in a child process: this one never imports Lightning, whose memory is not TRL's
+    dataset = datasets.Dataset.from_dict(prompt_rows(cell, total, path))
     with tempfile.TemporaryDirectory() as out:
         config = RLOOConfig(
             output_dir=out, per_device_train_batch_size=cell.prompts * cell.samples, num_generations=cell.samples,

@@ -3,7 +3,9 @@
 import argparse
 import importlib
 import json
+import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,24 @@ def test_trl_cell_runs_the_same_work(rl_step, rl_cell, tmp_path):
     work = dict(size="tiny", rewards="cheap", prompts=2, samples=2, new_tokens=4)
     result = rl_step.worker(rl_cell.Cell("trl", framework="trl", **work), _args(tmp_path, profile=False))
     assert len(result["times"]) == 2 and all(t > 0 for t in result["times"])
+
+
+def test_trl_worker_gets_the_clp_rows_without_importing_lightning(rl_cell, tmp_path):
+    pytest.importorskip("trl", reason="the TRL comparison needs the bench extra (pip install -e .[bench])")
+    cell = rl_cell.Cell("trl", framework="trl", size="tiny", rewards="cheap", prompts=2, samples=2, new_tokens=2,
+                        prompt_tokens=40)
+    train = rl_cell.prompt_data(cell, steps=2).data["train"]
+    assert rl_cell.prompt_rows(cell, steps=2) == {k: list(train[k]) for k in rl_cell.ROW_COLUMNS}
+    # a TRL worker in a fresh interpreter: its peak RSS is reported as TRL's, so Lightning's import must not be in it
+    code = ("import argparse, json, sys; sys.path.insert(0, sys.argv[1]); import rl_cell, rl_step; "
+            "args = argparse.Namespace(device='cpu', warmup=0, steps=1, profile=False, cache=sys.argv[3]); "
+            "rl_step.worker(rl_cell.Cell(**json.loads(sys.argv[2])), args); "
+            "print(json.dumps([m for m in ('lightning', 'pytorch_lightning', 'lightning_fabric') "
+            "if m in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS), json.dumps(asdict(cell)), str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def test_trl_suite_without_trl_stops_before_any_work(rl_step, monkeypatch, capsys, tmp_path):
