@@ -56,7 +56,7 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             (needs ``conditioning.condition_on_alpha``); None uses ``kl_coef``.
         alpha_log_uniform: sample ``alpha`` log-uniformly in ``alpha_range``.
         kl_in_loss: put the KL in the loss (``kl_loss_estimator``) instead of as a per-sequence reward penalty. The
-            reward penalty is always k1, ``log pi(y|x,w) / pi_ref(y|x)``: detached and weighted by ``grad log pi(y)``
+            reward penalty is always k1, ``log(pi(y|x,w) / pi_ref(y|x))``: detached and weighted by ``grad log pi(y)``
             through the advantage, ``E[k1(y) grad log pi(y)]`` is exactly the KL's gradient, so the fixed point is
             ``pi*_w``. With k2 or k3 in its place that expectation is another vector (for k3, even though
             ``E[k3]`` is the KL's value), and the policy converges elsewhere.
@@ -264,6 +264,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         return advantages, {"scalarized": scalar, "total": total}
 
     def _log_train(self, loss: Tensor, rollout: dict[str, Any], rewards: Tensor, stats: dict[str, Tensor]) -> None:
+        """Means over the step's sequences: ``train/reward/<name>`` raw, ``train/reward_scalarized`` (and the progress
+        bar's ``reward``) ``w . R`` of the normalised rewards, ``train/reward_total`` that minus the KL penalty (the
+        same with ``kl_in_loss``)."""
         n = rewards.shape[0]
         metrics = {
             "train/loss": loss.detach(),
