@@ -149,6 +149,17 @@ def check_writable(directory: str | Path, what: str = "checkpoint directory") ->
                               f"{hint}") from None
 
 
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: the file's fsync covers its data, not the directory entry."""
+    if os.name != "posix":  # Windows cannot open a directory; NTFS journals the rename
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file beside the target and rename it into place; load through
     :func:`read_checkpoint`.
@@ -169,6 +180,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial one
+            _fsync_directory(path.parent)  # the rename itself survives a node crash (SLURM requeues after one)
         except (OSError, RuntimeError) as err:
             # torch reports a failed write as "[enforce fail at inline_container.cc...]"; say which file and why
             raise OSError(f"could not write checkpoint {str(path)!r} (disk full or file size limit?): "
