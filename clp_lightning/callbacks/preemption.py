@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal as sig
 import subprocess
 import threading
@@ -40,6 +41,21 @@ def hpc_checkpoint_path(directory: str | Path) -> Path:
     numbers = [int(m.group(1)) for p in Path(directory).glob("hpc_ckpt_*.ckpt")
                if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
     return Path(directory) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+def _link_over(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link to ``source``, replacing any file there atomically (a copy if links fail)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".clp-partial-{os.getpid()}-link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _parse_signals(owner: str, names: str | list[str] | tuple[str, ...]) -> tuple[sig.Signals, ...]:
@@ -199,11 +215,12 @@ class StopOnSignal(_StopAtStepBoundary):
     """On SIGTERM or SIGINT during ``fit``: save a resumable checkpoint at the next optimizer step, then stop.
 
     The checkpoint is ``last.ckpt`` in the first ``ModelCheckpoint``'s directory, where ``--ckpt_path last`` finds it,
-    or ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` when checkpointing is off. ``exit_code`` then holds
-    ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), and ``clp fit`` exits with it. A second SIGINT while the stop
-    is pending raises ``KeyboardInterrupt`` at once (Lightning's abort: exit 1, no checkpoint); a second SIGTERM is
-    ignored. The stop skips the validation that Lightning runs when training stops early, so the process exits right
-    after the checkpoint.
+    or ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` when checkpointing is off. In a SLURM job it is
+    ``hpc_ckpt_<n>.ckpt``, which a requeued job resumes from by itself, with ``last.ckpt`` a link to it.
+    ``exit_code`` then holds ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), and ``clp fit`` exits with it. A
+    second SIGINT while the stop is pending raises ``KeyboardInterrupt`` at once (Lightning's abort: exit 1, no
+    checkpoint); a second SIGTERM is ignored. The stop skips the validation that Lightning runs when training stops
+    early, so the process exits right after the checkpoint.
 
     Inert outside ``fit``. A signal that an active :class:`SlurmRequeue` handles (one configured with ``SIGTERM``,
     in a SLURM job) is left to it. Costs one boolean all-reduce per training step under DDP, every
@@ -260,7 +277,18 @@ class StopOnSignal(_StopAtStepBoundary):
         else:
             path = hpc_checkpoint_path(trainer.default_root_dir)
             resume = f"--ckpt_path {path}"
-        trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
+        if SlurmRequeue.job_id() is not None:
+            # In a SLURM job the stop may be a preemption or a node failure that SLURM requeues (fit.sbatch has
+            # --requeue): the requeued job resumes by itself from the newest hpc_ckpt_* only, so last.ckpt alone would
+            # restart it from scratch, or from an older hpc_ckpt_* of an earlier SlurmRequeue. Write that, and make
+            # last.ckpt the same file (a hard link: no second write in the grace period) for `--ckpt_path last`.
+            written = hpc_checkpoint_path(trainer.default_root_dir)
+            trainer.save_checkpoint(written, weights_only=False)  # collective; returns after every rank's barrier
+            if as_last and trainer.is_global_zero and written.is_file():
+                _link_over(written, path)
+            resume = f"{resume} (a requeued job resumes from {written.name} by itself)"
+        else:
+            trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
         if as_last:
             # Tell the ModelCheckpoint that this step's last checkpoint exists. Otherwise, with save_last, its
             # on_train_end saves "last" again over this file, from the state after the stop, which counts the

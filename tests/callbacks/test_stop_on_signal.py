@@ -236,3 +236,24 @@ def test_stop_with_save_last_resumes_mid_epoch_at_the_next_batch(tmp_path):
     # the resumed run takes epoch 0's batch 3 next, the very batches the uninterrupted run took
     assert again.seen[0][:2] == (0, 3)
     assert first.seen + again.seen == full.seen
+
+
+def test_in_a_slurm_job_the_stop_writes_what_a_requeued_job_resumes_from(tmp_path, monkeypatch):
+    # a preemption (SIGTERM) that SLURM requeues: the requeued job runs `clp fit` again with no --ckpt_path, and
+    # Lightning resumes it from the newest hpc_ckpt_* in default_root_dir, never from last.ckpt
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    stop = StopOnSignal()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"")  # an earlier SlurmRequeue's checkpoint, older than this stop
+    trainer = make_trainer(run, 6, callbacks=[SlurmRequeue(), stop, SignalAt(batch_idx=1, signum=signal.SIGTERM),
+                                              ModelCheckpoint(dirpath=run / "checkpoints", save_last=False)])
+    trainer.fit(make_module(), datamodule=make_data())
+    assert (trainer.global_step, stop.exit_code) == (2, 143)
+    resumed_from = make_trainer(run, 6, callbacks=[])._checkpoint_connector._hpc_resume_path
+    assert Path(resumed_from).name == "hpc_ckpt_2.ckpt"
+    assert torch.load(resumed_from, weights_only=True)["global_step"] == 2
+    assert os.path.samefile(resumed_from, run / "checkpoints" / "last.ckpt")  # `--ckpt_path last` takes the same
