@@ -69,7 +69,7 @@ def truncate_words(text: str, max_chars: int | None, marker: str = "...") -> str
         return text
     budget = max(max_chars - len(marker), 0)
     cut = text[:budget]
-    partial = re.search(r"\s\S*$", cut)
+    partial = re.search(r"\s\S*\Z", cut)  # \Z: "$" also matches before a final newline
     if not text[budget].isspace() and partial:  # the cut falls inside a word: drop that word
         cut = cut[: partial.start()]
     return cut.rstrip() + marker

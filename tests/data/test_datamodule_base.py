@@ -79,6 +79,8 @@ def test_epoch_order_is_the_seeded_permutation_dealt_to_ranks(world, monkeypatch
         ("alpha beta gamma delta", 13, "", "alpha beta"),  # cut falls right after "beta": keep it
         ("alpha beta gamma delta", 16, "", "alpha beta gamma"),
         ("supercalifragilistic", 8, "...", "super..."),  # one long word: no boundary, hard cut
+        ("one two\nthree four", 11, "...", "one two..."),  # the cut ends on a newline: keep the word before it
+        ("First line.\nNext line", 12, "", "First line."),  # (a post's paragraphs)
     ],
 )
 def test_truncate_words(text, max_chars, marker, expected):
