@@ -28,6 +28,9 @@ class SyntheticTLDRDataModule(RedditTLDRDataModule):
         super().__init__(path="synthetic", schema="raw", seed=seed, **kwargs)
         self.sizes = {self.splits["train"]: num_train, self.splits["val"]: num_val, self.splits["test"]: num_test}
 
+    def check_files(self, stage: str | None = None) -> None:
+        pass  # no files: its path ("synthetic") must not be looked up, e.g. as a folder of that name in the cwd
+
     def prepare_data(self) -> None:
         pass  # nothing to download
 

@@ -48,3 +48,10 @@ def test_data_module_uses_the_tldr_format():
     assert (first["source"], first["reference"], first["id"]) == (example["post"], example["summary"], example["id"])
     assert len(dm.data["test"]) == 2
     assert dm.skipped == {"train": {}, "validation": {}, "test": {}}
+
+
+def test_check_files_ignores_a_synthetic_folder_in_the_cwd(tmp_path, monkeypatch):
+    # the data module's path is the placeholder "synthetic": a folder of that name must not be read as the data
+    (tmp_path / "synthetic").mkdir()
+    monkeypatch.chdir(tmp_path)
+    SyntheticTLDRDataModule(num_train=4, num_val=2).check_files("fit")
