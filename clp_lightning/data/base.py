@@ -544,7 +544,9 @@ class ResumableDistributedSampler(DistributedSampler):
         when a fit ended at ``max_steps``, Lightning continues the saved epoch (its ``current_epoch`` and batch
         indices are right) but calls ``set_epoch`` with the next epoch's number. The first ``set_epoch`` after a
         resume therefore fixes the offset between the trainer's count and the data epoch, which later epochs keep.
-        An epoch saved complete resumes empty, and the trainer goes on to the next.
+        An epoch saved complete resumes empty, and the trainer goes on to the next. (A fit that ended at
+        ``max_steps`` and is continued with a larger ``max_epochs`` but no ``max_steps`` is another matter: Lightning
+        2.6 counts the stopped epoch as finished and starts the next, so the rest of that epoch is not trained on.)
         """
         if samples_done % self.num_replicas:
             raise ValueError(f"samples_done={samples_done} is not a multiple of the {self.num_replicas} ranks")
