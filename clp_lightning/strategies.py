@@ -52,4 +52,6 @@ class ShardedStrategy(ModelParallelStrategy):
             else:
                 plain = read_checkpoint(path, mmap=True)  # tensors mapped, not read
             check(plain, f"checkpoint {str(checkpoint_path)!r}")
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        # a checkpoint file loads with weights_only=True whatever the caller or the environment's default says, as
+        # SafeCheckpointIO loads it under DDP (a trusted distributed directory is read as the caller asks)
+        return super().load_checkpoint(checkpoint_path, weights_only if Path(checkpoint_path).is_dir() else True)

@@ -110,6 +110,24 @@ def test_the_sharded_strategy_checks_a_checkpoint_before_loading_its_weights(tra
     assert loads == [path]
 
 
+def test_the_sharded_strategy_loads_a_checkpoint_file_weights_only(trained, monkeypatch):
+    """Whatever the caller passes (None: torch's default, which an environment variable can turn off; False), the
+    file is read with weights_only=True, as SafeCheckpointIO reads it under DDP."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from clp_lightning.strategies import ShardedStrategy
+
+    config, path = trained
+    seen = []
+    monkeypatch.setattr(ModelParallelStrategy, "load_checkpoint",
+                        lambda self, p, weights_only=None: seen.append(weights_only))
+    strategy = ShardedStrategy()
+    strategy._lightning_module = CLPCLI(args=["--config", str(config)], run=False).model
+    strategy.load_checkpoint(path)
+    strategy.load_checkpoint(path, weights_only=False)
+    assert seen == [True, True]
+
+
 def test_the_sharded_strategy_refuses_a_distributed_checkpoint_it_is_not_told_to_trust(tmp_path, monkeypatch):
     """torch.distributed.checkpoint unpickles a checkpoint directory's .metadata: a planted one would run code."""
     import os
