@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from clp_lightning.callbacks.checkpoint import check_writable
+from clp_lightning.callbacks.checkpoint import check_output_file
 from clp_lightning.evaluation.reports import sampled_kl
 from clp_lightning.files import figure_format, save_figure_atomic
 
@@ -108,11 +108,8 @@ def compare(argv: list[str] | None = None) -> str:
         raise ValueError(f"runs have different objectives: {sorted(objectives)}")
     output = Path(args.output) if args.output else None
     if output is not None:  # found only after the tables' bootstrap otherwise
-        if output.is_dir():
-            raise IsADirectoryError(f"--output {args.output!r} is a directory; name the figure file to write "
-                                    "(e.g. compare.png)")
+        check_output_file(output, "--output", "figure")
         figure_format(output, "--output")
-        check_writable(output.resolve().parent, "--output directory")
     table = comparison_table(reports, labels)
     print(table)
     if output is not None:

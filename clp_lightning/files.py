@@ -6,19 +6,25 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (no half-written file)."""
+def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path`` (no half-written file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make the file owner-only
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it (no half-written file)."""
+    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def figure_format(path: Path, what: str = "figure") -> str:
@@ -39,13 +45,7 @@ def save_figure_atomic(figure: Any, path: Path, **kwargs: Any) -> None:
     ``path``, in the format of ``path``'s extension (:func:`figure_format`)."""
     # the format given explicitly: savefig would take it from the temporary name's extension, or append one
     fmt = figure_format(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        figure.savefig(tmp, format=fmt, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda tmp: figure.savefig(tmp, format=fmt, **kwargs))
 
 
 def publish(tmp: Path, out: Path) -> None:

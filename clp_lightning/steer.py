@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from clp_lightning.callbacks.checkpoint import check_writable, read_checkpoint
+from clp_lightning.callbacks.checkpoint import check_output_file, read_checkpoint
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.files import write_text_atomic
@@ -146,9 +146,7 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"no prompts in {args.prompts or 'standard input'!r}")
     if args.output:
-        if Path(args.output).is_dir():  # found only at the end otherwise, after the model loaded and generated
-            raise IsADirectoryError(f"--output {args.output!r} is a directory; name the JSONL file to write")
-        check_writable(Path(args.output).resolve().parent, "--output directory")
+        check_output_file(args.output, "--output", "JSONL")  # found only at the end otherwise, after generating
     module = load_module(args.config, args.ckpt_path, args.set, checkpoint)
     weightings = [validate_weights(w, module.num_objectives, name="--weights") for w in weightings]
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample)

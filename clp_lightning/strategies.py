@@ -38,7 +38,8 @@ class ShardedStrategy(ModelParallelStrategy):
         self.trust_distributed_checkpoints = trust_distributed_checkpoints
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        if Path(checkpoint_path).is_dir() and not self.trust_distributed_checkpoints:
+        path = Path(checkpoint_path)
+        if path.is_dir() and not self.trust_distributed_checkpoints:
             raise CheckpointError(
                 f"checkpoint {str(checkpoint_path)!r} is a distributed checkpoint directory, which "
                 "torch.distributed.checkpoint unpickles (its .metadata runs whatever code it names): load only one "
@@ -46,7 +47,6 @@ class ShardedStrategy(ModelParallelStrategy):
                 "checkpoint file (save_distributed_checkpoint: false, as conf/trainer/fsdp.yaml writes)")
         check = getattr(self.lightning_module, "check_checkpoint", None)
         if check is not None:
-            path = Path(checkpoint_path)
             if path.is_dir():  # a distributed checkpoint: the plain values sit in its metadata file
                 plain = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
             else:
@@ -54,4 +54,4 @@ class ShardedStrategy(ModelParallelStrategy):
             check(plain, f"checkpoint {str(checkpoint_path)!r}")
         # a checkpoint file loads with weights_only=True whatever the caller or the environment's default says, as
         # SafeCheckpointIO loads it under DDP (a trusted distributed directory is read as the caller asks)
-        return super().load_checkpoint(checkpoint_path, weights_only if Path(checkpoint_path).is_dir() else True)
+        return super().load_checkpoint(checkpoint_path, weights_only if path.is_dir() else True)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from clp_lightning.callbacks.checkpoint import check_writable  # noqa: E402
+from clp_lightning.callbacks.checkpoint import check_output_file  # noqa: E402
 from clp_lightning.cli import run_cli  # noqa: E402
 from clp_lightning.evaluation import pearson, spearman  # noqa: E402
 from clp_lightning.files import write_text_atomic  # noqa: E402
@@ -64,9 +64,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     for spec in args.extra_reward:
         check_extra_reward(spec)
     if args.out:
-        if Path(args.out).is_dir():
-            raise IsADirectoryError(f"--out {args.out!r} is a directory; name the JSON file to write")
-        check_writable(Path(args.out).resolve().parent, "--out directory")
+        check_output_file(args.out, "--out", "JSON")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -149,6 +149,19 @@ def check_writable(directory: str | Path, what: str = "checkpoint directory") ->
                               f"{hint}") from None
 
 
+def check_output_file(path: str | Path, flag: str, kind: str) -> None:
+    """Fail before the work, not after it, when the file a tool's ``flag`` names cannot be written: a directory there,
+    or a parent that cannot be written (created if missing).
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory.
+        PermissionError: its parent cannot be written (:func:`check_writable`).
+    """
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{flag} {str(path)!r} is a directory; name the {kind} file to write")
+    check_writable(Path(path).resolve().parent, f"{flag} directory")
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable: the file's fsync covers its data, not the directory entry."""
     if os.name != "posix":  # Windows cannot open a directory; NTFS journals the rename

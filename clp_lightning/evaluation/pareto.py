@@ -11,14 +11,14 @@ import torch
 from torch import Tensor
 
 
-def _cpu64(x: Tensor | Sequence) -> Tensor:
-    # Grids are tiny: work on the CPU in float64 (exact sweeps, and float64 exists on every backend there). Python
-    # floats go straight to float64: torch.as_tensor would round them to float32 first, merging or splitting ties.
+def cpu64(x: Tensor | Sequence) -> Tensor:
+    """``x`` on the CPU in float64: grids are tiny (exact sweeps, and float64 exists on every backend there). Python
+    floats go straight to float64: ``torch.as_tensor`` would round them to float32 first, merging or splitting ties."""
     return (x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)).detach().to("cpu", torch.float64)
 
 
 def _as_points(points: Tensor | Sequence[Sequence[float]], name: str = "points") -> Tensor:
-    points = _cpu64(points)
+    points = cpu64(points)
     if points.ndim != 2:
         raise ValueError(f"`{name}` must have shape (P, m), got {tuple(points.shape)}")
     if points.isnan().any():
@@ -97,7 +97,7 @@ def hypervolume(points: Tensor | Sequence[Sequence[float]], ref: Tensor | Sequen
         ValueError: shapes do not match or the input contains nan.
     """
     pts = _as_points(points)
-    ref_t = _cpu64(ref)
+    ref_t = cpu64(ref)
     if ref_t.shape != (pts.shape[1],):
         raise ValueError(f"`ref` must have shape (m,) = ({pts.shape[1]},), got {tuple(ref_t.shape)}")
     if ref_t.isnan().any():

@@ -7,16 +7,11 @@ reward of each objective at each grid point.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-
-def _cpu64(x: Tensor | Sequence[float]) -> Tensor:
-    # Grids are tiny: compute on the CPU in float64, whatever device and dtype the means come from (Python floats
-    # straight to float64: torch.as_tensor would round them to float32 first, making near-ties ties).
-    return (x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)).detach().to("cpu", torch.float64)
+from clp_lightning.evaluation.pareto import cpu64
 
 
 def _average_ranks(x: Tensor) -> Tensor:
@@ -41,7 +36,7 @@ def spearman(x: Tensor, y: Tensor) -> float:
     Raises:
         ValueError: ``x`` and ``y`` are not 1-D of equal length.
     """
-    x, y = _cpu64(x), _cpu64(y)
+    x, y = cpu64(x), cpu64(y)
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"`x` and `y` must both have shape (P,), got {tuple(x.shape)} and {tuple(y.shape)}")
     return pearson(_average_ranks(x), _average_ranks(y))
@@ -49,7 +44,7 @@ def spearman(x: Tensor, y: Tensor) -> float:
 
 def pearson(x: Tensor, y: Tensor) -> float:
     """Pearson correlation of two ``(P,)`` tensors, in float64; nan when either is constant or ``P < 2``."""
-    x, y = _cpu64(x), _cpu64(y)
+    x, y = cpu64(x), cpu64(y)
     # constancy is checked on the values: centring a constant leaves rounding residues (1e-17), not zeros
     if x.numel() < 2 or bool((x == x[0]).all()) or bool((y == y[0]).all()):
         return math.nan
@@ -61,7 +56,7 @@ def pearson(x: Tensor, y: Tensor) -> float:
 
 
 def _check_grid(weights: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
-    weights, means = _cpu64(weights), _cpu64(means)
+    weights, means = cpu64(weights), cpu64(means)
     if weights.ndim != 2 or weights.shape != means.shape:
         raise ValueError(
             f"`weights` and `means` must both have shape (P, m), got {tuple(weights.shape)} and {tuple(means.shape)}"
@@ -80,7 +75,7 @@ def grid_step(weights: Tensor, rtol: float = 1e-3) -> float:
     Returns:
         The step, or 0.0 when all grid points are equal.
     """
-    weights = _cpu64(weights)
+    weights = cpu64(weights)
     diffs = (weights[None, :, :] - weights[:, None, :]).abs().flatten()
     if diffs.numel() == 0 or diffs.max() == 0:
         return 0.0
