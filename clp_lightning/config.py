@@ -150,6 +150,15 @@ def coerce(value: Any, cls: type) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
+def loader_batch_size(loader: Any) -> int | None:
+    """Prompts per batch of a training loader: a ``DataLoader``'s ``batch_size``, else its batch sampler's; None
+    where it has no fixed one (a custom batch sampler, a collection of loaders)."""
+    size = getattr(loader, "batch_size", None)
+    if size is None:
+        size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size if isinstance(size, int) and size >= 1 else None
+
+
 def batch_plan(prompts_per_device: int, samples_per_prompt: int, accumulate: int = 1, world_size: int = 1) -> dict:
     """Every batch size of a run, derived in one place from the four numbers that define it."""
     for name, value in (("batch_size", prompts_per_device), ("samples_per_prompt", samples_per_prompt),

@@ -31,7 +31,15 @@ from clp_lightning.conditioning.config import PolicyConfig
 from clp_lightning.conditioning.mixture import check_experts
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.weights import validate_weights
-from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, batch_plan, coerce, plain
+from clp_lightning.config import (
+    GenerationSettings,
+    OptimizerConfig,
+    SamplerConfig,
+    batch_plan,
+    coerce,
+    loader_batch_size,
+    plain,
+)
 from clp_lightning.evaluation.generation import GenerationAtWeightings
 from clp_lightning.models import disable_dropout as disable_dropout_in
 from clp_lightning.rewards import Reward, RewardNormalizer
@@ -394,7 +402,11 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         self.strict_loading = False
 
     def on_train_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        plan = batch_plan(getattr(dm, "batch_size", 1), self.samples_per_prompt,
-                          self.trainer.accumulate_grad_batches, self.trainer.world_size)
+        prompts = loader_batch_size(self.trainer.train_dataloader)
+        if prompts is None:  # a loader without a fixed batch size (a custom batch sampler, an iterable of batches)
+            log.info("batch plan: %d samples per prompt; prompts per batch set by the training loader",
+                     self.samples_per_prompt)
+            return
+        plan = batch_plan(prompts, self.samples_per_prompt, self.trainer.accumulate_grad_batches,
+                          self.trainer.world_size)
         log.info("batch plan: %s", plan)

@@ -1,17 +1,20 @@
 """The training system end to end on tiny models: what trains, what stays frozen, checkpoints, resume, bad config."""
 
 import itertools
+import logging
 import re
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from clp_lightning.callbacks import SafeCheckpointIO
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
-from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, batch_plan
+from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig, batch_plan, loader_batch_size
 from clp_lightning.data import SyntheticTLDRDataModule
+from clp_lightning.data.base import collate_prompts
 from clp_lightning.module import CLPModule
 from clp_lightning.rewards import EmbeddingSimilarityReward, LengthReward
 
@@ -278,6 +281,25 @@ def test_batch_plan_derives_every_size_and_rejects_zero():
     assert plan["prompts_per_optimizer_step"] == 24 and plan["sequences_per_optimizer_step"] == 192
     with pytest.raises(ValueError, match="samples_per_prompt must be >= 1"):
         batch_plan(4, 0)
+
+
+def test_loader_batch_size_reads_the_loader_or_its_batch_sampler():
+    rows = list(range(12))
+    assert loader_batch_size(DataLoader(rows, batch_size=3)) == 3
+    sampler = BatchSampler(SequentialSampler(rows), batch_size=5, drop_last=False)
+    assert loader_batch_size(DataLoader(rows, batch_sampler=sampler)) == 5
+    assert loader_batch_size([DataLoader(rows, batch_size=3)]) is None  # a collection of loaders: no one size
+
+
+def test_batch_plan_log_uses_the_training_loader_without_a_datamodule(tmp_path, caplog):
+    module = make_module(samples_per_prompt=2)
+    data = make_data()
+    data.setup("fit")
+    loader = DataLoader(data.data["train"], batch_size=3, collate_fn=collate_prompts)
+    with caplog.at_level(logging.INFO, logger="clp_lightning.module"):
+        make_trainer(tmp_path, max_steps=1, enable_checkpointing=False).fit(module, train_dataloaders=loader)
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch plan")]
+    assert plans and "'prompts_per_device': 3" in plans[0] and "'sequences_per_device': 6" in plans[0], plans
 
 
 def test_loader_is_plain_lists():
