@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,13 +29,32 @@ def quickstart(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sft-steps", type=int, default=None, help="override the warm start's max_steps")
     parser.add_argument("--rl-steps", type=int, default=None, help="override the CLP run's max_steps")
     parser.add_argument("--skip-sft", action="store_true", help="reuse an existing warm start in the run directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier quick start's stages (sft/, rl/) in the run directory first")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (the numbers depend on it: 1, the default, gives the README's)")
     args = parser.parse_args(argv)
     for flag, value in (("--threads", args.threads), ("--sft-steps", args.sft_steps), ("--rl-steps", args.rl_steps)):
         if value is not None and value < 1:  # 0 would otherwise run the stage's full length
             parser.error(f"{flag} must be >= 1, got {value}")
+    run = Path(args.run_dir)
+    args.run_sft = not (args.skip_sft and (run / "sft" / "model").exists())
+    earlier = [stage for stage in [run / "sft"] * args.run_sft + [run / "rl"] if _holds_something(stage)]
+    if earlier and not args.overwrite:
+        parser.error(f"{', '.join(map(str, earlier))} already holds an earlier run: this one would mix its "
+                     "checkpoints, reports and TensorBoard logs with that one's; pass --overwrite to delete it first, "
+                     "or choose another --run-dir")
+    for stage in earlier:
+        if stage.is_dir():
+            shutil.rmtree(stage)
+        else:
+            stage.unlink()
     return _run(args)
+
+
+def _holds_something(path: Path) -> bool:
+    """Whether ``path`` exists and is not an empty directory."""
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def pin_cpu_numerics(threads: int) -> dict[str, str | int]:
@@ -59,7 +79,7 @@ def _run(args: argparse.Namespace) -> dict:
     numerics = pin_cpu_numerics(args.threads)
     print(f"clp quickstart: run directory {run.resolve()}; numerics: {numerics}")
     sft_model = run / "sft" / "model"
-    if not (args.skip_sft and sft_model.exists()):
+    if args.run_sft:
         overrides = [f"--trainer.default_root_dir={run / 'sft'}", f"--trainer.logger.init_args.save_dir={run}",
                      f"--model.init_args.output_dir={sft_model}"]
         if args.sft_steps is not None:

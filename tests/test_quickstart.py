@@ -77,3 +77,63 @@ def test_a_step_count_below_one_is_refused_before_any_stage_runs(flag, monkeypat
     with pytest.raises(SystemExit) as exit_:
         quickstart_module.quickstart(["--run-dir", str(tmp_path), flag, "0"])
     assert exit_.value.code == 2 and f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def _recording_stages(monkeypatch) -> list[list[str]]:
+    """Replace the stages with a recorder that stops at the first one (the run directory is checked before it)."""
+    import clp_lightning.quickstart as quickstart_module
+
+    calls: list[list[str]] = []
+
+    def first_stage(argv):
+        calls.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(quickstart_module, "run_cli", first_stage)
+    return calls
+
+
+def _earlier_run(run: Path) -> None:
+    (run / "sft" / "model").mkdir(parents=True)
+    (run / "sft" / "model" / "config.json").write_text("{}")
+    (run / "rl" / "checkpoints").mkdir(parents=True)
+    (run / "rl" / "checkpoints" / "epoch=0-step=160.ckpt").write_bytes(b"earlier")
+
+
+def test_an_earlier_run_in_the_run_directory_is_refused_before_any_stage_runs(monkeypatch, capsys, tmp_path):
+    """A second quick start into the same directory used to add its checkpoints, reports and logs to the first's."""
+    from clp_lightning.quickstart import quickstart
+
+    calls = _recording_stages(monkeypatch)
+    _earlier_run(tmp_path)
+    for extra in ([], ["--skip-sft"]):  # reusing the warm start still leaves the earlier CLP stage in the way
+        with pytest.raises(SystemExit) as exit_:
+            quickstart(["--run-dir", str(tmp_path), *extra])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "already holds an earlier run" in err and "--overwrite" in err
+        assert str(tmp_path / "rl") in err and (str(tmp_path / "sft") in err) == (not extra)
+    assert calls == [] and (tmp_path / "rl" / "checkpoints" / "epoch=0-step=160.ckpt").exists()
+
+
+@pytest.mark.parametrize("skip_sft", [False, True])
+def test_overwrite_deletes_the_earlier_stages_it_reruns(monkeypatch, tmp_path, skip_sft):
+    from clp_lightning.quickstart import quickstart
+
+    calls = _recording_stages(monkeypatch)
+    _earlier_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("not the quick start's")
+    with pytest.raises(SystemExit):
+        quickstart(["--run-dir", str(tmp_path), "--overwrite", *(["--skip-sft"] if skip_sft else [])])
+    assert not (tmp_path / "rl").exists() and (tmp_path / "notes.txt").exists()
+    assert (tmp_path / "sft" / "model" / "config.json").exists() == skip_sft  # a reused warm start is kept
+    assert len(calls) == 1 and ("quickstart_sft.yaml" in " ".join(calls[0])) != skip_sft
+
+
+def test_a_new_or_empty_run_directory_runs_the_stages(monkeypatch, tmp_path):
+    from clp_lightning.quickstart import quickstart
+
+    calls = _recording_stages(monkeypatch)
+    (tmp_path / "rl").mkdir()  # empty: nothing to mix with
+    with pytest.raises(SystemExit):
+        quickstart(["--run-dir", str(tmp_path)])
+    assert len(calls) == 1 and "quickstart_sft.yaml" in " ".join(calls[0])
