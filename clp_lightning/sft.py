@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 class SFTModule(L.LightningModule):
     """Maximum likelihood of the reference summaries given the prompts.
 
+    The loss is the negative log-likelihood per reference token of the whole optimizer step: with gradient
+    accumulation or several devices, every token of the step weighs the same (as in one batch of all of them), not
+    every micro-batch. ``train/sft_loss`` logs each micro-batch's own mean per token.
+
     Args:
         policy: the model to warm-start (its conditioning is ignored: the warm start is unconditioned).
         output_dir: where the final model and tokenizer are saved (``save_pretrained``); None saves nothing. The
@@ -63,6 +67,7 @@ class SFTModule(L.LightningModule):
         self.output_dir = output_dir
         self.max_response_length = max_response_length
         self.optimizer_config = optimizer or OptimizerConfig(lr=1e-4)
+        self._window_tokens = torch.zeros(())  # reference tokens of the accumulation window so far, this device
 
     def _targets(self, references: list[str]) -> tuple[Tensor, Tensor]:
         """Reference summaries as response ids ``(B, T)`` ending in the stop token, right-padded, and their mask.
@@ -91,20 +96,60 @@ class SFTModule(L.LightningModule):
             return chat.end_of_turn_id
         return self.policy.tokenizer.eos_token_id
 
-    def _nll(self, batch: dict[str, list[str]]) -> tuple[Tensor, Tensor]:
+    def _nll_sum(self, batch: dict[str, list[str]]) -> tuple[Tensor, Tensor]:
+        """Summed negative log-likelihood of the batch's reference tokens, and their number."""
         enc = self.policy.encode(batch["prompt"])
         ids, mask = self._targets(batch["reference"])
         logp = response_log_probs(self.policy.model, **enc, response_ids=ids, response_mask=mask).log_probs
-        return -logp.sum() / mask.sum(), mask.sum()
+        return -logp.sum(), mask.sum()
+
+    def _nll(self, batch: dict[str, list[str]]) -> tuple[Tensor, Tensor]:
+        nll, tokens = self._nll_sum(batch)
+        return nll / tokens, tokens
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.output_dir is not None:
             check_apart_from_run(self.output_dir, self.trainer)
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> Tensor:
-        loss, tokens = self._nll(batch)
-        self.log("train/sft_loss", loss, prog_bar=True, batch_size=int(tokens))
-        return loss
+        """The loss whose gradient, summed over the optimizer step's micro-batches and averaged over devices, is
+        the gradient of the mean NLL per reference token of the whole step: every token weighs the same, however
+        the tokens fall into micro-batches and devices, as one large batch would have it.
+
+        One micro-batch per step: this device's NLL sum divided by the step's tokens per device (the token count
+        all-reduced before the backward). With gradient accumulation the later micro-batches' tokens are unknown
+        at the backward of the first: the step returns the NLL sum and :meth:`optimizer_step` rescales the
+        accumulated gradient once the window's tokens are counted.
+        """
+        nll, tokens = self._nll_sum(batch)
+        self.log("train/sft_loss", nll.detach() / tokens, prog_bar=True, batch_size=int(tokens))
+        if self.trainer.accumulate_grad_batches > 1:
+            self._window_tokens = self._window_tokens + tokens.detach()
+            return nll
+        total = self.trainer.strategy.reduce(tokens.detach().clone(), reduce_op="sum")
+        return nll / (total / self.trainer.world_size)  # one device: nll / tokens, the micro-batch's mean
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.trainer.accumulate_grad_batches == 1 or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def closure() -> Any:  # runs the window's last backward, then rescales before clipping and the step
+            loss = optimizer_closure()
+            self._scale_accumulated_gradients()
+            return loss
+
+        return super().optimizer_step(epoch, batch_idx, optimizer, closure)
+
+    def _scale_accumulated_gradients(self) -> None:
+        """Turn the accumulated gradient of ``sum_i nll_i / accumulate`` (Lightning divides each micro-batch's loss
+        by ``accumulate_grad_batches``; DDP and FSDP average it over devices) into that of the NLL per token of the
+        whole step, all devices' micro-batches together."""
+        total = self.trainer.strategy.reduce(self._window_tokens.clone(), reduce_op="sum")
+        self._window_tokens = torch.zeros((), device=self.device)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(float(total), 1.0)
+        for p in self.policy.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
 
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         loss, tokens = self._nll(batch)
