@@ -126,6 +126,8 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             raise ValueError(f"reward names must be unique (they name the objectives in logs), got {names}")
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt={samples_per_prompt}: each prompt needs at least one response")
+        if baseline not in ("rloo", "mean"):  # anything else would silently train with the batch-mean baseline
+            raise ValueError(f"baseline must be 'rloo' or 'mean', got {baseline!r}")
         if baseline == "rloo" and samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt={samples_per_prompt}: the leave-one-out baseline needs k >= 2")
         if kl_coef < 0:
