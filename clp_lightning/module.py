@@ -159,7 +159,10 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         self.kl_in_loss, self.kl_loss_estimator = kl_in_loss, kl_loss_estimator
         self.baseline, self.whiten_advantages = baseline, whiten_advantages
         self.generation = generation or GenerationSettings()
-        self.generation.kwargs()  # validate now, not at the first step
+        # validate now, not at the first step; greedy rollouts: k equal responses, zero leave-one-out advantages
+        if not self.generation.kwargs().get("do_sample"):
+            raise ValueError("generation.do_sample is false: training rollouts must be sampled from the policy "
+                             "(REINFORCE), greedy decoding gives every sample of a prompt the same response")
         self.optimizer_config = optimizer or OptimizerConfig()
         if decoding not in ("policy", "logit_mixture"):
             raise ValueError(f"decoding must be 'policy' or 'logit_mixture', got {decoding!r}")
