@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     setup = parse_config([a for c in args.config for a in ("--config", c)] + args.set)
     check_config(setup, checkpoint, args.ckpt_path)
+    decoding = _init_args(setup.get("model")).get("decoding")
+    if decoding not in (None, "policy"):
+        # the export holds the policy's parameters; a loader of it generates with them, never by mixing logits
+        raise ValueError(f"the config evaluates with decoding={decoding!r}, which neither export format keeps: the "
+                         "exported policy would generate differently from this run's evaluation; export with "
+                         "decoding='policy' (drop that setting) to take out the conditioned policy itself")
     facts = run_facts(setup)
     if args.alpha is not None and not facts["condition_on_alpha"]:
         raise ValueError(f"--alpha {args.alpha} given, but the policy is not conditioned on alpha")

@@ -220,6 +220,7 @@ def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
     ("alpha_without_weights", "--alpha 0.1 applies only with --weights"),
     ("alpha_out_of_range", "--alpha=0.9 is outside alpha_range [0.05, 0.5]"),
     ("missing_evaluation", "--evaluation 'nowhere.json' not found"),
+    ("logit_mixture", "the config evaluates with decoding='logit_mixture', which neither export format keeps"),
 ])
 def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path, capsys, no_model, case, message):
     config, ckpt = t5_run
@@ -251,6 +252,8 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
         ckpt, extra = alpha_conditioned(ckpt, tmp_path), ["--weights", "1,0", "--alpha", "0.9", *ALPHA_SET]
     elif case == "missing_evaluation":
         extra = ["--evaluation", "nowhere.json"]
+    elif case == "logit_mixture":  # an evaluation-only baseline: the exported policy would generate otherwise
+        extra = ["--set=--model.init_args.decoding=logit_mixture"]
     code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out), *extra)
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
