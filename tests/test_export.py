@@ -259,3 +259,23 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert message in lines[0]
     assert not (out.exists() and case not in ("existing_out", "out_is_file"))
+
+
+def test_export_at_one_weighting_drops_the_base_generation_configs_processors(tmp_path):
+    """The policy never applies a penalty, n-gram ban or beam search of its base's generation config (Qwen2.5-Instruct
+    ships a repetition penalty, summarisation checkpoints beams): the plain model's greedy output is the policy's."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clp_lightning.export import export_weighting
+
+    policy = PolicyConfig("tiny:gpt2").build(2).eval()
+    policy.model.generation_config.update(repetition_penalty=5.0, no_repeat_ngram_size=1)
+    facts = {"base_model": "tiny:gpt2", "data": {"class": None, "source": {}}, "training": {}, "rewards": []}
+    export_weighting(SimpleNamespace(policy=policy, objective_names=["a", "b"]), tmp_path, [0.3, 0.7], None, facts)
+    model, tok = AutoModelForCausalLM.from_pretrained(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    ids = model.generate(**enc, do_sample=False, max_new_tokens=12)[:, enc["input_ids"].shape[1]:]
+    want = policy.generate_text(PROMPTS[:1], [0.3, 0.7], do_sample=False, max_new_tokens=12)
+    assert tok.batch_decode(ids, skip_special_tokens=True) == want
