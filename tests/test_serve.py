@@ -135,6 +135,24 @@ def test_an_exported_policy_answers_as_its_checkpoint_does(run, backend, tmp_pat
         assert request(address, "GET", "/api/front")[1]["grid"] == backend.front()["grid"]
 
 
+def test_a_config_whose_rewards_are_not_the_exported_objectives_is_refused(run, tmp_path):
+    """Weight i steers the policy's objective i: a config naming other rewards, or the same in another order, would
+    label the sliders and score the responses wrongly."""
+    from clp_lightning.export import main as export
+
+    config, ckpt = run
+    directory = tmp_path / "exported"
+    export(["--config", str(config), "--ckpt_path", str(ckpt), "--out", str(directory)])
+    import yaml
+
+    swapped = yaml.safe_load(Path(config).read_text())
+    swapped["model"]["init_args"]["rewards"].reverse()
+    (tmp_path / "swapped.yaml").write_text(yaml.safe_dump(swapped))
+    with pytest.raises(ValueError, match=r"the config's rewards \['length', 'brevity'\] are not the objectives "
+                                         r"\['brevity', 'length'\]"):
+        from_directory(str(directory), [str(tmp_path / "swapped.yaml")], MAX_NEW_TOKENS)
+
+
 @pytest.fixture(scope="module")
 def alpha_run(tmp_path_factory):
     """A tiny run of a policy conditioned on the KL strength (in its prompt), alpha in [0.05, 0.5]."""

@@ -185,6 +185,7 @@ def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) 
     """The policy exported to ``directory`` (by ``clp export``), scored with the rewards of ``configs`` if given; the
     front from the directory's ``evaluation.json``."""
     from clp_lightning.conditioning.policy import ConditionalPolicy
+    from clp_lightning.conditioning.pretrained import read_clp_config
 
     path = Path(directory)
     if not path.is_dir():
@@ -195,6 +196,10 @@ def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) 
 
     check_configs(list(configs))
     rewards = rewards_from_config(configs) if configs else []
+    saved = read_clp_config(path)["objective_names"]
+    if rewards and [r.name for r in rewards] != saved:  # weight i goes to the policy's objective i, whatever its name
+        raise ValueError(f"the config's rewards {[r.name for r in rewards]} are not the objectives {saved} that the "
+                         f"policy in {directory!r} was trained on, in that order: give the run's config")
     policy = ConditionalPolicy.from_pretrained(str(path))
     policy.eval()
     names = ([r.name for r in rewards] or policy.objective_names
