@@ -211,5 +211,9 @@ def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) 
             raise ValueError(f"the policy in {directory!r} is conditioned on alpha but records no alpha_range (two "
                              f"numbers), got {alpha_range!r}: serve it from its checkpoint (clp serve --config CONF "
                              "--ckpt_path CKPT)")
+        low, high = alpha_range  # untrusted: the default alpha of every request, and the page's slider
+        if not (0 <= low <= high and math.isfinite(high)) or (policy.conditioning.alpha_scale is not None and low <= 0):
+            raise ValueError(f"the policy in {directory!r} records alpha_range {alpha_range!r}, not KL strengths "
+                             "0 <= low <= high (low > 0 with alpha_scale) that it can have been trained on")
     return PolicyBackend(policy, names, rewards, max_new_tokens, read_report(path / "evaluation.json", names),
                          alpha_range)
