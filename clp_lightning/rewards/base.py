@@ -68,12 +68,15 @@ def load_scorer(
     loaded = load_pretrained(auto_cls, model, trust_remote_code=trust_remote_code, **dtype_kw)
     tok = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
     # Decoder-based reward models (GPT-2, Llama heads) often ship without a padding token, in the tokenizer or in the
-    # config; they pool the last non-padding token, so without config.pad_token_id any batch of two fails.
+    # config; they pool the last non-padding token, so without config.pad_token_id any batch of two fails. The config
+    # must name the token the tokenizer pads with: a config that names another one (Llama-style configs say 0 while
+    # the tokenizer has no padding token and pads with eos here) makes a shorter text of a batch read its logit at a
+    # padding position.
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"the tokenizer of {model!r} has no padding token and no eos token to pad with")
         tok.pad_token = tok.eos_token
-    if getattr(loaded.config, "pad_token_id", None) is None:
+    if getattr(loaded.config, "pad_token_id", None) != tok.pad_token_id:
         loaded.config.pad_token_id = tok.pad_token_id
     # Scoring pads on the right whatever the tokenizer was saved with (decoder models' tokenizers often pad on the
     # left, for generation): models with absolute positions (BERT, GPT-2) count positions from the first column, so a

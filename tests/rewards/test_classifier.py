@@ -131,11 +131,12 @@ def test_max_length_longer_than_the_position_table_is_refused_at_construction(cl
     assert at_limit(["word " * 300], ["a summary"]).shape == (1,)
 
 
-def decoder_reward_model(path, tokenizer) -> str:
-    """A one-logit GPT-2 reward model whose config has no pad_token_id, as many decoder-based ones ship."""
+def decoder_reward_model(path, tokenizer, pad_token_id: int | None = None) -> str:
+    """A one-logit GPT-2 reward model whose config has no pad_token_id (as many decoder-based ones ship), or the given
+    one."""
     config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=64, num_labels=1,
-                        bos_token_id=1, eos_token_id=1)
-    assert config.pad_token_id is None
+                        bos_token_id=1, eos_token_id=1, pad_token_id=pad_token_id)
+    assert config.pad_token_id == pad_token_id
     torch.manual_seed(0)
     GPT2ForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -163,4 +164,17 @@ def test_a_left_padding_tokenizer_scores_a_batch_like_single_texts(tmp_path):
     responses = ["a much longer response of several words", "short"]
     single = torch.cat([reward(["post"], [r]) for r in responses])
     # GPT-2's absolute positions: left padding used to shift the short text's positions and change its score
+    torch.testing.assert_close(reward(["post"] * 2, responses), single)
+
+
+def test_a_config_pad_id_other_than_the_tokenizers_scores_a_batch_like_single_texts(tmp_path):
+    # Llama-style: the config says pad_token_id=0, the tokenizer has no padding token and is padded with eos (1).
+    tokenizer = build_byte_tokenizer("causal")
+    tokenizer.pad_token = None
+    reward = SequenceClassifierReward(decoder_reward_model(tmp_path, tokenizer, pad_token_id=0), pair=False,
+                                      output="logit", label=0, max_length=64)
+    assert reward.model.config.pad_token_id == reward.tokenizer.pad_token_id == 1
+    responses = ["a much longer response of several words", "short"]
+    single = torch.cat([reward(["post"], [r]) for r in responses])
+    # the short text used to be read at its last padding position, a logit that depends on the batch
     torch.testing.assert_close(reward(["post"] * 2, responses), single)
