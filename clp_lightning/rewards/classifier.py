@@ -92,6 +92,8 @@ class SequenceClassifierReward(Reward):
             raise ValueError(f"pair_order must be 'source_response' or 'response_source', got {pair_order!r}")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
+        if source_max_chars is not None and source_max_chars < 1:  # s[:0] empties every source, s[:-n] cuts its end
+            raise ValueError(f"source_max_chars must be >= 1 or None (keep the whole source), got {source_max_chars}")
         self.model, self.tokenizer = load_scorer(
             AutoModelForSequenceClassification,
             model,

@@ -94,6 +94,13 @@ def test_single_text_mode_and_source_chars(classifier_dir, minilm_tokenizer):
     assert minilm_tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True) == "abcde resp"
 
 
+@pytest.mark.parametrize("source_max_chars", [0, -5])
+def test_source_max_chars_below_one_is_refused(classifier_dir, source_max_chars):
+    # 0 would score every response against an empty source, -5 would silently cut the last 5 characters instead
+    with pytest.raises(ValueError, match="source_max_chars must be >= 1"):
+        SequenceClassifierReward(str(classifier_dir), source_max_chars=source_max_chars, max_length=64)
+
+
 def test_torch_dtype_loads_weights_in_that_dtype(classifier_dir):
     reward = SequenceClassifierReward(str(classifier_dir), torch_dtype="float64", max_length=32)
     assert next(reward.model.parameters()).dtype == torch.float64
