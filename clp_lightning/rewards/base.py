@@ -82,6 +82,9 @@ def load_scorer(
     # left, for generation): models with absolute positions (BERT, GPT-2) count positions from the first column, so a
     # left-padded text would be read at shifted positions and score differently in a batch than alone.
     tok.padding_side = "right"
+    # Likewise every reward documents that a long text loses its end (the end of the source, for pairs); a tokenizer
+    # saved with truncation_side="left" would silently keep the end of each article instead of its start.
+    tok.truncation_side = "right"
     return loaded, tok
 
 

@@ -97,3 +97,13 @@ def test_unpacked_embeddings_do_not_depend_on_the_saved_padding_side(tmp_path, m
     batched = reward.embed(texts)
     single = torch.cat([reward.embed([t]) for t in texts])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)  # BERT positions count from the first column
+
+
+def test_long_texts_lose_their_end_whatever_the_saved_truncation_side(tmp_path, minilm_tokenizer):
+    minilm_tokenizer.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tmp_path, truncation_side="left").save_pretrained(tmp_path)
+    reward = EmbeddingSimilarityReward(MINILM, tokenizer=str(tmp_path), max_length=16)
+    long_text = "the bridge opens next spring " * 3 + "and a completely different ending about football scores"
+    head = " ".join(long_text.split()[:14])  # 14 words, one token each, + [CLS] and [SEP] = 16 tokens
+    # the documented cut keeps the start: the embedding of the cut text is that of its first 14 words
+    torch.testing.assert_close(reward.embed([long_text]), reward.embed([head]), atol=1e-5, rtol=0)
