@@ -123,8 +123,11 @@ def print_summary(report: dict) -> None:
         print(f"KL to the reference (nats, ± SE over prompts; {evaluation.get('kl_samples', '?')} sampled responses "
               f"per prompt): " + ", ".join(kl))
     if "vertex_gain" in report:
-        gain = ", ".join(f"{n} {v:+.4f}" for n, v in report["vertex_gain"].items())
-        print(f"vertex gain (reward i at w = e_i minus the reference policy's): {gain}")
+        se = report.get("vertex_gain_se", {})
+        gain = ", ".join(f"{n} {v:+.4f}" + (f" ± {se[n]:.4f}" if n in se else "")
+                         for n, v in report["vertex_gain"].items())
+        paired = " ± paired SE over prompts" if se else ""
+        print(f"vertex gain (reward i at w = e_i minus the reference policy's{paired}): {gain}")
     steer = ", ".join(f"{n} {v:+.2f}" for n, v in report["steerability"].items())
     print(f"steerability (Spearman of w_i vs reward_i over the grid): {steer}")
     ref = [round(x, 4) for x in report["ref_point"]]

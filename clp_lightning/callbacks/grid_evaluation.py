@@ -1,7 +1,8 @@
 """Grid evaluation: the policy at every weighting of a simplex grid, each validation epoch.
 
 Logs ``val/pareto/hypervolume``, ``val/steerability/<objective>``, ``val/vertex_gain/<objective>`` (reward ``i`` at
-``w = e_i`` minus the reference policy's), ``val/monotonicity_violations/<objective>``,
+``w = e_i`` minus the reference policy's) with ``val/vertex_gain_se/<objective>`` (its paired standard error over
+prompts), ``val/monotonicity_violations/<objective>``,
 ``val/reward/<objective>/w=<w>``, ``val/kl`` (the KL to the reference estimated from sampled responses, mean over the
 grid), ``val/greedy_log_ratio`` (greedy decoding only) and, for a policy conditioned on alpha,
 ``val/alpha=<a>/pareto/hypervolume`` and ``val/alpha=<a>/kl``; a figure of the front (TensorBoard image and PNG); a
@@ -63,8 +64,10 @@ class GridEvaluation(L.Callback):
     (``rewards``) with its standard error (``rewards_se``; the prompt is the unit: each prompt's mean over its
     ``num_samples`` responses, then std / sqrt(P) over prompts), each prompt's own means (``per_prompt_rewards``,
     prompts ordered by their digest, the same order in every evaluation of the same prompts, with
-    ``prompts_sha256`` to check it) for paired comparisons (:func:`clp_lightning.evaluation.paired_bootstrap`), and
-    the KL to the reference estimated by sampling (``kl``, ``kl_se``). Under DDP each rank evaluates its share of the
+    ``prompts_sha256`` to check it) for paired comparisons (:func:`clp_lightning.evaluation.paired_bootstrap`), the
+    reference policy's per-prompt means in the same order (``reference_per_prompt_rewards``), from which each vertex
+    gain gets its paired standard error (``vertex_gain_se``), and the KL to the reference estimated by sampling
+    (``kl``, ``kl_se``). Under DDP each rank evaluates its share of the
     prompts and the rows are gathered (:class:`~clp_lightning.evaluation.PromptRows`); the distributed sampler may
     repeat a few prompts to even out the shares: the per-prompt rows and the standard errors count each prompt once,
     while ``rewards`` (as always) averages every evaluated response.
@@ -186,6 +189,7 @@ class GridEvaluation(L.Callback):
         self._means = {a: self.metric if a == top else GridRewardMeans(g, m).to(pl_module.device)
                        for a in self._evaluated}
         self._rows = {a: PromptRows(g, m).to(pl_module.device) for a in self._evaluated}
+        self._reference_rows = PromptRows(1, m).to(pl_module.device)  # the reference's per-prompt rewards
 
     def _alphas(self, pl_module: L.LightningModule) -> list[float] | None:
         """The listed KL strengths (checked against ``alpha_range`` now, before any generation), None without alpha
@@ -208,7 +212,7 @@ class GridEvaluation(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.metric is not None
-        for metric in [*self._means.values(), *self._rows.values()]:
+        for metric in [*self._means.values(), *self._rows.values(), self._reference_rows]:
             metric.reset()
         self._seen = 0
         self._ref_rows: list[Tensor] = []
@@ -236,6 +240,7 @@ class GridEvaluation(L.Callback):
         reference = self._reference(pl_module, batch, batch_key)
         n, k = len(batch["prompt"]), self.num_samples
         self._ref_rows.append(reference["rewards"].view(n, k, -1).mean(1))  # each prompt's mean over its samples
+        self._reference_rows.update(digests, self._ref_rows[-1].unsqueeze(1))
         self._collect_samples(pl_module, batch, outs[self._evaluated[0]], reference)
         pl_module.train(was_training)
 
@@ -330,6 +335,13 @@ class GridEvaluation(L.Callback):
         if self.ref_point_config is None:
             self.metric.set_reference_point(self.reference_rewards, overwrite=True)
         fronts = {alpha: self._front(alpha) for alpha in self._evaluated}  # collectives: every rank, same order
+        reference_rows = self._reference_rows.compute()  # a collective too
+        self._reference_per_prompt = None
+        if reference_rows["digests"] == fronts[self._evaluated[0]]["digests"]:  # the same prompts, the same order
+            self._reference_per_prompt = reference_rows["rewards"].reshape(-1, len(self.names))  # (P, m)
+            for front in fronts.values():
+                front["vertex_gain_se"] = vertex_gain_standard_error(
+                    self.grid, front["per_prompt_rewards"], self._reference_per_prompt)
         report = self._report(trainer, fronts, pl_module)
         self._log(pl_module, report, "test" if trainer.state.fn == "test" else "val")
         self.history.append({"epoch": report["epoch"], "step": report["step"], "rewards": report["rewards"]})
@@ -378,8 +390,10 @@ class GridEvaluation(L.Callback):
             tol=self.metric.tol,
             rewards_se=top["rewards_se"],
             kl_se=top["kl_se"],
+            vertex_gain_se=top.get("vertex_gain_se"),
             greedy_log_ratio=top["log_ratio"] if greedy and self.greedy_log_ratio else None,
             per_prompt_rewards=top["per_prompt_rewards"],
+            reference_per_prompt_rewards=self._reference_per_prompt,
             prompts_sha256=prompts_sha256(top["digests"]),
             by_alpha=None if self.alphas is None else [fronts[a] for a in self.alphas],
             evaluation=evaluation,
@@ -396,6 +410,8 @@ class GridEvaluation(L.Callback):
         for i, name in enumerate(self.names):
             metrics[f"steerability/{name}"] = report["steerability"][name]
             metrics[f"vertex_gain/{name}"] = report["vertex_gain"][name]
+            if "vertex_gain_se" in report:
+                metrics[f"vertex_gain_se/{name}"] = report["vertex_gain_se"][name]
             metrics[f"monotonicity_violations/{name}"] = float(report["monotonicity_violations"][name])
             for w, rewards in zip(report["grid"], report["rewards"]):
                 metrics[f"reward/{name}/w={weight_label(w)}"] = rewards[i]
@@ -512,8 +528,10 @@ def grid_report(
     tol: float = 0.0,
     rewards_se: Tensor | None = None,
     kl_se: Tensor | None = None,
+    vertex_gain_se: Tensor | None = None,
     greedy_log_ratio: Tensor | None = None,
     per_prompt_rewards: Tensor | None = None,
+    reference_per_prompt_rewards: Tensor | None = None,
     prompts_sha256: str | None = None,
     by_alpha: list[dict[str, Any]] | None = None,
     evaluation: dict[str, Any] | None = None,
@@ -541,13 +559,16 @@ def grid_report(
         tol: slack for monotonicity violations.
         rewards_se: standard errors ``(G, m)`` of ``rewards``, over prompts (each prompt's mean over its samples).
         kl_se: standard errors ``(G,)`` of ``kl``, over prompts.
+        vertex_gain_se: standard errors ``(m,)`` of the vertex gains, over prompts, paired: each prompt's reward at
+            the vertex minus the reference policy's on that prompt (:func:`vertex_gain_standard_error`).
         greedy_log_ratio: mean log-ratio ``log pi(y|x,w) / pi_ref(y|x)`` ``(G,)`` of the greedy responses ``y``.
         per_prompt_rewards: ``(G, P, m)`` each prompt's mean reward over its samples, prompts in digest order.
+        reference_per_prompt_rewards: ``(P, m)`` the reference policy's, the same prompts in the same order.
         prompts_sha256: digest of the evaluated prompts in that order (:func:`clp_lightning.evaluation.prompts_sha256`).
         by_alpha: one front per KL strength of an alpha-conditioned policy: dicts with ``alpha`` and ``rewards``
-            ``(G, m)``, ``kl`` ``(G,)``, optionally ``rewards_se`` and ``kl_se``. Each becomes ``{alpha, rewards,
-            rewards_se, kl, kl_se, hypervolume, steerability, vertex_gain, front_mask}``, measured from the same
-            ``ref_point`` and ``reference_rewards``.
+            ``(G, m)``, ``kl`` ``(G,)``, optionally ``rewards_se``, ``kl_se`` and ``vertex_gain_se``. Each becomes
+            ``{alpha, rewards, rewards_se, kl, kl_se, hypervolume, steerability, vertex_gain, front_mask}`` (and
+            ``vertex_gain_se`` where given), measured from the same ``ref_point`` and ``reference_rewards``.
         evaluation: how the numbers were measured (decoding, samples, seed, alpha), recorded as given.
 
     Returns:
@@ -574,6 +595,7 @@ def grid_report(
         # reference policy has a larger hypervolume than this
         "reference_hypervolume": hypervolume(reference_rewards.view(1, -1), ref_point),
         "vertex_gain": front["vertex_gain"],
+        **({} if vertex_gain_se is None else {"vertex_gain_se": dict(zip(objectives, vertex_gain_se.tolist()))}),
         "steerability": front["steerability"],
         "monotonicity_violations": front["monotonicity_violations"],
     })
@@ -588,12 +610,16 @@ def grid_report(
                 "steerability": summary["steerability"], "vertex_gain": summary["vertex_gain"],
                 "front_mask": summary["front_mask"],
             })
+            if entry.get("vertex_gain_se") is not None:
+                report["by_alpha"][-1]["vertex_gain_se"] = dict(zip(objectives, entry["vertex_gain_se"].tolist()))
     if evaluation is not None:
         report["evaluation"] = evaluation
     if prompts_sha256 is not None:
         report["prompts_sha256"] = prompts_sha256
     if per_prompt_rewards is not None:
         report["per_prompt_rewards"] = per_prompt_rewards.tolist()
+    if reference_per_prompt_rewards is not None:
+        report["reference_per_prompt_rewards"] = reference_per_prompt_rewards.tolist()
     report["samples"] = [] if samples is None else samples
     report["parameters"] = {} if parameters is None else parameters
     return report
@@ -621,12 +647,39 @@ def vertex_gain(grid: Tensor, rewards: Tensor, reference_rewards: Tensor) -> Ten
         rewards: mean rewards ``(G, m)`` of the policy at each weighting.
         reference_rewards: mean rewards ``(m,)`` of the reference policy on the same prompts and decoding.
     """
+    index = _vertex_index(grid)
+    return rewards[index, torch.arange(grid.shape[1])] - reference_rewards
+
+
+def _vertex_index(grid: Tensor) -> Tensor:
+    """The row of each vertex ``e_i`` in ``grid`` ``(G, m)``: ``(m,)``."""
     m = grid.shape[1]
     vertex = (grid[None] - torch.eye(m, dtype=grid.dtype)[:, None]).abs().amax(-1) < 1e-6  # (m, G)
     if not bool(vertex.any(1).all()):
         raise ValueError("the grid does not contain every vertex e_i")
-    index = vertex.float().argmax(1)  # (m,)
-    return rewards[index, torch.arange(m)] - reference_rewards
+    return vertex.float().argmax(1)
+
+
+def vertex_gain_standard_error(grid: Tensor, per_prompt_rewards: Tensor, reference_per_prompt: Tensor) -> Tensor:
+    """Standard error ``(m,)`` of each vertex gain over prompts, paired: prompt ``p``'s reward ``i`` at ``w = e_i``
+    minus the reference policy's reward ``i`` on prompt ``p``, then ``std / sqrt(P)`` (nan below two prompts).
+
+    Pairing takes out what the prompts share (some are easy for both policies), so this is the SE to judge a vertex
+    gain by, and it is usually well below the two unpaired SEs combined.
+
+    Args:
+        grid: weightings ``(G, m)``; must contain every vertex.
+        per_prompt_rewards: ``(G, P, m)`` each prompt's mean reward over its samples at each weighting.
+        reference_per_prompt: ``(P, m)`` the reference policy's, the prompts in the same order.
+    """
+    m = grid.shape[1]
+    if per_prompt_rewards.shape[1:] != reference_per_prompt.shape:
+        raise ValueError(f"per-prompt rewards {tuple(per_prompt_rewards.shape)} and the reference's "
+                         f"{tuple(reference_per_prompt.shape)} do not cover the same prompts and objectives")
+    index = _vertex_index(grid)
+    at_vertex = per_prompt_rewards[index, :, torch.arange(m)]  # (m, P): objective i's rewards at e_i
+    _, se = mean_and_standard_error(at_vertex - reference_per_prompt.T.to(at_vertex.dtype), dim=1)
+    return se
 
 
 def samples_markdown(report: dict[str, Any]) -> str:

@@ -87,6 +87,13 @@ def test_fit_writes_reports_and_tensorboard(fitted):
     rewards, reference = torch.tensor(report["rewards"]), report["reference_rewards"]
     assert report["vertex_gain"] == pytest.approx(  # grid [[0, 1], [0.5, 0.5], [1, 0]]: e_1 is row 2, e_2 row 0
         {"coverage": float(rewards[2, 0]) - reference[0], "brevity": float(rewards[0, 1]) - reference[1]})
+    # the vertex gains' paired SE, from each prompt's difference to the reference on that prompt (3 prompts)
+    rows = torch.tensor(report["per_prompt_rewards"])
+    reference_rows = torch.tensor(report["reference_per_prompt_rewards"])
+    assert rows.shape == (3, 3, 2) and reference_rows.shape == (3, 2)
+    assert reference_rows.mean(0).tolist() == pytest.approx(reference)
+    differences = {"coverage": rows[2, :, 0] - reference_rows[:, 0], "brevity": rows[0, :, 1] - reference_rows[:, 1]}
+    assert report["vertex_gain_se"] == pytest.approx({n: float(d.std() / 3**0.5) for n, d in differences.items()})
     first = json.loads(reports[0].read_text())["samples"][0]
     assert first["reference"]["response"] is not None and len(first["reference"]["rewards"]) == 2
     assert report["samples"][0]["reference"] == first["reference"]  # cached: the reference does not change
@@ -167,6 +174,22 @@ def test_vertex_gain_by_hand():
     assert vertex_gain(grid, rewards, torch.tensor([0.5, 4.0])).tolist() == pytest.approx([0.4, 1.0])
     with pytest.raises(ValueError, match="every vertex"):
         vertex_gain(grid[1:2], rewards[1:2], torch.tensor([0.5, 4.0]))
+
+
+def test_vertex_gain_standard_error_by_hand():
+    from clp_lightning.callbacks.grid_evaluation import vertex_gain_standard_error
+
+    grid = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    rows = torch.zeros(3, 4, 2)  # (G, P, m)
+    rows[2, :, 0] = torch.tensor([1.0, 2.0, 3.0, 6.0])  # objective 0 at its vertex e_0, row 2
+    rows[0, :, 1] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # objective 1 at e_1, row 0
+    rows[1] = 100.0  # off the vertices: never read
+    reference = torch.tensor([[0.0, 4.0], [1.0, 3.0], [2.0, 2.0], [5.0, 1.0]])  # (P, m)
+    se = vertex_gain_standard_error(grid, rows, reference)
+    # differences: objective 0: [1, 1, 1, 1] -> SE 0 (the prompts' shared difficulty cancels); objective 1: [1, 2, 3, 4]
+    assert se.tolist() == pytest.approx([0.0, (5 / 3) ** 0.5 / 2])
+    with pytest.raises(ValueError, match="same prompts"):
+        vertex_gain_standard_error(grid, rows, reference[:3])
 
 
 def test_every_n_epochs_and_three_objective_figure(tmp_path):
@@ -343,7 +366,7 @@ def test_alpha_conditioned_policy_gets_a_front_per_alpha(tmp_path):
     alphas = [entry["alpha"] for entry in report["by_alpha"]]
     assert alphas == pytest.approx([0.01, (0.01 * 0.5) ** 0.5, 0.5])  # low, geometric mean, high
     keys = {"alpha", "rewards", "rewards_se", "kl", "kl_se", "hypervolume", "steerability", "vertex_gain",
-            "front_mask"}
+            "vertex_gain_se", "front_mask"}
     assert all(set(entry) == keys for entry in report["by_alpha"])
     low = report["by_alpha"][0]  # the top level is the low end of alpha_range, as evaluations always were
     assert report["evaluation"]["alpha"] == 0.01

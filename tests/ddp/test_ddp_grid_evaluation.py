@@ -29,4 +29,9 @@ def test_two_processes_report_the_rows_of_one(tmp_path):
         assert two["prompts_sha256"] == one["prompts_sha256"] and two["evaluation"]["num_prompts"] == 5
         assert torch.allclose(torch.tensor(two["per_prompt_rewards"]), rows, atol=1e-5)
         assert torch.allclose(torch.tensor(two["kl"]), torch.tensor(one["kl"]), atol=1e-4)
+        # the reference's rows too (the sampler's repeated prompt counted once), so the paired SEs agree
+        reference = torch.tensor(one["reference_per_prompt_rewards"])
+        assert reference.shape == (5, 2)
+        assert torch.allclose(torch.tensor(two["reference_per_prompt_rewards"]), reference, atol=1e-5)
+        assert two["vertex_gain_se"] == pytest.approx(one["vertex_gain_se"], abs=1e-5)
     assert ranks[0]["per_prompt_rewards"] == ranks[1]["per_prompt_rewards"] and ranks[0]["kl"] == ranks[1]["kl"]
