@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -130,15 +131,15 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             raise ValueError(f"baseline must be 'rloo' or 'mean', got {baseline!r}")
         if baseline == "rloo" and samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt={samples_per_prompt}: the leave-one-out baseline needs k >= 2")
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        if not (math.isfinite(kl_coef) and kl_coef >= 0):  # nan or inf would make every reward nan or infinite
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef}")
         if alpha_range is not None:
             if not policy.conditioning.condition_on_alpha:
                 raise ValueError("alpha_range is set but the policy is not conditioned on alpha (set "
                                  "policy.conditioning.condition_on_alpha: true, with prompt: true or alpha_scale)")
             alpha_low, alpha_high = alpha_range
-            if not 0 <= alpha_low <= alpha_high:
-                raise ValueError(f"alpha_range {list(alpha_range)} must satisfy 0 <= low <= high")
+            if not (0 <= alpha_low <= alpha_high and math.isfinite(alpha_high)):
+                raise ValueError(f"alpha_range {list(alpha_range)} must satisfy 0 <= low <= high, both finite")
             if policy.conditioning.alpha_scale is not None and alpha_low <= 0:
                 raise ValueError(f"alpha_range {list(alpha_range)}: with alpha_scale the update is scaled by "
                                  "alpha_scale / alpha, so alpha must be > 0")
