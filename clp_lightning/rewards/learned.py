@@ -345,7 +345,7 @@ class HumanScoreReward(Reward):
                 f"trained on {spec.encoder!r} with hidden_size {spec.hidden_size}"
             )
         cosine = float(F.cosine_similarity(probe, torch.tensor(spec.probe_embedding), dim=0))
-        if cosine < PROBE_MIN_COSINE:
+        if not cosine >= PROBE_MIN_COSINE:  # also a nan probe (reward.json may hold NaN): no evidence of a match
             raise ValueError(
                 f"the head in {spec_path} was trained on encoder {spec.encoder!r}, but model={model!r} embeds the "
                 f"probe sentence differently (cosine {cosine:.4f} < {PROBE_MIN_COSINE}); pass model={spec.encoder!r}"

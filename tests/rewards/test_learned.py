@@ -369,6 +369,17 @@ def test_a_head_trained_on_another_encoder_is_refused(head_dir: Path, tmp_path: 
         HumanScoreReward(head=str(head), model=MINILM)
 
 
+def test_a_probe_embedding_of_nan_is_no_evidence_of_the_same_encoder(head_dir: Path, tmp_path: Path):
+    """JSON allows NaN: a hand-edited or corrupted probe gave a nan cosine, which no threshold comparison refused."""
+    head = copy_head(head_dir, tmp_path)
+    text = (head / "reward.json").read_text()
+    spec = json.loads(text)
+    spec["encoder_probe"]["embedding"] = [float("nan")] * len(spec["encoder_probe"]["embedding"])
+    (head / "reward.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"embeds the probe sentence differently \(cosine nan"):
+        HumanScoreReward(head=str(head), model=MINILM)
+
+
 def test_another_name_for_the_same_encoder_is_accepted_with_a_warning(head_dir: Path, tmp_path: Path, caplog):
     copy = tmp_path / "minilm_copy"  # another directory with the same files: it embeds the probe identically
     copy.mkdir()
