@@ -1,5 +1,5 @@
 """Files and directories written so that a reader never sees half of one: a temporary one beside the target,
-renamed into place."""
+renamed into place (a file's data and its rename fsync'ed, so that a crash leaves the old file or the new one)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,31 @@ from pathlib import Path
 from typing import Any
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: the file's fsync covers its data, not the directory entry."""
+    if os.name != "posix":  # Windows cannot open a directory; NTFS journals the rename
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """``write`` a temporary file beside ``path``, then rename it over ``path`` (no half-written file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make the file owner-only
     try:
         write(tmp)
+        # the data on disk before the rename: after a crash (a node failure that SLURM requeues) the rename may
+        # survive without it, and an accumulating file (metrics.csv, run_info.json's "earlier") would lose its history
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

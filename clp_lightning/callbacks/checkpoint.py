@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from clp_lightning.config import plain
+from clp_lightning.files import fsync_directory
 
 # torch.save writes a zip archive; its first bytes are a local file header
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -162,17 +163,6 @@ def check_output_file(path: str | Path, flag: str, kind: str) -> None:
     check_writable(Path(path).resolve().parent, f"{flag} directory")
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable: the file's fsync covers its data, not the directory entry."""
-    if os.name != "posix":  # Windows cannot open a directory; NTFS journals the rename
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class SafeCheckpointIO(TorchCheckpointIO):
     """Write checkpoints to a temporary file beside the target and rename it into place; load through
     :func:`read_checkpoint`.
@@ -193,7 +183,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial one
-            _fsync_directory(path.parent)  # the rename itself survives a node crash (SLURM requeues after one)
+            fsync_directory(path.parent)  # the rename itself survives a node crash (SLURM requeues after one)
         except (OSError, RuntimeError) as err:
             # torch reports a failed write as "[enforce fail at inline_container.cc...]"; say which file and why
             raise OSError(f"could not write checkpoint {str(path)!r} (disk full or file size limit?): "

@@ -1,0 +1,32 @@
+"""Files written through clp_lightning.files are atomic and durable: the data and the rename are both fsync'ed."""
+
+import os
+import stat
+
+import pytest
+
+from clp_lightning.files import write_text_atomic
+
+
+@pytest.mark.skipif(os.name != "posix", reason="directories are fsync'ed on POSIX only")
+def test_write_text_atomic_fsyncs_the_data_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        events.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    path = tmp_path / "metrics.csv"
+    path.write_text("old\n")
+    write_text_atomic(path, "old\nnew\n")
+    # a crash leaves the old file or the complete new one, never an empty one (metrics.csv holds the run's history)
+    assert events == ["file", "rename", "directory"]
+    assert path.read_text() == "old\nnew\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
