@@ -29,6 +29,12 @@ class SamplerConfig:
     weights: list[float] | None = None
 
     def build(self, num_objectives: int) -> WeightSampler:
+        # a field of another kind is a config that meant that kind (`sampler.index=1` over a Dirichlet base config):
+        # ignoring it would train another policy than the one asked for
+        for name, kind in (("index", "one_hot"), ("weights", "fixed")):
+            if getattr(self, name) is not None and self.kind != kind:
+                raise ValueError(f"sampler {name}={getattr(self, name)} is only read by kind {kind!r}, and kind is "
+                                 f"{self.kind!r}: set sampler.kind: {kind}, or remove {name}")
         if self.kind == "dirichlet":
             return DirichletSampler(num_objectives, self.concentration)
         if self.kind == "one_hot":

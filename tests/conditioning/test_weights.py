@@ -84,6 +84,17 @@ def test_one_hot_and_fixed():
     assert SamplerConfig(kind="one_hot", index=1).build(3).sample(1).tolist() == [[0, 1, 0]]
 
 
+@pytest.mark.parametrize("config, message", [
+    (SamplerConfig(index=1), r"sampler index=1 is only read by kind 'one_hot', and kind is 'dirichlet'"),
+    (SamplerConfig(kind="one_hot", weights=[1.0, 0.0]), r"weights=\[1.0, 0.0\] is only read by kind 'fixed'"),
+    (SamplerConfig(kind="fixed", weights=[1.0, 0.0], index=0), r"index=0 is only read by kind 'one_hot'"),
+])
+def test_a_sampler_field_of_another_kind_is_refused_not_ignored(config, message):
+    # `--model.init_args.sampler.index=1` over a Dirichlet config would otherwise train a CLP policy, not expert 1
+    with pytest.raises(ValueError, match=message):
+        config.build(2)
+
+
 def test_prompt_prefixes_with_and_without_alpha():
     cond = PromptConditioner(precision=3)
     w = torch.tensor([[0.125, 0.875], [1.0, 0.0]])
