@@ -1,5 +1,7 @@
 """A checkpoint is untrusted input: it supplies state, never configuration (``clp validate --ckpt_path``)."""
 
+import re
+
 import pytest
 import torch
 from cli_helpers import TINY_CONFIG, remote_code_model, tampered, write_config
@@ -155,3 +157,12 @@ def test_the_sharded_strategy_refuses_a_distributed_checkpoint_it_is_not_told_to
     assert loads == [] and not marker.exists()
     ShardedStrategy(trust_distributed_checkpoints=True).load_checkpoint(directory)  # the config's choice
     assert loads == [directory]
+
+
+@pytest.mark.parametrize("version", ["2", 2.5, None, [2]])
+def test_a_checkpoint_format_that_is_not_an_integer_is_named_in_a_checkpoint_error(version):
+    from clp_lightning.callbacks.checkpoint import CheckpointError, check_setup
+
+    current = {"objective_names": ["a", "b"], "conditioning": {"mode": "none", "options": {}}, "base_model": "tiny"}
+    with pytest.raises(CheckpointError, match=re.escape(f"has checkpoint format {version!r}; expected an integer")):
+        check_setup({**current, "format": version}, current, "checkpoint 'x.ckpt'")

@@ -66,10 +66,14 @@ def check_setup(stored: Any, current: dict[str, Any], name: str) -> None:
     if not isinstance(stored, dict):
         raise CheckpointError(f"{name} was not written by CLPModule (it has no 'clp' section); a warm-start (SFT) "
                               "checkpoint is loaded through policy.model_name_or_path, not --ckpt_path")
-    if stored.get("format", 1) > CHECKPOINT_FORMAT:
+    version = stored.get("format", 1)
+    if type(version) is not int:  # untrusted content: a string here would fail the comparison with a TypeError
+        raise CheckpointError(f"{name} has checkpoint format {version!r}; expected an integer (clp writes "
+                              f"{CHECKPOINT_FORMAT})")
+    if version > CHECKPOINT_FORMAT:
         raise CheckpointError(f"{name} was written by a newer clp-lightning (checkpoint format "
-                              f"{stored['format']}; this version reads format {CHECKPOINT_FORMAT}): upgrade")
-    if stored.get("format", 1) == 1 and isinstance(stored.get("conditioning"), dict):
+                              f"{version}; this version reads format {CHECKPOINT_FORMAT}): upgrade")
+    if version == 1 and isinstance(stored.get("conditioning"), dict):
         stored = {**stored, "conditioning": _conditioning_from_format_1(stored["conditioning"])}
     for key, what in (("objective_names", "objectives"), ("conditioning", "conditioning"),
                       ("base_model", "base model")):
