@@ -414,14 +414,18 @@ class SummarizationDataModule(L.LightningDataModule):
             # datasets wraps the parser's error in a generic DatasetGenerationError: report the parser's.
             raise ValueError(f"Could not read {what} from {source!r}: {err.__cause__ or err!r}") from err
 
+    def _split_kwargs(self, kwargs: dict[str, Any], split: str) -> dict[str, Any]:
+        """``load_dataset`` arguments that read one split of ``data_files``: its files only, so splits need not
+        share one schema (``datasets`` casts every split to the first one's columns)."""
+        if split not in self.data_files:
+            raise ValueError(f"Split {split!r} is not in data_files (has {sorted(self.data_files)})")
+        return {**kwargs, "data_files": {split: self.data_files[split]}}
+
     def _load_split(self, split: str) -> datasets.Dataset:
         """Load one split as a ``datasets.Dataset`` (overridden by in-memory data modules)."""
         kwargs = self._load_kwargs()
         if self.data_files is not None:
-            if split not in self.data_files:
-                raise ValueError(f"Split {split!r} is not in data_files (has {sorted(self.data_files)})")
-            # One split per call: reads only this split's files, and splits need not share one schema.
-            kwargs["data_files"] = {split: self.data_files[split]}
+            kwargs = self._split_kwargs(kwargs, split)
         self._check_files(kwargs, [split])
         return self._wrap_errors(lambda: datasets.load_dataset(**kwargs, split=split), split)
 
@@ -430,7 +434,12 @@ class SummarizationDataModule(L.LightningDataModule):
         # shortcut, which other ranks do without). Bad local files fail here, named, before datasets builds a cache.
         kwargs = self._load_kwargs()
         self._check_files(kwargs)
-        self._wrap_errors(lambda: datasets.load_dataset(**kwargs), None)
+        if self.data_files is None:
+            self._wrap_errors(lambda: datasets.load_dataset(**kwargs), None)
+            return
+        for split in self.data_files:  # as _load_split reads them, so that setup finds this cache
+            split_kwargs = self._split_kwargs(kwargs, split)
+            self._wrap_errors(lambda: datasets.load_dataset(**split_kwargs, split=split), split)  # noqa: B023
 
     def setup(self, stage: str | None = None) -> None:
         # Only what the stage needs: a fit never touches the test split.

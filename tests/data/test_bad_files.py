@@ -128,7 +128,7 @@ def test_compressed_file_is_left_to_datasets_but_named(tmp_path):
     train.write_bytes(gzip.compress(TRL_TRAIN.read_bytes())[:100])  # truncated stream
     dm = tldr(tmp_path, train)
     check_data_file(str(train), "train")  # not decompressed here
-    raises(dm.prepare_data, train, "Could not read the data")
+    raises(dm.prepare_data, train, "Could not read split 'train'")
     raises(lambda: dm.setup("fit"), train, "Could not read split 'train'")
 
 

@@ -162,6 +162,18 @@ def test_local_directory(tmp_path):
     assert len(dm.data["train"]) == 6 and len(dm.data["val"]) == 6
 
 
+def test_prepare_data_reads_splits_of_different_schemas_as_setup_does(tmp_path):
+    # trl train, CarperAI validation: setup loads one split per call, so prepare_data (which trainer.fit runs
+    # first) must too; loading both at once, datasets casts validation to train's columns and fails
+    files = {"train": TRL_FILES["train"], "validation": str(FIXTURES / "tldr_carper_valid.jsonl")}
+    dm = tldr(tmp_path, data_files=files)
+    dm.prepare_data()
+    caches = sorted(p.name for p in (tmp_path / "json").iterdir())
+    dm.setup("fit")
+    assert len(dm.data["train"]) == 6 and len(dm.data["val"]) == 6
+    assert sorted(p.name for p in (tmp_path / "json").iterdir()) == caches  # setup reuses what prepare_data built
+
+
 def test_missing_file_is_named(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
