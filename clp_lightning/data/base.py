@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -466,6 +468,7 @@ class SummarizationDataModule(L.LightningDataModule):
             fn_kwargs=options,
             remove_columns=dataset.column_names,
             desc=f"Formatting {split}",
+            new_fingerprint=self._format_fingerprint(dataset, options),
         )
         reasons = list(dataset[_SKIP])
         counts = dict(Counter(r for r in reasons if r))
@@ -478,6 +481,20 @@ class SummarizationDataModule(L.LightningDataModule):
             raise ValueError(f"Split {split!r} has no usable rows (skipped: {counts})")
         log.info("Split %r: %d examples for %s", split, len(dataset), role)
         return dataset.remove_columns(_SKIP)
+
+    def _format_fingerprint(self, dataset: datasets.Dataset, options: dict[str, Any]) -> str:
+        """The cache key of ``dataset`` formatted by ``convert_row`` with ``options``.
+
+        ``datasets``' own key hashes ``convert_row``'s code but the functions it calls (``truncate_words``,
+        ``format_tldr_prompt``, ...) by their names only, so after an edit to one of them the rows formatted by the
+        old code would be read back from the cache. The source files of the data module's classes go in instead.
+        """
+        sources = []
+        for cls in type(self).__mro__:
+            file = getattr(sys.modules.get(cls.__module__), "__file__", None)
+            if issubclass(cls, SummarizationDataModule) and file and Path(file).is_file():
+                sources.append(Path(file).read_bytes())
+        return Hasher.hash([dataset._fingerprint, type(self).__qualname__, options, sources])
 
     def _subsample(self, dataset: datasets.Dataset, n: int | None) -> datasets.Dataset:
         if n is None or n >= len(dataset):

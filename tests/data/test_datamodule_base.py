@@ -1,6 +1,8 @@
 """Shared behaviour of the data modules: loading, errors, subsampling, shuffling, the batch contract."""
 
+import importlib
 import shutil
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -172,6 +174,41 @@ def test_prepare_data_reads_splits_of_different_schemas_as_setup_does(tmp_path):
     dm.setup("fit")
     assert len(dm.data["train"]) == 6 and len(dm.data["val"]) == 6
     assert sorted(p.name for p in (tmp_path / "json").iterdir()) == caches  # setup reuses what prepare_data built
+
+
+EDITED_MODULE = """
+from clp_lightning.data import CNNDailyMailDataModule
+
+
+def label(prompt):
+    return {label!r} + prompt
+
+
+class EditedModule(CNNDailyMailDataModule):
+    @staticmethod
+    def convert_row(row, **options):
+        out = CNNDailyMailDataModule.convert_row(row, **options)
+        return {{**out, "prompt": label(out["prompt"])}}
+"""
+
+
+def test_formatted_rows_are_not_read_back_after_the_formatting_code_changes(tmp_path, monkeypatch):
+    # datasets keys its cache of the formatted rows on convert_row's code but on the helpers it calls by name only:
+    # an edit to a helper (here `label`; truncate_words or the TL;DR template in the package) must not be ignored
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    module_file = tmp_path / "edited_module.py"
+    files = {"train": str(FIXTURES / "cnndm_train.parquet"), "validation": str(FIXTURES / "cnndm_validation.parquet")}
+    prompts = []
+    for label in ("OLD: ", "NEWER: "):
+        module_file.write_text(EDITED_MODULE.format(label=label))
+        sys.modules.pop("edited_module", None)
+        module = importlib.import_module("edited_module")
+        dm = module.EditedModule(data_files=files, cache_dir=str(tmp_path / "cache"))
+        dm.setup("fit")
+        prompts.append(dm.data["train"][0]["prompt"])
+    sys.modules.pop("edited_module", None)
+    assert prompts[0].startswith("OLD: (CNN)") and prompts[1] == "NEWER: " + prompts[0].removeprefix("OLD: ")
 
 
 def test_missing_file_is_named(tmp_path):
