@@ -296,6 +296,11 @@ class SummarizationDataModule(L.LightningDataModule):
         for arg, value in [("batch_size", batch_size), ("val_batch_size", val_batch_size)]:
             if value is not None and value < 1:
                 raise ValueError(f"{arg} must be >= 1, got {value}")
+        caps = [("max_train_samples", max_train_samples), ("max_val_samples", max_val_samples),
+                ("max_test_samples", max_test_samples)]
+        for arg, value in caps:
+            if value is not None and value < 1:  # a cap of 0 rows would fail after the loading, obscurely
+                raise ValueError(f"{arg} must be >= 1 (or null for no limit), got {value}")
         self.path, self.name, self.data_files, self.cache_dir = path, name, data_files, cache_dir
         self.splits = {
             "train": train_split,

@@ -132,6 +132,14 @@ def test_max_train_samples_takes_the_first_rows(tmp_path):
     assert len(dm.data["val"]) == 2
 
 
+@pytest.mark.parametrize("arg", ["max_train_samples", "max_val_samples", "max_test_samples"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_cap_below_one_row_is_refused_at_construction(tmp_path, arg, value):
+    # not after the loading, as "Column 'skip' doesn't exist"
+    with pytest.raises(ValueError, match=rf"{arg} must be >= 1 \(or null for no limit\), got {value}"):
+        tldr(tmp_path, **{arg: value})
+
+
 def test_subsample_shuffle_is_seeded(tmp_path):
     picks = [tldr(tmp_path, max_train_samples=3, shuffle_before_subsample=True, seed=s) for s in (1, 1, 2)]
     for dm in picks:
