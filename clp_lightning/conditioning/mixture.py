@@ -12,6 +12,7 @@ Notation: ``B`` rows, ``L`` prompt tokens, ``T`` response tokens, ``V`` vocabula
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -126,6 +127,10 @@ class _ExpertDecoder:
                                   use_cache=True, **{self.cache_argument: self.cache}))
 
 
+# generate keywords the mixture accepts at their neutral value only (what GenerationSettings passes by default)
+_NEUTRAL: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "min_new_tokens": 0, "num_beams": 1}
+
+
 @torch.no_grad()
 def mixture_generate(
     policy: ConditionalPolicy,
@@ -135,11 +140,23 @@ def mixture_generate(
     max_new_tokens: int = 48,
     do_sample: bool = False,
     temperature: float = 1.0,
-    **_: object,
+    **settings: Any,
 ) -> tuple[Tensor, Tensor]:
     """Generate from the logit mixture at ``weights`` ``(B, m)``; returns ``(response_ids, response_mask)`` like
-    :meth:`ConditionalPolicy.generate`. Sampling draws from torch's global generator."""
+    :meth:`ConditionalPolicy.generate`. Sampling draws from torch's global generator.
+
+    ``settings``: other ``generate`` keywords, accepted only at the values that change nothing (``top_k`` 0,
+    ``top_p`` 1, ``min_new_tokens`` 0, ``num_beams`` 1), which ``GenerationSettings`` passes.
+
+    Raises:
+        ValueError: a setting the mixture does not implement (a truncation, a minimum length, a penalty, beams).
+    """
     check_experts(policy)
+    unsupported = {k: v for k, v in settings.items() if _NEUTRAL.get(k, object()) != v and v is not None}
+    if unsupported:
+        raise ValueError(f"decoding-time mixing samples from the full mixture, greedily or at a temperature; it does "
+                         f"not implement {unsupported} (neutral values: {_NEUTRAL}): drop them or use "
+                         "decoding='policy'")
     experts = [_ExpertDecoder(policy, one_hot, input_ids, attention_mask)
                for one_hot in _one_hots(policy, input_ids.shape[0], input_ids.device)] if max_new_tokens > 0 else []
 

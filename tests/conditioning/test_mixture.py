@@ -88,3 +88,19 @@ def test_policies_whose_experts_the_mixture_cannot_run_are_refused():
     policy = ConditionalPolicy.from_pretrained("tiny:gpt2", 2, lora_alpha)
     with pytest.raises(ValueError, match="alpha_scale"):
         mixture_generate(policy, **policy.encode(PROMPTS[:1]), weights=w, **GEN)
+
+
+def test_settings_the_mixture_does_not_implement_are_refused_not_ignored():
+    # a truncated or length-forced sample asked of the mixture must not silently come from the full mixture
+    policy = perturb(make_policy("gpt2", "attention")).eval()
+    w = torch.tensor([[0.3, 0.7]])
+    enc = policy.encode(PROMPTS[:1])
+    for setting in ({"top_p": 0.9}, {"top_k": 5}, {"min_new_tokens": 3}, {"repetition_penalty": 1.2}):
+        with pytest.raises(ValueError, match="does not implement"):
+            mixture_generate(policy, **enc, weights=w, max_new_tokens=4, do_sample=True, **setting)
+    # the neutral values GenerationSettings passes are accepted
+    from clp_lightning.config import GenerationSettings
+
+    for settings in (GenerationSettings(max_new_tokens=4), GenerationSettings(max_new_tokens=4, do_sample=False)):
+        ids, mask = mixture_generate(policy, **enc, weights=w, **settings.kwargs())
+        assert ids.shape[0] == 1 and ids.shape[1] <= 4
