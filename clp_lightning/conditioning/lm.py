@@ -218,8 +218,9 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_id: int | Sequence[in
 _PROCESSORS_OFF: dict[str, Any] = dict(
     repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
     bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None, min_length=0,
-    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None, exponential_decay_length_penalty=None,
+    typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None, top_h=None, exponential_decay_length_penalty=None,
     guidance_scale=None, watermarking_config=None, num_beams=1, num_beam_groups=1, diversity_penalty=0.0,
+    penalty_alpha=None, dola_layers=None, constraints=None, force_words_ids=None,
 )
 
 
