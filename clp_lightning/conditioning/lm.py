@@ -251,7 +251,8 @@ def generate_responses(
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_sync(model), **kwargs)
     # causal outputs repeat the prompt; seq2seq outputs start with the decoder start token
     response = out[:, input_ids.shape[1] :] if model_kind(model) == "causal" else out[:, 1:]
-    eos = model.generation_config.eos_token_id
+    eos = kwargs.get("eos_token_id")  # the caller's stop token(s), where given, are where generate stopped
+    eos = eos if eos is not None else model.generation_config.eos_token_id
     mask = response_mask_from_ids(response, eos if eos is not None else tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id
     return response.masked_fill(mask == 0, pad if pad is not None else 0), mask

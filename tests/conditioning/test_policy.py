@@ -267,6 +267,23 @@ def test_decode_drops_what_follows_each_rows_end_whatever_id_pads_it():
     assert policy.decode(ids.masked_fill(mask == 0, 0), mask) == ["hi", "hello"]
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_stop_token_the_caller_passes_ends_the_response_mask(arch):
+    """``generate(eos_token_id=...)`` stops each row at the caller's token and pads after it: the mask must end there
+    too, or the padding after it would count as response tokens (in the loss, the KL and the length)."""
+    from clp_lightning.conditioning.lm import response_mask_from_ids
+
+    policy = perturb(make_policy(arch, "attention")).eval()
+    w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]])
+    enc = policy.encode(PROMPTS, w)
+    ids, _ = policy.generate(**enc, weights=w, do_sample=False, max_new_tokens=6)
+    stop = int(ids[0, 0])  # row 0 stops at its first token
+    ids, mask = policy.generate(**enc, weights=w, do_sample=False, max_new_tokens=6, eos_token_id=stop)
+    assert mask[0].tolist() == [1] + [0] * (ids.shape[1] - 1)
+    assert torch.equal(mask, response_mask_from_ids(ids, stop))
+    assert policy.decode(ids, mask)[0] == policy.tokenizer.decode([stop], skip_special_tokens=True)
+
+
 def test_prompt_prefix_goes_after_a_bos_the_tokenizer_adds():
     """Tokenizers that start every text with a BOS (Llama 3, Gemma) get the weighting prefix after it, where the
     text starts, as `tokenizer(prefix + prompt)` places it; one without (the byte tokenizer) gets it first."""
