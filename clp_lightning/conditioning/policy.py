@@ -261,6 +261,9 @@ class ConditionalPolicy(nn.Module):
         if self.prompt_conditioner is not None and weights is not None:
             if alpha is None and self.conditioning.condition_on_alpha:
                 raise ValueError("this policy is conditioned on alpha: pass alpha with the weights")
+            if weights.shape[0] != len(body):  # zip below would drop the prompts without a weighting
+                raise ValueError(f"{len(body)} prompts but {weights.shape[0]} weightings: pass one weighting per "
+                                 "prompt")
             prefixes = self.prompt_conditioner.prefixes(weights.cpu(), None if alpha is None else alpha.cpu())
             heads = tok(prefixes, add_special_tokens=False)["input_ids"]
             lead = 0 if self.chat is not None else self._leading_specials  # a BOS stays first

@@ -152,6 +152,9 @@ def test_prompt_conditioning_prefixes_and_keeps_the_cue():
     assert text.startswith("<w 0.30,0.70 | kl 0.1> ") and text.endswith("TL;DR:")
     with pytest.raises(ValueError, match="pass alpha"):
         policy.encode(["x"], w)
+    # one weighting per prompt: zip used to drop the prompts beyond the weightings
+    with pytest.raises(ValueError, match="2 prompts but 1 weightings"):
+        policy.encode(["x", "y"], w, torch.tensor([0.1]))
 
 
 def test_report_counts_conditioned_parameters():
