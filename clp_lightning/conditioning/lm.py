@@ -220,7 +220,7 @@ _PROCESSORS_OFF: dict[str, Any] = dict(
     bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None, min_length=0,
     typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None, top_h=None, exponential_decay_length_penalty=None,
     guidance_scale=None, watermarking_config=None, num_beams=1, num_beam_groups=1, diversity_penalty=0.0,
-    penalty_alpha=None, dola_layers=None, constraints=None, force_words_ids=None,
+    penalty_alpha=None, dola_layers=None, constraints=None, force_words_ids=None, stop_strings=None,
 )
 
 

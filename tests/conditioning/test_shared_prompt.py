@@ -116,10 +116,11 @@ def test_the_models_generation_config_cannot_reshape_the_sampling_distribution(a
         run(GenerationSettings(max_new_tokens=8, min_new_tokens=3))
     assert logged == []
     config = policy.model.generation_config
-    # top_h truncates the sample; penalty_alpha turns greedy into contrastive search, dola_layers into DoLa
+    # top_h truncates the sample; penalty_alpha turns greedy into contrastive search, dola_layers into DoLa;
+    # stop_strings would end a response where its mask (EOS) does not
     for name, value in dict(repetition_penalty=50.0, no_repeat_ngram_size=1, min_length=6, num_beams=3,
                             num_return_sequences=2, typical_p=0.2, top_h=0.2, penalty_alpha=0.6,
-                            dola_layers="low").items():
+                            dola_layers="low", stop_strings=["TL"]).items():
         setattr(config, name, value)
     for got, want in zip((run(sampled), run(greedy)), clean):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
