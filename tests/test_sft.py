@@ -3,7 +3,7 @@
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from sft_helpers import first_gradients
 
 from clp_lightning.conditioning.config import PolicyConfig
 from clp_lightning.config import OptimizerConfig
@@ -103,42 +103,10 @@ def test_an_output_dir_the_run_writes_into_is_refused_before_training(tmp_path, 
     assert trainer.global_step == 0
 
 
-ROWS = [  # references of very different lengths, so per-micro-batch means differ from the per-token mean
-    {"prompt": "POST: my cat sat on the mat all day.\nTL;DR:", "reference": "cat sits"},
-    {"prompt": "POST: rain again, the garden is flooded.\nTL;DR:", "reference": "rain"},
-    {"prompt": "POST: I moved to a new city for work.\nTL;DR:",
-     "reference": "moved to a new city for a new job, and I miss home"},
-    {"prompt": "POST: my code fails only on Fridays.\nTL;DR:",
-     "reference": "a bug that shows up on one weekday only, odd"},
-]
-
-
-class FirstGradients(L.Callback):
-    """The gradients the optimizer's first step gets (before clipping)."""
-
-    def __init__(self) -> None:
-        self.grads: dict[str, torch.Tensor] = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self.grads:
-            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
-
-
-def first_gradients(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    module = SFTModule(PolicyConfig("tiny:t5", max_prompt_length=48), max_response_length=32)
-    loader = DataLoader(ROWS, batch_size=batch_size, collate_fn=lambda rows: {k: [r[k] for r in rows] for k in rows[0]})
-    grads = FirstGradients()
-    L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-              callbacks=[grads]).fit(module, train_dataloaders=loader)
-    return grads.grads
-
-
 def test_accumulated_micro_batches_give_the_gradient_of_one_batch():
     """Every reference token weighs the same in a step: two micro-batches of 2 rows give the gradient of one batch
     of 4, not the mean of the two micro-batches' per-token means (which weighs a short reference's tokens more)."""
-    whole, accumulated = first_gradients(4, 1), first_gradients(2, 2)
+    (whole, _), (accumulated, _) = first_gradients(4, 1), first_gradients(2, 2)
     assert whole.keys() == accumulated.keys() and whole
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
