@@ -512,7 +512,9 @@ def fmt(x: float, spec: str = ".3f") -> str:
 def analyse(results: dict[str, dict], compare_to: str, num_resamples: int) -> dict:
     """Test statistics, bootstrap intervals and hypervolume at matched KL, from the runs' reports."""
     # the largest KL that every run's path reaches, so that each run has a hypervolume there
-    reached = [max(kl for kl, _ in p) for r in results.values() for p in r["paths"] if p]
+    # (a path with an unmeasured KL reaches nan: max() would skip the nan after the reference's KL 0 and say 0)
+    reached = [math.nan if any(math.isnan(kl) for kl, _ in p) else max(kl for kl, _ in p)
+               for r in results.values() for p in r["paths"] if p]
     budget = math.nan if not reached or any(math.isnan(x) for x in reached) else min(reached)
     reference = pooled(results[compare_to]["test"]) if compare_to in results else None
     for variant, r in results.items():

@@ -245,6 +245,20 @@ def test_hypervolume_at_a_kl_budget_interpolates_along_the_path(study):
     assert study.at_kl([(0.0, 1.0), (0.4, 3.0), (0.1, 5.0)], 0.2) == pytest.approx(2.0)
 
 
+def test_no_kl_budget_when_a_run_did_not_measure_its_kl(study):
+    # a run evaluated with kl_samples: 0 has a nan KL on its path after the reference's (0.0, hv) start: no budget
+    # can be read then; its max over the path must not pass for "this run reaches KL 0" and set the budget to 0
+    report = {"objectives": ["a", "b"], "grid": [[1.0, 0.0], [0.0, 1.0]], "ref_point": [0.0, 0.0],
+              "prompts_sha256": "x", "per_prompt_rewards": [[[1.0, 0.5], [2.0, 0.5]], [[0.5, 1.0], [0.5, 2.0]]],
+              "hypervolume": 1.0, "kl": [0.5, 0.5], "kl_se": [0.1, 0.1], "vertex_gain": {"a": 0.1, "b": 0.1},
+              "steerability": {"a": 1.0, "b": 1.0}}
+    results = {"measured": {"test": [report], "paths": [[(0.0, 1.0), (0.5, 2.0)]]},
+               "unmeasured": {"test": [report], "paths": [[(0.0, 1.0), (math.nan, 2.0)]]}}
+    summary = study.analyse(results, "measured", num_resamples=10)
+    assert math.isnan(summary["kl_budget"])
+    assert all(math.isnan(r["hypervolume_at_kl"]) for r in results.values())
+
+
 def test_the_protocol_picks_the_rate_on_validation_and_compares_on_test(study, grid_evaluation_report, monkeypatch,
                                                                        tmp_path):
     # the validation hypervolume peaks at the base rate for `all` (2e-4); LoRA's base is 2e-3, so its best is 6e-4
