@@ -546,7 +546,8 @@ def tables(results: dict[str, dict], summary: dict) -> str:
         params = r["test"][0].get("parameters", {})
         lines.append("| " + " | ".join([
             variant, f"{r['lr']:.3g}",
-            f"{r['test_hypervolume']['mean']:.3f} ± {r['test_hypervolume']['std']:.3f}",
+            f"{r['test_hypervolume']['mean']:.3f} " + (  # one seed measures no spread: not "± 0.000"
+                f"± {r['test_hypervolume']['std']:.3f}" if len(r["test"]) > 1 else "(1 seed)"),
             f"{ci['hypervolume']:.3f} [{ci['ci'][0]:.3f}, {ci['ci'][1]:.3f}]",
             "—" if vs is None else f"{vs['difference']:+.3f} [{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}]",
             fmt(r["test_kl"]), fmt(r["hypervolume_at_kl"]),

@@ -259,6 +259,21 @@ def test_no_kl_budget_when_a_run_did_not_measure_its_kl(study):
     assert all(math.isnan(r["hypervolume_at_kl"]) for r in results.values())
 
 
+def test_one_seed_has_no_spread_in_the_table(study):
+    # one seed measures no seed-to-seed spread: "± 0.000" would read as a spread of zero
+    report = {"objectives": ["a", "b"], "grid": [[1.0, 0.0], [0.0, 1.0]], "ref_point": [0.0, 0.0],
+              "ref_point_from": "config", "prompts_sha256": "x",
+              "per_prompt_rewards": [[[1.0, 0.5], [2.0, 0.5]], [[0.5, 1.0], [0.5, 2.0]]], "kl": [0.5, 0.5],
+              "kl_se": [0.1, 0.1], "vertex_gain": {"a": 0.1, "b": 0.1}, "steerability": {"a": 1.0, "b": 1.0},
+              "step": 8}
+    results = {"three": {"lr": 1e-3, "sweep": {1e-3: 1.0}, "paths": [],
+                         "test": [{**report, "hypervolume": hv} for hv in (1.0, 1.1, 1.2)]},
+               "one": {"lr": 1e-3, "sweep": {1e-3: 1.0}, "paths": [], "test": [{**report, "hypervolume": 1.5}]}}
+    table = study.tables(results, study.analyse(results, "three", num_resamples=10))
+    assert "| three | 0.001 | 1.100 ± 0.100 |" in table
+    assert "| one | 0.001 | 1.500 (1 seed) |" in table
+
+
 def test_the_protocol_picks_the_rate_on_validation_and_compares_on_test(study, grid_evaluation_report, monkeypatch,
                                                                        tmp_path):
     # the validation hypervolume peaks at the base rate for `all` (2e-4); LoRA's base is 2e-3, so its best is 6e-4
