@@ -643,6 +643,8 @@ def main(argv: list[str] | None = None) -> str:
     variant_seeds = parse_variant_seeds(args.variant_seeds, variants, parser.error)
     if not_soups := [v for v in args.every_checkpoint if v not in VARIANTS or VARIANTS[v].kind != "soup"]:
         parser.error(f"--every-checkpoint is for soups, not {not_soups}")
+    if args.compare_to is not None and args.compare_to not in variants:  # its column would read "—" throughout
+        parser.error(f"--compare-to {args.compare_to}: not one of the variants this study runs, {variants}")
     out = Path(args.out)
     sft = None if task.warm_start is None else out / "sft" / "model"
     if sft is not None and not sft.exists():

@@ -470,6 +470,8 @@ def test_variant_seeds_narrow_one_variants_seeds(study, grid_evaluation_report, 
         study.main(["--out", str(tmp_path), "--variants", "all", "--variant-seeds", "all=one"])
     with pytest.raises(SystemExit):  # a KL path of every checkpoint is for soups
         study.main(["--out", str(tmp_path), "--variants", "all", "--every-checkpoint", "all"])
+    with pytest.raises(SystemExit):  # a baseline of the paired differences that the study does not run
+        study.main(["--out", str(tmp_path), "--variants", "all", "--compare-to", "rs_lora"])
     assert fake.calls == []
     study.main(["--out", str(tmp_path), "--variants", "all", "lora", "--seeds", "0", "1", "--steps", "8",
                 "--lr-factors", "1", "--variant-seeds", "lora=0", "--bootstrap", "20"])
