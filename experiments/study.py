@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from clp_lightning.callbacks import GridEvaluation  # noqa: E402
-from clp_lightning.callbacks.grid_evaluation import grid_report  # noqa: E402
+from clp_lightning.callbacks.grid_evaluation import grid_report, vertex_gain_standard_error  # noqa: E402
 from clp_lightning.cli import CLPCLI, run_cli  # noqa: E402
 from clp_lightning.compare import overlay_figure  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
@@ -466,10 +466,16 @@ def fixed_report(points: list[dict], steps: int) -> dict:
                if all(key in p for p in points)}
     if len({p.get("prompts_sha256") for p in points}) > 1:
         raise ValueError("the fixed-weighting policies were evaluated on different prompts (prompts_sha256 differ)")
+    grid = torch.tensor(first["grid"], dtype=torch.float64)
+    if "per_prompt_rewards" in columns and all("reference_per_prompt_rewards" in p for p in points):
+        # one reference policy on the same prompts for all G: the vertex gains' paired SE as any report has it
+        reference_rows = torch.tensor(first["reference_per_prompt_rewards"], dtype=torch.float64)
+        columns["reference_per_prompt_rewards"] = reference_rows
+        columns["vertex_gain_se"] = vertex_gain_standard_error(grid, columns["per_prompt_rewards"], reference_rows)
     shared = {key: first[key] for key in ("prompts_sha256", "evaluation") if key in first}
     return grid_report(
         first["objectives"],
-        torch.tensor(first["grid"], dtype=torch.float64),
+        grid,
         column("rewards"),
         column("kl"),
         torch.tensor(first["reference_rewards"], dtype=torch.float64),

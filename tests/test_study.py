@@ -381,8 +381,11 @@ def test_fixed_report_has_the_keys_of_a_grid_evaluation_report(study, grid_evalu
     assert fixed["kl"] == [points[g]["kl"][g] for g in range(len(grid))]
     front, ref_point = (torch.tensor(x, dtype=torch.float64) for x in (fixed["rewards"], report["ref_point"]))
     assert fixed["hypervolume"] == hypervolume(front, ref_point)  # JSON numbers are float64
-    for key in ("objectives", "ref_point", "ref_point_from", "reference_rewards", "reference_hypervolume"):
+    for key in ("objectives", "ref_point", "ref_point_from", "reference_rewards", "reference_hypervolume",
+                "reference_per_prompt_rewards"):
         assert fixed[key] == report[key], key
+    # policy g's rows are the report's at g (each policy's own weighting): the vertex rows, so the report's SEs
+    assert fixed["vertex_gain_se"] == pytest.approx(report["vertex_gain_se"])
     counts = report["parameters"]
     assert fixed["parameters"]["trainable_parameters"] == len(grid) * counts["trainable_parameters"]
 
