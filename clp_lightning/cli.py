@@ -118,7 +118,8 @@ class CLPCLI(LightningCLI):
         that runs ``CLPCLI`` itself.
         """
         super()._run_subcommand(subcommand)
-        codes = [cb.exit_code for cb in self.trainer.callbacks if isinstance(cb, StopOnSignal) and cb.exit_code]
+        codes = [cb.exit_code for cb in self.trainer.callbacks
+                 if isinstance(cb, (StopOnSignal, SlurmRequeue)) and cb.exit_code]
         if codes:
             logging.getLogger("clp_lightning.cli").info("Stopped by a signal before the end of training: exit code %d",
                                                         codes[0])

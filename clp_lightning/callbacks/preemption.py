@@ -170,11 +170,16 @@ class SlurmRequeue(_StopAtStepBoundary):
         requeue: run ``scontrol requeue`` after the checkpoint; with False the run only checkpoints and stops.
         check_every_n_steps: how often the ranks compare flags; the job must get its signal at least this many
             steps (times the step time) before the time limit.
+
+    A stop that no requeue follows (``requeue: false``, or ``scontrol requeue`` failed) sets ``exit_code`` to
+    ``128 + signal`` and ``clp fit`` exits with it, so that the job ends as interrupted, not as finished (an
+    ``afterok`` dependency does not start); after a requeue the code stays None and the job resumes by itself.
     """
 
     def __init__(self, signal: str = "SIGUSR1", requeue: bool = True, check_every_n_steps: int = 1) -> None:
         super().__init__(signal, check_every_n_steps)
         self.signal, self.requeue = self.signals[0], requeue
+        self.exit_code: int | None = None
 
     @staticmethod
     def job_id() -> str | None:
@@ -188,6 +193,7 @@ class SlurmRequeue(_StopAtStepBoundary):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self.exit_code = None
         if not self._handling:
             return
         environment = getattr(trainer.strategy, "cluster_environment", None)
@@ -202,13 +208,21 @@ class SlurmRequeue(_StopAtStepBoundary):
         path = hpc_checkpoint_path(trainer.default_root_dir)
         log.info("SLURM signal %s: saving %s at step %d", received.name, path, trainer.global_step)
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
-        if self.requeue and trainer.is_global_zero:
+        if not self.requeue:
+            self.exit_code = 128 + received
+        elif trainer.is_global_zero:
             job = self.job_id()
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if result.returncode == 0:
+            try:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                failure = None if result.returncode == 0 else f"exit {result.returncode}: {result.stderr.strip()}"
+            except OSError as err:  # no scontrol on this node's PATH
+                failure = str(err)
+            if failure is None:
                 log.info("Requeued SLURM job %s", job)
             else:
-                log.warning("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
+                log.warning("scontrol requeue %s failed (%s): the job stops here; resume it with --ckpt_path %s",
+                            job, failure, path)
+                self.exit_code = 128 + received
 
 
 class StopOnSignal(_StopAtStepBoundary):

@@ -45,7 +45,8 @@ def test_signal_checkpoints_at_step_boundary_requeues_stops_and_resumes_exactly(
 
     L.seed_everything(0)
     run = tmp_path / "run"
-    preempted = trainer(run, steps, [SlurmRequeue(), SignalAt(batch_idx=1)])
+    requeue = SlurmRequeue()
+    preempted = trainer(run, steps, [requeue, SignalAt(batch_idx=1)])
     preempted.fit(make_module(), datamodule=make_data())
     # the signal came during step 2: that step finished, then the checkpoint, the requeue and the stop
     assert preempted.global_step == 2
@@ -62,6 +63,34 @@ def test_signal_checkpoints_at_step_boundary_requeues_stops_and_resumes_exactly(
     for name, param in straight.policy.named_parameters():
         assert torch.allclose(param, dict(resumed.policy.named_parameters())[name], atol=1e-6), name
     assert fake_slurm.read_text().count("requeue") == 1
+    assert requeue.exit_code is None  # requeued: the job resumes by itself
+
+
+@pytest.mark.parametrize("case", ["requeue_off", "scontrol_fails", "no_scontrol"])
+def test_a_stop_that_no_requeue_follows_exits_as_interrupted(tmp_path, fake_slurm, monkeypatch, case):
+    """The job would otherwise end with exit 0, as if finished, though nothing will continue it."""
+    if case == "scontrol_fails":
+        (tmp_path / "bin" / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id' >&2\nexit 1\n")
+    if case == "no_scontrol":
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    requeue = SlurmRequeue(requeue=case != "requeue_off")
+    stopped = trainer(tmp_path / "run", 4, [requeue, SignalAt(batch_idx=1)])
+    stopped.fit(make_module(), datamodule=make_data())
+    assert stopped.global_step == 2 and (tmp_path / "run" / "hpc_ckpt_1.ckpt").exists()
+    assert requeue.exit_code == 128 + signal.SIGUSR1
+
+
+def test_clp_fit_exits_as_interrupted_when_no_requeue_follows(tmp_path, fake_slurm, capsys):
+    from cli_helpers import TINY_CONFIG, clp, write_config
+
+    config = {**TINY_CONFIG, "trainer": {**TINY_CONFIG["trainer"], "max_steps": 4, "default_root_dir": str(tmp_path),
+                                         "enable_checkpointing": False,
+                                         "callbacks": [{"class_path": "signal_helpers.SignalAt",
+                                                        "init_args": {"batch_idx": 1, "signum": int(signal.SIGUSR1)}}]}}
+    code, err = clp(capsys, "fit", "--config", str(write_config(tmp_path / "fit.yaml", config)),
+                    "--slurm_requeue.requeue=false")
+    assert code == 128 + signal.SIGUSR1, err[-3000:]
+    assert (tmp_path / "hpc_ckpt_1.ckpt").exists()
 
 
 KILLED_MID_WRITE = """
