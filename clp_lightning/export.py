@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> Path:
                          "and KL strength); the steerable policy takes alpha when it generates")
     out = Path(args.out)
     checkpoint = read_checkpoint(args.ckpt_path)
-    check_output(out, args.overwrite, args.ckpt_path)
+    inputs = [("checkpoint", args.ckpt_path), *(("--config", c) for c in args.config)]
+    check_output(out, args.overwrite, inputs + ([("--evaluation", args.evaluation)] if args.evaluation else []))
     stored = checkpoint.get("clp") if isinstance(checkpoint.get("clp"), dict) else {}
     objectives = stored.get("objective_names")
     weights = None
@@ -122,17 +123,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ input checks
 
 
-def check_output(out: Path, overwrite: bool, ckpt_path: str) -> None:
-    """Refuse an ``--out`` that is a file, a non-empty directory (without ``overwrite``), one that holds the
-    checkpoint, or one whose parent is not writable."""
+def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
+    """Refuse an ``--out`` that is a file, a non-empty directory (without ``overwrite``), one that holds one of the
+    ``(what, path)`` inputs (the checkpoint, a config, the evaluation report: replacing it would delete them), or one
+    whose parent is not writable."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {str(out)!r} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"--out {str(out)!r} exists and is not empty: choose another directory or pass "
                                   "--overwrite to replace it")
-        if Path(out).resolve() in Path(ckpt_path).resolve().parents:
-            raise ValueError(f"--out {str(out)!r} holds the checkpoint {ckpt_path!r}: --overwrite would delete it")
+        for what, path in inputs:
+            if Path(out).resolve() in Path(path).resolve().parents:
+                raise ValueError(f"--out {str(out)!r} holds the {what} {path!r}: --overwrite would delete it")
     check_writable(out.resolve().parent, "--out's parent directory")
 
 

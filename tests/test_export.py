@@ -214,6 +214,7 @@ def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
     ("other_objectives", "was trained with objectives ['brevity', 'length'], the config has ['brevity', 'size']"),
     ("existing_out", "exists and is not empty: choose another directory or pass --overwrite"),
     ("out_is_file", "is a file, not a directory"),
+    ("out_holds_config", "holds the --config"),
     ("bad_weights", "sums to 1.1, expected 1"),
     ("weights_count", "has 3 entries, expected 2 (one per objective)"),
     ("alpha_unconditioned", "--alpha 0.1 given, but the policy is not conditioned on alpha"),
@@ -240,6 +241,11 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
         (out / "x").write_text("")
     elif case == "out_is_file":
         out.write_text("")
+    elif case == "out_holds_config":  # --overwrite would delete the config the export has just read
+        out.mkdir()
+        config = str(out / "run.yaml")
+        Path(config).write_text(Path(t5_run[0]).read_text())
+        extra = ["--overwrite"]
     elif case == "bad_weights":
         extra = ["--weights", "0.5,0.6"]
     elif case == "weights_count":
@@ -258,7 +264,9 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert message in lines[0]
-    assert not (out.exists() and case not in ("existing_out", "out_is_file"))
+    assert not (out.exists() and case not in ("existing_out", "out_is_file", "out_holds_config"))
+    if case == "out_holds_config":
+        assert Path(config).exists()
 
 
 def test_export_at_one_weighting_drops_the_base_generation_configs_processors(tmp_path):
