@@ -237,6 +237,8 @@ def export_weighting(module: Any, directory: Path, weights: list[float], alpha: 
     model = policy.merged_model(weights, alpha)
     config = model.generation_config
     off = {k: v for k, v in _PROCESSORS_OFF.items() if getattr(config, k, v) != v}
+    if "num_beams" in off:  # beam-only settings without beams: transformers refuses to save the config
+        off.update({k: None for k in ("early_stopping", "length_penalty") if getattr(config, k, None) is not None})
     if off:  # the policy never applies the base's penalties, n-gram bans or beams: a plain generate must not either
         config.update(**off)
         config._from_model_config = False  # else rebuilt from config.json on loading, with the base's values

@@ -287,3 +287,28 @@ def test_export_at_one_weighting_drops_the_base_generation_configs_processors(tm
     ids = model.generate(**enc, do_sample=False, max_new_tokens=12)[:, enc["input_ids"].shape[1]:]
     want = policy.generate_text(PROMPTS[:1], [0.3, 0.7], do_sample=False, max_new_tokens=12)
     assert tok.batch_decode(ids, skip_special_tokens=True) == want
+
+
+def test_export_at_one_weighting_of_a_beam_search_base_saves_a_valid_generation_config(tmp_path):
+    """A summarisation base ships beams with beam-only settings (bart-large-cnn: num_beams 4, early_stopping,
+    length_penalty 2): with the beams turned off, transformers refuses to save those settings, so they go too."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from clp_lightning.export import export_weighting
+
+    base = PolicyConfig("tiny:t5").build(2)
+    base.model.generation_config.update(num_beams=4, early_stopping=True, length_penalty=2.0)
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    policy = PolicyConfig(str(tmp_path / "base")).build(2).eval()
+    facts = {"base_model": "t5", "data": {"class": None, "source": {}}, "training": {}, "rewards": []}
+    out = tmp_path / "out"
+    export_weighting(SimpleNamespace(policy=policy, objective_names=["a", "b"]), out, [0.3, 0.7], None, facts)
+    model, tok = AutoModelForSeq2SeqLM.from_pretrained(str(out)), AutoTokenizer.from_pretrained(str(out))
+    assert model.generation_config.num_beams == 1
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    ids = model.generate(**enc, do_sample=False, max_new_tokens=12)
+    want = policy.generate_text(PROMPTS[:1], [0.3, 0.7], do_sample=False, max_new_tokens=12)
+    assert tok.batch_decode(ids, skip_special_tokens=True) == want
