@@ -492,14 +492,15 @@ class SummarizationDataModule(L.LightningDataModule):
 
         ``datasets``' own key hashes ``convert_row``'s code but the functions it calls (``truncate_words``,
         ``format_tldr_prompt``, ...) by their names only, so after an edit to one of them the rows formatted by the
-        old code would be read back from the cache. The source files of the data module's classes go in instead.
+        old code would be read back from the cache. The source files of the data module's classes go in too, beside
+        ``convert_row`` itself (a class defined in a notebook has no source file).
         """
         sources = []
         for cls in type(self).__mro__:
             file = getattr(sys.modules.get(cls.__module__), "__file__", None)
             if issubclass(cls, SummarizationDataModule) and file and Path(file).is_file():
                 sources.append(Path(file).read_bytes())
-        return Hasher.hash([dataset._fingerprint, type(self).__qualname__, options, sources])
+        return Hasher.hash([dataset._fingerprint, type(self).__qualname__, self.convert_row, options, sources])
 
     def _subsample(self, dataset: datasets.Dataset, n: int | None) -> datasets.Dataset:
         if n is None or n >= len(dataset):

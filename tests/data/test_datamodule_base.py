@@ -3,6 +3,7 @@
 import importlib
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import lightning as L
@@ -216,6 +217,34 @@ def test_formatted_rows_are_not_read_back_after_the_formatting_code_changes(tmp_
         dm.setup("fit")
         prompts.append(dm.data["train"][0]["prompt"])
     sys.modules.pop("edited_module", None)
+    assert prompts[0].startswith("OLD: (CNN)") and prompts[1] == "NEWER: " + prompts[0].removeprefix("OLD: ")
+
+
+NOTEBOOK_CELL = """
+from clp_lightning.data import CNNDailyMailDataModule
+
+
+class NotebookModule(CNNDailyMailDataModule):
+    @staticmethod
+    def convert_row(row, **options):
+        out = CNNDailyMailDataModule.convert_row(row, **options)
+        return {{**out, "prompt": {label!r} + out["prompt"]}}
+"""
+
+
+def test_formatted_rows_are_not_read_back_after_convert_row_changes_in_a_module_without_a_file(tmp_path,
+                                                                                               monkeypatch):
+    # a data module defined in a notebook (its __main__ has no source file to hash): the cache key must still
+    # follow convert_row's own code, as datasets' key did
+    files = {"train": str(FIXTURES / "cnndm_train.parquet"), "validation": str(FIXTURES / "cnndm_validation.parquet")}
+    prompts = []
+    for label in ("OLD: ", "NEWER: "):
+        cell = types.ModuleType("__main__")
+        monkeypatch.setitem(sys.modules, "__main__", cell)
+        exec(NOTEBOOK_CELL.format(label=label), cell.__dict__)
+        dm = cell.NotebookModule(data_files=files, cache_dir=str(tmp_path / "cache"))
+        dm.setup("fit")
+        prompts.append(dm.data["train"][0]["prompt"])
     assert prompts[0].startswith("OLD: (CNN)") and prompts[1] == "NEWER: " + prompts[0].removeprefix("OLD: ")
 
 
