@@ -29,7 +29,7 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         # the data on disk before the rename: after a crash (a node failure that SLURM requeues) the rename may
         # survive without it, and an accumulating file (metrics.csv, run_info.json's "earlier") would lose its history
-        with open(tmp, "rb") as f:
+        with open(tmp, "r+b") as f:  # writable: Windows' fsync (FlushFileBuffers) refuses a read-only handle
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

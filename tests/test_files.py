@@ -30,3 +30,21 @@ def test_write_text_atomic_fsyncs_the_data_before_the_rename_and_the_directory_a
     assert events == ["file", "rename", "directory"]
     assert path.read_text() == "old\nnew\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="reads a descriptor's access mode with fcntl")
+def test_write_text_atomic_fsyncs_the_data_through_a_writable_descriptor(tmp_path, monkeypatch):
+    """Windows' fsync (FlushFileBuffers) fails with EBADF on a file opened read-only: every atomic write would fail."""
+    import errno
+    import fcntl
+
+    real_fsync = os.fsync
+
+    def windows_like_fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_like_fsync)
+    write_text_atomic(tmp_path / "report.json", "{}\n")
+    assert (tmp_path / "report.json").read_text() == "{}\n"
