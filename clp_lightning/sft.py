@@ -118,14 +118,15 @@ class SFTModule(L.LightningModule):
 
         One micro-batch per step: this device's NLL sum divided by the step's tokens per device (the token count
         all-reduced before the backward). With gradient accumulation the later micro-batches' tokens are unknown
-        at the backward of the first: the step returns the NLL sum and :meth:`optimizer_step` rescales the
-        accumulated gradient once the window's tokens are counted.
+        at the backward of the first: the step returns the NLL sum over a fixed ``max_response_length`` (the most
+        tokens a row can have: a loss of the order of the rows' mean NLLs, which keeps fp16's loss scaler in range)
+        and :meth:`optimizer_step` rescales the accumulated gradient once the window's tokens are counted.
         """
         nll, tokens = self._nll_sum(batch)
         self.log("train/sft_loss", nll.detach() / tokens, prog_bar=True, batch_size=int(tokens))
         if self.trainer.accumulate_grad_batches > 1:
             self._window_tokens = self._window_tokens + tokens.detach()
-            return nll
+            return nll / self.max_response_length
         total = self.trainer.strategy.reduce(tokens.detach().clone(), reduce_op="sum")
         return nll / (total / self.trainer.world_size)  # one device: nll / tokens, the micro-batch's mean
 
@@ -141,12 +142,13 @@ class SFTModule(L.LightningModule):
         return super().optimizer_step(epoch, batch_idx, optimizer, closure)
 
     def _scale_accumulated_gradients(self) -> None:
-        """Turn the accumulated gradient of ``sum_i nll_i / accumulate`` (Lightning divides each micro-batch's loss
-        by ``accumulate_grad_batches``; DDP and FSDP average it over devices) into that of the NLL per token of the
-        whole step, all devices' micro-batches together."""
+        """Turn the accumulated gradient of ``sum_i nll_i / (max_response_length * accumulate)`` (Lightning divides
+        each micro-batch's loss by ``accumulate_grad_batches``; DDP and FSDP average it over devices) into that of the
+        NLL per token of the whole step, all devices' micro-batches together."""
         total = self.trainer.strategy.reduce(self._window_tokens.clone(), reduce_op="sum")
         self._window_tokens = torch.zeros((), device=self.device)
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(float(total), 1.0)
+        scale = (self.max_response_length * self.trainer.accumulate_grad_batches * self.trainer.world_size
+                 / max(float(total), 1.0))
         for p in self.policy.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
