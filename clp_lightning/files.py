@@ -22,9 +22,11 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path`` (no half-written file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make the file owner-only
+def write_atomic(path: Path, write: Callable[[Path], Any], tmp: Path | None = None) -> None:
+    """``write`` a temporary file beside ``path`` (``tmp``, by default ``.<name>.<pid>.tmp``), fsync it, rename it
+    over ``path`` and fsync the directory: no half-written file, and after a crash the old file or the new one. The
+    temporary file is removed if ``write`` fails or is interrupted."""
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not mkstemp: that would make it owner-only
     try:
         write(tmp)
         # the data on disk before the rename: after a crash (a node failure that SLURM requeues) the rename may
@@ -40,7 +42,7 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it (no half-written file)."""
-    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def figure_format(path: Path, what: str = "figure") -> str:
@@ -61,7 +63,7 @@ def save_figure_atomic(figure: Any, path: Path, **kwargs: Any) -> None:
     ``path``, in the format of ``path``'s extension (:func:`figure_format`)."""
     # the format given explicitly: savefig would take it from the temporary name's extension, or append one
     fmt = figure_format(path)
-    _write_atomic(path, lambda tmp: figure.savefig(tmp, format=fmt, **kwargs))
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format=fmt, **kwargs))
 
 
 def publish(tmp: Path, out: Path) -> None:

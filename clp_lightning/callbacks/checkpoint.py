@@ -7,7 +7,6 @@ Rewarded Soups' expert checkpoints), so a fix to how files are checked lands eve
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import tempfile
@@ -20,7 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from clp_lightning.config import plain
-from clp_lightning.files import fsync_directory
+from clp_lightning.files import write_atomic
 
 # torch.save writes a zip archive; its first bytes are a local file header
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -180,20 +179,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".clp-partial-{uuid.uuid4().hex}.tmp"
-        try:
+
+        def save(tmp: Path) -> None:
             with open(tmp, "xb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial one
-            fsync_directory(path.parent)  # the rename itself survives a node crash (SLURM requeues after one)
+
+        try:  # readers see the old file or the complete new one, and the rename survives a node crash
+            write_atomic(path, save, tmp=path.parent / f".clp-partial-{uuid.uuid4().hex}.tmp")
         except (OSError, RuntimeError) as err:
             # torch reports a failed write as "[enforce fail at inline_container.cc...]"; say which file and why
             raise OSError(f"could not write checkpoint {str(path)!r} (disk full or file size limit?): "
                           f"{str(err).splitlines()[0]}; the previous checkpoint, if any, is unchanged") from err
-        finally:
-            tmp.unlink(missing_ok=True)  # gone already after the rename
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = True) -> dict:
         return read_checkpoint(path, map_location=map_location or "cpu")
