@@ -29,7 +29,7 @@ from typing import Any
 
 from clp_lightning.callbacks.checkpoint import check_setup, check_writable, read_checkpoint
 from clp_lightning.conditioning.config import ConditioningConfig
-from clp_lightning.conditioning.lm import _PROCESSORS_OFF
+from clp_lightning.conditioning.lm import PROCESSORS_OFF
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.pretrained import CLP_CONFIG
 from clp_lightning.conditioning.weights import validate_weights
@@ -236,16 +236,17 @@ def export_weighting(module: Any, directory: Path, weights: list[float], alpha: 
     prefix = policy.prompt_prefix(weights, alpha)
     model = policy.merged_model(weights, alpha)
     config = model.generation_config
-    off = {k: v for k, v in _PROCESSORS_OFF.items() if getattr(config, k, v) != v}
+    off = {k: v for k, v in PROCESSORS_OFF.items() if getattr(config, k, v) != v}
     if "num_beams" in off:  # beam-only settings without beams: transformers refuses to save the config
         off.update({k: None for k in ("early_stopping", "length_penalty") if getattr(config, k, None) is not None})
     if off:  # the policy never applies the base's penalties, n-gram bans or beams: a plain generate must not either
         config.update(**off)
-        config._from_model_config = False  # else rebuilt from config.json on loading, with the base's values
     if prefix:  # the model's prompts must start with it; kept where a loader of the directory can read it
-        model.generation_config.clp_prompt_prefix = prefix
-        # a config "from the model config" is rebuilt from config.json on loading, dropping the field
-        model.generation_config._from_model_config = False
+        config.clp_prompt_prefix = prefix
+    if off or prefix:
+        # a config "from the model config" is rebuilt from config.json on loading, with the base's values and
+        # without the prefix
+        config._from_model_config = False
     model.save_pretrained(str(directory))
     policy.tokenizer.save_pretrained(str(directory))
     (directory / CARD).write_text(weighting_card(policy, module.objective_names, weights, alpha, prefix, facts))

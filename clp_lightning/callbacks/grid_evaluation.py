@@ -336,13 +336,13 @@ class GridEvaluation(L.Callback):
             self.metric.set_reference_point(self.reference_rewards, overwrite=True)
         fronts = {alpha: self._front(alpha) for alpha in self._evaluated}  # collectives: every rank, same order
         reference_rows = self._reference_rows.compute()  # a collective too
-        self._reference_per_prompt = None
+        reference_per_prompt = None
         if reference_rows["digests"] == fronts[self._evaluated[0]]["digests"]:  # the same prompts, the same order
-            self._reference_per_prompt = reference_rows["rewards"].reshape(-1, len(self.names))  # (P, m)
+            reference_per_prompt = reference_rows["rewards"].reshape(-1, len(self.names))  # (P, m)
             for front in fronts.values():
                 front["vertex_gain_se"] = vertex_gain_standard_error(
-                    self.grid, front["per_prompt_rewards"], self._reference_per_prompt)
-        report = self._report(trainer, fronts, pl_module)
+                    self.grid, front["per_prompt_rewards"], reference_per_prompt)
+        report = self._report(trainer, fronts, pl_module, reference_per_prompt)
         self._log(pl_module, report, "test" if trainer.state.fn == "test" else "val")
         self.history.append({"epoch": report["epoch"], "step": report["step"], "rewards": report["rewards"]})
         self.last = report
@@ -365,8 +365,8 @@ class GridEvaluation(L.Callback):
 
     # ---------------------------------------------------------------------------------------------------- reports
 
-    def _report(self, trainer: L.Trainer, fronts: dict[float | None, dict[str, Any]],
-                pl_module: L.LightningModule) -> dict[str, Any]:
+    def _report(self, trainer: L.Trainer, fronts: dict[float | None, dict[str, Any]], pl_module: L.LightningModule,
+                reference_per_prompt: Tensor | None = None) -> dict[str, Any]:
         assert self.metric is not None and self.reference_rewards is not None
         top = fronts[self._evaluated[0]]
         greedy = not self.generation.do_sample
@@ -393,7 +393,7 @@ class GridEvaluation(L.Callback):
             vertex_gain_se=top.get("vertex_gain_se"),
             greedy_log_ratio=top["log_ratio"] if greedy and self.greedy_log_ratio else None,
             per_prompt_rewards=top["per_prompt_rewards"],
-            reference_per_prompt_rewards=self._reference_per_prompt,
+            reference_per_prompt_rewards=reference_per_prompt,
             prompts_sha256=prompts_sha256(top["digests"]),
             by_alpha=None if self.alphas is None else [fronts[a] for a in self.alphas],
             evaluation=evaluation,

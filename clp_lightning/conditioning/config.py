@@ -95,13 +95,16 @@ class ConditioningConfig:
         return {**fields, "options": self.build_mode().options()}
 
 
+TRUNCATION_SIDES = (None, "left", "right")  # None: the policy's default (see PolicyConfig.truncation_side)
+
+
 def check_truncation_side(value: str | None) -> str | None:
     """``value`` if it is a prompt truncation side (``left``, ``right`` or None for the default).
 
     Raises:
         ValueError: naming the value and the choices.
     """
-    if value not in (None, "left", "right"):
+    if value not in TRUNCATION_SIDES:
         raise ValueError(f"truncation_side must be 'left' (keep a prompt's end), 'right' (keep its start) or null, "
                          f"got {value!r}")
     return value

@@ -215,7 +215,7 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_id: int | Sequence[in
 # to its "off" value for every call, so the tokens come from the policy whose log-probs the loss and the KL use, and
 # greedy evaluation is the policy's argmax. A caller that wants one passes it. (The sampling temperature, top-k and
 # top-p come from ``GenerationSettings``, which always passes them; forced BOS/EOS tokens are left as configured.)
-_PROCESSORS_OFF: dict[str, Any] = dict(
+PROCESSORS_OFF: dict[str, Any] = dict(
     repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
     bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None, min_length=0,
     typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, min_p=None, top_h=None, exponential_decay_length_penalty=None,
@@ -235,7 +235,7 @@ def generate_responses(
     its ``k`` responses: a seq2seq encoder runs on the ``B`` prompts and ``generate`` decodes from ``k`` copies of its
     output; a causal LM prefills the ``B`` prompts and ``generate`` continues from ``k`` copies of their cache.
     The model's generation config cannot add a penalty, filter or beam search the caller did not ask for
-    (``_PROCESSORS_OFF``).
+    (``PROCESSORS_OFF``).
     """
     k = num_return_sequences
     if model_kind(model) == "seq2seq":  # (HF's own num_return_sequences refuses greedy decoding)
@@ -244,7 +244,7 @@ def generate_responses(
     elif k > 1 and input_ids.shape[1] > 1:
         kwargs[_cache_argument(model)] = _prefilled_cache(model, input_ids, attention_mask, k)
     input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
-    off = dict(_PROCESSORS_OFF)
+    off = dict(PROCESSORS_OFF)
     if "min_new_tokens" in kwargs:  # it replaces the model's min_length anyway (and both set draws a warning)
         del off["min_length"]
     kwargs = {**off, **kwargs, "num_return_sequences": 1}  # the k copies are already in input_ids

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file, save_file
 
+from clp_lightning.conditioning.config import TRUNCATION_SIDES
 from clp_lightning.conditioning.mode import registered_mode
 from clp_lightning.models import PKG_PREFIX, TINY_PREFIX, load_policy_model, resolve_path, sync_tied_config
 
@@ -138,7 +139,7 @@ def read_clp_config(directory: str | Path) -> dict[str, Any]:
     field("max_prompt_length", lambda v: type(v) is int and v >= 1, "a positive integer")
     field("chat_template", lambda v: type(v) is bool, "true or false")
     field("system_prompt", lambda v: v is None or isinstance(v, str), "text or null")
-    field("truncation_side", lambda v: v in (None, "left", "right"), "'left', 'right' or null")  # absent: null
+    field("truncation_side", lambda v: v in TRUNCATION_SIDES, "'left', 'right' or null")  # absent: null
     field("model_kind", lambda v: v in ("seq2seq", "causal"), "'seq2seq' or 'causal'")
     field("metadata", lambda v: v is None or isinstance(v, dict), "an object")
     conditioning = field("conditioning", lambda v: isinstance(v, dict), "an object")
