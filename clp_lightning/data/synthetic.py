@@ -26,7 +26,14 @@ class SyntheticTLDRDataModule(RedditTLDRDataModule):
         if kwargs.get("data_files") is not None:
             raise ValueError("SyntheticTLDRDataModule generates its data; use RedditTLDRDataModule for data_files")
         super().__init__(path="synthetic", schema="raw", seed=seed, **kwargs)
-        self.sizes = {self.splits["train"]: num_train, self.splits["val"]: num_val, self.splits["test"]: num_test}
+        self.sizes: dict[str, int] = {}
+        for role, size in [("train", num_train), ("val", num_val), ("test", num_test)]:
+            split = self.splits[role]
+            if self.sizes.get(split, size) != size:  # one split is one list of examples: it has one size
+                raise ValueError(f"{role}_split {split!r} is also another role's split, with another size: "
+                                 f"num_{role}={size} against {self.sizes[split]}; give the roles that share a "
+                                 "split the same size")
+            self.sizes[split] = size
 
     def check_files(self, stage: str | None = None) -> None:
         pass  # no files: its path ("synthetic") must not be looked up, e.g. as a folder of that name in the cwd

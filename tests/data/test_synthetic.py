@@ -3,6 +3,8 @@
 import re
 from collections import Counter
 
+import pytest
+
 from clp_lightning.data import TLDR_TEMPLATE, SyntheticTLDRDataModule, generate_examples
 
 
@@ -55,3 +57,14 @@ def test_check_files_ignores_a_synthetic_folder_in_the_cwd(tmp_path, monkeypatch
     (tmp_path / "synthetic").mkdir()
     monkeypatch.chdir(tmp_path)
     SyntheticTLDRDataModule(num_train=4, num_val=2).check_files("fit")
+
+
+def test_roles_sharing_a_split_must_share_its_size():
+    # val_split=test_split: both roles read one list of examples, so two sizes for it would silently keep the last
+    with pytest.raises(ValueError, match=r"test_split 'test'.*num_test=2 against 3"):
+        SyntheticTLDRDataModule(num_val=3, num_test=2, val_split="test")
+    dm = SyntheticTLDRDataModule(num_train=4, num_val=3, num_test=3, val_split="test", batch_size=2)
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.data["val"]) == len(dm.data["test"]) == 3
+    assert dm.data["val"][0]["id"] == dm.data["test"][0]["id"]
