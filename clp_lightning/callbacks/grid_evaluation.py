@@ -32,10 +32,8 @@ from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume, pareto_steerability
 from clp_lightning.evaluation.metrics import (
-    GridRewardMeans,
     PromptRows,
     mean_and_standard_error,
-    mean_over_ranks,
     prompt_digest,
     prompts_sha256,
 )
@@ -69,8 +67,8 @@ class GridEvaluation(L.Callback):
     gain gets its paired standard error (``vertex_gain_se``), and the KL to the reference estimated by sampling
     (``kl``, ``kl_se``). Under DDP each rank evaluates its share of the
     prompts and the rows are gathered (:class:`~clp_lightning.evaluation.PromptRows`); the distributed sampler may
-    repeat a few prompts to even out the shares: the per-prompt rows and the standard errors count each prompt once,
-    while ``rewards`` (as always) averages every evaluated response.
+    repeat a few prompts to even out the shares: every number counts each prompt once (``rewards``, the reference
+    policy's, the KL and the standard errors are means over the per-prompt rows), so it matches one process's.
 
     **The KL.** ``kl`` at weighting ``w`` estimates ``E_x KL(pi(.|x,w) || pi_ref(.|x))``: the policy's own
     distribution (temperature 1, untruncated: the distribution the training objective's KL term is about) against
@@ -186,9 +184,11 @@ class GridEvaluation(L.Callback):
         top = None if self.alphas is None else pl_module.evaluation_alpha()
         self._evaluated = [top] + [a for a in (self.alphas or []) if a != top]
         g = self.grid.shape[0]
-        self._means = {a: self.metric if a == top else GridRewardMeans(g, m).to(pl_module.device)
-                       for a in self._evaluated}
+        # Every per-weighting mean is taken over these per-prompt rows, which count each prompt once: under DDP the
+        # distributed sampler repeats prompts to even out the shards, and a mean over every evaluated response would
+        # count those twice (and so differ from one process's, and from the rows' own means).
         self._rows = {a: PromptRows(g, m).to(pl_module.device) for a in self._evaluated}
+        self._log_ratio_rows = {a: PromptRows(g, 1).to(pl_module.device) for a in self._evaluated}
         self._reference_rows = PromptRows(1, m).to(pl_module.device)  # the reference's per-prompt rewards
 
     def _alphas(self, pl_module: L.LightningModule) -> list[float] | None:
@@ -208,14 +208,17 @@ class GridEvaluation(L.Callback):
     # (m,) mean rewards of the reference policy on the prompts of the latest evaluation
     reference_rewards: Tensor | None = None
 
+    @property
+    def _reports_greedy_log_ratio(self) -> bool:
+        return not self.generation.do_sample and self.greedy_log_ratio
+
     # ------------------------------------------------------------------------------------------------- evaluation
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.metric is not None
-        for metric in [*self._means.values(), *self._rows.values(), self._reference_rows]:
+        for metric in [*self._rows.values(), *self._log_ratio_rows.values(), self._reference_rows]:
             metric.reset()
         self._seen = 0
-        self._ref_rows: list[Tensor] = []
         self._samples: list[dict[str, Any]] = []
         fitting = trainer.state.fn == "fit"
         self._run = not trainer.sanity_checking and (not fitting or self.validations % self.every_n_epochs == 0)
@@ -239,8 +242,8 @@ class GridEvaluation(L.Callback):
         outs = {alpha: self._evaluate(pl_module, batch, digests, batch_key, alpha) for alpha in self._evaluated}
         reference = self._reference(pl_module, batch, batch_key)
         n, k = len(batch["prompt"]), self.num_samples
-        self._ref_rows.append(reference["rewards"].view(n, k, -1).mean(1))  # each prompt's mean over its samples
-        self._reference_rows.update(digests, self._ref_rows[-1].unsqueeze(1))
+        # each prompt's mean over its samples
+        self._reference_rows.update(digests, reference["rewards"].view(n, k, -1).mean(1).unsqueeze(1))
         self._collect_samples(pl_module, batch, outs[self._evaluated[0]], reference)
         pl_module.train(was_training)
 
@@ -264,7 +267,8 @@ class GridEvaluation(L.Callback):
         with self._seeded(pl_module, "grid", alpha, batch_key):
             out = pl_module.evaluate_weightings(batch, self.grid, self.generation, alpha=alpha, num_samples=k,
                                                 log_ratio=log_ratio)
-        self._means[alpha].update(out["point"], out["rewards"], out["kl"])
+        if self._reports_greedy_log_ratio:  # each prompt's mean log-ratio of its (greedy) responses
+            self._log_ratio_rows[alpha].update(digests, out["kl"].view(g, n, k).mean(2).T.unsqueeze(-1))
         kl = None
         if self.kl_samples and own:
             kl = out["kl"].view(g, n, k).mean(2)
@@ -330,15 +334,15 @@ class GridEvaluation(L.Callback):
         if not self._run:
             return
         assert self.metric is not None
-        rows = torch.cat(self._ref_rows) if self._ref_rows else torch.zeros(0, len(self.names))
-        self.reference_rewards = mean_over_ranks(rows.to(pl_module.device, torch.float32))
+        reference_rows = self._reference_rows.compute()  # collectives: every rank, same order
+        all_reference = reference_rows["rewards"].reshape(-1, len(self.names))  # (P, m), each prompt once
+        self.reference_rewards = all_reference.mean(0)
         if self.ref_point_config is None:
             self.metric.set_reference_point(self.reference_rewards, overwrite=True)
-        fronts = {alpha: self._front(alpha) for alpha in self._evaluated}  # collectives: every rank, same order
-        reference_rows = self._reference_rows.compute()  # a collective too
+        fronts = {alpha: self._front(alpha) for alpha in self._evaluated}  # collectives too
         reference_per_prompt = None
         if reference_rows["digests"] == fronts[self._evaluated[0]]["digests"]:  # the same prompts, the same order
-            reference_per_prompt = reference_rows["rewards"].reshape(-1, len(self.names))  # (P, m)
+            reference_per_prompt = all_reference
             for front in fronts.values():
                 front["vertex_gain_se"] = vertex_gain_standard_error(
                     self.grid, front["per_prompt_rewards"], reference_per_prompt)
@@ -351,17 +355,20 @@ class GridEvaluation(L.Callback):
             self._write(trainer, report, directory)
 
     def _front(self, alpha: float | None) -> dict[str, Any]:
-        """One KL strength's numbers, reduced over ranks: the reward means of every evaluated row, and the
-        per-prompt rows with the standard errors taken over them."""
-        means, rows = self._means[alpha].compute(), self._rows[alpha].compute()
+        """One KL strength's numbers, reduced over ranks: the per-prompt rows (each prompt once) and their means and
+        standard errors."""
+        rows = self._rows[alpha].compute()
         # torchmetrics squeezes a one-element result to a scalar (one objective: a grid of one point); restore shapes
         g, m = self.grid.shape
-        means = {**means, "rewards": means["rewards"].reshape(g, m), "kl": means["kl"].reshape(g)}
         rows = {**rows, "rewards": rows["rewards"].reshape(g, -1, m), "kl": rows["kl"].reshape(g, -1)}
         _, rewards_se = mean_and_standard_error(rows["rewards"], dim=1)
         kl, kl_se = mean_and_standard_error(rows["kl"], dim=1)
-        return {"alpha": alpha, "rewards": means["rewards"], "rewards_se": rewards_se, "kl": kl, "kl_se": kl_se,
-                "log_ratio": means["kl"], "per_prompt_rewards": rows["rewards"], "digests": rows["digests"]}
+        log_ratio = torch.full((g,), torch.nan)
+        if self._reports_greedy_log_ratio:  # the same on every rank: a collective, like the rows
+            log_ratio = self._log_ratio_rows[alpha].compute()["rewards"].reshape(g, -1).mean(1)
+        return {"alpha": alpha, "rewards": rows["rewards"].mean(1), "rewards_se": rewards_se, "kl": kl,
+                "kl_se": kl_se, "log_ratio": log_ratio, "per_prompt_rewards": rows["rewards"],
+                "digests": rows["digests"]}
 
     # ---------------------------------------------------------------------------------------------------- reports
 
@@ -369,7 +376,6 @@ class GridEvaluation(L.Callback):
                 reference_per_prompt: Tensor | None = None) -> dict[str, Any]:
         assert self.metric is not None and self.reference_rewards is not None
         top = fronts[self._evaluated[0]]
-        greedy = not self.generation.do_sample
         own = samples_the_policy(self.generation)
         evaluation = {"generation": asdict(self.generation), "num_samples": self.num_samples,
                       "kl_samples": self.num_samples if own and self.kl_samples else self.kl_samples,
@@ -391,7 +397,7 @@ class GridEvaluation(L.Callback):
             rewards_se=top["rewards_se"],
             kl_se=top["kl_se"],
             vertex_gain_se=top.get("vertex_gain_se"),
-            greedy_log_ratio=top["log_ratio"] if greedy and self.greedy_log_ratio else None,
+            greedy_log_ratio=top["log_ratio"] if self._reports_greedy_log_ratio else None,
             per_prompt_rewards=top["per_prompt_rewards"],
             reference_per_prompt_rewards=reference_per_prompt,
             prompts_sha256=prompts_sha256(top["digests"]),

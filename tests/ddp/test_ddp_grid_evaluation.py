@@ -35,3 +35,12 @@ def test_two_processes_report_the_rows_of_one(tmp_path):
         assert torch.allclose(torch.tensor(two["reference_per_prompt_rewards"]), reference, atol=1e-5)
         assert two["vertex_gain_se"] == pytest.approx(one["vertex_gain_se"], abs=1e-5)
     assert ranks[0]["per_prompt_rewards"] == ranks[1]["per_prompt_rewards"] and ranks[0]["kl"] == ranks[1]["kl"]
+    # the means count each prompt once too (5 prompts, not the 6 the two shards evaluated), so they are the means of
+    # the rows, and the same as one process's: rewards, the reference policy's, and all that is measured from them
+    assert torch.allclose(rows.mean(1), torch.tensor(one["rewards"], dtype=rows.dtype), atol=1e-5)
+    assert torch.allclose(reference.mean(0), torch.tensor(one["reference_rewards"], dtype=reference.dtype), atol=1e-5)
+    for two in ranks:
+        for key in ("rewards", "reference_rewards", "ref_point"):
+            assert torch.allclose(torch.tensor(two[key]), torch.tensor(one[key]), atol=1e-5), key
+        for key in ("hypervolume", "reference_hypervolume", "vertex_gain", "steerability"):
+            assert two[key] == pytest.approx(one[key], abs=1e-5, nan_ok=True), key
