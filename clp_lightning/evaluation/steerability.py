@@ -29,9 +29,9 @@ def spearman(x: Tensor, y: Tensor) -> float:
         y: (P,) values, e.g. the mean of reward ``i`` at each grid point.
 
     Returns:
-        The Pearson correlation of the ranks, in [-1, 1]. nan when either input is constant (or P < 2): the
-        correlation is undefined there, and nan says so instead of passing for "no trend". A grid's ``w_i`` is
-        never constant, so on real grids only a policy whose reward ``i`` is exactly constant gives nan.
+        The Pearson correlation of the ranks, in [-1, 1]. nan when either input is constant (or P < 2) or has a nan
+        value: the correlation is undefined there, and nan says so instead of passing for "no trend". A grid's
+        ``w_i`` is never constant, so on real grids only a policy whose reward ``i`` is exactly constant gives nan.
 
     Raises:
         ValueError: ``x`` and ``y`` are not 1-D of equal length.
@@ -39,6 +39,8 @@ def spearman(x: Tensor, y: Tensor) -> float:
     x, y = cpu64(x), cpu64(y)
     if x.ndim != 1 or x.shape != y.shape:
         raise ValueError(f"`x` and `y` must both have shape (P,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.isnan().any() or y.isnan().any():  # a nan has no rank: ranking around it would hide it in a finite number
+        return math.nan
     return pearson(_average_ranks(x), _average_ranks(y))
 
 
@@ -61,6 +63,11 @@ def _check_grid(weights: Tensor, means: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"`weights` and `means` must both have shape (P, m), got {tuple(weights.shape)} and {tuple(means.shape)}"
         )
+    for name, values in (("weights", weights), ("means", means)):
+        if values.isnan().any():  # comparisons with nan are all False: it would pass for "no violation"
+            bad = values.isnan().any(-1).nonzero().flatten().tolist()
+            raise ValueError(f"`{name}` has nan in grid points {bad}; the steerability of undefined rewards is "
+                             "undefined")
     return weights, means
 
 
@@ -101,7 +108,7 @@ def monotonicity_violations(weights: Tensor, means: Tensor, i: int, tol: float =
         The number of violating adjacent pairs (0 when the grid has a single distinct point).
 
     Raises:
-        ValueError: shapes differ or ``i`` is out of range.
+        ValueError: shapes differ, an input has nan, or ``i`` is out of range.
     """
     weights, means = _check_grid(weights, means)
     m = weights.shape[1]
@@ -137,6 +144,9 @@ def steerability(weights: Tensor, means: Tensor, tol: float = 0.0) -> tuple[Tens
     Returns:
         ``(rho, violations)`` on the CPU: (m,) float64 Spearman correlations between ``w_i`` and ``means[:, i]``
         (nan where undefined, see :func:`spearman`), and (m,) int64 counts of monotonicity violations.
+
+    Raises:
+        ValueError: shapes differ or an input has nan.
     """
     weights, means = _check_grid(weights, means)
     m = weights.shape[1]

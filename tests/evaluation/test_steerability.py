@@ -95,3 +95,17 @@ def test_monotonicity_errors():
         monotonicity_violations(grid_m2(), grid_m2(), 2)
     with pytest.raises(ValueError, match=r"got \(11, 2\) and \(10, 2\)"):
         monotonicity_violations(grid_m2(), grid_m2()[:10], 0)
+
+
+def test_nan_rewards_are_not_ranked_into_a_trend():
+    # a nan compares False with everything: ranked, it would sit below every value and give a finite rho
+    y = torch.tensor([1.0, float("nan"), 3.0, 4.0])
+    assert math.isnan(spearman(torch.tensor([0.0, 1, 2, 3]), y))
+    assert math.isnan(spearman(y, torch.tensor([0.0, 1, 2, 3])))
+    weights, means = grid_m2(4), torch.stack([torch.tensor([1.0, float("nan"), 0.5, 0.0])] * 2, dim=-1)
+    with pytest.raises(ValueError, match=r"`means` has nan in grid points \[1\]"):
+        steerability(weights, means)
+    with pytest.raises(ValueError, match=r"`means` has nan in grid points \[1\]"):
+        monotonicity_violations(weights, means, 0)
+    with pytest.raises(ValueError, match=r"`weights` has nan in grid points \[0\]"):
+        steerability(torch.tensor([[float("nan"), 1.0], [1.0, 0.0]]), torch.zeros(2, 2))
