@@ -75,7 +75,9 @@ class GridRewardMeans(Metric):
         Raises:
             ValueError: bad shapes, a non-integer index, or an index outside ``[0, P)``.
         """
-        if point_index.ndim != 1 or point_index.is_floating_point() or point_index.is_complex():
+        # a bool tensor is a mask, not indices: read as indices it would put every sample on point 0 or 1
+        if point_index.ndim != 1 or point_index.is_floating_point() or point_index.is_complex() or \
+                point_index.dtype == torch.bool:
             raise ValueError(
                 f"`point_index` must be a (B,) integer tensor, got {point_index.dtype} {tuple(point_index.shape)}"
             )

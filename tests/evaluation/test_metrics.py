@@ -46,6 +46,8 @@ def test_grid_reward_means_names_empty_points_and_bad_input():
         metric.update(torch.tensor([0, 4, -1]), torch.zeros(3, 2))
     with pytest.raises(ValueError, match="integer tensor"):
         metric.update(torch.tensor([0.0]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"integer tensor, got torch.bool"):
+        metric.update(torch.tensor([True, False]), torch.zeros(2, 2))
     with pytest.raises(ValueError, match=r"`rewards` must have shape \(B, m\) = \(1, 2\), got \(1, 3\)"):
         metric.update(torch.tensor([0]), torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"`kl` must have shape \(B,\) = \(1,\), got \(2,\)"):
