@@ -27,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
@@ -94,7 +95,9 @@ class GridEvaluation(L.Callback):
         grid_step: lattice step of the grid (``m = 2``: 0.1 gives 11 points; ``m = 3``: 0.25 gives 15).
         every_n_epochs: during ``fit``, evaluate on every n-th validation epoch (the first one included);
             ``validate`` always evaluates.
-        max_prompts: validation prompts used per evaluation (None: every prompt of the val loader).
+        max_prompts: validation prompts used per evaluation (None: every prompt of the val loader): the first
+            ``max_prompts`` of the loader, whatever the number of processes (under DDP each rank takes those of
+            them that the distributed sampler gives it).
         generation: decoding settings (greedy by default, so that evaluations are repeatable).
         ref_point: hypervolume reference point, one value per objective. None uses the reference policy's mean
             rewards on the prompts being evaluated (the same point at every evaluation of a fit, since its prompts
@@ -219,6 +222,7 @@ class GridEvaluation(L.Callback):
         for metric in [*self._rows.values(), *self._log_ratio_rows.values(), self._reference_rows]:
             metric.reset()
         self._seen = 0
+        self._budget = self._rank_budget(trainer)
         self._samples: list[dict[str, Any]] = []
         fitting = trainer.state.fn == "fit"
         self._run = not trainer.sanity_checking and (not fitting or self.validations % self.every_n_epochs == 0)
@@ -229,10 +233,10 @@ class GridEvaluation(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._run or (self.max_prompts is not None and self._seen >= self.max_prompts):
+        if not self._run or (self._budget is not None and self._seen >= self._budget):
             return
-        if self.max_prompts is not None:
-            keep = self.max_prompts - self._seen
+        if self._budget is not None:
+            keep = self._budget - self._seen
             batch = {k: v[:keep] for k, v in batch.items()}
         self._seen += len(batch["prompt"])
         was_training = pl_module.training
@@ -246,6 +250,22 @@ class GridEvaluation(L.Callback):
         self._reference_rows.update(digests, reference["rewards"].view(n, k, -1).mean(1).unsqueeze(1))
         self._collect_samples(pl_module, batch, outs[self._evaluated[0]], reference)
         pl_module.train(was_training)
+
+    def _rank_budget(self, trainer: L.Trainer) -> int | None:
+        """How many of ``max_prompts`` this rank evaluates (None: no limit).
+
+        An unshuffled distributed sampler deals the loader's items round-robin (rank ``r`` gets items ``r``,
+        ``r + W``, ...), so the first ``max_prompts`` items of the loader are this rank's items below ``max_prompts``;
+        capping every rank at ``max_prompts`` would evaluate up to ``W`` times as many prompts, and other ones than a
+        single process does."""
+        if self.max_prompts is None:
+            return None
+        loaders = trainer.test_dataloaders if trainer.state.fn == "test" else trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler) and not sampler.shuffle and sampler.num_replicas > 1:
+            return len(range(sampler.rank, self.max_prompts, sampler.num_replicas))
+        return self.max_prompts
 
     @contextmanager
     def _seeded(self, pl_module: L.LightningModule, *parts: Any) -> Iterator[None]:

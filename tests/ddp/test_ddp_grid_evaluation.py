@@ -44,3 +44,10 @@ def test_two_processes_report_the_rows_of_one(tmp_path):
             assert torch.allclose(torch.tensor(two[key]), torch.tensor(one[key]), atol=1e-5), key
         for key in ("hypervolume", "reference_hypervolume", "vertex_gain", "steerability"):
             assert two[key] == pytest.approx(one[key], abs=1e-5, nan_ok=True), key
+    # max_prompts counts the loader's prompts, not each rank's: 2 processes evaluate the same first 3 as one
+    capped = json.loads((tmp_path / "capped1_rank0.json").read_text())
+    assert capped["evaluation"]["num_prompts"] == 3
+    for rank in (0, 1):
+        two = json.loads((tmp_path / f"capped2_rank{rank}.json").read_text())
+        assert two["evaluation"]["num_prompts"] == 3 and two["prompts_sha256"] == capped["prompts_sha256"]
+        assert torch.allclose(torch.tensor(two["per_prompt_rewards"]), torch.tensor(capped["per_prompt_rewards"]))
