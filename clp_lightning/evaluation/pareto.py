@@ -94,7 +94,7 @@ def hypervolume(points: Tensor | Sequence[Sequence[float]], ref: Tensor | Sequen
         The hypervolume (0.0 when no point beats ``ref``), computed in float64.
 
     Raises:
-        ValueError: shapes do not match or the input contains nan.
+        ValueError: shapes do not match, the input contains nan, or ``ref`` is infinite.
     """
     pts = _as_points(points)
     ref_t = cpu64(ref)
@@ -102,6 +102,8 @@ def hypervolume(points: Tensor | Sequence[Sequence[float]], ref: Tensor | Sequen
         raise ValueError(f"`ref` must have shape (m,) = ({pts.shape[1]},), got {tuple(ref_t.shape)}")
     if ref_t.isnan().any():
         raise ValueError(f"`ref` contains nan: {ref_t.tolist()}")
+    if ref_t.isinf().any():  # -inf bounds nothing (every volume infinite), +inf leaves nothing to measure
+        raise ValueError(f"`ref` must be finite, got {ref_t.tolist()}")
     pts = pts[(pts > ref_t).all(-1)]
     if pts.shape[0] == 0:
         return 0.0

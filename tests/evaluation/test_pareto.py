@@ -99,3 +99,7 @@ def test_hypervolume_errors():
         hypervolume(STAIRCASE, (0, 0, 0))
     with pytest.raises(ValueError, match="`ref` contains nan"):
         hypervolume(STAIRCASE, (0, float("nan")))
+    # an infinite reference point measures nothing useful: -inf makes every front's volume infinite
+    for ref in ((float("-inf"), 0.0), (0.0, float("inf"))):
+        with pytest.raises(ValueError, match=r"`ref` must be finite, got \[.*inf"):
+            hypervolume(STAIRCASE, ref)
