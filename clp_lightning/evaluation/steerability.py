@@ -108,12 +108,14 @@ def monotonicity_violations(weights: Tensor, means: Tensor, i: int, tol: float =
         The number of violating adjacent pairs (0 when the grid has a single distinct point).
 
     Raises:
-        ValueError: shapes differ, an input has nan, or ``i`` is out of range.
+        ValueError: shapes differ, an input has nan, ``i`` is out of range, or ``tol`` is negative or nan.
     """
     weights, means = _check_grid(weights, means)
     m = weights.shape[1]
     if not 0 <= i < m:
         raise ValueError(f"objective index i={i} out of range for m={m} objectives")
+    if not tol >= 0:  # negative slack would count flat steps (and small rises) as violations; nan would count none
+        raise ValueError(f"tol must be >= 0 (the decrease that is still not a violation), got {tol}")
     step = grid_step(weights)
     if step == 0.0:
         return 0

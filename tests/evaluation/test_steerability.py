@@ -95,6 +95,10 @@ def test_monotonicity_errors():
         monotonicity_violations(grid_m2(), grid_m2(), 2)
     with pytest.raises(ValueError, match=r"got \(11, 2\) and \(10, 2\)"):
         monotonicity_violations(grid_m2(), grid_m2()[:10], 0)
+    # a flat reward is no violation; a negative slack would count each of its 10 steps
+    for tol in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"tol must be >= 0 .*got (-0.1|nan)"):
+            monotonicity_violations(grid_m2(), torch.ones(11, 2), 0, tol=tol)
 
 
 def test_nan_rewards_are_not_ranked_into_a_trend():
