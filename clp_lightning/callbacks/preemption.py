@@ -208,21 +208,26 @@ class SlurmRequeue(_StopAtStepBoundary):
         path = hpc_checkpoint_path(trainer.default_root_dir)
         log.info("SLURM signal %s: saving %s at step %d", received.name, path, trainer.global_step)
         trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
-        if not self.requeue:
+        # one rank asks SLURM; all of them take its outcome, so every rank exits with the same code
+        requeued = self.requeue and trainer.strategy.broadcast(
+            self._requeue_job(path) if trainer.is_global_zero else False, src=0)
+        if not requeued:
             self.exit_code = 128 + received
-        elif trainer.is_global_zero:
-            job = self.job_id()
-            try:
-                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                failure = None if result.returncode == 0 else f"exit {result.returncode}: {result.stderr.strip()}"
-            except OSError as err:  # no scontrol on this node's PATH
-                failure = str(err)
-            if failure is None:
-                log.info("Requeued SLURM job %s", job)
-            else:
-                log.warning("scontrol requeue %s failed (%s): the job stops here; resume it with --ckpt_path %s",
-                            job, failure, path)
-                self.exit_code = 128 + received
+
+    def _requeue_job(self, path: Path) -> bool:
+        """``scontrol requeue`` this job; False (with a warning naming the checkpoint to resume from) if it failed."""
+        job = self.job_id()
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            failure = None if result.returncode == 0 else f"exit {result.returncode}: {result.stderr.strip()}"
+        except OSError as err:  # no scontrol on this node's PATH
+            failure = str(err)
+        if failure is None:
+            log.info("Requeued SLURM job %s", job)
+            return True
+        log.warning("scontrol requeue %s failed (%s): the job stops here; resume it with --ckpt_path %s",
+                    job, failure, path)
+        return False
 
 
 class StopOnSignal(_StopAtStepBoundary):

@@ -93,6 +93,37 @@ def test_clp_fit_exits_as_interrupted_when_no_requeue_follows(tmp_path, fake_slu
     assert (tmp_path / "hpc_ckpt_1.ckpt").exists()
 
 
+@pytest.mark.ddp
+def test_every_ddp_rank_exits_as_interrupted_when_scontrol_requeue_fails(tmp_path, fake_slurm):
+    """Only rank 0 runs ``scontrol requeue``; a rank that exits 0 while rank 0 exits 138 makes a launcher (torchrun,
+    srun) report the ranks' outcomes inconsistently."""
+    import copy
+    import subprocess
+
+    import yaml
+    from cli_helpers import TINY_CONFIG
+
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id' >&2\nexit 1\n")
+    config = copy.deepcopy(TINY_CONFIG)
+    config["trainer"].update(max_steps=50, devices=2, strategy="ddp", enable_checkpointing=False, callbacks=[
+        {"class_path": "signal_helpers.SignalAt", "init_args": {"batch_idx": 1, "signum": int(signal.SIGUSR1)}}])
+    config["data"]["init_args"]["num_train"] = 8  # 2 batches per rank and epoch
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="4242", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CLP_EXIT_DIR=str(exits),
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "exit_recorder", "fit", "--config", str(tmp_path / "fit.yaml"),
+                           f"--trainer.default_root_dir={tmp_path}"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 128 + signal.SIGUSR1, done.stderr[-3000:]
+    codes = sorted(int(p.read_text()) for p in exits.iterdir())
+    assert codes == [128 + signal.SIGUSR1] * 2, done.stderr[-3000:]
+    assert (tmp_path / "hpc_ckpt_1.ckpt").exists()
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys, torch
 from clp_lightning.callbacks import SafeCheckpointIO
