@@ -20,10 +20,9 @@ from typing import Any
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from clp_lightning.callbacks.checkpoint import SafeCheckpointIO, check_writable
+from clp_lightning.callbacks.checkpoint import check_writable, install_safe_checkpoint_io
 from clp_lightning.callbacks.preemption import SlurmRequeue, StopOnSignal
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -99,9 +98,9 @@ class CLPCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         # every run through `clp` writes checkpoints atomically and reads them with `read_checkpoint`, whether or
-        # not the config lists SafeCheckpointIO; a checkpoint IO the config chose on purpose is kept
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = SafeCheckpointIO()
+        # not the config lists SafeCheckpointIO, also under AsyncCheckpointIO; a checkpoint IO the config chose on
+        # purpose is kept
+        install_safe_checkpoint_io(trainer.strategy)
         return trainer
 
     def add_arguments_to_parser(self, parser) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from clp_lightning.config import plain
 from clp_lightning.files import write_atomic
@@ -193,3 +194,20 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = True) -> dict:
         return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def install_safe_checkpoint_io(strategy: Any) -> None:
+    """Make ``strategy`` write and read checkpoints through :class:`SafeCheckpointIO` where it would use Lightning's
+    plain ``TorchCheckpointIO``: as its checkpoint IO, or as the one a wrapper (``AsyncCheckpointIO``, which writes
+    in a thread through the IO it wraps) delegates to. A checkpoint IO of another class was chosen on purpose and
+    is kept."""
+    io = strategy.checkpoint_io  # the strategy gives a wrapper without an inner IO a TorchCheckpointIO here
+    if type(io) is TorchCheckpointIO:
+        strategy.checkpoint_io = SafeCheckpointIO()
+        return
+    wrapper = None
+    while isinstance(io, _WrappingCheckpointIO):
+        wrapper, io = io, io.checkpoint_io
+    if wrapper is not None and (io is None or type(io) is TorchCheckpointIO):
+        # the wrapper's public setter keeps an inner IO once one is set; this one is Lightning's default
+        wrapper._checkpoint_io = SafeCheckpointIO()
