@@ -3,6 +3,7 @@ renamed into place (a file's data and its rename fsync'ed, so that a crash leave
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -10,14 +11,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# what a file system that cannot fsync a directory answers (some network and FUSE file systems); anything else, EIO
+# above all, may mean that the rename is not on disk
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF})
+
 
 def fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable: the file's fsync covers its data, not the directory entry."""
+    """Make a rename in ``directory`` durable: the file's fsync covers its data, not the directory entry.
+
+    A file system that refuses to fsync a directory is left to make the rename durable by itself (as NFS does on the
+    rename's reply): the rename has already happened, so a write must not fail for this."""
     if os.name != "posix":  # Windows cannot open a directory; NTFS journals the rename
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_DIRECTORY_FSYNC:
+            raise
     finally:
         os.close(fd)
 

@@ -48,3 +48,41 @@ def test_write_text_atomic_fsyncs_the_data_through_a_writable_descriptor(tmp_pat
     monkeypatch.setattr(os, "fsync", windows_like_fsync)
     write_text_atomic(tmp_path / "report.json", "{}\n")
     assert (tmp_path / "report.json").read_text() == "{}\n"
+
+
+def _directory_fsync_fails_with(monkeypatch, code: int) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="directories are fsync'ed on POSIX only")
+@pytest.mark.parametrize("code", ["EINVAL", "ENOTSUP", "EOPNOTSUPP", "EBADF"])
+def test_a_file_system_that_refuses_to_fsync_a_directory_does_not_fail_the_write(tmp_path, monkeypatch, code):
+    """Some network file systems (and FUSE mounts) refuse fsync on a directory; the rename has already happened, so
+    the checkpoint is in place and the write must not fail (SafeCheckpointIO would report it as 'could not write')."""
+    import errno
+
+    from clp_lightning.callbacks import SafeCheckpointIO
+
+    _directory_fsync_fails_with(monkeypatch, getattr(errno, code))
+    write_text_atomic(tmp_path / "report.json", "{}\n")
+    assert (tmp_path / "report.json").read_text() == "{}\n"
+    SafeCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "last.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "report.json"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="directories are fsync'ed on POSIX only")
+def test_an_io_error_when_fsyncing_the_directory_is_raised(tmp_path, monkeypatch):
+    """EIO means the rename may not be on disk: that is reported, not swallowed."""
+    import errno
+
+    _directory_fsync_fails_with(monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as raised:
+        write_text_atomic(tmp_path / "report.json", "{}\n")
+    assert raised.value.errno == errno.EIO
