@@ -166,3 +166,49 @@ def test_a_checkpoint_format_that_is_not_an_integer_is_named_in_a_checkpoint_err
     current = {"objective_names": ["a", "b"], "conditioning": {"mode": "none", "options": {}}, "base_model": "tiny"}
     with pytest.raises(CheckpointError, match=re.escape(f"has checkpoint format {version!r}; expected an integer")):
         check_setup({**current, "format": version}, current, "checkpoint 'x.ckpt'")
+
+
+def test_a_corrupt_checkpoint_file_gives_a_checkpoint_error_whatever_torch_load_raises(tmp_path):
+    """A checkpoint is untrusted bytes: the zip reader and the weights_only unpickler fail on damaged ones with
+    BadZipFile, UnicodeDecodeError, KeyError, IndexError, TypeError, ValueError... each must read as "truncated or
+    corrupt", naming the file, not as a traceback from inside torch."""
+    import random
+
+    from clp_lightning.callbacks.checkpoint import CheckpointError, read_checkpoint
+
+    original = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(6.0), "n": torch.ones(2, dtype=torch.int64)}, "epoch": 1,
+                "loops": {"names": ["a", "b"]}}, original)
+    data, damaged = original.read_bytes(), tmp_path / "damaged.ckpt"
+    rng = random.Random(0)
+    for _ in range(300):
+        corrupt = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            corrupt[rng.randrange(len(corrupt))] = rng.randrange(256)
+        damaged.write_bytes(corrupt)
+        try:
+            read_checkpoint(damaged)  # a flipped byte in a tensor's data loads (torch keeps no checksum)
+        except CheckpointError as err:
+            assert "damaged.ckpt" in str(err)
+
+
+def test_an_error_without_a_message_while_loading_is_named_by_its_type(tmp_path, monkeypatch):
+    from clp_lightning.callbacks.checkpoint import CheckpointError, read_checkpoint
+
+    path = tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {}}, path)
+
+    def cut_short(*args, **kwargs):
+        raise EOFError
+
+    monkeypatch.setattr(torch, "load", cut_short)
+    with pytest.raises(CheckpointError, match="cut.ckpt' is truncated or corrupt: EOFError"):
+        read_checkpoint(path)
+
+
+def test_a_checkpoint_without_a_state_dict_and_with_mixed_keys_is_named_in_a_checkpoint_error(tmp_path):
+    from clp_lightning.callbacks.checkpoint import CheckpointError, read_checkpoint
+
+    torch.save({1: torch.ones(1), "model": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match=re.escape("has no 'state_dict' (found ['1', 'model'])")):
+        read_checkpoint(tmp_path / "other.ckpt")

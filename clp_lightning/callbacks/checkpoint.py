@@ -112,21 +112,35 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     if head != _ZIP_MAGIC:
         raise CheckpointError(f"{str(path)!r} is not a checkpoint: torch.save writes a zip archive, and this file "
                               f"starts with {head!r} ({path.stat().st_size} bytes)")
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:  # is_zipfile lets some damaged indexes through as this error
+        is_zip = False
+    if not is_zip:
         raise CheckpointError(f"{str(path)!r} is truncated or corrupt: it starts like a checkpoint but its zip index "
                               f"is missing ({path.stat().st_size} bytes; was the write interrupted?)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{str(path)!r} holds objects that weights_only loading refuses ({first}); checkpoints "
-                              "written by clp hold only tensors and plain values") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{str(path)!r} is truncated or corrupt: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{str(path)!r} holds objects that weights_only loading refuses ({_first_line(err)}); "
+                              "checkpoints written by clp hold only tensors and plain values") from None
+    except (OSError, MemoryError):  # the file could not be read, which says nothing about what it holds
+        raise
+    except Exception as err:
+        # damaged bytes fail the zip reader and the unpickler in many ways (RuntimeError, EOFError, BadZipFile,
+        # UnicodeDecodeError, KeyError, IndexError, TypeError, ValueError, ...)
+        raise CheckpointError(f"{str(path)!r} is truncated or corrupt: {_first_line(err)}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        # keys as text: a dict of mixed key types (1, "a") cannot be sorted as it is
+        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint: it has no 'state_dict' (found {found})")
     return checkpoint
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its type's name when it has none (``EOFError()``)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def policy_state(path: str | Path) -> dict[str, torch.Tensor]:
