@@ -32,6 +32,7 @@ from types import FrameType
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 log = logging.getLogger("clp_lightning.preemption")
 
@@ -56,6 +57,18 @@ def _link_over(source: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _save_and_wait(trainer: L.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` (collective: every rank must be here, at the same step), returning once the file
+    is written: under ``AsyncCheckpointIO`` the save only starts a write in a thread, and what follows a stop (a
+    requeue, after which SLURM ends the job; a link to the file) needs the file itself."""
+    trainer.save_checkpoint(path, weights_only=False)
+    io = trainer.strategy.checkpoint_io
+    while io is not None:
+        if isinstance(io, AsyncCheckpointIO):
+            io.teardown()  # waits for the writes in flight and raises their error; the next save starts a new thread
+        io = getattr(io, "checkpoint_io", None)
 
 
 def _parse_signals(owner: str, names: str | list[str] | tuple[str, ...]) -> tuple[sig.Signals, ...]:
@@ -207,7 +220,7 @@ class SlurmRequeue(_StopAtStepBoundary):
     def _act(self, trainer: L.Trainer, received: sig.Signals) -> None:
         path = hpc_checkpoint_path(trainer.default_root_dir)
         log.info("SLURM signal %s: saving %s at step %d", received.name, path, trainer.global_step)
-        trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
+        _save_and_wait(trainer, path)
         # one rank asks SLURM; all of them take its outcome, so every rank exits with the same code
         requeued = self.requeue and trainer.strategy.broadcast(
             self._requeue_job(path) if trainer.is_global_zero else False, src=0)
@@ -302,12 +315,12 @@ class StopOnSignal(_StopAtStepBoundary):
             # restart it from scratch, or from an older hpc_ckpt_* of an earlier SlurmRequeue. Write that, and make
             # last.ckpt the same file (a hard link: no second write in the grace period) for `--ckpt_path last`.
             written = hpc_checkpoint_path(trainer.default_root_dir)
-            trainer.save_checkpoint(written, weights_only=False)  # collective; returns after every rank's barrier
+            _save_and_wait(trainer, written)
             if as_last and trainer.is_global_zero and written.is_file():
                 _link_over(written, path)
             resume = f"{resume} (a requeued job resumes from {written.name} by itself)"
         else:
-            trainer.save_checkpoint(path, weights_only=False)  # collective: every rank is here, at the same step
+            _save_and_wait(trainer, path)
         if as_last:
             # Tell the ModelCheckpoint that this step's last checkpoint exists. Otherwise, with save_last, its
             # on_train_end saves "last" again over this file, from the state after the stop, which counts the

@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from signal_helpers import SignalAt  # noqa: E402
 from test_module import make_data, make_module, make_trainer  # noqa: E402
 
+from clp_lightning.callbacks import SafeCheckpointIO  # noqa: E402
+
 
 def trainer(directory: Path, max_steps: int, callbacks: list) -> L.Trainer:
     return make_trainer(directory, max_steps, enable_checkpointing=False, callbacks=callbacks)
@@ -122,6 +124,46 @@ def test_every_ddp_rank_exits_as_interrupted_when_scontrol_requeue_fails(tmp_pat
     codes = sorted(int(p.read_text()) for p in exits.iterdir())
     assert codes == [128 + signal.SIGUSR1] * 2, done.stderr[-3000:]
     assert (tmp_path / "hpc_ckpt_1.ckpt").exists()
+
+
+class _SlowCheckpointIO(SafeCheckpointIO):
+    """A checkpoint write that takes a while (a real model's checkpoint on a network file system)."""
+
+    def save_checkpoint(self, *args, **kwargs) -> None:
+        import time
+
+        time.sleep(1.0)
+        super().save_checkpoint(*args, **kwargs)
+
+
+def test_requeue_waits_for_an_asynchronous_checkpoint_write(tmp_path, fake_slurm):
+    """With AsyncCheckpointIO, trainer.save_checkpoint returns before the file exists; SLURM ends the job soon after
+    `scontrol requeue`, so a requeue before the write lands restarts the job without its checkpoint."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    run = tmp_path / "run"
+    (tmp_path / "bin" / "scontrol").write_text(
+        f'#!/bin/sh\n[ -f {run}/hpc_ckpt_1.ckpt ] && echo written >> {fake_slurm} || echo missing >> {fake_slurm}\n')
+    fitted = make_trainer(run, 4, enable_checkpointing=False, plugins=[AsyncCheckpointIO(_SlowCheckpointIO())],
+                          callbacks=[SlurmRequeue(), SignalAt(batch_idx=1)])
+    fitted.fit(make_module(), datamodule=make_data())
+    assert fake_slurm.read_text().split() == ["written"]
+
+
+def test_stop_on_signal_links_last_to_an_asynchronously_written_checkpoint(tmp_path, fake_slurm):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from clp_lightning.callbacks.preemption import StopOnSignal
+
+    run = tmp_path / "run"
+    stop = StopOnSignal()
+    fitted = make_trainer(run, 4, plugins=[AsyncCheckpointIO(_SlowCheckpointIO())], callbacks=[
+        ModelCheckpoint(dirpath=run / "checkpoints", save_last=False), stop,
+        SignalAt(batch_idx=1, signum=signal.SIGTERM)])
+    fitted.fit(make_module(), datamodule=make_data())
+    assert stop.exit_code == 128 + signal.SIGTERM
+    assert (run / "checkpoints" / "last.ckpt").samefile(run / "hpc_ckpt_1.ckpt")
 
 
 KILLED_MID_WRITE = """
