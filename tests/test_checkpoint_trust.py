@@ -212,3 +212,12 @@ def test_a_checkpoint_without_a_state_dict_and_with_mixed_keys_is_named_in_a_che
     torch.save({1: torch.ones(1), "model": {}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match=re.escape("has no 'state_dict' (found ['1', 'model'])")):
         read_checkpoint(tmp_path / "other.ckpt")
+
+
+@pytest.mark.parametrize("version", [0, -3])
+def test_a_checkpoint_format_below_1_is_refused(version):
+    from clp_lightning.callbacks.checkpoint import CheckpointError, check_setup
+
+    current = {"objective_names": ["a", "b"], "conditioning": {"mode": "none", "options": {}}, "base_model": "tiny"}
+    with pytest.raises(CheckpointError, match=re.escape(f"has checkpoint format {version}; clp writes formats 1 to")):
+        check_setup({**current, "format": version}, current, "checkpoint 'x.ckpt'")

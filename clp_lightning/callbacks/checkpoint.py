@@ -70,6 +70,8 @@ def check_setup(stored: Any, current: dict[str, Any], name: str) -> None:
     if type(version) is not int:  # untrusted content: a string here would fail the comparison with a TypeError
         raise CheckpointError(f"{name} has checkpoint format {version!r}; expected an integer (clp writes "
                               f"{CHECKPOINT_FORMAT})")
+    if version < 1:  # no clp wrote it: read as the current format, its fields would be trusted as that format's
+        raise CheckpointError(f"{name} has checkpoint format {version}; clp writes formats 1 to {CHECKPOINT_FORMAT}")
     if version > CHECKPOINT_FORMAT:
         raise CheckpointError(f"{name} was written by a newer clp-lightning (checkpoint format "
                               f"{version}; this version reads format {CHECKPOINT_FORMAT}): upgrade")
