@@ -24,10 +24,10 @@ The protocol:
    (``fixed`` is not swept: it trains at its base rate).
 2. **Seeds.** The chosen rate trains with every seed (the sweep's run is reused for the first).
 3. **Test.** Each chosen run is evaluated on ``--test-prompts`` prompts of the *test* split, which no choice saw:
-   hypervolume (mean and spread over seeds; a bootstrap interval over prompts with the seeds' per-prompt rewards
-   averaged) and the paired difference to ``--compare-to`` on the same prompts (paired bootstrap,
-   :func:`clp_lightning.evaluation.paired_bootstrap`). Hypervolumes are measured from the task's fixed point when
-   it has one (``Task.ref_point``), else from each report's own.
+   hypervolume (mean and standard deviation over seeds, null for one seed; a bootstrap interval over prompts with
+   the seeds' per-prompt rewards averaged) and the paired difference to ``--compare-to`` on the same prompts (paired
+   bootstrap, :func:`clp_lightning.evaluation.paired_bootstrap`). Hypervolumes are measured from the task's fixed
+   point when it has one (``Task.ref_point``), else from each report's own.
 4. **Equal KL.** A policy that drifts further from the reference buys more reward. Every run is evaluated
    ``--evaluations`` times during training; each evaluation carries the sampled KL to the reference (mean over the
    grid). Hypervolume is read off each run's (KL, hypervolume) path, from the reference policy's point (KL 0) on, at
@@ -525,7 +525,9 @@ def analyse(results: dict[str, dict], compare_to: str, num_resamples: int) -> di
     reference = pooled(results[compare_to]["test"]) if compare_to in results else None
     for variant, r in results.items():
         hv = [t["hypervolume"] for t in r["test"]]
-        r["test_hypervolume"] = {"mean": statistics.fmean(hv), "std": statistics.stdev(hv) if len(hv) > 1 else 0.0}
+        # one seed measures no seed-to-seed spread: its std is undefined (null in results.json), not 0
+        r["test_hypervolume"] = {"mean": statistics.fmean(hv), "std": statistics.stdev(hv) if len(hv) > 1 else None,
+                                 "seeds": len(hv)}
         r["test_kl"] = statistics.fmean(sampled_kl(t) for t in r["test"])
         r["hypervolume_at_kl"] = statistics.fmean(at_kl(p, budget) for p in r["paths"]) if r["paths"] else math.nan
         both = pooled(r["test"])
@@ -553,7 +555,7 @@ def tables(results: dict[str, dict], summary: dict) -> str:
         lines.append("| " + " | ".join([
             variant, f"{r['lr']:.3g}",
             f"{r['test_hypervolume']['mean']:.3f} " + (  # one seed measures no spread: not "± 0.000"
-                f"± {r['test_hypervolume']['std']:.3f}" if len(r["test"]) > 1 else "(1 seed)"),
+                "(1 seed)" if r["test_hypervolume"]["std"] is None else f"± {r['test_hypervolume']['std']:.3f}"),
             f"{ci['hypervolume']:.3f} [{ci['ci'][0]:.3f}, {ci['ci'][1]:.3f}]",
             "—" if vs is None else f"{vs['difference']:+.3f} [{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}]",
             fmt(r["test_kl"]), fmt(r["hypervolume_at_kl"]),

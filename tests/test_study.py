@@ -274,6 +274,17 @@ def test_one_seed_has_no_spread_in_the_table(study):
     assert "| one | 0.001 | 1.500 (1 seed) |" in table
 
 
+def test_one_seed_has_an_undefined_std_in_results_json(study, grid_evaluation_report, monkeypatch, tmp_path):
+    # the standard deviation of one sample is undefined: null in results.json, not 0.0 (a spread measured as zero)
+    monkeypatch.setattr(study, "cli", FakeCLI(grid_evaluation_report))
+    table = study.main(["--out", str(tmp_path), "--variants", "all", "logits", "--seeds", "0", "--steps", "8",
+                        "--lr-factors", "1", "--variant-seeds", "logits=0,1", "--bootstrap", "20"])
+    results = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert results["all"]["test_hypervolume"]["std"] is None and results["all"]["test_hypervolume"]["seeds"] == 1
+    assert results["logits"]["test_hypervolume"]["std"] == 0.0 and results["logits"]["test_hypervolume"]["seeds"] == 2
+    assert "| all | 0.0002 | 1.000 (1 seed) |" in table and "| logits | 0.0002 | 1.000 ± 0.000 |" in table
+
+
 def test_the_protocol_picks_the_rate_on_validation_and_compares_on_test(study, grid_evaluation_report, monkeypatch,
                                                                        tmp_path):
     # the validation hypervolume peaks at the base rate for `all` (2e-4); LoRA's base is 2e-3, so its best is 6e-4
