@@ -21,7 +21,7 @@ The protocol:
 
 1. **Learning rate.** Each variant trains at ``--lr-factors`` times its base rate (the task config's, or the
    variant's own), seed ``--seeds[0]``; the rate with the largest hypervolume on the *validation* prompts is chosen
-   (``fixed`` is not swept: it trains at its base rate).
+   (``fixed`` is not swept: it trains at its base rate, only with its own seeds, ``--fixed-seeds``).
 2. **Seeds.** The chosen rate trains with every seed (the sweep's run is reused for the first).
 3. **Test.** Each chosen run is evaluated on ``--test-prompts`` prompts of the *test* split, which no choice saw:
    hypervolume (mean and standard deviation over seeds, null for one seed; a bootstrap interval over prompts with
@@ -621,7 +621,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=160, help="training steps per run (RS: all experts together)")
     parser.add_argument("--sft-steps", type=int, default=None, help="override the warm start's steps")
     parser.add_argument("--fixed-seeds", nargs="+", type=int, default=None,
-                        help="seeds of the fixed-weighting baseline (G trainings per seed; default: the first seed)")
+                        help="seeds of the fixed-weighting baseline (G trainings per seed, no others: it is not "
+                             "swept; default: the first of --seeds)")
     parser.add_argument("--grid-step", type=float, default=None,
                         help="override the evaluation grid's step (and so the number of fixed-weighting policies)")
     parser.add_argument("--task", default="quickstart", choices=list(TASKS), help="what the study runs on")
@@ -634,8 +635,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="the variant the others are compared with, paired (default: rs_lora if run, else first)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--variant-seeds", nargs="+", default=[], metavar="VARIANT=SEEDS",
-                        help="seeds of one variant instead of --seeds, e.g. mix_lora=0,1 (its first seed still the "
-                             "sweep's: the one --seeds names first)")
+                        help="seeds of one variant instead of --seeds (or --fixed-seeds), e.g. mix_lora=0,1 (a swept "
+                             "variant's sweep still runs at the first of --seeds; fixed, not swept, runs only these)")
     parser.add_argument("--every-checkpoint", nargs="+", default=[], metavar="VARIANT",
                         help="soups whose KL path evaluates every checkpoint their experts saved (more points, the "
                              "first at lower KL; one grid evaluation each) instead of the ones nearest each "
@@ -668,14 +669,17 @@ def main(argv: list[str] | None = None) -> str:
     fixed_seeds = args.fixed_seeds or args.seeds[:1]
     results: dict[str, dict] = {}
     for name in variants:
-        sweep = {lr: study.train(name, args.seeds[0], lr)["hypervolume"]
+        seeds = variant_seeds.get(name) or (fixed_seeds if VARIANTS[name].kind == "fixed" else args.seeds)
+        # a swept variant chooses its rate at the study's first seed, as every other; one that is not swept has only
+        # its base rate, so its "sweep" is its own first seed's run (not another G trainings at a seed it omits)
+        sweep_seed = args.seeds[0] if VARIANTS[name].sweep else seeds[0]
+        sweep = {lr: study.train(name, sweep_seed, lr)["hypervolume"]
                  for lr in study.lrs(name, tuple(args.lr_factors))}
         if args.sweep_only:
-            print(f"{name}, seed {args.seeds[0]}: validation hypervolume by rate "
+            print(f"{name}, seed {sweep_seed}: validation hypervolume by rate "
                   + ", ".join(f"{lr:.3g}: {hv:.4f}" for lr, hv in sweep.items()))
             continue
         lr = max(sweep, key=sweep.get)
-        seeds = variant_seeds.get(name) or (fixed_seeds if VARIANTS[name].kind == "fixed" else args.seeds)
         results[name] = {"lr": lr, "sweep": sweep, "seeds": seeds,
                          "test": [study.test(name, s, lr) for s in seeds],
                          "paths": [study.path(name, s, lr) for s in seeds]}

@@ -475,6 +475,20 @@ def test_sweep_only_trains_the_sweep_and_tests_nothing(study, grid_evaluation_re
     assert "all, seed 0: validation hypervolume by rate 0.0002: 1.0000, 0.0006: " in capsys.readouterr().out
 
 
+def test_fixed_trains_only_at_its_own_seeds(study, grid_evaluation_report, monkeypatch, tmp_path):
+    # `fixed` is not swept: its only rate needs no run at the study's first seed, which --fixed-seeds may omit
+    # (each such run is G full trainings); the documented "G trainings per seed" is all it trains
+    fake = FakeCLI(grid_evaluation_report)
+    monkeypatch.setattr(study, "cli", fake)
+    study.main(["--out", str(tmp_path), "--variants", "fixed", "--seeds", "0", "1", "--fixed-seeds", "1",
+                "--steps", "4", "--bootstrap", "20"])
+    fits = {o["seed_everything"] for c, _, o in fake.calls if c == "fit" and "model.init_args.optimizer.lr" in o}
+    assert fits == {"1"}
+    assert not (tmp_path / "fixed" / "lr0.0002" / "seed0").exists()
+    results = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert results["fixed"]["seeds"] == [1] and list(results["fixed"]["sweep"]) == ["0.0002"]
+
+
 def test_variant_seeds_narrow_one_variants_seeds(study, grid_evaluation_report, monkeypatch, tmp_path):
     fake = FakeCLI(grid_evaluation_report, hv=lambda lr: 1.0 - abs(math.log(lr / 2e-4)))
     monkeypatch.setattr(study, "cli", fake)
