@@ -9,8 +9,9 @@ peft's layout under ``adapters/``), the run's last grid evaluation (``evaluation
 card (``README.md``). ``ConditionalPolicy.from_pretrained(DIR)`` loads it without the run or its config.
 
 With ``--weights``, a plain ``transformers`` model at that weighting (parameters mixed, LoRA merged), with its
-tokenizer, generation config and a short card. With prompt conditioning its prompts need the prefix the card gives
-(also ``clp_prompt_prefix`` in ``generation_config.json``).
+tokenizer, generation config (the base's, less the penalties, n-gram bans and beams the policy never applies) and a
+short card that says what ``generate()`` of it does by default. With prompt conditioning its prompts need the
+prefix the card gives (also ``clp_prompt_prefix`` in ``generation_config.json``).
 
 The directory is what ``huggingface_hub.upload_folder`` would upload; nothing is uploaded. It is written next to
 ``--out`` and renamed into place, so an interrupted export leaves no half-written directory.
@@ -239,6 +240,8 @@ def export_weighting(module: Any, directory: Path, weights: list[float], alpha: 
     off = {k: v for k, v in PROCESSORS_OFF.items() if getattr(config, k, v) != v}
     if "num_beams" in off:  # beam-only settings without beams: transformers refuses to save the config
         off.update({k: None for k in ("early_stopping", "length_penalty") if getattr(config, k, None) is not None})
+    # the card names what the artifact no longer does (None: the base left it unset, nothing was turned off)
+    base = {k: getattr(config, k) for k in off if getattr(config, k, None) is not None}
     if off:  # the policy never applies the base's penalties, n-gram bans or beams: a plain generate must not either
         config.update(**off)
     if prefix:  # the model's prompts must start with it; kept where a loader of the directory can read it
@@ -249,7 +252,8 @@ def export_weighting(module: Any, directory: Path, weights: list[float], alpha: 
         config._from_model_config = False
     model.save_pretrained(str(directory))
     policy.tokenizer.save_pretrained(str(directory))
-    (directory / CARD).write_text(weighting_card(policy, module.objective_names, weights, alpha, prefix, facts))
+    (directory / CARD).write_text(weighting_card(policy, module.objective_names, weights, alpha, prefix, facts,
+                                                 generation_section(config, base)))
 
 
 def _front_png(report: dict[str, Any], path: Path) -> bool:
@@ -389,9 +393,31 @@ def policy_card(policy: ConditionalPolicy, names: list[str], facts: dict[str, An
     return "\n".join(lines) + "\n"
 
 
+SAMPLING = ("temperature", "top_k", "top_p")  # what a sampling generate() of the saved config reads
+
+
+def generation_section(config: Any, turned_off: dict[str, Any]) -> list[str]:
+    """What ``generate()`` of the exported model does by default, read from the ``config`` it saves, and which of the
+    base model's settings (``turned_off``: their base values) the export removed because the policy never used them.
+    """
+    if getattr(config, "do_sample", False):
+        settings = ", ".join(f"{k} {getattr(config, k)}" for k in SAMPLING if getattr(config, k, None) is not None)
+        default = (f"samples ({settings or 'the library defaults'}), as the base model's generation config asks; "
+                   "pass `do_sample=False` for the policy's greedy outputs")
+    else:
+        default = "decodes greedily: its outputs are the policy's at this weighting"
+    lines = ["## Generation", "", f"`model.generate()` without further arguments {default} (`generation_config.json`)."]
+    if turned_off:
+        removed = ", ".join(f"`{k}` {_short(v, 40)}" for k, v in turned_off.items())
+        lines += ["", f"The base model's generation config set {removed}. The policy was trained and evaluated "
+                  "without them, so this export turns them off (`generation_config.json` holds the neutral values); "
+                  "passing them to `generate()` gives outputs the policy never produced."]
+    return lines + [""]
+
+
 def weighting_card(policy: ConditionalPolicy, names: list[str], weights: list[float], alpha: float | None,
-                   prefix: str, facts: dict[str, Any]) -> str:
-    """The model card of a plain model exported at one weighting."""
+                   prefix: str, facts: dict[str, Any], generation: list[str] = ()) -> str:
+    """The model card of a plain model exported at one weighting; ``generation``: its :func:`generation_section`."""
     w = ", ".join(f"{n} {x:g}" for n, x in zip(names, weights))
     tags = ["clp", "multi-objective", "steerable", "conditional-language-policy", "merged"]
     auto = "AutoModelForCausalLM" if policy.kind == "causal" else "AutoModelForSeq2SeqLM"
@@ -407,6 +433,7 @@ def weighting_card(policy: ConditionalPolicy, names: list[str], weights: list[fl
     kept = "last" if policy.prompt_truncation_side == "left" else "first"
     lines += [f"The policy saw at most the {kept} {policy.max_prompt_length} tokens of a prompt (before the prefix); "
               "truncate longer prompts the same way to reproduce it.", ""]
+    lines += list(generation)
     lines += _training_section(policy, names, facts)
     lines += ["## Use", "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
               f'model = {auto}.from_pretrained("path/to/this/directory")',

@@ -287,6 +287,9 @@ def test_export_at_one_weighting_drops_the_base_generation_configs_processors(tm
     ids = model.generate(**enc, do_sample=False, max_new_tokens=12)[:, enc["input_ids"].shape[1]:]
     want = policy.generate_text(PROMPTS[:1], [0.3, 0.7], do_sample=False, max_new_tokens=12)
     assert tok.batch_decode(ids, skip_special_tokens=True) == want
+    generation = (tmp_path / "README.md").read_text().split("## Generation", 1)[1].split("## Training", 1)[0]
+    assert "decodes greedily: its outputs are the policy's" in generation
+    assert "`repetition_penalty` 5.0, `no_repeat_ngram_size` 1. " in generation
 
 
 def test_export_at_one_weighting_of_a_beam_search_base_saves_a_valid_generation_config(tmp_path):
@@ -299,7 +302,8 @@ def test_export_at_one_weighting_of_a_beam_search_base_saves_a_valid_generation_
     from clp_lightning.export import export_weighting
 
     base = PolicyConfig("tiny:t5").build(2)
-    base.model.generation_config.update(num_beams=4, early_stopping=True, length_penalty=2.0)
+    base.model.generation_config.update(num_beams=4, early_stopping=True, length_penalty=2.0, do_sample=True,
+                                        temperature=0.7, top_k=20)
     base.model.save_pretrained(tmp_path / "base")
     base.tokenizer.save_pretrained(tmp_path / "base")
     policy = PolicyConfig(str(tmp_path / "base")).build(2).eval()
@@ -312,3 +316,10 @@ def test_export_at_one_weighting_of_a_beam_search_base_saves_a_valid_generation_
     ids = model.generate(**enc, do_sample=False, max_new_tokens=12)
     want = policy.generate_text(PROMPTS[:1], [0.3, 0.7], do_sample=False, max_new_tokens=12)
     assert tok.batch_decode(ids, skip_special_tokens=True) == want
+    # the card describes the saved artifact: the base's sampling that generate() still does by default, and the
+    # beam settings it no longer does (not the base's settings as if they applied)
+    card = (out / "README.md").read_text()
+    generation = card.split("## Generation", 1)[1].split("## Training", 1)[0]
+    assert "samples (temperature 0.7, top_k 20)" in generation and "`do_sample=False`" in generation
+    assert "`num_beams` 4, `early_stopping` true, `length_penalty` 2.0. " in generation
+    assert "turns them off" in generation and "repetition_penalty" not in generation  # the base never set it
