@@ -104,8 +104,12 @@ def read_human_scores(path: str | Path) -> list[HumanScoreRow]:
                 raise ValueError(f"{where}: mean_score must be finite, got {raw['mean_score']!r}")
             scores = raw.get("scores")
             if scores is not None:
-                if not scores or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-                    raise ValueError(f"{where}: scores must be a non-empty list of numbers, got {scores!r}")
+                # a number or a string here is no list of scores (iterating a number would end in a TypeError), and a
+                # NaN score would pass the mean check below (NaN compares false)
+                if not isinstance(scores, list) or not scores or not all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores
+                ):
+                    raise ValueError(f"{where}: scores must be a non-empty list of finite numbers, got {scores!r}")
                 if abs(sum(scores) / len(scores) - raw["mean_score"]) > 1e-6:
                     raise ValueError(f"{where}: mean_score {raw['mean_score']} is not the mean of scores {scores}")
             if split_of.setdefault(raw["id"], raw["split"]) != raw["split"]:

@@ -252,6 +252,10 @@ def test_a_trainer_fed_shuffled_targets_fails_the_same_bar(tmp_path: Path):
     assert not learned_on_test(train(tmp_path, fixture_rows(shuffle_train=True)))
 
 
+def _with(line: str, **fields) -> str:
+    return json.dumps({**json.loads(line), **fields}) + "\n"
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
@@ -262,6 +266,10 @@ def test_a_trainer_fed_shuffled_targets_fails_the_same_bar(tmp_path: Path):
             r"line 1: mean_score .* is not the mean",
         ),
         (lambda lines: [lines[0], lines[1].replace('"split": "train"', '"split": "test"')], r"line 2: article 'a00'"),
+        # a scores field that is not a list of finite numbers: a number (not iterable), a string, a NaN entry
+        (lambda lines: [_with(lines[0], scores=3)], r"line 1: scores must be a non-empty list of finite numbers"),
+        (lambda lines: [_with(lines[0], scores="12")], r"line 1: scores must be a non-empty list of finite numbers"),
+        (lambda lines: [_with(lines[0], scores=[math.nan, 1.0])], r"line 1: scores must be a non-empty list"),
     ],
 )
 def test_malformed_data_names_file_and_line(tmp_path: Path, edit, match):
