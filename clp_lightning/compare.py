@@ -5,6 +5,11 @@
 The table gives each run's hypervolume with a bootstrap interval over its prompts and, for every run evaluated on
 the same prompts as the first, the paired difference to the first run with its interval
 (:func:`clp_lightning.evaluation.paired_bootstrap`); reports written before per-prompt rows were kept show ``n/a``.
+
+A hypervolume is measured from a reference point, by default each report's own (the config's ``ref_point``, or the
+reference policy's mean rewards on the prompts it evaluated): the line under the table names it, and says when the
+runs' points differ, whose hypervolumes are then not comparable. ``--ref-point`` measures every run from one point
+(the rewards are the reports', only the metric's reference point moves).
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import argparse
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from clp_lightning.callbacks.checkpoint import check_output_file
 from clp_lightning.evaluation.reports import sampled_kl
 from clp_lightning.files import figure_format, save_figure_atomic
+
+REBASED = "a fixed point"  # ref_point_from of a report measured from another point than its own
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -31,10 +39,47 @@ def load_report(path: str | Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no grid-evaluation report at {path} (looked for {[str(c) for c in candidates]})")
 
 
+def rebased(report: dict[str, Any], ref_point: Sequence[float], source: str = REBASED) -> dict[str, Any]:
+    """``report`` with its hypervolumes measured from ``ref_point`` instead of its own point: the rewards are what
+    they were, only the metric's reference point moves (the bootstrap intervals read ``ref_point`` from it too).
+
+    Raises:
+        ValueError: ``ref_point`` has not one value per objective.
+    """
+    import torch
+
+    from clp_lightning.evaluation import hypervolume
+
+    point = torch.tensor(ref_point, dtype=torch.float64)
+    if point.shape != (len(report["objectives"]),):
+        raise ValueError(f"ref_point {list(ref_point)} has {point.numel()} values; the report has "
+                         f"{len(report['objectives'])} objectives {report['objectives']}")
+    moved = {**report, "ref_point": point.tolist(), "ref_point_from": source,
+             "hypervolume": hypervolume(torch.tensor(report["rewards"], dtype=torch.float64), point)}
+    if "reference_rewards" in report:
+        moved["reference_hypervolume"] = hypervolume(torch.tensor([report["reference_rewards"]],
+                                                                  dtype=torch.float64), point)
+    return moved
+
+
+def reference_points_line(reports: list[dict[str, Any]], labels: list[str]) -> str:
+    """The point the table's hypervolumes are measured from, or a warning naming each run's when they differ."""
+    def show(r: dict[str, Any]) -> str:
+        return "(" + ", ".join(f"{x:.4g}" for x in r["ref_point"]) + ")" if "ref_point" in r else "(not recorded)"
+
+    points = {show(r) for r in reports}
+    if len(points) == 1:
+        return f"Hypervolumes from {points.pop()} ({reports[0].get('ref_point_from', 'not recorded')})."
+    each = "; ".join(f"{label} {show(r)}" for label, r in zip(labels, reports))
+    return (f"Hypervolumes from each run's own reference point, and these differ ({each}): hypervolumes from "
+            "different points are not comparable; --ref-point measures every run from one point.")
+
+
 def comparison_table(reports: list[dict[str, Any]], labels: list[str], num_resamples: int = 2000) -> str:
     """Markdown table: hypervolume, steerability per objective, steps, trainable and total parameters, the KL to the
     reference (sampled, mean over the grid), the hypervolume's 95% bootstrap interval and the paired difference to
-    the first run (95% interval), ``n/a`` where a report lacks what they need."""
+    the first run (95% interval), ``n/a`` where a report lacks what they need; then the line that names the point
+    the hypervolumes are measured from (:func:`reference_points_line`)."""
     from clp_lightning.evaluation.bootstrap import bootstrap_ci, paired_bootstrap
 
     names = reports[0]["objectives"]
@@ -54,7 +99,7 @@ def comparison_table(reports: list[dict[str, Any]], labels: list[str], num_resam
                  str(params.get("trainable_parameters", "?")), str(params.get("total_parameters", "?")),
                  "n/a" if math.isnan(kl) else f"{kl:.3f}", interval, difference]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", reference_points_line(reports, labels)])
 
 
 def _pairable(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -98,14 +143,32 @@ def compare(argv: list[str] | None = None) -> str:
     parser.add_argument("--labels", nargs="+", default=None, help="one label per run (default: the paths)")
     parser.add_argument("--output", default=None,
                         help="write the overlay figure here (format from the extension: .png, .pdf, .svg, ...)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--ref-point", default=None, metavar="X,Y[,...]",
+                        help="measure every run's hypervolume from this point, one value per objective (default: "
+                             "each report's own, which may differ between runs)")
+    from clp_lightning.steer import attach_weights
+
+    args = parser.parse_args(attach_weights(argv, "--ref-point"))  # a negative point, "-2,-3", is not an option
     labels = args.labels or args.runs
     if len(labels) != len(args.runs):
         raise ValueError(f"{len(labels)} labels for {len(args.runs)} runs")
+    ref_point = None
+    if args.ref_point is not None:
+        from clp_lightning.conditioning.weights import parse_weights  # a comma-separated list of numbers
+
+        try:
+            ref_point = parse_weights(args.ref_point)
+        except ValueError:
+            raise ValueError(f"--ref-point {args.ref_point!r} is not a comma-separated list of numbers, e.g. "
+                             "'0,-3'") from None
+        if not all(math.isfinite(x) for x in ref_point):
+            raise ValueError(f"--ref-point {args.ref_point!r} has a value that is not finite")
     reports = [load_report(r) for r in args.runs]
     objectives = {tuple(r["objectives"]) for r in reports}
     if len(objectives) != 1:
         raise ValueError(f"runs have different objectives: {sorted(objectives)}")
+    if ref_point is not None:
+        reports = [rebased(r, ref_point, "--ref-point") for r in reports]
     output = Path(args.output) if args.output else None
     if output is not None:  # found only after the tables' bootstrap otherwise
         check_output_file(output, "--output", "figure")

@@ -58,12 +58,12 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def attach_weights(argv: list[str] | None) -> list[str]:
-    """The command line (``sys.argv[1:]`` when None) with each ``--weights`` value attached by ``=``: argparse would
+def attach_weights(argv: list[str] | None, flag: str = "--weights") -> list[str]:
+    """The command line (``sys.argv[1:]`` when None) with each ``flag`` value attached by ``=``: argparse would
     read ``--weights -1,2`` as an option, and attached it is the value it was meant as (and refused as one)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return [f"{a}={argv[i + 1]}" if a == "--weights" and i + 1 < len(argv) else a for i, a in enumerate(argv)
-            if i == 0 or argv[i - 1] != "--weights"]
+    return [f"{a}={argv[i + 1]}" if a == flag and i + 1 < len(argv) else a for i, a in enumerate(argv)
+            if i == 0 or argv[i - 1] != flag]
 
 
 def check_configs(configs: list[str]) -> None:

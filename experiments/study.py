@@ -71,8 +71,9 @@ from clp_lightning.callbacks import GridEvaluation  # noqa: E402
 from clp_lightning.callbacks.grid_evaluation import grid_report, vertex_gain_standard_error  # noqa: E402
 from clp_lightning.cli import CLPCLI, run_cli  # noqa: E402
 from clp_lightning.compare import overlay_figure  # noqa: E402
+from clp_lightning.compare import rebased as rebase_report  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
-from clp_lightning.evaluation import bootstrap_ci, hypervolume, paired_bootstrap  # noqa: E402
+from clp_lightning.evaluation import bootstrap_ci, paired_bootstrap  # noqa: E402
 from clp_lightning.evaluation.reports import sampled_kl  # noqa: E402
 from clp_lightning.files import save_figure_atomic, write_text_atomic  # noqa: E402
 
@@ -435,16 +436,8 @@ class Study:
 
 
 def rebased(report: dict, ref_point: Sequence[float]) -> dict:
-    """``report`` with its hypervolumes measured from ``ref_point`` instead of its own point: the rewards are what
-    they were, only the metric's reference point moves (the bootstrap intervals read ``ref_point`` from it too)."""
-    point = torch.tensor(ref_point, dtype=torch.float64)
-    if point.shape != (len(report["objectives"]),):
-        raise ValueError(f"ref_point {list(ref_point)} has {point.numel()} values; the report has "
-                         f"{len(report['objectives'])} objectives {report['objectives']}")
-    front = torch.tensor(report["rewards"], dtype=torch.float64)
-    reference = torch.tensor([report["reference_rewards"]], dtype=torch.float64)
-    return {**report, "ref_point": point.tolist(), "ref_point_from": "the study's fixed point",
-            "hypervolume": hypervolume(front, point), "reference_hypervolume": hypervolume(reference, point)}
+    """``report`` with its hypervolumes measured from ``ref_point`` instead of its own point (the study's fixed one)."""
+    return rebase_report(report, ref_point, "the study's fixed point")
 
 
 def fixed_report(points: list[dict], steps: int) -> dict:

@@ -10,8 +10,8 @@ import torch
 from cli_helpers import clp
 
 from clp_lightning.callbacks.grid_evaluation import grid_report
-from clp_lightning.compare import comparison_table, overlay_figure
-from clp_lightning.evaluation import mean_and_standard_error
+from clp_lightning.compare import compare, comparison_table, overlay_figure
+from clp_lightning.evaluation import hypervolume, mean_and_standard_error
 from clp_lightning.evaluation.plots import front_figure
 from clp_lightning.evaluation.reports import sampled_kl
 from clp_lightning.quickstart import print_summary
@@ -48,7 +48,7 @@ def test_new_keys_come_in_a_fixed_order_and_are_optional():
 
 def test_comparison_table_gives_kl_intervals_and_the_paired_difference():
     table = comparison_table([new_report(), new_report(shift=0.1), old_report()], ["a", "b", "old"], 200)
-    head, _, a, b, old = (line.split(" | ") for line in table.splitlines())
+    head, _, a, b, old = (line.split(" | ") for line in table.splitlines()[:5])  # then the reference point
     assert head[0] == "| run" and head[-3:] == ["KL", "HV 95% CI", "HV - a (95% CI) |"]
     assert a[-3] == "0.467" and a[-2].startswith("[") and a[-1] == "n/a |"  # no difference to itself
     difference = float(b[-1].split(" ")[0])
@@ -56,6 +56,31 @@ def test_comparison_table_gives_kl_intervals_and_the_paired_difference():
     assert difference > 0 and low > 0  # b is a moved up in both objectives, on the same prompts
     assert old[-3:] == ["n/a", "n/a", "n/a |"]  # an old report: no KL, no interval, no pairing
     assert overlay_figure([new_report(), old_report()], ["new", "old"]) is not None
+
+
+def test_the_table_names_its_reference_point_and_refuses_to_hide_different_ones(two_reports, tmp_path, capsys):
+    # two runs measured from different points (e.g. ref_point null: each run's own reference policy): their
+    # hypervolumes side by side would compare areas from different corners without a word
+    same = comparison_table([new_report(), new_report(shift=0.1)], ["a", "b"], 20)
+    assert same.splitlines()[-1] == "Hypervolumes from (-1, -1) (config)."
+    other = {**new_report(shift=0.1), "ref_point": [0.0, 0.0], "ref_point_from": "reference policy"}
+    other["hypervolume"] = hypervolume(torch.tensor(other["rewards"]), torch.tensor([0.0, 0.0]))
+    differ = comparison_table([new_report(), other], ["a", "b"], 20)
+    assert differ.splitlines()[-1].startswith("Hypervolumes from each run's own reference point, and these differ "
+                                              "(a (-1, -1); b (0, 0)): hypervolumes from different points are not "
+                                              "comparable")
+    assert differ.splitlines()[-3].endswith("| n/a |")  # no paired difference across points
+    # --ref-point measures both from one point: the same rewards, comparable hypervolumes, paired again
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(other))
+    out = compare([two_reports[0], str(path), "--labels", "a", "b", "--ref-point", "-2,-2"])
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    for (_, hv, *_), report in zip(rows, (new_report(), other)):
+        want = hypervolume(torch.tensor(report["rewards"], dtype=torch.float64), torch.tensor([-2.0, -2.0]))
+        assert float(hv) == pytest.approx(want, abs=1e-4)
+    assert rows[1][-1] != "n/a |" and "Hypervolumes from (-2, -2) (--ref-point)." in out
+    code, err = clp(capsys, "compare", *two_reports, "--ref-point", "0")
+    assert code == 2 and "ref_point [0.0] has 1 values; the report has 2 objectives" in err
 
 
 def test_front_figure_and_summary_read_old_and_new_reports(capsys):
