@@ -643,6 +643,11 @@ def main(argv: list[str] | None = None) -> str:
     if unsupported := [v for v in variants if task.variants is not None and v not in task.variants]:
         parser.error(f"--task {args.task} runs the variants {list(task.variants)}, not {unsupported}")
     variant_seeds = parse_variant_seeds(args.variant_seeds, variants, parser.error)
+    # a seed given twice is one run counted twice: a spread of 0 between its copies, and more "seeds" than were run
+    for flag, seeds in [("--seeds", args.seeds), ("--fixed-seeds", args.fixed_seeds or []),
+                        *((f"--variant-seeds {v}=", s) for v, s in variant_seeds.items())]:
+        if len(set(seeds)) != len(seeds):
+            parser.error(f"{flag} {seeds}: a seed is repeated; each seed is one run")
     if not_soups := [v for v in args.every_checkpoint if v not in VARIANTS or VARIANTS[v].kind != "soup"]:
         parser.error(f"--every-checkpoint is for soups, not {not_soups}")
     if args.compare_to is not None and args.compare_to not in variants:  # its column would read "—" throughout

@@ -500,6 +500,9 @@ def test_variant_seeds_narrow_one_variants_seeds(study, grid_evaluation_report, 
         study.main(["--out", str(tmp_path), "--variants", "all", "--every-checkpoint", "all"])
     with pytest.raises(SystemExit):  # a baseline of the paired differences that the study does not run
         study.main(["--out", str(tmp_path), "--variants", "all", "--compare-to", "rs_lora"])
+    for repeated in (["--seeds", "0", "0"], ["--fixed-seeds", "1", "1"], ["--variant-seeds", "all=2,2"]):
+        with pytest.raises(SystemExit):  # one run counted twice: a spread of 0 and one seed too many
+            study.main(["--out", str(tmp_path), "--variants", "all", *repeated])
     assert fake.calls == []
     study.main(["--out", str(tmp_path), "--variants", "all", "lora", "--seeds", "0", "1", "--steps", "8",
                 "--lr-factors", "1", "--variant-seeds", "lora=0", "--bootstrap", "20"])
