@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
         "config": args.config, "prompts": n, "samples_per_prompt": k, "decoding": module.generation.kwargs(),
         "alpha": module.evaluation_alpha() if module.alpha_range is not None else None,
         "mean": dict(zip(names, scores.mean(0).tolist())), "std": dict(zip(names, scores.std(0).tolist())),
-        "ended_before_max_new_tokens": float((mask.sum(1) < ids.shape[1]).float().mean()) if ids.numel() else 0.0,
+        # against the cap, not the batch's longest response (ids' width): when every response stops early the
+        # longest ones stopped early too
+        "ended_before_max_new_tokens": float((mask.sum(1) < module.generation.max_new_tokens).float().mean())
+        if mask.numel() else 0.0,
         "pairs": pairs, "seconds": round(time.time() - started, 1),
     }
     print(f"{n} prompts x {k} samples ({result['decoding']}), {result['seconds']} s")

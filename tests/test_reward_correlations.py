@@ -62,3 +62,19 @@ def test_an_alpha_conditioned_policy_is_scored_at_the_evaluation_alpha(script, t
     assert result["alpha"] == 0.05 and result["prompts"] == 2 and "brevity vs length" in result["pairs"]
     assert json.loads(out.read_text())["alpha"] == 0.05
     assert [p.name for p in out.parent.iterdir()] == ["correlations.json"]  # no temporary file left behind
+
+
+def test_responses_that_all_stop_early_all_count_as_ended(script, tmp_path, monkeypatch):
+    # every response stops before the cap (4 tokens): the longest ones, whose length is the batch's width, too
+    import torch
+
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        mask = torch.tensor([[1, 1, 1], [1, 1, 0]]).repeat(input_ids.shape[0] // 2, 1)  # lengths 3 and 2 of 4
+        return torch.full(mask.shape, 5), mask
+
+    monkeypatch.setattr(ConditionalPolicy, "generate", generate)
+    result = script.main(["--config", str(write_config(tmp_path / "config.yaml")), "--prompts", "2", "--samples",
+                          "2"])
+    assert result["ended_before_max_new_tokens"] == 1.0
