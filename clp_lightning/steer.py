@@ -137,6 +137,13 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     checkpoint = read_checkpoint(args.ckpt_path)
+    from clp_lightning.cli import parse_config
+    from clp_lightning.export import check_config
+
+    # the config's objectives and conditioning against the checkpoint's, from the parsed config alone (as clp export
+    # does): building the module first loads the policy and every reward model before the mismatch is found
+    check_config(parse_config([a for c in args.config for a in ("--config", c)] + args.set), checkpoint,
+                 args.ckpt_path)
     objectives = (checkpoint.get("clp") or {}).get("objective_names")
     weightings = [validate_weights(w, None if objectives is None else len(objectives), name="--weights")
                   for w in args.weights]

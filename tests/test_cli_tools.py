@@ -119,6 +119,26 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
     # bad weightings, prompts and checkpoints: tests/test_bad_inputs.py
 
 
+def test_steer_refuses_a_config_of_another_conditioning_before_loading_a_model(run, tmp_path, capsys, monkeypatch):
+    # the module build loads the policy and every reward model: a config that does not fit the checkpoint is found
+    # from the parsed config first, as clp export does
+    import clp_lightning.steer as steer
+
+    def load_module(*args, **kwargs):
+        raise AssertionError("clp steer loaded the model before refusing the config")
+
+    monkeypatch.setattr(steer, "load_module", load_module)
+    tmp, config = run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a post\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["steer", "--config", str(config), "--ckpt_path", str(tmp / "run" / "checkpoints" / "last.ckpt"),
+              "--weights", "1,0", "--prompts", str(prompts),
+              "--set=--model.init_args.policy.conditioning.options={targets: attention}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "was trained with conditioning" in err, err[-2000:]
+
+
 def test_steer_output_interrupted_mid_write_keeps_the_old_file(run, tmp_path, monkeypatch):
     """A write that dies half-way (disk full, a kill) leaves the previous --output whole, not half a JSONL file."""
     from pathlib import Path
