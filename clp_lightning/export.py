@@ -438,6 +438,19 @@ def weighting_card(policy: ConditionalPolicy, names: list[str], weights: list[fl
     lines += ["## Use", "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
               f'model = {auto}.from_pretrained("path/to/this/directory")',
               'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-              f"prompt = {prefix!r} + \"<your prompt>\"" if prefix else 'prompt = "<your prompt>"',
-              'ids = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=48)', "```", ""]
+              f"prompt = {prefix!r} + \"<your prompt>\"" if prefix else 'prompt = "<your prompt>"']
+    if policy.chat is not None:
+        # the policy only ever saw its prompts as the user turn of the chat template (after its system message)
+        system = ([f'    {{"role": "system", "content": {policy.system_prompt!r}}},']
+                  if policy.system_prompt is not None else [])
+        lines += ["messages = [", *system, '    {"role": "user", "content": prompt},', "]",
+                  'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
+                  "return_dict=True)",
+                  "out = model.generate(**ids, max_new_tokens=48)", "```", "",
+                  "The policy was trained on its prompts as the user turn of the tokenizer's chat template"
+                  + (", after the system message above" if policy.system_prompt is not None else "")
+                  + ", and stops at the template's end of turn: a prompt given without the template is not what it "
+                  "learned to answer.", ""]
+    else:
+        lines += ['out = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=48)', "```", ""]
     return "\n".join(lines) + "\n"

@@ -323,3 +323,35 @@ def test_export_at_one_weighting_of_a_beam_search_base_saves_a_valid_generation_
     assert "samples (temperature 0.7, top_k 20)" in generation and "`do_sample=False`" in generation
     assert "`num_beams` 4, `early_stopping` true, `length_penalty` 2.0. " in generation
     assert "turns them off" in generation and "repetition_penalty" not in generation  # the base never set it
+
+
+def test_export_at_one_weighting_of_a_chat_policy_tells_how_to_prompt_it(tmp_path):
+    """An instruct policy only ever saw its prompts as the user turn of the chat template, after its system message:
+    the card's own example must prompt the plain model that way, and then gives the policy's greedy outputs."""
+    from types import SimpleNamespace
+
+    from fixtures.gguf_model import write_tiny_llama_gguf
+
+    from clp_lightning.conditioning.config import ConditioningConfig
+    from clp_lightning.export import export_weighting
+
+    gguf, _ = write_tiny_llama_gguf(tmp_path / "gguf")
+    # parameter conditioning: a prefix would be tokenized apart from the prompt by the policy, and BPE merges the
+    # space it ends with into the prompt's first word when the two are one string
+    conditioning = ConditioningConfig(mode="mixing", options={"targets": "logits"})
+    policy = ConditionalPolicy.from_pretrained(str(gguf), 2, conditioning,
+                                               cache_dir=str(tmp_path / "cache"), chat_template=True,
+                                               system_prompt="You summarise news.").eval()
+    facts = {"base_model": str(gguf), "data": {"class": None, "source": {}}, "training": {}, "rewards": []}
+    out = tmp_path / "out"
+    export_weighting(SimpleNamespace(policy=policy, objective_names=["a", "b"]), out, [0.3, 0.7], None, facts)
+    card = (out / "README.md").read_text()
+    code = card.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "apply_chat_template" in code and "You summarise news." in code
+    prompt = "the fox jumps over the dog"
+    scope = {}
+    exec(code.replace("path/to/this/directory", str(out)).replace("<your prompt>", prompt)
+         .replace("max_new_tokens=48", "max_new_tokens=6, do_sample=False"), scope)
+    response = scope["out"][:, scope["ids"]["input_ids"].shape[1]:]
+    assert scope["tokenizer"].batch_decode(response, skip_special_tokens=True) == policy.generate_text(
+        [prompt], [0.3, 0.7], do_sample=False, max_new_tokens=6)
