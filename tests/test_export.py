@@ -325,9 +325,12 @@ def test_export_at_one_weighting_of_a_beam_search_base_saves_a_valid_generation_
     assert "turns them off" in generation and "repetition_penalty" not in generation  # the base never set it
 
 
-def test_export_at_one_weighting_of_a_chat_policy_tells_how_to_prompt_it(tmp_path):
+@pytest.mark.parametrize("mode", ["mixing", "prompt"])
+def test_export_at_one_weighting_of_a_chat_policy_tells_how_to_prompt_it(tmp_path, mode):
     """An instruct policy only ever saw its prompts as the user turn of the chat template, after its system message:
-    the card's own example must prompt the plain model that way, and then gives the policy's greedy outputs."""
+    the card's own example must prompt the plain model that way, and then gives the policy's greedy outputs. With
+    prompt conditioning the example writes ``prefix + prompt`` as one string, which this tokenizer (byte-level BPE)
+    tokenizes with the prefix's trailing space merged into the prompt's first word: so must the policy."""
     from types import SimpleNamespace
 
     from fixtures.gguf_model import write_tiny_llama_gguf
@@ -336,9 +339,8 @@ def test_export_at_one_weighting_of_a_chat_policy_tells_how_to_prompt_it(tmp_pat
     from clp_lightning.export import export_weighting
 
     gguf, _ = write_tiny_llama_gguf(tmp_path / "gguf")
-    # parameter conditioning: a prefix would be tokenized apart from the prompt by the policy, and BPE merges the
-    # space it ends with into the prompt's first word when the two are one string
-    conditioning = ConditioningConfig(mode="mixing", options={"targets": "logits"})
+    conditioning = (ConditioningConfig(mode="mixing", options={"targets": "logits"}) if mode == "mixing"
+                    else ConditioningConfig(prompt=True))
     policy = ConditionalPolicy.from_pretrained(str(gguf), 2, conditioning,
                                                cache_dir=str(tmp_path / "cache"), chat_template=True,
                                                system_prompt="You summarise news.").eval()

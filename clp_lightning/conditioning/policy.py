@@ -246,15 +246,21 @@ class ConditionalPolicy(nn.Module):
     def encode(self, prompts: Sequence[str], weights: Tensor | None = None, alpha: Tensor | None = None) -> dict:
         """Tokenise prompts, with the conditioning prefix when prompt conditioning is on and ``weights`` is given.
 
+        A prompt that fits ``max_prompt_length`` is tokenised as one text with its prefix, ``prefix + prompt``: the
+        text that a plain export's users write (its card, ``clp_prompt_prefix``), which a byte-level BPE tokenises
+        differently from the two apart (it merges the prefix's trailing space into the prompt's first word). A
+        truncated prompt is cut alone and its ids follow the prefix's, so that the prefix always survives.
+
         Returns:
             ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on the model's device, padded on the tokenizer's side.
         """
         tok = self.tokenizer
+        specials = self.chat is None  # a chat template adds its own around the user's text
         side = tok.truncation_side
         tok.truncation_side = self.prompt_truncation_side
         try:
             body = tok(list(prompts), truncation=True, max_length=self.max_prompt_length,
-                       add_special_tokens=self.chat is None)["input_ids"]
+                       add_special_tokens=specials)["input_ids"]
         finally:
             tok.truncation_side = side
         alpha = self._alpha(alpha)
@@ -267,7 +273,15 @@ class ConditionalPolicy(nn.Module):
             prefixes = self.prompt_conditioner.prefixes(weights.cpu(), None if alpha is None else alpha.cpu())
             heads = tok(prefixes, add_special_tokens=False)["input_ids"]
             lead = 0 if self.chat is not None else self._leading_specials  # a BOS stays first
-            body = [b[:lead] + h + b[lead:] for h, b in zip(heads, body)]
+            limit = self.max_prompt_length
+            at_limit = [i for i, b in enumerate(body) if limit is not None and len(b) >= limit]
+            whole = tok([prompts[i] for i in at_limit], add_special_tokens=specials)["input_ids"] if at_limit else []
+            cut = {i for i, w in zip(at_limit, whole) if len(w) > len(body[i])}
+            fits = [i for i in range(len(body)) if i not in cut]
+            joint = tok([prefixes[i] + prompts[i] for i in fits], add_special_tokens=specials)["input_ids"] if fits \
+                else []
+            joined = dict(zip(fits, joint))
+            body = [joined[i] if i in joined else b[:lead] + h + b[lead:] for i, (h, b) in enumerate(zip(heads, body))]
         if self.chat is not None:
             body = [self.chat.wrap(b) for b in body]
         batch = tok.pad({"input_ids": body}, return_tensors="pt")

@@ -53,6 +53,27 @@ def test_weighting_prefix_goes_inside_the_user_turn(gguf_path, tmp_path):
         "<|im_start|>user\nthe fox<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_weighting_prefix_and_prompt_are_tokenized_as_one_text(gguf_path, tmp_path):
+    # "<w 0.30,0.70> " + "the fox": this byte-level BPE merges the prefix's space into " the", as it does in the text a
+    # user writes; a prompt cut to max_prompt_length is tokenized alone after the whole prefix
+    policy = make(gguf_path, tmp_path, ConditioningConfig(prompt=True))
+    tok, w = policy.tokenizer, torch.tensor([[0.3, 0.7]])
+    apart = tok("<w 0.30,0.70> ", add_special_tokens=False)["input_ids"] + tok("the fox", add_special_tokens=False)[
+        "input_ids"]
+    together = tok("<w 0.30,0.70> the fox", add_special_tokens=False)["input_ids"]
+    assert apart != together  # the case this test is about
+    expected = tok.apply_chat_template([{"role": "user", "content": "<w 0.30,0.70> the fox"}],
+                                       add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert policy.encode(["the fox"], w)["input_ids"][0].tolist() == list(expected)
+    policy.max_prompt_length = 2  # "the fox" is 2 tokens: it fits, as one text with the prefix
+    assert policy.encode(["the fox"], w)["input_ids"][0].tolist() == list(expected)
+    policy.max_prompt_length = 1  # cut: its first token, after the prefix's own
+    head = tok("<w 0.30,0.70> ", add_special_tokens=False)["input_ids"]
+    first = tok("the fox", add_special_tokens=False)["input_ids"][:1]
+    user = policy.encode(["the fox"], w)["input_ids"][0].tolist()
+    assert policy.chat.wrap(head + first) == user
+
+
 def test_generation_stops_at_the_end_of_turn_token(gguf_path, tmp_path):
     policy = make(gguf_path, tmp_path)
     end = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
