@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +77,19 @@ class GenerationSettings:
         """Keyword arguments for ``model.generate``."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        # generate only warns about these (or ignores them): min above max masks EOS at every step, so no response
+        # ever ends; top_p 0 keeps only the likeliest token, so "sampled" rollouts are greedy and the k samples of a
+        # prompt are one response with zero leave-one-out advantages; top_p above 1 or nan is dropped unnoticed
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got "
+                             f"{self.min_new_tokens}")
+        if self.do_sample:
+            if not (math.isfinite(self.temperature) and self.temperature > 0):
+                raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
+            if self.top_k < 0:
+                raise ValueError(f"top_k must be >= 0 (0 disables top-k filtering), got {self.top_k}")
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1] (1 disables nucleus filtering), got {self.top_p}")
         args: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
         if self.do_sample:
             args.update(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
