@@ -170,6 +170,8 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         self.decoding = decoding
         self.predict_weights = predict_weights or [[1.0 / len(rewards)] * len(rewards)]
         validate_weights(self.predict_weights, len(rewards), name="predict_weights")
+        # before the policy loads: an unknown mode here would otherwise fail only once the model is built
+        normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
 
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
         if decoding == "logit_mixture":  # here, not at the first evaluation
@@ -180,7 +182,7 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         if expert_checkpoints is not None:
             self.policy.load_expert_copies([policy_state(path) for path in expert_checkpoints])
         self.rewards = nn.ModuleList(rewards)
-        self.normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
+        self.normalizer = normalizer
         self.weight_seed = weight_seed
         self.checkpoint_step = 0
 

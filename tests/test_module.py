@@ -251,6 +251,20 @@ def test_bad_configuration_fails_at_construction(kwargs, message):
         make_module(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [(dict(normalization="runing"), "mode must be 'none', 'batch' or 'running', got 'runing'")],
+)
+def test_bad_configuration_fails_before_the_policy_loads(monkeypatch, kwargs, message):
+    """Checked before ``PolicyConfig.build``: a real policy takes minutes to load (and a reference copy to make)."""
+    built = []
+    monkeypatch.setattr(PolicyConfig, "build", lambda *args, **kw: built.append(args) or pytest.fail("policy built"))
+    rewards = [LengthReward(name="a", unit="chars"), LengthReward(name="b", mode="brevity", unit="chars")]
+    with pytest.raises(ValueError, match=message):
+        CLPModule(PolicyConfig("tiny:t5"), rewards, samples_per_prompt=2, **kwargs)
+    assert not built
+
+
 def test_a_run_without_an_end_needs_a_constant_schedule(tmp_path):
     """No max_steps and no max_epochs: a decaying schedule has no length to decay over and is refused before the
     first step; the constant one trains (stopped here by a callback)."""
