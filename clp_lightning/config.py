@@ -116,6 +116,20 @@ class OptimizerConfig:
     warmup_steps: int = 0
     schedule: Literal["constant", "linear", "cosine"] = "constant"
 
+    def __post_init__(self) -> None:
+        # when the config is made, not at configure_optimizers once the policy has loaded; an unknown schedule (or a
+        # negative warm-up) would otherwise train silently at a constant rate, and lr=inf passes AdamW's own check
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optimizer.schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"optimizer.lr must be a finite number >= 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optimizer.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+
     def build(self, params: list[torch.nn.Parameter], total_steps: float) -> dict[str, Any]:
         """``configure_optimizers`` output for ``params`` over ``total_steps`` optimizer steps (Lightning's
         ``estimated_stepping_batches``).

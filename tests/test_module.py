@@ -265,6 +265,22 @@ def test_bad_configuration_fails_before_the_policy_loads(monkeypatch, kwargs, me
     assert not built
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(schedule="cos"), "schedule must be 'constant', 'linear' or 'cosine', got 'cos'"),  # was a constant rate
+        (dict(warmup_steps=-10), "warmup_steps must be >= 0, got -10"),
+        (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
+        (dict(lr=-1e-3), "lr must be a finite number >= 0, got -0.001"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0, got nan"),
+        (dict(betas=(0.9, 1.0)), r"betas must be two numbers in \[0, 1\), got \[0.9, 1.0\]"),
+    ],
+)
+def test_bad_optimizer_settings_fail_when_configured(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerConfig(**kwargs)
+
+
 def test_a_run_without_an_end_needs_a_constant_schedule(tmp_path):
     """No max_steps and no max_epochs: a decaying schedule has no length to decay over and is refused before the
     first step; the constant one trains (stopped here by a callback)."""
