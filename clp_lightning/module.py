@@ -172,6 +172,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         validate_weights(self.predict_weights, len(rewards), name="predict_weights")
         # before the policy loads: an unknown mode here would otherwise fail only once the model is built
         normalizer = RewardNormalizer(self.num_objectives, mode=normalization)
+        if expert_checkpoints is not None and len(expert_checkpoints) != self.num_objectives:
+            raise ValueError(f"expert_checkpoints: got {len(expert_checkpoints)} experts for {self.num_objectives} "
+                             f"objectives {names}; Rewarded Soups needs one expert checkpoint per objective")
 
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
         if decoding == "logit_mixture":  # here, not at the first evaluation

@@ -253,7 +253,10 @@ def test_bad_configuration_fails_at_construction(kwargs, message):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [(dict(normalization="runing"), "mode must be 'none', 'batch' or 'running', got 'runing'")],
+    [
+        (dict(normalization="runing"), "mode must be 'none', 'batch' or 'running', got 'runing'"),
+        (dict(expert_checkpoints=["only_one.ckpt"]), r"got 1 experts for 2 objectives \['a', 'b'\]"),
+    ],
 )
 def test_bad_configuration_fails_before_the_policy_loads(monkeypatch, kwargs, message):
     """Checked before ``PolicyConfig.build``: a real policy takes minutes to load (and a reference copy to make)."""
