@@ -138,8 +138,6 @@ class OptimizerConfig:
             ValueError: the run's length is unknown (``inf``: no ``max_steps`` and no ``max_epochs``; -1: an unsized
                 loader) and the schedule needs it to decay.
         """
-        import math
-
         if not math.isfinite(total_steps) or total_steps < 1:
             if self.schedule != "constant":
                 raise ValueError(
