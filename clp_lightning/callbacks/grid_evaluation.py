@@ -136,6 +136,7 @@ class GridEvaluation(L.Callback):
         if max_prompts is not None and max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 (or None: every validation prompt), got {max_prompts}")
         self.generation = generation or GenerationSettings(do_sample=False)
+        self.generation.kwargs()  # its checks (top_p, temperature, ...) now, not at the first evaluation
         if num_samples < 1 or kl_samples < 0:
             raise ValueError(f"need num_samples >= 1 and kl_samples >= 0, got {num_samples} and {kl_samples}")
         if num_samples > 1 and not self.generation.do_sample:

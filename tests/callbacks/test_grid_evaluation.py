@@ -306,6 +306,9 @@ def test_bad_sampling_settings_are_refused():
         GridEvaluation(kl_samples=-1)
     with pytest.raises(ValueError, match="max_prompts must be >= 1 .* got 0"):
         GridEvaluation(max_prompts=0)
+    # the decoding settings' own checks come when the callback is made, not at the first evaluation of a fit
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\].*got 0"):
+        GridEvaluation(generation=GenerationSettings(do_sample=True, top_p=0.0))
 
 
 def test_kl_samples_zero_reports_nan_and_logs_no_kl(tmp_path):
