@@ -137,6 +137,8 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             if not policy.conditioning.condition_on_alpha:
                 raise ValueError("alpha_range is set but the policy is not conditioned on alpha (set "
                                  "policy.conditioning.condition_on_alpha: true, with prompt: true or alpha_scale)")
+            if len(alpha_range) != 2:
+                raise ValueError(f"alpha_range must be [low, high], got {list(alpha_range)}")
             alpha_low, alpha_high = alpha_range
             if not (0 <= alpha_low <= alpha_high and math.isfinite(alpha_high)):
                 raise ValueError(f"alpha_range {list(alpha_range)} must satisfy 0 <= low <= high, both finite")

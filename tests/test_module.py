@@ -233,6 +233,8 @@ def test_alpha_in_the_parameters_trains_and_scales_each_prompts_update(tmp_path,
         (dict(conditioning=ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.1, float("inf"))),
          r"alpha_range \[0.1, inf\] must satisfy 0 <= low <= high, both finite"),
         (dict(alpha_range=(0.1, 0.2)), "not conditioned on alpha"),
+        (dict(conditioning=ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.1, 0.2, 0.3)),
+         r"alpha_range must be \[low, high\], got \[0.1, 0.2, 0.3\]"),
         (dict(generation=GenerationSettings(max_new_tokens=0)), "max_new_tokens must be >= 1"),
         (dict(generation=GenerationSettings(do_sample=False)), "do_sample is false: training rollouts must be"),
         # generate would take these with a warning or none: greedy "samples" (zero advantages), responses never ending
