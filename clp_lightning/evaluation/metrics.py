@@ -3,9 +3,10 @@
 Notation: P grid points (weightings), m objectives, B samples in one ``update``.
 
 Each rank scores its share of (grid point, prompt) pairs and calls ``update``. :class:`GridRewardMeans` keeps per-point
-sums and counts reduced with ``sum``, so ``compute`` gives the same means whatever the split across ranks;
-:class:`PromptRows` keeps one row per prompt, gathered from every rank and put in an order that does not depend on
-the split either.
+sums and counts reduced with ``sum``, so ``compute`` gives the same means whatever the split across ranks, provided
+each sample is scored once (a distributed sampler that repeats prompts to even out the shards counts those twice);
+:class:`PromptRows` keeps one row per prompt, gathered from every rank, deduplicated and put in an order that does not
+depend on the split either: :class:`~clp_lightning.callbacks.GridEvaluation` takes its means over these rows.
 """
 
 from __future__ import annotations
