@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -50,8 +51,12 @@ class LengthReward(Reward):
             raise ValueError(f"unit must be 'words', 'chars' or 'tokens', got {unit!r}")
         if mode == "target" and target_length is None:
             raise ValueError("mode='target' needs target_length")
-        if scale <= 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        # A NaN target or scale makes every reward NaN, an infinite scale makes every reward 0, and a negative target
+        # is no length: refuse them here rather than hours later, in the normaliser or as a flat objective.
+        if target_length is not None and not (math.isfinite(target_length) and target_length >= 0):
+            raise ValueError(f"target_length must be a finite length >= 0, got {target_length}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be finite and > 0, got {scale}")
         if unit == "tokens" and tokenizer is None:
             raise ValueError("unit='tokens' needs a tokenizer (hub id, local directory or pkg:<package>/<dir>)")
         self.mode, self.unit, self.target_length, self.scale = mode, unit, target_length, scale

@@ -37,3 +37,16 @@ def test_invalid_arguments():
         LengthReward(scale=0)
     with pytest.raises(ValueError, match="unit"):
         LengthReward(unit="sentences")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0])
+def test_a_nan_infinite_or_negative_scale_is_refused(scale):
+    # nan <= 0 is False: a NaN scale used to pass and make every reward NaN; an infinite one made every reward 0
+    with pytest.raises(ValueError, match=f"scale must be finite and > 0, got {scale}"):
+        LengthReward(scale=scale)
+
+
+@pytest.mark.parametrize("target_length", [float("nan"), float("inf"), -3])
+def test_a_nan_infinite_or_negative_target_length_is_refused(target_length):
+    with pytest.raises(ValueError, match=f"target_length must be a finite length >= 0, got {target_length}"):
+        LengthReward(mode="target", target_length=target_length)
