@@ -5,6 +5,7 @@ Notation: ``N`` rewarded samples in a batch, ``m`` objectives.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -42,7 +43,7 @@ class RewardNormalizer(nn.Module):
         mode: ``"none"``, ``"batch"`` or ``"running"``.
         momentum: for ``"running"``: None merges all batches exactly; a value in (0, 1] is the weight of the newest
             batch in an exponential moving average (the first batch initialises it).
-        eps: added to the std, so constant rewards normalise to 0 instead of dividing by zero.
+        eps: added to the std, so constant rewards normalise to 0 instead of dividing by zero; must be > 0.
         sync_fn: sums a 1-D float64 tensor across workers (replaces the ``torch.distributed`` all-reduce; for tests
             or custom launchers).
     """
@@ -62,6 +63,8 @@ class RewardNormalizer(nn.Module):
             raise ValueError(f"mode must be 'none', 'batch' or 'running', got {mode!r}")
         if momentum is not None and not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1] or None, got {momentum}")
+        if not (math.isfinite(eps) and eps > 0):  # eps <= 0 divides constant rewards by zero; NaN makes all NaN
+            raise ValueError(f"eps must be finite and > 0, got {eps}")
         self.num_objectives, self.mode, self.momentum, self.eps = num_objectives, mode, momentum, eps
         self.sync_fn = sync_fn or _all_reduce_sum
         # Before any update the stats are the identity transform: mean 0, var 1.

@@ -114,6 +114,14 @@ def test_bad_shapes_and_arguments():
         RewardNormalizer(3, momentum=0.0)
 
 
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+def test_an_eps_that_is_not_finite_and_positive_is_refused(eps):
+    # eps=-1 turned a batch of two rewards into -inf/+inf, eps=nan made every output NaN, eps=0 divided constant
+    # rewards by zero (NaN), eps=inf made every output 0
+    with pytest.raises(ValueError, match=f"eps must be finite and > 0, got {eps}"):
+        RewardNormalizer(2, eps=eps)
+
+
 def test_a_non_finite_reward_is_refused_and_leaves_the_stats_untouched():
     norm = RewardNormalizer(3)
     norm(_batches()[0])
