@@ -102,6 +102,16 @@ class SequenceClassifierReward(Reward):
             torch_dtype=torch_dtype,
         )
         check_max_length(self.model, max_length, model)
+        # Room for one token of each text besides the special tokens. Below that the tokenizer cannot truncate: the
+        # pair comes back whole, longer than max_length (past the position table on a long source), or as special
+        # tokens only, which score every input the same.
+        minimum = self.tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+        if max_length < minimum:
+            what = "a (source, response) pair" if pair else "a response"
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text: the tokenizer of {tokenizer or model!r} adds "
+                f"{minimum - (2 if pair else 1)} special tokens to {what}; set max_length >= {minimum}"
+            )
         self.pair, self.pair_order, self.output = pair, pair_order, output
         self.max_length, self.source_max_chars = max_length, source_max_chars
         self.label = resolve_label(self.model.config, label, model)

@@ -185,3 +185,17 @@ def test_a_config_pad_id_other_than_the_tokenizers_scores_a_batch_like_single_te
     single = torch.cat([reward(["post"], [r]) for r in responses])
     # the short text used to be read at its last padding position, a logit that depends on the batch
     torch.testing.assert_close(reward(["post"] * 2, responses), single)
+
+
+@pytest.mark.parametrize(("pair", "max_length", "minimum"), [(True, 2, 5), (True, 4, 5), (False, 2, 3)])
+def test_a_max_length_without_room_for_text_is_refused_at_construction(classifier_dir, pair, max_length, minimum):
+    # BERT adds [CLS] [SEP] [SEP] to a pair: with max_length=2 the tokenizer could not truncate and returned whole
+    # pairs longer than max_length; with 3 or 4 a text (or both) were cut to nothing and every input scored the same
+    with pytest.raises(ValueError, match=rf"max_length={max_length} leaves no room.*max_length >= {minimum}"):
+        SequenceClassifierReward(str(classifier_dir), pair=pair, max_length=max_length)
+
+
+def test_the_smallest_max_length_keeps_a_token_of_each_text_and_stays_within_it(classifier_dir):
+    reward = SequenceClassifierReward(str(classifier_dir), pair=True, max_length=5)
+    enc = reward.encode(["a long source text here", "other"], ["resp one", "x y z"])
+    assert enc["input_ids"].shape[1] == 5
