@@ -88,6 +88,17 @@ def test_max_length_beyond_the_encoders_positions_is_refused():
         EmbeddingSimilarityReward(MINILM, max_length=1024)
 
 
+@pytest.mark.parametrize(("max_length", "message"), [
+    (2, "max_length=2 leaves no room for text.*max_length >= 3"),
+    (0, "max_length must be >= 1, got 0"),
+    (-5, "max_length must be >= 1, got -5"),
+])
+def test_a_max_length_without_room_for_text_is_refused_at_construction(max_length, message):
+    # max_length=2 kept [CLS] [SEP] only, so every pair scored 1.0; 0 scored anyway, a negative one crashed mid-call
+    with pytest.raises(ValueError, match=message):
+        EmbeddingSimilarityReward(MINILM, max_length=max_length)
+
+
 def test_unpacked_embeddings_do_not_depend_on_the_saved_padding_side(tmp_path, minilm_tokenizer):
     minilm_tokenizer.save_pretrained(tmp_path)
     left = AutoTokenizer.from_pretrained(tmp_path, padding_side="left")
