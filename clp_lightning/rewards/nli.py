@@ -83,12 +83,23 @@ class Seq2SeqNLIReward(Reward):
         super().__init__(name=name, batch_size=batch_size)
         if template.count("{source}") != 1 or template.count("{response}") != 1:
             raise ValueError(f"template must contain {{source}} and {{response}} once each, got {template!r}")
+        if max_length < 1:  # before loading an 11B-parameter model; the template's own tokens are checked below
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.model, self.tokenizer = load_scorer(
             AutoModelForSeq2SeqLM, model, tokenizer, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype
         )
         if not self.tokenizer.is_fast:
             raise ValueError(f"{tokenizer or model!r}: Seq2SeqNLIReward needs a fast tokenizer (for source truncation)")
         check_max_length(self.model, max_length, model)  # T5 has relative positions; a BART-based scorer does not
+        # The template and special tokens alone must leave room for the hypothesis: otherwise fit_source empties the
+        # premise and the final truncation cuts the response to nothing, and every pair scores the same.
+        overhead = len(self.tokenizer(template.format(source="", response=""))["input_ids"])
+        if max_length <= overhead:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text: the template {template!r} with its special tokens "
+                f"takes {overhead} tokens of {tokenizer or model!r}; set max_length >= {overhead + 1} (enough for "
+                "the longest response)"
+            )
         start = self.model.config.decoder_start_token_id
         if start is None:
             raise ValueError(f"{model!r} has no decoder_start_token_id in its config")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from clp_lightning.rewards import Seq2SeqNLIReward
+from clp_lightning.rewards import Seq2SeqNLIReward, nli
 from clp_lightning.rewards.nli import fit_source
 
 SOURCES = ["The meeting was moved to Friday because the room was booked.", "Cats sleep a lot."]
@@ -67,3 +67,21 @@ def test_bad_template_and_multi_token_label(t5_dir):
         Seq2SeqNLIReward(str(t5_dir), template="premise: {source}")
     with pytest.raises(ValueError, match="'10' must be a single token"):
         Seq2SeqNLIReward(str(t5_dir), entail_token="10")
+
+
+@pytest.mark.parametrize("max_length", [-1, 0])
+def test_a_max_length_below_one_is_refused_before_loading(monkeypatch, max_length):
+    monkeypatch.setattr(nli, "load_scorer", lambda *a, **k: pytest.fail("loaded the model before checking max_length"))
+    with pytest.raises(ValueError, match=f"max_length must be >= 1, got {max_length}"):
+        Seq2SeqNLIReward("google/t5_xxl_true_nli_mixture", max_length=max_length)
+
+
+def test_a_max_length_that_the_template_fills_is_refused(t5_dir):
+    # the byte-level tokenizer spends 22 tokens on "premise:  hypothesis: " and one on </s>: with max_length=23 the
+    # premise was emptied and the hypothesis truncated away, so every pair got the same score
+    tok = AutoTokenizer.from_pretrained(t5_dir)
+    overhead = len(tok("premise:  hypothesis: ")["input_ids"])
+    with pytest.raises(ValueError, match=rf"max_length={overhead} leaves no room.*max_length >= {overhead + 1}"):
+        Seq2SeqNLIReward(str(t5_dir), max_length=overhead)
+    a, b = Seq2SeqNLIReward(str(t5_dir), max_length=overhead + 1)(["x", "y"], ["yes", "no"]).tolist()
+    assert a != b  # one token of each hypothesis is read
