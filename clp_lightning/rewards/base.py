@@ -11,6 +11,7 @@ the parent LightningModule calls ``train()``. Rewards are ``nn.Module``s so that
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,8 +135,9 @@ class Reward(nn.Module):
         super().__init__()
         if not name:
             raise ValueError("a reward needs a non-empty name (it becomes the metric key train/reward/<name>)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # An int: a float passes `>= 1` here and then fails in range() at the first call, after the model has loaded.
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.name = name
         self.batch_size = batch_size
         # Tracks the device for rewards without weights, so every reward returns on the module's device.

@@ -84,3 +84,10 @@ def test_position_limit_counts_the_usable_rows_of_the_position_table(classifier_
     )
     assert position_limit(bart) == 40  # the table has 2 extra rows (BART's offset)
     assert position_limit(build_tiny_model("t5", seed=0)) is None  # relative positions: no table bounds the length
+
+
+@pytest.mark.parametrize("batch_size", [2.5, 8.0, "4", True])
+def test_a_batch_size_that_is_not_an_integer_is_refused_at_construction(classifier_dir, batch_size):
+    # 2.5 used to load the model and fail in range() at the first call; "4" failed with a bare TypeError
+    with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {batch_size!r}"):
+        SequenceClassifierReward(str(classifier_dir), max_length=32, batch_size=batch_size)
