@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import tarfile
@@ -90,9 +91,11 @@ def _number_list(row: dict[str, Any], index: int, field: str, kind: tuple[type, 
             raise ValueError(f"Row {index}: field {field!r} is not a JSON list: {row[field]!r:.80} ({err})") from err
     if not isinstance(value, list) or not value:
         raise ValueError(f"Row {index}: field {field!r} must be a non-empty list, got {row[field]!r:.80}")
-    bad = [x for x in value if isinstance(x, bool) or not isinstance(x, kind)]
+    # json.loads reads NaN and Infinity as floats: a NaN score would become a NaN mean_score, written as the
+    # non-standard token NaN in human_scores.jsonl and learned from as a target.
+    bad = [x for x in value if isinstance(x, bool) or not isinstance(x, kind) or not math.isfinite(x)]
     if bad:
-        what = "numbers" if float in kind else "integers"
+        what = "finite numbers" if float in kind else "integers"
         raise ValueError(f"Row {index}: field {field!r} must hold {what}, got {bad[0]!r} in {row[field]!r:.80}")
     return value
 

@@ -158,6 +158,15 @@ def _number_text(rows):
     rows[2]["text"] = 7
 
 
+def _nan_score(rows):
+    rows[4]["scores"] = json.loads(rows[4]["scores"])[:-1] + [float("nan")]  # json.dumps writes it as NaN
+
+
+def _infinite_score_text(rows):
+    rows[6]["scores"] = rows[6]["scores"].replace("]", ", Infinity]")
+    rows[6]["annotators_ids"] = rows[6]["annotators_ids"].replace("]", ", 99]")
+
+
 def _short_ids(rows):
     rows[1]["annotators_ids"] = "[1, 2]"
 
@@ -167,9 +176,11 @@ def _short_ids(rows):
     [
         (_drop_summary, "Row 3: field 'summary' is missing"),
         (_bad_json_scores, "Row 5: field 'scores' is not a JSON list"),
-        (_text_scores, "Row 0: field 'scores' must hold numbers"),
+        (_text_scores, "Row 0: field 'scores' must hold finite numbers, got 'good'"),
         (_number_text, "Row 2: field 'text' must be a non-empty string"),
         (_short_ids, "Row 1: 9 scores but 2 annotators_ids"),
+        (_nan_score, "Row 4: field 'scores' must hold finite numbers, got nan"),
+        (_infinite_score_text, "Row 6: field 'scores' must hold finite numbers, got inf"),
     ],
 )
 def test_bad_rows_name_the_row_and_field(tmp_path, corrupt, message):
