@@ -90,6 +90,9 @@ class RedditTLDRDataModule(SummarizationDataModule):
     def convert_row(row: dict[str, Any], schema: str, max_post_chars: int | None, marker: str) -> dict[str, str]:
         if schema == "raw":
             subreddit, title = (clean_text(row[k], k)[0] for k in ("subreddit", "title"))
+            # The template writes "r/" itself; a subreddit stored as "r/name" would read "r/r/name" (parsed prompts
+            # drop it the same way, so every schema gives one prompt).
+            subreddit = subreddit.removeprefix("r/").strip()
             post, reason = clean_text(row["post"], "post")
         else:
             prompt, reason = clean_text(row["prompt"], "prompt")

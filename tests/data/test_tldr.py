@@ -60,6 +60,17 @@ def test_raw_schema_is_detected(tmp_path):
     assert dm.data["train"]["source"] == [r["post"] for r in raw]
 
 
+def test_a_raw_subreddit_written_with_r_slash_is_not_prefixed_twice(tmp_path):
+    raw = rows("tldr_raw.jsonl")
+    prefixed = [{**r, "subreddit": f"r/{r['subreddit']}"} for r in raw]
+    file = tmp_path / "raw_prefixed.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in prefixed))
+    dm = RedditTLDRDataModule(data_files={"train": str(file), "validation": str(file)}, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert dm.data["train"]["prompt"][0].startswith(f"SUBREDDIT: r/{raw[0]['subreddit']}\n\nTITLE: ")
+    assert dm.data["train"]["prompt"][0] == format_tldr_prompt(raw[0]["subreddit"], raw[0]["title"], raw[0]["post"])
+
+
 def test_undetectable_schema_lists_the_columns(tmp_path):
     with pytest.raises(ValueError, match=r"Cannot detect the TL;DR schema of split 'train' from columns \['prompt'\]"):
         load(tmp_path, "tldr_missing_column.jsonl", "tldr_trl_validation.jsonl")
