@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 from clp_lightning.data.base import SummarizationDataModule, clean_text, skip_row, truncate_words
@@ -34,9 +35,12 @@ class CNNDailyMailDataModule(SummarizationDataModule):
         super().__init__(path=path, name=name, **kwargs)
         try:  # fail here, not after loading hundreds of thousands of rows
             prompt_template.format(article="")
+            # The fields str.format fills: "{{article}}" is the literal text "{article}", not a field, and a prompt
+            # made from it would hold no article at all.
+            fields = [field for _, field, _, _ in string.Formatter().parse(prompt_template) if field is not None]
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(f"prompt_template must have only an {{article}} field, got {prompt_template!r}") from err
-        if "{article}" not in prompt_template:
+        if "article" not in fields:
             raise ValueError(f"prompt_template has no {{article}} field: {prompt_template!r}")
         if max_article_chars is not None and max_article_chars <= len(truncation_marker):
             raise ValueError(f"max_article_chars must exceed the marker length, got {max_article_chars}")

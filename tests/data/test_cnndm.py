@@ -56,3 +56,15 @@ def test_bad_template_fails_at_construction():
         CNNDailyMailDataModule(prompt_template="summarize: {text}")
     with pytest.raises(ValueError, match="article"):
         CNNDailyMailDataModule(prompt_template="summarize:")
+
+
+@pytest.mark.parametrize("template", ["summarize: {{article}}", "{{article}}\n\nTL;DR:"])
+def test_an_escaped_article_field_is_refused(template):
+    # "{{article}}" formats to the literal text "{article}": every prompt would have been the same, with no article
+    with pytest.raises(ValueError, match="has no {article} field"):
+        CNNDailyMailDataModule(prompt_template=template)
+
+
+def test_an_article_field_with_a_conversion_is_accepted(tmp_path):
+    dm = load(tmp_path, prompt_template="summarize: {article!s}")
+    assert dm.data["val"][0]["prompt"] == "summarize: " + dm.data["val"][0]["source"]
