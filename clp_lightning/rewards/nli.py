@@ -7,6 +7,8 @@ encoder pass and one decoder step score a whole micro-batch (no generation).
 
 from __future__ import annotations
 
+import string
+
 import torch
 from torch import Tensor
 from transformers import AutoModelForSeq2SeqLM, PreTrainedTokenizerBase
@@ -81,8 +83,17 @@ class Seq2SeqNLIReward(Reward):
         torch_dtype: str | None = None,
     ) -> None:
         super().__init__(name=name, batch_size=batch_size)
-        if template.count("{source}") != 1 or template.count("{response}") != 1:
-            raise ValueError(f"template must contain {{source}} and {{response}} once each, got {template!r}")
+        # Checked before the model loads: another field ("{extra}", "{0}") or a stray brace used to pass here and
+        # raise a KeyError / IndexError / ValueError at the first score. fit_source also needs the plain "{source}".
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError as err:
+            raise ValueError(f"template {template!r} is not a valid format string: {err}") from None
+        if sorted(fields) != ["response", "source"] or template.count("{source}") != 1:
+            raise ValueError(
+                f"template must contain {{source}} and {{response}} once each and no other field, got {template!r} "
+                f"(fields {fields})"
+            )
         if max_length < 1:  # before loading an 11B-parameter model; the template's own tokens are checked below
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.model, self.tokenizer = load_scorer(

@@ -85,3 +85,26 @@ def test_a_max_length_that_the_template_fills_is_refused(t5_dir):
         Seq2SeqNLIReward(str(t5_dir), max_length=overhead)
     a, b = Seq2SeqNLIReward(str(t5_dir), max_length=overhead + 1)(["x", "y"], ["yes", "no"]).tolist()
     assert a != b  # one token of each hypothesis is read
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "premise: {source} hypothesis: {response} {extra}",
+        "premise: {source} hypothesis: {response} {0}",
+        "premise: {source} hypothesis: {response} {",
+        "premise: {source!r} hypothesis: {response}",
+    ],
+)
+def test_a_template_with_another_field_or_a_stray_brace_is_refused_before_loading(monkeypatch, template):
+    # the first three passed the check and failed at the first score (KeyError, IndexError, ValueError), after
+    # the model had loaded
+    monkeypatch.setattr(nli, "load_scorer", lambda *a, **k: pytest.fail("loaded the model before checking template"))
+    with pytest.raises(ValueError, match="template"):
+        Seq2SeqNLIReward("google/t5_xxl_true_nli_mixture", template=template)
+
+
+def test_escaped_braces_in_the_template_are_text(t5_dir):
+    reward = Seq2SeqNLIReward(str(t5_dir), template="{{premise}}: {source} hypothesis: {response}", max_length=64)
+    assert fit_source(reward.tokenizer, reward.template, "ab", "cd", 64) == "{premise}: ab hypothesis: cd"
+    assert reward(["ab"], ["cd"]).shape == (1,)
