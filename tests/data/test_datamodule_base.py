@@ -137,8 +137,24 @@ def test_max_train_samples_takes_the_first_rows(tmp_path):
 @pytest.mark.parametrize("value", [0, -1])
 def test_a_cap_below_one_row_is_refused_at_construction(tmp_path, arg, value):
     # not after the loading, as "Column 'skip' doesn't exist"
-    with pytest.raises(ValueError, match=rf"{arg} must be >= 1 \(or null for no limit\), got {value}"):
+    with pytest.raises(ValueError, match=rf"{arg} must be an integer >= 1 \(or null for no limit\), got {value}"):
         tldr(tmp_path, **{arg: value})
+
+
+@pytest.mark.parametrize(
+    ("arg", "value", "expected"),
+    [
+        ("max_train_samples", 2.5, r"an integer >= 1 \(or null for no limit\)"),
+        ("batch_size", 2.5, "an integer >= 1"),
+        ("val_batch_size", True, "an integer >= 1"),
+        ("num_workers", -1, "an integer >= 0"),
+        ("seed", -1, "an integer >= 0"),
+    ],
+)
+def test_a_non_integer_size_or_a_negative_seed_is_refused_at_construction(tmp_path, arg, value, expected):
+    # each used to construct fine and fail only once the splits were loaded (select(), DataLoader, the generator)
+    with pytest.raises(ValueError, match=rf"{arg} must be {expected}, got {value!r}"):
+        tldr(tmp_path, shuffle_before_subsample=True, **{arg: value})
 
 
 def test_subsample_shuffle_is_seeded(tmp_path):
