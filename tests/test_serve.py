@@ -363,6 +363,37 @@ def test_an_internal_error_is_500_without_details(caplog):
     assert "secret internal detail" in caplog.text  # logged with its traceback for whoever runs the server
 
 
+def strict_loads(text):
+    """``json.loads`` as a browser's ``JSON.parse`` reads: ``NaN`` and ``Infinity`` are not JSON."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_replies_are_strict_json_when_a_reward_or_the_report_is_not_finite():
+    """Python writes a NaN reward as ``NaN``, which the page's ``JSON.parse`` refuses (it then showed "could not reach
+    the server"); a non-finite number is sent as null."""
+    stub = Stub()
+    stub.release.set()
+    stub.generate = lambda prompt, weights, alpha=None: {"response": "ok", "rewards": {"a": float("nan"),
+                                                                                       "b": float("inf")}}
+    front = {"objectives": ["a", "b"], "grid": [[1.0, 0.0], [0.0, 1.0]], "rewards": [[0.1, 0.2], [0.3, 0.4]],
+             "hypervolume": float("nan"), "reference_rewards": [float("-inf"), 0.0]}
+    stub.front = lambda: front
+    with served(stub) as address:
+        conn = http.client.HTTPConnection(*address[:2], timeout=10)
+        conn.request("POST", "/generate", body=json.dumps({"prompt": "hi", "weights": [0.5, 0.5]}),
+                     headers={"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and strict_loads(reply.read())["rewards"] == {"a": None, "b": None}
+        conn.close()
+        conn = http.client.HTTPConnection(*address[:2], timeout=10)
+        conn.request("GET", "/api/front")
+        out = strict_loads(conn.getresponse().read())
+        assert out["hypervolume"] is None and out["reference_rewards"] == [None, 0.0]
+        conn.close()
+
+
 # ------------------------------------------------------------------------------------------------ the command line
 
 def test_clp_serve_prints_its_url_serves_and_stops_on_ctrl_c(run):
@@ -534,5 +565,25 @@ def test_the_page_steers_the_kl_strength_of_a_policy_conditioned_on_it(alpha_run
             body = {"prompt": PROMPT, "weights": [0.5, 0.5], "alpha": alpha}
             status, out = request(address, "POST", "/generate", body)
             assert status == 200 and driver.find_element(By.ID, "response").text == out["response"].strip()
+    finally:
+        driver.quit()
+
+
+def test_the_page_shows_a_reward_that_is_not_a_number(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    stub = Stub()
+    stub.release.set()
+    stub.generate = lambda prompt, weights, alpha=None: {"response": "ok", "rewards": {"a": float("nan"), "b": 0.5}}
+    driver = chromium(tmp_path)
+    try:
+        with served(stub) as address:
+            wait = open_page(driver, address)
+            driver.find_element(By.ID, "prompt").send_keys("hi")
+            driver.find_element(By.ID, "generate").click()
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rewards tr[data-objective]"))
+            cells = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "#rewards tr[data-objective]")]
+            assert cells == ["a n/a", "b 0.500"] and driver.find_element(By.ID, "error").text == ""
+            assert driver.find_element(By.ID, "response").text == "ok"
     finally:
         driver.quit()

@@ -7,7 +7,8 @@
 Endpoints: ``GET /`` (the page), ``GET /api/info`` (objectives and limits), ``GET /api/front`` (the last grid
 evaluation), ``POST /generate`` with ``{"prompt": "...", "weights": [0.3, 0.7]}`` (and ``"alpha"``, the KL strength of
 a policy conditioned on it) and ``Content-Type: application/json``, answering ``{"response", "rewards", "weights"}``
-(and ``"alpha"``), or ``{"error"}`` with status 400 (bad request), 503 (busy) or 500.
+(and ``"alpha"``), or ``{"error"}`` with status 400 (bad request), 503 (busy) or 500. Replies are strict JSON: a
+reward that is not a finite number is ``null``.
 
 Built on the standard library's ``ThreadingHTTPServer`` and one static page (vanilla JS and CSS, inline): no new
 runtime dependency, no asset fetched from a CDN (the page works offline), and the page calls the same JSON endpoint as
@@ -188,6 +189,21 @@ def _as_float(x: int | float) -> float:
         return math.nan
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN and infinite float replaced by None (JSON's null).
+
+    Python writes them as ``NaN`` and ``Infinity``, which JSON does not have: a browser's ``JSON.parse`` refuses the
+    whole reply. A reward can be NaN (a reward model overflowing in half precision) and a report is untrusted input.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _kind(value: Any) -> str:
     text = json.dumps(value)
     return "nothing" if value is None else text if len(text) <= 40 else f"{type(value).__name__} {text[:40]}..."
@@ -247,7 +263,7 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _json(self, status: int, payload: Any) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
+        self._send(status, json.dumps(strict_json(payload), allow_nan=False).encode(), "application/json")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
