@@ -587,3 +587,28 @@ def test_the_page_shows_a_reward_that_is_not_a_number(tmp_path):
             assert driver.find_element(By.ID, "response").text == "ok"
     finally:
         driver.quit()
+
+
+def test_the_kl_slider_of_a_range_that_starts_at_zero_sends_the_alpha_it_shows(tmp_path):
+    """alpha_range [0, high] is valid (prompt conditioning, uniform alpha); its log scale gave 0 * Infinity = NaN for
+    every position but the first, so the page showed NaN and sent null, and the server answered at alpha 0."""
+    from selenium.webdriver.common.by import By
+
+    stub = Stub()
+    stub.alpha_range = (0.0, 0.5)
+    stub.release.set()
+    driver = chromium(tmp_path)
+    try:
+        with served(stub) as address:
+            wait = open_page(driver, address)
+            assert float(driver.find_element(By.ID, "alpha-value").text) == 0.0
+            assert driver.find_element(By.ID, "alpha-scale").text == "linear"
+            driver.execute_script("const a = document.getElementById('alpha'); a.value = 500;"
+                                  "a.dispatchEvent(new Event('input'))")
+            assert driver.find_element(By.ID, "alpha-value").text == "0.250"
+            driver.find_element(By.ID, "prompt").send_keys("hi")
+            driver.find_element(By.ID, "generate").click()
+            wait.until(lambda d: d.find_element(By.ID, "response").get_attribute("data-alpha"))
+            assert float(driver.find_element(By.ID, "response").get_attribute("data-alpha")) == 0.25
+    finally:
+        driver.quit()
