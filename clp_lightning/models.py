@@ -367,6 +367,22 @@ def parse_tiny_name(name: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------------ policy loading
 
 
+def policy_dtype(torch_dtype: str | None) -> torch.dtype | None:
+    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None (the checkpoint's dtype).
+
+    Raises:
+        ValueError: the name is not a floating-point torch dtype (``"bf16"``, ``"int8"``, ``"nn"``), which would
+            otherwise surface as an AttributeError or a TypeError from deep inside ``to`` or ``from_pretrained``.
+    """
+    if torch_dtype is None:
+        return None
+    dtype = getattr(torch, torch_dtype, None) if isinstance(torch_dtype, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype={torch_dtype!r} is not a floating-point torch dtype; expected e.g. 'float32', "
+                         "'bfloat16', 'float16', or null for the checkpoint's dtype")
+    return dtype
+
+
 def load_policy_model(
     name_or_path: str,
     *,
@@ -395,20 +411,24 @@ def load_policy_model(
 
     Returns:
         ``(model, tokenizer)``; causal tokenizers pad on the left and always have a pad token.
+
+    Raises:
+        ValueError: ``torch_dtype`` is not a floating-point dtype (checked before anything loads).
     """
+    dtype = policy_dtype(torch_dtype)  # before any model loads or a GGUF file converts
     if name_or_path.startswith(TINY_PREFIX):
         arch, size = parse_tiny_name(name_or_path)
         tok = build_tiny_tokenizer(tokenizer, "seq2seq" if arch == "t5" else "causal")
         model = build_tiny_model(arch, size, seed=seed, vocab_size=len(tok))
-        if torch_dtype:
-            model = model.to(getattr(torch, torch_dtype))
+        if dtype is not None:
+            model = model.to(dtype)
         tokenizer = tok
     else:
         path = resolve_source(name_or_path, gguf_file, cache_dir)
         config = load_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
         seq2seq = getattr(config, "is_encoder_decoder", False)
         auto_cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-        dtype_kw = {"dtype": getattr(torch, torch_dtype)} if torch_dtype else {}
+        dtype_kw: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
         if use_safetensors is not None:
             dtype_kw["use_safetensors"] = use_safetensors
         model = load_pretrained(auto_cls, path, trust_remote_code=trust_remote_code, **dtype_kw)

@@ -161,3 +161,13 @@ def test_home_relative_paths_load_and_tiny_models_take_the_dtype(tmp_path, monke
     model, _ = load_policy_model("~/tiny_t5")  # not a (malformed) hub id
     assert Path(model.name_or_path) == tmp_path / "tiny_t5"
     assert load_policy_model("tiny:t5", torch_dtype="bfloat16")[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8", "nn", "auto"])
+def test_a_torch_dtype_that_is_not_a_float_dtype_is_named_before_anything_loads(name, monkeypatch):
+    """``torch_dtype: bf16`` used to fail with AttributeError (``int8`` with a TypeError from ``Module.to``), which
+    ``clp`` prints as a traceback, after a hub model or GGUF conversion had already loaded."""
+    monkeypatch.setattr(models, "resolve_source", lambda *a, **k: pytest.fail("loaded before checking the dtype"))
+    for source in ("tiny:t5", "org/model"):
+        with pytest.raises(ValueError, match=f"torch_dtype={name!r} is not a floating-point torch dtype"):
+            load_policy_model(source, torch_dtype=name)
