@@ -39,7 +39,8 @@ class CLPCLI(LightningCLI):
         # configs write paths from the subcommand's root (`${trainer.max_steps}`, not `${fit.trainer.max_steps}`)
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         # parse errors are raised, not printed with the whole usage: `main` prints them as one line
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "exit_on_error": False})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+", "exit_on_error": False, "prog": "clp",
+                                            "description": HELP})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -159,6 +160,13 @@ TOOLS = {"quickstart": "clp_lightning.quickstart:quickstart", "steer": "clp_ligh
          "compare": "clp_lightning.compare:compare", "data": "clp_lightning.data.prepare:main",
          "reward": "clp_lightning.rewards.train:main",
          "export": "clp_lightning.export:main", "serve": "clp_lightning.serve:main"}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# `clp --help` is LightningCLI's, which knows only its own subcommands: it names the others
+HELP = ("Conditional Language Policy: train one policy steerable by a weighting over several rewards. Subcommands "
+        "fit, validate, test and predict (below) run a YAML config. Other commands, each with its own --help: "
+        "quickstart (the offline quick start), steer (generate at chosen weightings), compare (overlay runs' "
+        "fronts), data (write local datasets), reward (train a learned reward), export (a checkpoint as a Hugging "
+        "Face directory), serve (a web page and JSON endpoint that steer a policy).")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -176,6 +184,10 @@ def main(args: list[str] | None = None) -> None:
             module, _, function = TOOLS[argv[0]].partition(":")
             getattr(importlib.import_module(module), function)(argv[1:])
             return
+        if argv[:1] and not argv[0].startswith("-") and argv[0] not in LIGHTNING_COMMANDS:
+            # LightningCLI's own message would name only fit, validate, test and predict
+            commands = ", ".join(LIGHTNING_COMMANDS + tuple(TOOLS))
+            raise ValueError(f"unknown command {argv[0]!r}; expected one of {commands} (clp --help describes them)")
         _show_info_logs()
         run_cli(argv)
     except Exception as err:

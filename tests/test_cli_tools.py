@@ -273,3 +273,19 @@ def test_info_logs_go_to_the_stderr_of_the_moment(monkeypatch):
     monkeypatch.setattr("sys.stderr", later)
     logging.getLogger("clp_lightning.data").info("Split %r: %d examples", "validation", 2)
     assert later.getvalue() == "Split 'validation': 2 examples\n"
+
+
+def test_help_and_an_unknown_command_name_every_command(capsys):
+    """LightningCLI's help and its 'invalid choice' error named only fit, validate, test and predict: the seven
+    other commands of `clp` appeared nowhere, and the usage line said `__main__.py` under `python -m`."""
+    from cli_helpers import clp
+
+    code, err = clp(capsys, "bogus", "--config", "x.yaml")
+    assert code == 2 and err.startswith("clp: error: unknown command 'bogus'; expected one of fit, validate, test, "
+                                        "predict, quickstart, steer, compare, data, reward, export, serve")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and out.startswith("usage: clp ")
+    for command in ("quickstart", "steer", "compare", "data", "reward", "export", "serve"):
+        assert f" {command} (" in out, command
