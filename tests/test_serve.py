@@ -20,6 +20,7 @@ from cli_helpers import TINY_CONFIG, clp, write_config
 
 from clp_lightning.serve import Limits, make_server
 from clp_lightning.serve import app as serve_app
+from clp_lightning.serve import backends as serve_backends
 from clp_lightning.serve.backends import from_checkpoint, from_directory, read_report
 
 PROMPT = "SUBREDDIT: r/cooking\n\nPOST: my soup is too salty, what can I add to fix it?\n\nTL;DR:"
@@ -233,6 +234,18 @@ def test_a_report_that_is_not_a_front_over_the_objectives_shows_no_front(run, tm
     (tmp_path / "report.json").write_text("{not json")
     assert read_report(tmp_path / "report.json", ["brevity", "length"]) is None
     assert "is unreadable" in caplog.text and "is not a grid evaluation over ['brevity', 'length']" in caplog.text
+
+
+def test_malformed_optional_parts_of_a_report_are_left_out_and_the_front_kept(run, tmp_path, caplog):
+    """The report is untrusted: a reference of the wrong length made every axis of the page's plot NaN."""
+    report = json.loads((run[1].parent.parent / "evaluation" / "latest.json").read_text())
+    bad = {"reference_rewards": [0.5], "front_mask": "yes", "hypervolume": "big", "step": 1.5, "epoch": True}
+    (tmp_path / "report.json").write_text(json.dumps({**report, **bad}))
+    front = read_report(tmp_path / "report.json", ["brevity", "length"])
+    assert front == {"objectives": ["brevity", "length"], "grid": report["grid"], "rewards": report["rewards"]}
+    assert "leaving out front_mask, reference_rewards, hypervolume, epoch, step" in caplog.text
+    good = read_report(run[1].parent.parent / "evaluation" / "latest.json", ["brevity", "length"])
+    assert set(good) == set(serve_backends.FRONT_KEYS)
 
 
 BAD_REQUESTS = {

@@ -60,7 +60,18 @@ def read_report(path: Path, objectives: list[str]) -> dict[str, Any] | None:
             and _matrix(report.get("rewards"), m) and len(report["grid"]) == len(report["rewards"])):
         log.warning("%s is not a grid evaluation over %s (objectives, grid and rewards): no front", path, objectives)
         return None
-    return {key: report[key] for key in FRONT_KEYS if key in report}
+    # the optional parts decorate the front (the reference's cross, the filled points, the caption): one that is
+    # malformed would skew or blank the whole plot (a reference of the wrong length sets every axis to NaN)
+    g = len(report["grid"])
+    well_formed = {
+        "front_mask": lambda v: isinstance(v, list) and len(v) == g and all(isinstance(x, bool) for x in v),
+        "reference_rewards": lambda v: _matrix([v], m),
+        "hypervolume": lambda v: is_number(v) and math.isfinite(v),
+        "epoch": lambda v: is_number(v) and isinstance(v, int), "step": lambda v: is_number(v) and isinstance(v, int),
+    }
+    if bad := [key for key, check in well_formed.items() if key in report and not check(report[key])]:
+        log.warning("%s: leaving out %s, which the page cannot draw", path, ", ".join(bad))
+    return {key: report[key] for key in FRONT_KEYS if key in report and key not in bad}
 
 
 def is_number(x: Any) -> bool:
