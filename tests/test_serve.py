@@ -256,6 +256,8 @@ BAD_REQUESTS = {
     "empty prompt": ({"prompt": "  \n", "weights": [0.5, 0.5]}, "'prompt' is empty: write the post or article"),
     "long prompt": ({"prompt": "x" * 201, "weights": [0.5, 0.5]},
                     "'prompt' is 201 characters long, over the limit of 200 (the server's --max_prompt_chars)"),
+    "lone surrogate": (b'{"prompt": "a\\ud800b", "weights": [0.5, 0.5]}',
+                       "'prompt' has an unpaired UTF-16 surrogate at character 1 ('\\ud800'), which is not text"),
     "no weights": ({"prompt": "hi"}, "'weights' must be a list of 2 numbers, one per objective (brevity, length)"),
     "weights not numbers": ({"prompt": "hi", "weights": ["0.5", "0.5"]}, "'weights' must be a list of 2 numbers"),
     "weights wrong count": ({"prompt": "hi", "weights": [0.2, 0.3, 0.5]},

@@ -153,6 +153,12 @@ class ServeApp:
         if len(prompt) > self.limits.max_prompt_chars:
             raise RequestError(f"'prompt' is {len(prompt)} characters long, over the limit of "
                                f"{self.limits.max_prompt_chars} (the server's --max_prompt_chars)")
+        try:  # JSON's "\ud800" escape decodes to a lone surrogate, which no tokenizer encodes
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(f"'prompt' has an unpaired UTF-16 surrogate at character {err.start} "
+                               f"({prompt[err.start]!r}), which is not text; send the character itself, or "
+                               "both halves of its surrogate pair") from None
         weights = request.get("weights")
         if not isinstance(weights, list) or not all(is_number(w) for w in weights):
             raise RequestError(f"'weights' must be a list of {m} numbers, one per objective "
