@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,6 +51,7 @@ ModelKind = Literal["seq2seq", "causal"]
 PKG_PREFIX = "pkg:"
 TINY_PREFIX = "tiny:"
 GGUF_SUFFIX = ".gguf"
+MIN_BPE_VOCAB = 256 + 3  # the byte alphabet and <pad>, </s>, <unk>
 # Where converted GGUF checkpoints are kept (overridden by the CLP_CACHE environment variable).
 DEFAULT_CACHE = Path("~/.cache/clp_lightning")
 
@@ -313,8 +315,11 @@ def build_tiny_tokenizer(spec: str | None, kind: ModelKind) -> PreTrainedTokeniz
     for the quick start)."""
     if spec in (None, "bytes"):
         return build_byte_tokenizer(kind)
-    if spec.startswith("synthetic-bpe"):
-        vocab = int(spec.rpartition("-")[2]) if spec.count("-") == 2 else 1024
+    if match := re.fullmatch(r"synthetic-bpe(?:-(\d+))?", spec):
+        vocab = int(match[1] or 1024)
+        if vocab < MIN_BPE_VOCAB:  # the trainer would silently keep them all, a vocabulary of another size
+            raise ValueError(f"tiny tokenizer {spec!r}: a byte-level BPE vocabulary holds at least the 256 bytes and "
+                             f"3 special tokens; expected a size >= {MIN_BPE_VOCAB}")
         rows = generate_examples(4000, seed=0, split="train")
         texts = [r[k] for r in rows for k in ("title", "post", "summary")]
         return build_bpe_tokenizer(texts, vocab, kind)

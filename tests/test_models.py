@@ -171,3 +171,11 @@ def test_a_torch_dtype_that_is_not_a_float_dtype_is_named_before_anything_loads(
     for source in ("tiny:t5", "org/model"):
         with pytest.raises(ValueError, match=f"torch_dtype={name!r} is not a floating-point torch dtype"):
             load_policy_model(source, torch_dtype=name)
+
+
+@pytest.mark.parametrize("spec", ["synthetic-bpe-500-x", "synthetic-bpex", "synthetic-bpe-100", "synthetic-bpe-"])
+def test_a_malformed_tiny_tokenizer_spec_is_refused(spec):
+    """'synthetic-bpe-500-x' and 'synthetic-bpex' used to give the 1024-token default and 'synthetic-bpe-100' a
+    259-token vocabulary: a typo silently trained another tokenizer."""
+    with pytest.raises(ValueError, match="tiny tokenizer"):
+        models.build_tiny_tokenizer(spec, "seq2seq")
