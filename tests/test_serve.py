@@ -471,6 +471,16 @@ def test_a_port_in_use_is_a_clear_error_before_loading(run, capsys, monkeypatch)
     assert code == 2 and f"cannot listen on 127.0.0.1:{port} (Address already in use): choose another --port" in err
 
 
+def test_a_host_that_is_not_this_machines_is_named_as_the_problem(run, capsys, monkeypatch):
+    """The error used to advise another --port for an unknown host name or another machine's address."""
+    config, ckpt = run
+    monkeypatch.setattr(serve_app, "from_checkpoint", lambda *a: pytest.fail("loaded a model"))
+    host = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no machine's address (a name lookup would need a resolver)
+    code, err = clp(capsys, "serve", "--config", str(config), "--ckpt_path", str(ckpt), "--host", host, "--port", "0")
+    assert code == 2 and f"cannot listen on {host}:0 (" in err, err
+    assert "--host must be an address or name of this machine" in err and "--port" not in err, err
+
+
 def test_only_loopback_hosts_are_private():
     assert all(map(serve_app.is_loopback, ["127.0.0.1", "localhost", "::1", "127.0.0.2"]))
     assert not any(map(serve_app.is_loopback, ["0.0.0.0", "192.168.1.4", "example.org", "::"]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -296,8 +297,10 @@ class Server(ThreadingHTTPServer):
         try:
             super().__init__((host, port), Handler)
         except OSError as err:
-            raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another --port, or "
-                          "--port 0 for a free one") from None
+            # a port in use or reserved is the port's fault; an unknown name or another machine's address the host's
+            hint = ("choose another --port, or --port 0 for a free one" if err.errno in (errno.EADDRINUSE, errno.EACCES)
+                    else "--host must be an address or name of this machine, e.g. 127.0.0.1")
+            raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}): {hint}") from None
 
 
 def make_server(backend: Backend, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> Server:
