@@ -372,7 +372,7 @@ def parse_tiny_name(name: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------------------ policy loading
 
 
-def policy_dtype(torch_dtype: str | None) -> torch.dtype | None:
+def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
     """``"bfloat16"`` -> ``torch.bfloat16``; None stays None (the checkpoint's dtype).
 
     Raises:
@@ -420,7 +420,7 @@ def load_policy_model(
     Raises:
         ValueError: ``torch_dtype`` is not a floating-point dtype (checked before anything loads).
     """
-    dtype = policy_dtype(torch_dtype)  # before any model loads or a GGUF file converts
+    dtype = parse_dtype(torch_dtype)  # before any model loads or a GGUF file converts
     if name_or_path.startswith(TINY_PREFIX):
         arch, size = parse_tiny_name(name_or_path)
         tok = build_tiny_tokenizer(tokenizer, "seq2seq" if arch == "t5" else "causal")

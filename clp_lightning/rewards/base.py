@@ -19,24 +19,10 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoTokenizer
 
-from clp_lightning.models import load_pretrained
+from clp_lightning.models import load_pretrained, parse_dtype
 
 # Names of learned absolute position tables: BERT-likes and RoBERTa, BART, GPT-2.
 _POSITION_TABLES = ("position_embeddings", "embed_positions", "wpe")
-
-
-def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
-    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None (the checkpoint's dtype).
-
-    Raises:
-        ValueError: the name is not a torch floating-point dtype.
-    """
-    if torch_dtype is None:
-        return None
-    dtype = getattr(torch, torch_dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"torch_dtype={torch_dtype!r} is not a floating-point torch dtype, e.g. 'float32', 'bfloat16'")
-    return dtype
 
 
 def load_scorer(
