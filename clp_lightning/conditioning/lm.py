@@ -242,7 +242,9 @@ def generate_responses(
         hidden = encode(model, input_ids, attention_mask)
         kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0))
     elif k > 1 and input_ids.shape[1] > 1:
-        kwargs[_cache_argument(model)] = _prefilled_cache(model, input_ids, attention_mask, k)
+        # beam search expands each row into num_beams before its first step, and a cache passed in is not expanded
+        beams = kwargs.get("num_beams") or 1
+        kwargs[_cache_argument(model)] = _prefilled_cache(model, input_ids, attention_mask, k * beams)
     input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
     off = dict(PROCESSORS_OFF)
     if "min_new_tokens" in kwargs:  # it replaces the model's min_length anyway (and both set draws a warning)

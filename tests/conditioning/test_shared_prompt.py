@@ -82,6 +82,21 @@ def test_shared_prompt_equals_the_full_path(arch, mode):
         assert torch.equal(response[:, : want[0].shape[1]] * want[1], want[0] * want[1]), sampling
 
 
+@pytest.mark.parametrize("arch", ["t5", "gpt2", "llama"])
+def test_beam_search_asked_for_by_the_caller_with_k_samples_per_prompt(arch):
+    """Beam search expands every row into its beams before the first step, and a causal prompt's shared cache must
+    be expanded with them: the same responses as the prompts repeated k times (GenerationSettings.extra may ask for
+    beams)."""
+    policy = make(arch, "lora")
+    w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    enc = policy.encode(PROMPTS, w)
+    full_enc = policy.encode([p for p in PROMPTS for _ in range(K)], repeated(w))
+    settings = dict(max_new_tokens=6, do_sample=False, num_beams=2)
+    got = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
+    want = policy.generate(**full_enc, weights=repeated(w), **settings)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_responses_that_do_not_divide_among_the_prompts_are_refused():
     assert samples_per_prompt(3, 12) == 4 and samples_per_prompt(5, 5) == 1
     with pytest.raises(ValueError, match="10 responses for 3 prompts: expected k responses per prompt"):
