@@ -92,7 +92,7 @@ def save_policy(
         "architecture": type(base).__name__,
         "num_objectives": m,
         "objective_names": names,
-        "conditioning": policy.conditioning.stored(),
+        "conditioning": _stored(policy.conditioning),
         "conditioning_label": policy.conditioning.name,
         "max_prompt_length": policy.max_prompt_length,
         "chat_template": policy.chat is not None,
@@ -159,6 +159,12 @@ def _conditioning_class() -> type[ConditioningConfig]:
     return ConditioningConfig
 
 
+def _stored(conditioning: ConditioningConfig) -> dict[str, Any]:
+    """``conditioning.stored()`` naming the mode by its registered name: a mode selected by its dotted path (which
+    imports and registers it) is loaded back by that name, since a saved policy never names code to import."""
+    return {**conditioning.stored(), "mode": conditioning.build_mode().name}
+
+
 def _normalised(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples as lists, as the file has them
 
@@ -201,7 +207,7 @@ def load_policy(
         raise ValueError(f"{directory} holds a policy of {m} objectives {record['objective_names']}, but "
                          f"num_objectives={num_objectives} was given")
     if conditioning is not None:
-        given, stored = _normalised(conditioning.stored()), _normalised(saved.stored())
+        given, stored = _normalised(_stored(conditioning)), _normalised(_stored(saved))
         if given != stored:
             fields = sorted(k for k in given.keys() | stored.keys() if given.get(k) != stored.get(k))
             raise ValueError(f"{directory} holds a policy conditioned with "

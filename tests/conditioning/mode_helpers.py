@@ -3,7 +3,8 @@
 import torch
 from torch import Tensor, nn
 
-from clp_lightning.conditioning.mode import ConditioningMode
+from clp_lightning.conditioning.mixing import ParameterMixing
+from clp_lightning.conditioning.mode import ConditioningMode, register_mode
 
 BIAS = "clp_logit_bias"  # (m, V) parameter registered on the output layer
 
@@ -38,3 +39,8 @@ class LogitBias(ConditioningMode):
     def expert_values(self, model: nn.Module, experts) -> dict[str, Tensor]:
         name = next(n for n, _ in model.named_parameters() if n.endswith(BIAS))
         return {name: torch.stack([e[name][i] for i, e in enumerate(experts)])}
+
+
+@register_mode("test_registered_mixing")
+class RegisteredMixing(ParameterMixing):
+    """Parameter mixing under a registered name of its own, selected by its dotted path as a user's mode would be."""

@@ -123,6 +123,21 @@ def saved(tmp_path_factory):
     return directory
 
 
+def test_a_registered_mode_named_by_its_dotted_path_loads_back(tmp_path):
+    """A mode of one's own selected by its dotted path (which imports and registers it) is saved under its registered
+    name, the only name a saved policy may give, and loads back with or without the config that named it."""
+    from mode_helpers import RegisteredMixing
+
+    conditioning = ConditioningConfig(mode="mode_helpers.RegisteredMixing", options={"targets": "logits"})
+    policy = trained_like("gpt2", conditioning)
+    policy.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / CLP_CONFIG).read_text())["conditioning"]["mode"] == "test_registered_mixing"
+    for given in (None, conditioning, ConditioningConfig(mode="test_registered_mixing", options={"targets": "logits"})):
+        loaded = ConditionalPolicy.from_pretrained(str(tmp_path), conditioning=given)
+        assert type(loaded.mode) is RegisteredMixing
+        assert same(outputs(policy)[1], outputs(loaded)[1])
+
+
 def test_num_objectives_or_conditioning_that_disagree_are_refused(saved):
     with pytest.raises(ValueError, match="holds a policy of 2 objectives .* num_objectives=3"):
         ConditionalPolicy.from_pretrained(str(saved), 3)
