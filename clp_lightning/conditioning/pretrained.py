@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +107,18 @@ def save_policy(
     return sorted(written)
 
 
+_CONDITIONING_FIELDS: dict[str, tuple[Any, str]] = {
+    "prompt": (lambda v: type(v) is bool, "true or false"),
+    "train_shared": (lambda v: type(v) is bool, "true or false"),
+    "condition_on_alpha": (lambda v: type(v) is bool, "true or false"),
+    "prompt_template": (lambda v: isinstance(v, str), "text"),
+    "alpha_template": (lambda v: isinstance(v, str), "text"),
+    "prompt_precision": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "alpha_scale": (lambda v: v is None or (type(v) in (int, float) and math.isfinite(v) and v > 0),
+                    "a number > 0 or null"),
+}
+
+
 def read_clp_config(directory: str | Path) -> dict[str, Any]:
     """``clp_config.json`` of a saved policy, checked field by field (it is untrusted input).
 
@@ -149,6 +162,9 @@ def read_clp_config(directory: str | Path) -> dict[str, Any]:
     registered_mode(conditioning.get("mode", "none"))  # by name only: a file never chooses code to import
     if not isinstance(conditioning.get("options", {}), dict):
         raise ValueError(f"{path}: conditioning.options must be an object")
+    for name, (check, expected) in _CONDITIONING_FIELDS.items():  # "false" would be a true flag, "2" no precision
+        if name in conditioning and not check(conditioning[name]):
+            raise ValueError(f"{path}: conditioning.{name} must be {expected}, got {conditioning[name]!r}")
     record["metadata"] = record.get("metadata") or {}
     return record
 

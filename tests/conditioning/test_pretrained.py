@@ -184,6 +184,9 @@ def test_the_mode_is_chosen_by_registered_name_only(saved, tmp_path):
     ({"objective_names": ["a"]}, "'objective_names' must be a list of 2 names"),
     ({"conditioning.code": "x"}, "unknown fields ['code']"),
     ({"format": "other"}, "is not a saved CLP policy"),
+    ({"conditioning.prompt": "false"}, "conditioning.prompt must be true or false, got 'false'"),  # not a true flag
+    ({"conditioning.prompt_precision": "2"}, "conditioning.prompt_precision must be an integer >= 0"),
+    ({"conditioning.alpha_scale": float("nan")}, "conditioning.alpha_scale must be a number > 0 or null"),
 ])
 def test_malformed_clp_config_is_named(saved, tmp_path, changes, message):
     directory = copy_of(saved, tmp_path)
