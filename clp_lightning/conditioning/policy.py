@@ -428,9 +428,9 @@ class ConditionalPolicy(nn.Module):
         The policy at ``w`` then interpolates the experts' parameters, ``theta(w) = sum_i w_i theta_i``.
 
         Raises:
-            ValueError: wrong number of experts, a missing parameter, or experts that disagree on a trained
-                parameter that is not conditioned (interpolating only the conditioned subset would then not be
-                the experts' soup).
+            ValueError: wrong number of experts, a missing parameter, or experts that disagree on a parameter
+                that is not conditioned, trained or frozen here (interpolating only the conditioned subset would
+                then not be the experts' soup). A shared parameter the experts agree on takes their value.
         """
         if len(experts) != self.num_objectives:
             raise ValueError(f"got {len(experts)} experts for {self.num_objectives} objectives (one per objective)")
@@ -446,7 +446,7 @@ class ConditionalPolicy(nn.Module):
                 continue
             if name in conditioned:
                 param.copy_(conditioned[name])
-            elif param.requires_grad:
+            else:  # frozen here too: experts that trained it apart are no soup of this policy's
                 values = [e[name] for e in experts]
                 if any(not torch.equal(values[0], v) for v in values[1:]):
                     raise ValueError(f"experts differ on the shared parameter {name!r}: train the experts with "

@@ -328,3 +328,24 @@ def test_truncation_side_keeps_the_start_or_the_end_and_is_saved(tmp_path):
     assert loaded.truncation_side == "right" and text(loaded) == "summarize: t"
     with pytest.raises(ValueError, match="truncation_side must be 'left'.*got 'start'"):
         PolicyConfig(truncation_side="start")
+
+
+def test_a_soup_with_frozen_shared_parameters_refuses_experts_that_moved_them():
+    """Experts trained with train_shared=true moved their shared parameters apart. A soup built with
+    train_shared=false freezes its own, and must refuse such experts rather than silently keep its own shared values
+    under the experts' copies; experts that agree on a shared parameter give it their value."""
+    attention = dict(mode="mixing", options={"targets": "attention"})
+    experts = []
+    for i in range(2):
+        expert = make_policy("t5", "attention")
+        with torch.no_grad():
+            expert.model.encoder.final_layer_norm.weight.add_(0.1 * (i + 1))
+        experts.append(expert.model.state_dict())
+    soup = ConditionalPolicy.from_pretrained("tiny:t5", 2, ConditioningConfig(**attention, train_shared=False))
+    assert not soup.model.encoder.final_layer_norm.weight.requires_grad
+    with pytest.raises(ValueError, match="differ on the shared parameter 'encoder.final_layer_norm.weight'"):
+        soup.load_expert_copies(experts)
+    name = "encoder.final_layer_norm.weight"
+    experts[1][name] = experts[0][name]
+    soup.load_expert_copies(experts)
+    assert torch.equal(soup.model.encoder.final_layer_norm.weight, experts[0][name])
