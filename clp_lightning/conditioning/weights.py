@@ -6,9 +6,8 @@ weightings has shape ``(B, m)``, one row per prompt or sequence.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,8 +94,18 @@ def simplex_grid(num_objectives: int, step: float) -> Tensor:
     n = round(1 / step)
     if not math.isclose(n * step, 1.0, abs_tol=1e-9):
         raise ValueError(f"grid step {step} does not divide 1 (expected 1/n for an integer n, e.g. 0.1 or 0.25)")
-    points = [c for c in itertools.product(range(n + 1), repeat=num_objectives) if sum(c) == n]
+    points = list(_compositions(n, num_objectives))  # C(n + m - 1, m - 1) points, not the (n + 1)^m of a cube
     return torch.tensor(points, dtype=torch.float64).div(n).float()
+
+
+def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
+    """The tuples of ``parts`` non-negative integers summing to ``total``, in lexicographic order."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
 
 
 class WeightSampler:

@@ -54,6 +54,24 @@ def test_grid_sizes_and_order():
         simplex_grid(2, 0.3)
 
 
+@pytest.mark.parametrize(("m", "step"), [(1, 0.5), (2, 1.0), (3, 0.1), (4, 0.25), (5, 0.5)])
+def test_grid_is_every_lattice_point_of_the_simplex_in_lexicographic_order(m, step):
+    import itertools
+    import math
+
+    n = round(1 / step)
+    cube = [c for c in itertools.product(range(n + 1), repeat=m) if sum(c) == n]  # the definition, brute force
+    grid = simplex_grid(m, step)
+    assert grid.shape == (math.comb(n + m - 1, m - 1), m)
+    assert torch.equal(grid, torch.tensor(cube, dtype=torch.float64).div(n).float())
+
+
+def test_a_grid_of_many_objectives_is_built_from_its_points_alone():
+    # 8 objectives at step 0.1: 19448 points out of a cube of 11^8 = 214 million candidates
+    grid = simplex_grid(8, 0.1)
+    assert grid.shape == (19448, 8) and torch.allclose(grid.sum(-1), torch.ones(19448))
+
+
 def test_dirichlet_deterministic_on_simplex_and_concentration():
     sampler = DirichletSampler(3, 1.0)
     a = sampler.sample(500, torch.Generator().manual_seed(1))
