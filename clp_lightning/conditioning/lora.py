@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,8 @@ class LoraConditioning(ConditioningMode):
             raise ValueError(f"LoRA rank r must be >= 1, got {r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        if not (math.isfinite(alpha) and alpha > 0):  # 0 makes every update zero (nothing learns), nan every logit
+            raise ValueError(f"LoRA alpha must be a finite number > 0 (the update is scaled by alpha / r), got {alpha}")
         if not modules:
             raise ValueError("LoRA target_modules is empty; expected 'attention', 'all' or module-name patterns")
         self.spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=modules)

@@ -89,6 +89,8 @@ def test_modes_are_chosen_by_name_and_bad_names_fail_early():
         (dict(prompt=True, prompt_precision=-1), "precision must be >= 0"),
         (dict(mode="lora", options={"r": 0}), "rank r must be >= 1, got 0"),
         (dict(mode="lora", options={"dropout": 1.5}), "dropout must be in"),
+        (dict(mode="lora", options={"alpha": 0.0}), r"LoRA alpha must be a finite number > 0 .*got 0.0"),
+        (dict(mode="lora", options={"alpha": float("nan")}), r"LoRA alpha must be a finite number > 0 .*got nan"),
         (dict(mode="lora", options={"target_modules": []}), "target_modules is empty"),
         (dict(mode="mixing", options={"targets": []}), "targets is empty"),
     ],
