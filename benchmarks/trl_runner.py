@@ -63,6 +63,9 @@ def run_trl(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
             reward_weights=[1.0 / cell.objectives] * cell.objectives, logging_steps=10**6, save_strategy="no",
             report_to="none", disable_tqdm=True, use_cpu=args.device == "cpu", bf16=False, fp16=False,
             dataloader_num_workers=0, seed=0, log_completions=False,
+            # RLOOConfig's default is True: the backward would recompute the policy's forward, which clp-lightning's
+            # step does not do, so TRL would do more work than the cell it is the baseline of
+            gradient_checkpointing=False,
         )
         trainer = RLOOTrainer(
             model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),

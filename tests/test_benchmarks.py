@@ -293,3 +293,20 @@ def test_reward_scoring_compares_the_four_variants_exactly(benchmark, tmp_path, 
     assert positions["evaluation", "padded, per call"] < positions["evaluation", "padded, per micro-batch (before)"]
     with pytest.raises(SystemExit, match="clp data cnndm-blanc"):
         reward_scoring.main(["--data", str(tmp_path / "missing.jsonl")])
+
+
+def test_trl_trains_without_gradient_checkpointing_as_clp_lightning_does(rl_step, rl_cell, monkeypatch, tmp_path):
+    # RLOOConfig turns gradient checkpointing on by default: TRL's backward would recompute the policy's forward,
+    # work that clp-lightning's step does not do, and the trl suite's ratios would flatter clp-lightning
+    trl = pytest.importorskip("trl", reason="the TRL comparison needs the bench extra (pip install -e .[bench])")
+    seen = []
+    step = trl.RLOOTrainer.training_step
+
+    def record(self, *args, **kwargs):
+        seen.append((self.args.gradient_checkpointing, self.model.is_gradient_checkpointing))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trl.RLOOTrainer, "training_step", record)
+    cell = rl_cell.Cell("trl", framework="trl", size="tiny", rewards="cheap", prompts=2, samples=2, new_tokens=2)
+    rl_step.worker(cell, _args(tmp_path, warmup=0, steps=1, profile=False))
+    assert seen == [(False, False)]
