@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="write every measurement to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # a negative --warmup would slice the timed steps from the end (step_times(ends, -1) keeps only the last step)
+    if args.warmup < 0 or args.steps < 1 or args.rounds < 1:
+        parser.error(f"--warmup {args.warmup} --steps {args.steps} --rounds {args.rounds}: expected --warmup >= 0, "
+                     "--steps >= 1 and --rounds >= 1")
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     if args.worker:
         print(json.dumps(worker(Cell(**json.loads(args.worker)), args)))

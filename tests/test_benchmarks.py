@@ -310,3 +310,12 @@ def test_trl_trains_without_gradient_checkpointing_as_clp_lightning_does(rl_step
     cell = rl_cell.Cell("trl", framework="trl", size="tiny", rewards="cheap", prompts=2, samples=2, new_tokens=2)
     rl_step.worker(cell, _args(tmp_path, warmup=0, steps=1, profile=False))
     assert seen == [(False, False)]
+
+
+@pytest.mark.parametrize("bad", [["--warmup", "-1"], ["--steps", "0"], ["--rounds", "0"]])
+def test_rl_step_refuses_counts_that_would_time_the_wrong_steps_or_none(rl_step, monkeypatch, capsys, tmp_path, bad):
+    # --warmup -1 used to run one step fewer and time only the last; --steps 0 and --rounds 0 have no median
+    monkeypatch.setattr(rl_step, "measure", lambda cells, args: pytest.fail(f"measured with {bad}"))
+    with pytest.raises(SystemExit) as stop:
+        rl_step.main(["--suites", "modes", "--cache", str(tmp_path), *bad])
+    assert stop.value.code == 2 and "expected --warmup >= 0, --steps >= 1 and --rounds >= 1" in capsys.readouterr().err
