@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed repeats of both ways (at least 3 are run)")
     parser.add_argument("--out", default=None, help="write the machine and the table to this JSON file")
     args = parser.parse_args(argv)
+    if args.warmup < 0:  # pairs[-1:] would keep only the last of fewer repeats than the 3 timed ones promised
+        parser.error(f"--warmup {args.warmup}: expected >= 0")
     print(f"machine: {machine()}")
     results = {"machine": machine(), "argv": sys.argv, "head": head_suite(args)}
     print(f"\n### head\n\n{results['head']}\n", flush=True)

@@ -319,3 +319,11 @@ def test_rl_step_refuses_counts_that_would_time_the_wrong_steps_or_none(rl_step,
     with pytest.raises(SystemExit) as stop:
         rl_step.main(["--suites", "modes", "--cache", str(tmp_path), *bad])
     assert stop.value.code == 2 and "expected --warmup >= 0, --steps >= 1 and --rounds >= 1" in capsys.readouterr().err
+
+
+def test_lm_head_refuses_a_negative_warmup(lm_head, monkeypatch, capsys):
+    # --warmup -1 used to run 2 repeats and time the last one alone, not the 3 the script promises
+    monkeypatch.setattr(lm_head, "head_suite", lambda args: pytest.fail("measured with --warmup -1"))
+    with pytest.raises(SystemExit) as stop:
+        lm_head.main(["--warmup", "-1"])
+    assert stop.value.code == 2 and "--warmup -1: expected >= 0" in capsys.readouterr().err
