@@ -39,7 +39,8 @@ at a fresh directory, so that the first compilation is cold (``--warm-cache`` ke
 run of a training job would).
 
 ``--mode`` conditions the model as a CLP policy (``m = 2``, a Dirichlet weighting per prompt and round) and runs
-every call inside ``policy.conditioned``, to see whether the compiled step traces through the conditioning.
+every call inside ``policy.conditioned``, to see whether the compiled step traces through the conditioning. Prompt
+modes are refused: the calls take the tokenizer's ids, so no weighting prefix would reach the model.
 
 Usage (defaults in ``--help``)::
 
@@ -324,6 +325,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--models {' '.join(unknown)}: expected some of {', '.join(models)}")
     if args.mode != "none" and args.mode not in MODES:
         parser.error(f"--mode {args.mode}: expected none or one of {', '.join(MODES)}")
+    if args.mode != "none" and MODES[args.mode]().prompt:
+        # the variants generate from the tokenizer's ids, not policy.encode's: the weighting's prefix would never be
+        # written, and the rows would time the unconditioned model under the prompt mode's name
+        parser.error(f"--mode {args.mode}: prompt conditioning is not measured here (the prompts carry no prefix); "
+                     f"expected one of {', '.join(m for m in MODES if not MODES[m]().prompt)}")
     if args.mode == "none" and "shared-uncached" in args.variants:
         parser.error("--variants shared-uncached: needs a conditioning --mode (the cache it turns off is the policy's)")
     if args.spread >= args.prompt_tokens:

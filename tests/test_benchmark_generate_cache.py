@@ -132,3 +132,13 @@ def test_compiled_step_follows_the_weighting_of_each_call(generate_cache, tmp_pa
                 tokens[call, variant] = runner.call(variant, batches[0], sample=False, seed=0)
         assert torch.equal(tokens[call, "static+compile"], tokens[call, "dynamic"])
     assert not torch.equal(tokens[0, "dynamic"], tokens[1, "dynamic"])  # the weighting mattered
+
+
+@pytest.mark.parametrize("mode", ["prompt", "prompt+attention"])
+def test_prompt_conditioning_modes_are_refused(generate_cache, monkeypatch, capsys, mode):
+    # the variants generate from prompt_batches' raw ids, without the policy's <w ...> prefix: a prompt mode's rows
+    # would time a model that never saw its weighting
+    monkeypatch.setattr(generate_cache, "measure", lambda name, args: pytest.fail(f"measured --mode {mode}"))
+    with pytest.raises(SystemExit):
+        generate_cache.main(["--mode", mode])
+    assert f"--mode {mode}: prompt conditioning is not measured here" in capsys.readouterr().err
