@@ -358,6 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(Cell(**json.loads(args.worker)), args)))
         return
+    from clp_lightning.models import TINY_SIZES
+
+    # the sizes suite runs last: a bad size would otherwise fail in its first worker, after every other suite
+    sizes = [*TINY_SIZES["gpt2"], "smollm2"]  # as rl_cell.model_dir builds them
+    if "sizes" in args.suites and (unknown := [s for s in args.sizes if s not in sizes]):
+        parser.error(f"--sizes {' '.join(unknown)}: expected some of {', '.join(sizes)}")
     if {"trl", "packing", "smollm2"} & set(args.suites):
         try:
             import trl  # noqa: F401

@@ -327,3 +327,12 @@ def test_lm_head_refuses_a_negative_warmup(lm_head, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         lm_head.main(["--warmup", "-1"])
     assert stop.value.code == 2 and "--warmup -1: expected >= 0" in capsys.readouterr().err
+
+
+def test_rl_step_refuses_an_unknown_size_before_any_suite_runs(rl_step, monkeypatch, capsys, tmp_path):
+    # the sizes suite runs after the others: an unknown size used to fail in its worker, after all of their work
+    monkeypatch.setattr(rl_step, "measure", lambda cells, args: pytest.fail("measured before the bad size was seen"))
+    with pytest.raises(SystemExit) as stop:
+        rl_step.main(["--suites", "modes", "sizes", "--sizes", "tiny", "1b", "--cache", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "--sizes 1b: expected some of tiny, small, 60m, 100m, smollm2" in capsys.readouterr().err
