@@ -38,7 +38,11 @@ def quickstart(argv: list[str] | None = None) -> dict:
         if value is not None and value < 1:  # 0 would otherwise run the stage's full length
             parser.error(f"{flag} must be >= 1, got {value}")
     run = Path(args.run_dir)
-    args.run_sft = not (args.skip_sft and (run / "sft" / "model").exists())
+    if args.skip_sft and not (run / "sft" / "model" / "config.json").exists():
+        # running the warm start anyway would spend its minutes on what the user asked to skip
+        parser.error(f"--skip-sft: {run / 'sft' / 'model'} holds no warm start (no config.json) to reuse; run once "
+                     "without --skip-sft, or choose the --run-dir of an earlier quick start")
+    args.run_sft = not args.skip_sft
     earlier = [stage for stage in [run / "sft"] * args.run_sft + [run / "rl"] if _holds_something(stage)]
     if earlier and not args.overwrite:
         parser.error(f"{', '.join(map(str, earlier))} already holds an earlier run: this one would mix its "

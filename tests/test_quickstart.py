@@ -129,6 +129,19 @@ def test_overwrite_deletes_the_earlier_stages_it_reruns(monkeypatch, tmp_path, s
     assert len(calls) == 1 and ("quickstart_sft.yaml" in " ".join(calls[0])) != skip_sft
 
 
+def test_skip_sft_without_a_warm_start_is_refused_before_any_stage_runs(monkeypatch, capsys, tmp_path):
+    """--skip-sft used to run the warm start anyway when there was none, spending its minutes unasked."""
+    from clp_lightning.quickstart import quickstart
+
+    calls = _recording_stages(monkeypatch)
+    (tmp_path / "sft" / "model").mkdir(parents=True)  # a directory without a saved model in it
+    with pytest.raises(SystemExit) as exit_:
+        quickstart(["--run-dir", str(tmp_path), "--skip-sft"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--skip-sft" in err and str(tmp_path / "sft" / "model") in err
+    assert calls == []
+
+
 def test_a_new_or_empty_run_directory_runs_the_stages(monkeypatch, tmp_path):
     from clp_lightning.quickstart import quickstart
 
