@@ -331,7 +331,9 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 @dataclass
 class MixingReport:
-    """What parameter mixing conditioned: the module names and the parameters the ``m - 1`` extra copies add."""
+    """What parameter mixing conditioned: the module names and the parameters it added to the model (the ``m - 1``
+    extra copies of each mixed weight, and ``m`` where mixing unties a weight the model tied, such as an output layer
+    tied to the input embedding that only one of them conditions, or each with its own copies)."""
 
     modules: list[str]
     extra_parameters: int
@@ -345,17 +347,17 @@ def apply_parameter_mixing(
         raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
     names = resolve_targets(model, targets)
     modules = dict(model.named_modules())
+    before = sum(p.numel() for p in model.parameters())  # a tied weight counts once
     by_weight: dict[tuple[int, type], nn.Module] = {}  # modules that share a weight share one set of copies
-    per_copy = 0  # parameters in one copy
     for name in names:
         old = modules[name]
         kind = MixedLinear if _is_linear(old) else MixedEmbedding
         key = (id(old.weight), kind)
         if key not in by_weight:
-            by_weight[key] = new = kind(old, num_objectives, state)
-            per_copy += sum(p.numel() for p in new.parameters()) // num_objectives
+            by_weight[key] = kind(old, num_objectives, state)
         _replace_module(model, old, by_weight[key])
-    return MixingReport(names, per_copy * (num_objectives - 1))
+    # counted, not derived from m: mixing one side of a tied weight leaves the other side's original in the model
+    return MixingReport(names, sum(p.numel() for p in model.parameters()) - before)
 
 
 def mixed_modules(model: nn.Module) -> dict[str, MixedLinear | MixedEmbedding]:

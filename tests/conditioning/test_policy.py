@@ -162,8 +162,27 @@ def test_report_counts_conditioned_parameters():
     lm = policy.model.get_output_embeddings()
     report = policy.report()
     assert report["conditioned_modules"] == 1
-    assert report["extra_parameters"] == 2 * lm.weight[0].numel()
+    # the tiny GPT-2 ties its output layer to the input embedding; mixing the output layer unties them, so the
+    # embedding keeps the original and the head adds all 3 copies (counting m - 1 missed one)
+    assert report["extra_parameters"] == 3 * lm.weight[0].numel()
     assert report["extra_megabytes"] == pytest.approx(report["extra_parameters"] * 4 / 2**20)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+@pytest.mark.parametrize("targets", ["logits", "attention", "all"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_extra_parameters_are_what_conditioning_adds_to_the_model(arch, targets, tie):
+    from clp_lightning.conditioning.mixing import WeightingState, apply_parameter_mixing
+    from clp_lightning.models import build_tiny_model, count_parameters
+
+    model = build_tiny_model(arch, seed=0)
+    if not tie:  # a model whose output layer has its own weight
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
+    before = count_parameters(model)
+    report = apply_parameter_mixing(model, targets, 3, WeightingState())
+    assert report.extra_parameters == count_parameters(model) - before > 0
 
 
 @pytest.mark.parametrize("mode", ["logits", "all", "lora"])
