@@ -35,8 +35,8 @@ class RewardNormalizer(nn.Module):
 
     The running statistics live in float64 buffers (``count``, ``mean``, ``var``): they are saved in checkpoints,
     restored on resume, and stay float64 when the parent module is cast to a lower precision. Under
-    ``torch.distributed`` each batch's count, sum and sum of squares are all-reduced first, so every rank holds the
-    same statistics.
+    ``torch.distributed`` each batch's count and sum, then its squared deviations from their mean, are all-reduced
+    first, so every rank holds the same statistics.
 
     Args:
         num_objectives: ``m``, the number of reward columns.
@@ -45,7 +45,7 @@ class RewardNormalizer(nn.Module):
             batch in an exponential moving average (the first batch initialises it).
         eps: added to the std, so constant rewards normalise to 0 instead of dividing by zero; must be > 0.
         sync_fn: sums a 1-D float64 tensor across workers (replaces the ``torch.distributed`` all-reduce; for tests
-            or custom launchers).
+            or custom launchers). Called twice per batch, in the same order on every worker.
     """
 
     def __init__(
@@ -92,18 +92,25 @@ class RewardNormalizer(nn.Module):
             ValueError: a reward on any rank is NaN or infinite (the message lists the columns).
         """
         r = rewards.detach().to(torch.float64)
-        stats = torch.cat([r.new_tensor([r.shape[0]]), r.sum(0), (r * r).sum(0)])  # (1 + 2m,): one all-reduce
-        stats = self.sync_fn(stats)
-        count, total, total_sq = stats[0], stats[1 : 1 + self.num_objectives], stats[1 + self.num_objectives :]
+        # Two sums over ranks: count and sum first, then the squared deviations from the global mean. One all-reduce of
+        # the sum of squares (E[r^2] - E[r]^2) cancels catastrophically when |mean| >> std: a reward near 1e8 with
+        # spread 1 came out with variance 0.
+        stats = self.sync_fn(torch.cat([r.new_tensor([r.shape[0]]), r.sum(0)]))  # (1 + m,)
+        count, total = stats[0], stats[1:]
+        self._check_finite(total)
+        mean = total / count.clamp(min=1.0)
+        squares = self.sync_fn((r - mean).square().sum(0))  # (m,)
+        self._check_finite(squares)
+        return count, mean, squares / count.clamp(min=1.0)
+
+    @staticmethod
+    def _check_finite(summed: Tensor) -> None:
         # Checked after the sync, so every rank raises together instead of the others waiting in the next all-reduce;
         # folded into the running statistics, one NaN would make every later reward of its column NaN, for good.
-        finite = torch.isfinite(total) & torch.isfinite(total_sq)
+        finite = torch.isfinite(summed)
         if not finite.all():
             columns = (~finite).nonzero().flatten().tolist()
             raise ValueError(f"rewards in column(s) {columns} are NaN or infinite (on this rank or another)")
-        mean = total / count.clamp(min=1.0)
-        var = (total_sq / count.clamp(min=1.0) - mean * mean).clamp(min=0.0)
-        return count, mean, var
 
     @torch.no_grad()
     def update(self, rewards: Tensor) -> None:

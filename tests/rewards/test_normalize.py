@@ -105,6 +105,41 @@ def test_sync_fn_makes_ranks_see_the_global_batch():
     torch.testing.assert_close(synced.var, torch.cat([b, b]).double().var(0, unbiased=False))
 
 
+@pytest.mark.parametrize("mode", ["running", "batch"])
+def test_variance_is_exact_for_a_large_mean_and_a_small_spread(mode):
+    # A length- or count-like reward far from 0 with spread 1: E[r^2] - E[r]^2 lost every digit (variance 0, so the
+    # column was divided by eps and blew up to ~1e8); the deviations from the mean keep them.
+    g = torch.Generator().manual_seed(0)
+    batches = [1e8 + torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0]) for n in (16, 5)]
+    norm = RewardNormalizer(2, mode=mode)
+    outs = [norm(b) for b in batches]
+    seen = torch.cat(batches) if mode == "running" else batches[-1]
+    if mode == "running":
+        torch.testing.assert_close(norm.var, seen.var(0, unbiased=False), rtol=1e-6, atol=0)
+    expected = (batches[-1] - seen.mean(0)) / seen.std(0, unbiased=False)
+    torch.testing.assert_close(outs[-1], expected, rtol=0, atol=1e-6)
+    # under a sync over ranks too: two ranks holding the same float32 batch near 1e4
+    b = (1e4 + torch.randn(64, 1, generator=g)).float()
+    synced = RewardNormalizer(1, mode=mode, sync_fn=lambda stats: stats * 2)
+    _, mean, var = synced.batch_stats(b)
+    reference = torch.cat([b, b]).double()
+    torch.testing.assert_close(mean, reference.mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(var, reference.var(0, unbiased=False), rtol=1e-9, atol=0)
+
+
+def test_a_checkpoint_of_the_running_stats_loads_unchanged():
+    # the state is still (count, mean, var) in float64: a checkpoint written before the two-pass variance resumes with
+    # the same statistics and the same outputs
+    state = {"count": torch.tensor(12.0, dtype=torch.float64), "mean": torch.tensor([5.0, -3.0], dtype=torch.float64),
+             "var": torch.tensor([4.0, 0.25], dtype=torch.float64)}
+    norm = RewardNormalizer(2)
+    norm.load_state_dict(state)
+    r = torch.tensor([[7.0, -2.5]])
+    torch.testing.assert_close(norm(r, update=False), torch.tensor([[1.0, 1.0]]))
+    for key, value in state.items():
+        assert norm.state_dict()[key].dtype == torch.float64 and torch.equal(norm.state_dict()[key], value)
+
+
 def test_bad_shapes_and_arguments():
     with pytest.raises(ValueError, match=r"\(N, 3\).*\(4, 2\)"):
         RewardNormalizer(3)(torch.zeros(4, 2))
