@@ -108,12 +108,17 @@ def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
             yield (first, *rest)
 
 
+def _is_bool(x: Any) -> bool:
+    # bool is an int to Python: True would pass as 1 (a concentration, an index, a count) without a word
+    return isinstance(x, (bool, np.bool_)) or (isinstance(x, Tensor) and x.dtype == torch.bool)
+
+
 class WeightSampler:
     """Draws a weighting per prompt; subclasses implement :meth:`sample`."""
 
     def __init__(self, num_objectives: int) -> None:
-        if num_objectives < 1:
-            raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
+        if _is_bool(num_objectives) or num_objectives < 1:
+            raise ValueError(f"num_objectives must be an int >= 1, got {num_objectives!r}")
         self.num_objectives = num_objectives
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -126,9 +131,12 @@ class DirichletSampler(WeightSampler):
 
     def __init__(self, num_objectives: int, concentration: float | Sequence[float] = 1.0) -> None:
         super().__init__(num_objectives)
-        conc = (
-            [float(concentration)] * num_objectives if isinstance(concentration, (int, float)) else list(concentration)
-        )
+        scalar = isinstance(concentration, (int, float))
+        conc = [concentration] * num_objectives if scalar else list(concentration)
+        if any(_is_bool(c) for c in conc):
+            raise ValueError(f"Dirichlet concentration {concentration!r} contains a bool; expected a positive number "
+                             f"or {num_objectives} of them")
+        conc = [float(c) for c in conc]
         if len(conc) != num_objectives or any(not (c > 0 and math.isfinite(c)) for c in conc):
             raise ValueError(
                 f"Dirichlet concentration {concentration!r} must be a positive number or {num_objectives} of them"
@@ -147,6 +155,8 @@ class OneHotSampler(WeightSampler):
 
     def __init__(self, num_objectives: int, index: int | None = None) -> None:
         super().__init__(num_objectives)
+        if index is not None and (_is_bool(index) or not isinstance(index, (int, np.integer))):
+            raise ValueError(f"one-hot index {index!r} must be an int (the objective's position) or None")
         if index is not None and not 0 <= index < num_objectives:
             raise ValueError(f"one-hot index {index} out of range for {num_objectives} objectives")
         self.index = index

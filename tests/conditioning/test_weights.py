@@ -102,6 +102,20 @@ def test_one_hot_and_fixed():
     assert SamplerConfig(kind="one_hot", index=1).build(3).sample(1).tolist() == [[0, 1, 0]]
 
 
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: DirichletSampler(2, True), r"concentration True contains a bool; expected a positive number or 2 of them"),
+    (lambda: DirichletSampler(2, [1.0, False]), r"concentration \[1.0, False\] contains a bool"),
+    (lambda: SamplerConfig(concentration=True).build(3), r"concentration True contains a bool.* or 3 of them"),
+    (lambda: OneHotSampler(3, index=True), r"one-hot index True must be an int \(the objective's position\) or None"),
+    (lambda: OneHotSampler(3, index=1.0), r"one-hot index 1.0 must be an int"),
+    (lambda: OneHotSampler(True), r"num_objectives must be an int >= 1, got True"),
+])
+def test_a_bool_is_not_taken_for_a_number(make, message):
+    # concentration=True used to be Dirichlet(1, ..., 1) and index=True objective 1, without a word
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 @pytest.mark.parametrize("config, message", [
     (SamplerConfig(index=1), r"sampler index=1 is only read by kind 'one_hot', and kind is 'dirichlet'"),
     (SamplerConfig(kind="one_hot", weights=[1.0, 0.0]), r"weights=\[1.0, 0.0\] is only read by kind 'fixed'"),
