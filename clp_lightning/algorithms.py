@@ -332,7 +332,9 @@ def sample_alpha(
     if log_uniform and low <= 0:
         raise ValueError(f"log-uniform alpha needs low > 0, got low={low}")
     device = generator.device if generator is not None else None
-    u = torch.rand(n, generator=generator, device=device)
+    # float32 whatever the default dtype: Lightning's "bf16-true" makes it bfloat16 inside training_step, which
+    # rounded every alpha to 3 significant digits
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
     if log_uniform:
         lo, hi = math.log(low), math.log(high)
         return torch.exp(lo + (hi - lo) * u).clamp(low, high)  # clamp: exp(log(x)) may round past the bounds

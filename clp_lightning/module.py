@@ -197,7 +197,7 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         """A weighting ``(P, m)`` and a KL strength ``(P,)`` per prompt."""
         weights = validate_weights(self.sampler.sample(num_prompts, generator), self.num_objectives)
         if self.alpha_range is None:
-            alpha = torch.full((num_prompts,), self.kl_coef)
+            alpha = torch.full((num_prompts,), self.kl_coef, dtype=torch.float32)  # the default is bf16 in bf16-true
         else:
             low, high = self.alpha_range
             alpha = alg.sample_alpha(num_prompts, low, high, generator, self.alpha_log_uniform)

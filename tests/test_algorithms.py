@@ -247,6 +247,19 @@ def test_sample_alpha_ranges_and_reproducibility():
     assert torch.equal(sample_alpha(3, 0.5, 0.5), torch.full((3,), 0.5))
 
 
+def test_sample_alpha_is_float32_under_a_half_precision_default_dtype():
+    # Lightning's "bf16-true" sets the default dtype to bfloat16 around training_step: alphas came out bfloat16
+    expected = sample_alpha(64, 0.01, 0.5, torch.Generator().manual_seed(0), log_uniform=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        draws = [sample_alpha(64, 0.01, 0.5, torch.Generator().manual_seed(0), log_uniform=u) for u in (True, False)]
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(d.dtype == torch.float32 for d in draws)
+    assert torch.equal(draws[0], expected)
+
+
 @pytest.mark.parametrize(
     ("low", "high", "log_uniform", "match"),
     [

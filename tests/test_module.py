@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins import HalfPrecision
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from clp_lightning.callbacks import SafeCheckpointIO
@@ -154,6 +155,20 @@ def test_every_batch_draws_its_own_rollout_randomness():
     with torch.random.fork_rng(devices=[]):
         first, second = (sampler.sample(4, CLPModule.rollout_generator(part, b)) for b in (0, 1))
     assert not torch.allclose(first, second)
+
+
+@pytest.mark.parametrize("alpha_range", [None, (0.01, 0.5)])
+def test_sampled_alphas_are_float32_under_bf16_true(alpha_range):
+    # "bf16-true" makes bfloat16 the default dtype inside training_step: kl_coef 0.05 became 0.05005 and sampled
+    # alphas were rounded to 3 significant digits. sample_weights reads only these attributes: a stand-in will do.
+    part = SimpleNamespace(sampler=SamplerConfig().build(2), num_objectives=2, kl_coef=0.05, alpha_range=alpha_range,
+                           alpha_log_uniform=False, device=torch.device("cpu"))
+    with HalfPrecision("bf16-true").forward_context():
+        assert torch.get_default_dtype() == torch.bfloat16
+        weights, alpha = CLPModule.sample_weights(part, 3, torch.Generator().manual_seed(0))
+    assert weights.dtype == alpha.dtype == torch.float32
+    if alpha_range is None:
+        assert torch.equal(alpha, torch.full((3,), 0.05, dtype=torch.float32))
 
 
 def test_alpha_conditioning_samples_alpha_per_prompt(tmp_path, monkeypatch):
