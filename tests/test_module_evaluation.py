@@ -72,3 +72,23 @@ def test_alpha_is_checked_against_alpha_range():
         plain.evaluate_weightings(BATCH, GRID[:1], GREEDY, alpha=0.1)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         plain.evaluate_weightings(BATCH, GRID[:1], GREEDY, num_samples=0)
+
+
+def test_alpha_rows_are_float32_under_bf16_true():
+    """predict_step runs under "bf16-true", whose default dtype is bfloat16: alpha 0.3 reached the policy as 0.30078."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    module = make_module(ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.01, 0.5))
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(prompts, weights=None, alpha=None):
+        seen.append(alpha)
+        raise Seen  # the alpha is all this test needs
+
+    module.policy.encode = record
+    with HalfPrecision("bf16-true").forward_context(), pytest.raises(Seen):
+        module.evaluate_weightings(BATCH, GRID[:1], GREEDY, alpha=0.3)
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], torch.full((2,), 0.3))

@@ -56,6 +56,8 @@ def validate_weights(
     """
     if isinstance(weights, str):
         weights = parse_weights(weights)
+    if _holds_bool(weights):  # True would pass as 1: a YAML `[true, false]` is a typo, not a weighting
+        raise ValueError(f"{name} {weights!r} contains bools; expected numbers >= 0 that sum to 1")
     w = weights if isinstance(weights, Tensor) else torch.as_tensor(weights, dtype=torch.float32)
     if not w.is_floating_point():
         w = w.float()
@@ -73,6 +75,13 @@ def validate_weights(
         row = w if w.dim() == 1 else w[bad.nonzero()[0, 0]]
         raise ValueError(f"{name} {_show(row)} sums to {float(row.sum()):.6g}, expected 1 (a point on the simplex)")
     return w
+
+
+def _holds_bool(x: Any) -> bool:
+    """Whether ``x`` is a bool or a bool tensor / array, or a (nested) sequence with one in it."""
+    if isinstance(x, (list, tuple)):
+        return any(_holds_bool(v) for v in x)
+    return _is_bool(x) or (isinstance(x, np.ndarray) and x.dtype == np.bool_)
 
 
 def _show(w: Tensor, limit: int = 6) -> str:

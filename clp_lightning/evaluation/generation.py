@@ -85,7 +85,8 @@ class GenerationAtWeightings:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         num_prompts, num_points, k = len(batch["prompt"]), grid.shape[0], num_samples
         w_rows = grid.to(self.device).repeat_interleave(num_prompts, 0)  # (G*P, m)
-        alpha_rows = torch.full((w_rows.shape[0],), self.evaluation_alpha(alpha), device=self.device)
+        alpha_rows = torch.full((w_rows.shape[0],), self.evaluation_alpha(alpha), device=self.device,
+                                dtype=torch.float32)  # predict_step runs under bf16-true's bfloat16 default dtype
         prompts = batch["prompt"] * num_points
         enc = self.policy.encode(prompts, w_rows, alpha_rows)
         if self.decoding == "logit_mixture":

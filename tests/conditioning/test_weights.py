@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,16 @@ def test_a_bool_is_not_taken_for_a_number(make, message):
     # concentration=True used to be Dirichlet(1, ..., 1) and index=True objective 1, without a word
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("weights", [[True, False], [[0.5, 0.5], [True, False]], torch.tensor([True, False]),
+                                     np.array([False, True]), (1.0, False)])
+def test_a_weighting_of_bools_is_refused(weights):
+    # [True, False] (a YAML `[true, false]`) used to pass as the weighting (1, 0)
+    with pytest.raises(ValueError, match="contains bools"):
+        validate_weights(weights, 2)
+    with pytest.raises(ValueError, match="contains bools"):
+        FixedSampler([True, False])
 
 
 @pytest.mark.parametrize("config, message", [
