@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import random
 import statistics
@@ -44,6 +43,7 @@ import torch
 from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.weights import DirichletSampler
+from clp_lightning.files import write_json
 from clp_lightning.models import TINY_SIZES
 
 MODES: dict[str, Callable[[], ConditioningConfig]] = {
@@ -327,12 +327,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     records.append(record)
                     print(table_row(record), flush=True)
                 if args.out is not None:  # keep what is done if a long run is interrupted
-                    args.out.write_text(json.dumps({"environment": env, "records": records}, indent=1, default=str))
+                    write_json(args.out, {"environment": env, "records": records}, indent=1, default=str)
     env["wall_s"] = time.perf_counter() - start
     missed = sum(bool(r["missed"]) for r in records)
     print(f"\nwall time {env['wall_s']:.0f} s; bold ratios miss their target ({missed} rows)", flush=True)
     if args.out is not None:
-        args.out.write_text(json.dumps({"environment": env, "records": records}, indent=1, default=str))
+        write_json(args.out, {"environment": env, "records": records}, indent=1, default=str)
     return records
 
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import statistics
@@ -348,7 +347,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {"machine": machine(), "argv": sys.argv, "settings": vars(args), "rows": rows, "table": table(rows)}
     print(f"\n### generate_cache\n\n{results['table']}\n", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        from clp_lightning.files import write_json
+
+        write_json(args.out, results)
     return results
 
 

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from common import conditioning, machine, sync
 
@@ -107,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {"machine": machine(), "argv": sys.argv, "head": head_suite(args)}
     print(f"\n### head\n\n{results['head']}\n", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        from clp_lightning.files import write_json
+
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

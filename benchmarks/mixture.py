@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -157,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         same = "" if row["same_tokens"] is None else ("yes" if row["same_tokens"] else "no")
         print(f"| {row['model']} | {row['variant']} | {row['seconds']:.3f} | {ratio} | {row['tokens']:.0f} | {same} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=2))
+        from clp_lightning.files import write_json
+
+        write_json(args.out, {"machine": machine(), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

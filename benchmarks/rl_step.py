@@ -382,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
         results["suites"][suite] = rows
         print(f"\n### {suite}\n\n{table(suite, rows, args.device)}\n", flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+            from clp_lightning.files import write_json
+
+            write_json(args.out, results)
 
 
 if __name__ == "__main__":

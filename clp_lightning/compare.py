@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from clp_lightning.callbacks.checkpoint import check_output_file
-from clp_lightning.evaluation.reports import sampled_kl
+from clp_lightning.evaluation.reports import read_report, sampled_kl
 from clp_lightning.files import figure_format, save_figure_atomic
 
 REBASED = "a fixed point"  # ref_point_from of a report measured from another point than its own
@@ -35,7 +34,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
     candidates = [path] if path.is_file() else [path / "evaluation" / "latest.json", path / "latest.json"]
     for candidate in candidates:
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return read_report(candidate)
     raise FileNotFoundError(f"no grid-evaluation report at {path} (looked for {[str(c) for c in candidates]})")
 
 

@@ -35,7 +35,8 @@ from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.pretrained import CLP_CONFIG
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.evaluation.generation import check_alpha
-from clp_lightning.files import publish
+from clp_lightning.evaluation.reports import read_report
+from clp_lightning.files import json_text, publish
 
 EVALUATION = "evaluation.json"
 FRONT = "front.png"
@@ -169,7 +170,7 @@ def find_evaluation(ckpt_path: str, explicit: str | None, objectives: list[str] 
             raise FileNotFoundError(f"--evaluation {explicit!r} not found")
         return None, None
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_report(path)
         problem = None if isinstance(report, dict) and isinstance(report.get("grid"), list) and isinstance(
             report.get("rewards"), list) else "it has no grid and rewards"
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -224,7 +225,7 @@ def export_policy(module: Any, directory: Path, facts: dict[str, Any], report: d
     extras = json.loads((directory / CLP_CONFIG).read_text())["files"]["extras"]
     figure = False
     if report is not None:
-        (directory / EVALUATION).write_text(json.dumps(report, indent=2) + "\n")
+        (directory / EVALUATION).write_text(json_text(report, indent=2) + "\n")
         figure = _front_png(report, directory / FRONT)
     (directory / CARD).write_text(policy_card(policy, module.objective_names, facts, report, report_path, figure,
                                               directory, extras))

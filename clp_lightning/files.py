@@ -4,6 +4,8 @@ renamed into place (a file's data and its rename fsync'ed, so that a crash leave
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -54,6 +56,35 @@ def write_atomic(path: Path, write: Callable[[Path], Any], tmp: Path | None = No
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file beside it (no half-written file)."""
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN and infinite float replaced by None (JSON's null), tuples as lists.
+
+    Python writes them as ``NaN`` and ``Infinity``, which JSON does not have: a strict parser (a browser's
+    ``JSON.parse``, most other languages' libraries) refuses the whole file. A reward can be NaN (a reward model
+    overflowing in half precision), a Spearman correlation of constant values is, and a KL that was not measured is
+    recorded as one. Readers take null where a number is expected as NaN (an infinity too: no reader tells them
+    apart), :func:`clp_lightning.evaluation.reports.read_report` for grid reports."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """``value`` as strict JSON text (:func:`strict_json`): the one way the project writes JSON, a file, a JSONL line or
+    an HTTP reply. ``kwargs`` as :func:`json.dumps` takes them (``indent``, ``default``, ...); ``allow_nan=False``
+    guards what :func:`strict_json` cannot see (a value that ``default`` turns into a float)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
+
+
+def write_json(path: Path, value: Any, indent: int | None = 2, **kwargs: Any) -> None:
+    """Write ``value`` to ``path`` as strict JSON (:func:`json_text`), through a temporary file beside it."""
+    write_text_atomic(Path(path), json_text(value, indent=indent, **kwargs) + "\n")
 
 
 def figure_format(path: Path, what: str = "figure") -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -42,6 +41,7 @@ from transformers import (
     T5Config,
 )
 
+from clp_lightning.files import json_text
 from clp_lightning.synthetic_text import generate_examples
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def convert_gguf(
         tokenizer.save_pretrained(tmp)
         record = {"gguf_file": str(source), "sha256": digest, "bytes": source.stat().st_size, "kind": kind,
                   "architecture": type(model).__name__}
-        (tmp / "source.json").write_text(json.dumps(record, indent=2))
+        (tmp / "source.json").write_text(json_text(record, indent=2))
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep its directory

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 from clp_lightning.cli import CONF_DIR, run_cli
+from clp_lightning.evaluation.reports import read_report
 
 SUMMARY_WEIGHTINGS = ([1.0, 0.0], [0.5, 0.5], [0.0, 1.0])
 
@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> dict:
         overrides += [f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={interval}"]
     cli = run_cli(["fit", "--config", str(CONF_DIR / "quickstart.yaml"), *overrides])
     report_path = Path(cli.trainer.log_dir) / "evaluation" / "latest.json"
-    report = json.loads(report_path.read_text())
+    report = read_report(report_path)
     print_summary(report)
     print(f"\nfinished in {time.time() - started:.0f} s; TensorBoard: tensorboard --logdir {run}")
     print(f"checkpoints: {run / 'rl' / 'checkpoints'}; reports: {report_path.parent}")

@@ -21,7 +21,7 @@ import torch
 from clp_lightning.callbacks.checkpoint import check_output_file, read_checkpoint
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings
-from clp_lightning.files import write_text_atomic
+from clp_lightning.files import json_text, write_text_atomic
 
 
 def read_prompts(path: str | None) -> list[dict[str, str]]:
@@ -158,7 +158,7 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     weightings = [validate_weights(w, module.num_objectives, name="--weights") for w in weightings]
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
     results = steer_prompts(module, rows, weightings, generation, score=not args.no_score)
-    lines = [json.dumps(r) for r in results]
+    lines = [json_text(r) for r in results]  # a NaN reward as null
     if args.output:
         # a crash mid-write keeps the file that was there, never half of the new one
         write_text_atomic(Path(args.output), "\n".join(lines) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch  # noqa: E402
 from clp_lightning.callbacks.checkpoint import check_output_file  # noqa: E402
 from clp_lightning.cli import run_cli  # noqa: E402
 from clp_lightning.evaluation import pearson, spearman  # noqa: E402
-from clp_lightning.files import write_text_atomic  # noqa: E402
+from clp_lightning.files import write_json  # noqa: E402
 from clp_lightning.rewards import HumanScoreReward, Reward, RougeReward  # noqa: E402
 from clp_lightning.rewards.learned import load_head  # noqa: E402
 from clp_lightning.steer import check_configs  # noqa: E402
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {pair:>26}: Pearson {values['pearson']:+.3f}  Spearman {values['spearman']:+.3f}  "
               f"within prompt {values['pearson_within_prompt']:+.3f}")
     if args.out:
-        write_text_atomic(Path(args.out), json.dumps(result, indent=2) + "\n")  # never half a file over the old one
+        write_json(Path(args.out), result)  # never half a file over the old one
     return result
 
 

@@ -74,8 +74,8 @@ from clp_lightning.compare import overlay_figure  # noqa: E402
 from clp_lightning.compare import rebased as rebase_report  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
 from clp_lightning.evaluation import bootstrap_ci, paired_bootstrap  # noqa: E402
-from clp_lightning.evaluation.reports import sampled_kl  # noqa: E402
-from clp_lightning.files import save_figure_atomic, write_text_atomic  # noqa: E402
+from clp_lightning.evaluation.reports import read_report, sampled_kl  # noqa: E402
+from clp_lightning.files import save_figure_atomic, write_json  # noqa: E402
 
 CONF = ROOT / "conf"
 
@@ -199,7 +199,7 @@ def config_value(configs: list[Path], *keys: str) -> object:
 
 
 def read(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return read_report(path)
 
 
 def point_runs(run: Path) -> list[Path]:
@@ -348,7 +348,7 @@ class Study:
         report = fixed_report(points, self.steps)
         run.mkdir(parents=True, exist_ok=True)
         # its existence marks the run done (Variant.done): a half-written one would stop every resumed study
-        write_text_atomic(run / "report.json", json.dumps(report, indent=2))
+        write_json(run / "report.json", report)
         return report
 
     @staticmethod
@@ -388,7 +388,7 @@ class Study:
             cli("test", self._configs(name), [*common, *data, f"--ckpt_path={checkpoint}"])
             points.append(read(policy_run / "test" / "evaluation" / "test.json"))
         report = fixed_report(points, self.steps)
-        write_text_atomic(done, json.dumps(report, indent=2))
+        write_json(done, report)
         return self._measured(report)
 
     # ----------------------------------------------------------------------------------------------- KL path
@@ -687,10 +687,10 @@ def main(argv: list[str] | None = None) -> str:
     summary = analyse(results, compare_to, args.bootstrap)
     table = tables(results, summary)
     (out / "table.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"summary": summary, "variants": {
+    write_json(out / "results.json", {"summary": summary, "variants": {
         v: {k: x for k, x in r.items() if k != "test"} | {"test_reports": [str(study.run_dir(v, r["lr"], s))
                                                                            for s in r["seeds"]]}
-        for v, r in results.items()}}, indent=2, default=str))
+        for v, r in results.items()}}, default=str)
     save_figure_atomic(overlay_figure([r["test"][0] for r in results.values()], list(results)), out / "fronts.png",
                        dpi=100)
     save_figure_atomic(kl_figure(results, summary["kl_budget"]), out / "kl.png", dpi=100)

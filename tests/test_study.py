@@ -17,6 +17,8 @@ from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings
 from clp_lightning.data import SyntheticTLDRDataModule
 from clp_lightning.evaluation import hypervolume
+from clp_lightning.evaluation.reports import read_report
+from clp_lightning.files import json_text
 from clp_lightning.module import CLPModule
 from clp_lightning.rewards import LengthReward, RougeReward
 
@@ -56,7 +58,7 @@ def grid_evaluation_report(tmp_path_factory):
         default_root_dir=tmp_path_factory.mktemp("grid"),
     )
     trainer.validate(module, datamodule=data)
-    return json.loads((Path(trainer.default_root_dir) / "evaluation" / "validate.json").read_text())
+    return read_report(Path(trainer.default_root_dir) / "evaluation" / "validate.json")
 
 
 class FakeCLI:
@@ -68,8 +70,10 @@ class FakeCLI:
     writes no reports.
     """
 
-    def __init__(self, report: dict, hv=lambda lr: 1.0, checkpoint_every: int | None = None) -> None:
+    def __init__(self, report: dict, hv=lambda lr: 1.0, checkpoint_every: int | None = None,
+                 kl=lambda step: step / 10, dumps=json_text) -> None:
         self.report, self.hv, self.calls, self.checkpoint_every = report, hv, [], checkpoint_every
+        self.kl, self.dumps = kl, dumps  # the KL of a fit's report at a step; the reports' JSON, as GridEvaluation's
 
     def __call__(self, subcommand, configs, overrides):
         options = dict(o.removeprefix("--").split("=", 1) for o in overrides)
@@ -94,12 +98,12 @@ class FakeCLI:
             if options.get("trainer.limit_val_batches") == "0":
                 return SimpleNamespace(trainer=SimpleNamespace(log_dir=str(run)))
             for step in range(every, steps + 1, every):
-                report = {**self.report, "hypervolume": hv * step / steps, "kl": [step / 10] * len(self.report["kl"]),
-                          "step": step}
-                (run / "evaluation" / f"epoch_000_step_{step:06d}.json").write_text(json.dumps(report))
-            (run / "evaluation" / "latest.json").write_text(json.dumps(report))
+                report = {**self.report, "hypervolume": hv * step / steps,
+                          "kl": [self.kl(step)] * len(self.report["kl"]), "step": step}
+                (run / "evaluation" / f"epoch_000_step_{step:06d}.json").write_text(self.dumps(report))
+            (run / "evaluation" / "latest.json").write_text(self.dumps(report))
         else:
-            (run / "evaluation" / f"{subcommand}.json").write_text(json.dumps({**self.report, "hypervolume": hv}))
+            (run / "evaluation" / f"{subcommand}.json").write_text(self.dumps({**self.report, "hypervolume": hv}))
         return SimpleNamespace(trainer=SimpleNamespace(log_dir=str(run)))
 
 
@@ -283,6 +287,24 @@ def test_one_seed_has_an_undefined_std_in_results_json(study, grid_evaluation_re
     assert results["all"]["test_hypervolume"]["std"] is None and results["all"]["test_hypervolume"]["seeds"] == 1
     assert results["logits"]["test_hypervolume"]["std"] == 0.0 and results["logits"]["test_hypervolume"]["seeds"] == 2
     assert "| all | 0.0002 | 1.000 (1 seed) |" in table and "| logits | 0.0002 | 1.000 ± 0.000 |" in table
+
+
+def test_a_kl_not_measured_is_null_in_results_json_and_the_reports_read_as_with_nan(study, grid_evaluation_report,
+                                                                                     monkeypatch, tmp_path):
+    # kl_samples: 0 leaves every report's KL NaN: the reports (null in them now, NaN before), the fixed baseline's
+    # report.json and results.json are strict JSON, and the study reads null as it read NaN
+    report = {**grid_evaluation_report, "kl": [math.nan] * len(grid_evaluation_report["kl"])}
+    tables = []
+    for dumps in (json.dumps, json_text):
+        monkeypatch.setattr(study, "cli", FakeCLI(report, kl=lambda step: math.nan, dumps=dumps))
+        out = tmp_path / dumps.__name__
+        tables.append(study.main(["--out", str(out), "--variants", "all", "fixed", "--seeds", "0", "--steps", "4",
+                                  "--lr-factors", "1", "--bootstrap", "20"]))
+        refuse = pytest.fail  # NaN, Infinity: not JSON
+        summary = json.loads((out / "results.json").read_text(), parse_constant=refuse)["summary"]
+        assert summary["kl_budget"] is None
+        json.loads((out / "fixed" / "lr0.0002" / "seed0" / "report.json").read_text(), parse_constant=refuse)
+    assert tables[0] == tables[1] and "| all |" in tables[0] and "| fixed |" in tables[0]
 
 
 def test_the_protocol_picks_the_rate_on_validation_and_compares_on_test(study, grid_evaluation_report, monkeypatch,

@@ -39,7 +39,7 @@ from clp_lightning.evaluation.metrics import (
     prompts_sha256,
 )
 from clp_lightning.evaluation.reports import grid_mean
-from clp_lightning.files import save_figure_atomic, write_text_atomic
+from clp_lightning.files import json_text, save_figure_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ class GridEvaluation(L.Callback):
         directory.mkdir(parents=True, exist_ok=True)
         stem = f"epoch_{report['epoch']:03d}_step_{report['step']:06d}" if trainer.state.fn == "fit" else str(
             trainer.state.fn.value)  # validate.json, test.json
-        text = json.dumps(report, indent=2)
+        text = json_text(report, indent=2) + "\n"  # strict JSON: a NaN reward or KL is null
         for name in (f"{stem}.json", "latest.json"):  # a reader (clp export) never sees half a report
             write_text_atomic(directory / name, text)
         self._append_csv(directory / "metrics.csv", report, trainer.state.fn)

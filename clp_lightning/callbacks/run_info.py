@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import transformers
 
-from clp_lightning.files import write_text_atomic
+from clp_lightning.files import write_json
 
 
 def git_revision(cwd: str | Path | None = None) -> str | None:
@@ -60,7 +60,7 @@ class RunInfo(L.Callback):
             if earlier is not None:
                 prior = earlier.pop("earlier", [])
                 info["earlier"] = [*(prior if isinstance(prior, list) else []), earlier]
-        write_text_atomic(path, json.dumps(info, indent=2))
+        write_json(path, info)
 
 
 def _read(path: Path) -> dict | None:

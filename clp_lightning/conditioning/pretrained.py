@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from clp_lightning.conditioning.config import TRUNCATION_SIDES
 from clp_lightning.conditioning.mode import registered_mode
+from clp_lightning.files import json_text
 from clp_lightning.models import PKG_PREFIX, TINY_PREFIX, load_policy_model, resolve_path, sync_tied_config
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def save_policy(
         "files": {"conditioning": CONDITIONING_WEIGHTS, "extras": extras},
         "metadata": {**policy.metadata, **(metadata or {})},
     }
-    (directory / CLP_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    (directory / CLP_CONFIG).write_text(json_text(record, indent=2) + "\n")
     written = [p.name for p in directory.iterdir()]
     return sorted(written)
 

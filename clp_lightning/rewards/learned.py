@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from clp_lightning.files import json_text
 from clp_lightning.models import resolve_path
 from clp_lightning.rewards.base import Reward
 from clp_lightning.rewards.embedding import EmbeddingSimilarityReward
@@ -235,7 +236,7 @@ def save_head(directory: str | Path, head: QualityHead, spec: HeadSpec) -> None:
     save_file({k: t.detach().float().contiguous().cpu() for k, t in head.state_dict().items()}, str(tmp))
     os.replace(tmp, directory / HEAD_FILE)
     tmp = directory / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    tmp.write_text(json_text(spec.to_json(), indent=2) + "\n")
     os.replace(tmp, directory / SPEC_FILE)
 
 

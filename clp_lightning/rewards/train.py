@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clp_lightning.evaluation import pearson, spearman
+from clp_lightning.files import json_text
 from clp_lightning.rewards.embedding import EmbeddingSimilarityReward
 from clp_lightning.rewards.learned import (
     FEATURES,
@@ -327,7 +328,7 @@ def train_human(
     with tmp.open("w") as f:
         for r, p in zip(rows, pred_all.tolist()):
             f.write(
-                json.dumps({"line": r.line, "id": r.id, "split": r.split, "mean_score": r.mean_score, "predicted": p})
+                json_text({"line": r.line, "id": r.id, "split": r.split, "mean_score": r.mean_score, "predicted": p})
                 + "\n"
             )
     os.replace(tmp, out / PREDICTIONS_FILE)

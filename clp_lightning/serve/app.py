@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import torch
 
 from clp_lightning.conditioning.weights import validate_weights
+from clp_lightning.files import json_text
 from clp_lightning.serve.backends import Backend, from_checkpoint, from_directory, is_number
 
 log = logging.getLogger(__name__)
@@ -196,21 +197,6 @@ def _as_float(x: int | float) -> float:
         return math.nan
 
 
-def strict_json(value: Any) -> Any:
-    """``value`` with every NaN and infinite float replaced by None (JSON's null).
-
-    Python writes them as ``NaN`` and ``Infinity``, which JSON does not have: a browser's ``JSON.parse`` refuses the
-    whole reply. A reward can be NaN (a reward model overflowing in half precision) and a report is untrusted input.
-    """
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: strict_json(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def _kind(value: Any) -> str:
     text = json.dumps(value)
     return "nothing" if value is None else text if len(text) <= 40 else f"{type(value).__name__} {text[:40]}..."
@@ -270,7 +256,7 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _json(self, status: int, payload: Any) -> None:
-        self._send(status, json.dumps(strict_json(payload), allow_nan=False).encode(), "application/json")
+        self._send(status, json_text(payload).encode(), "application/json")
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from clp_lightning.config import GenerationSettings
+from clp_lightning.evaluation.reports import read_report as read_report_file
 
 log = logging.getLogger(__name__)
 # what the page draws of a report (it also holds samples and per-prompt rewards, which the page does not need)
@@ -51,7 +52,7 @@ def read_report(path: Path, objectives: list[str]) -> dict[str, Any] | None:
         log.warning("no evaluation report at %s: the page will show no front", path)
         return None
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = read_report_file(path)  # null where a number was NaN: refused below as NaN was
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         log.warning("evaluation report %s is unreadable (%s): the page will show no front", path, err)
         return None

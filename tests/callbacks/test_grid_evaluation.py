@@ -15,6 +15,7 @@ from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
 from clp_lightning.evaluation import prompt_digest, prompts_sha256
+from clp_lightning.evaluation.reports import read_report
 from clp_lightning.module import CLPModule
 from clp_lightning.rewards import LengthReward, RougeReward
 
@@ -317,6 +318,11 @@ def test_kl_samples_zero_reports_nan_and_logs_no_kl(tmp_path):
     data = SyntheticTLDRDataModule(num_train=8, num_val=2, batch_size=2, val_batch_size=2, seed=0)
     make_trainer(tmp_path, [callback]).validate(make_module(), datamodule=data)
     assert all(math.isnan(k) for k in callback.last["kl"]) and callback.last["evaluation"]["kl_samples"] == 0
+    # the files are strict JSON, the NaN KL null in them, and read back as NaN
+    for name in ("validate.json", "latest.json"):
+        text = (tmp_path / "run" / "evaluation" / name).read_text()
+        assert json.loads(text, parse_constant=pytest.fail)["kl"] == [None] * len(callback.last["kl"])
+        assert repr(read_report(tmp_path / "run" / "evaluation" / name)) == repr(callback.last)
     events = EventAccumulator(str(next((tmp_path / "run").glob("events.out.tfevents.*"))))
     events.Reload()
     assert "val/kl" not in events.Tags()["scalars"] and "val/greedy_log_ratio" in events.Tags()["scalars"]
