@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,13 +29,31 @@ from clp_lightning.files import figure_format, save_figure_atomic
 REBASED = "a fixed point"  # ref_point_from of a report measured from another point than its own
 
 
+REPORT_KEYS = ("objectives", "grid", "rewards", "hypervolume", "steerability", "step")  # what the table reads
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
-    """A grid-evaluation report: a JSON file, or a run directory (its ``evaluation/latest.json``)."""
+    """A grid-evaluation report: a JSON file, or a run directory (its ``evaluation/latest.json``).
+
+    Raises:
+        FileNotFoundError: no report there.
+        ValueError: the file is not JSON, or not a grid-evaluation report (the message names the file).
+    """
     path = Path(path)
     candidates = [path] if path.is_file() else [path / "evaluation" / "latest.json", path / "latest.json"]
     for candidate in candidates:
         if candidate.is_file():
-            return read_report(candidate)
+            try:
+                report = read_report(candidate)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{str(candidate)!r} is not a grid-evaluation report: it is not JSON "
+                                 f"({err})") from None
+            # a results.json or a config given by mistake would fail later with a bare KeyError and a traceback
+            missing = [k for k in REPORT_KEYS if k not in report] if isinstance(report, dict) else list(REPORT_KEYS)
+            if missing:
+                raise ValueError(f"{str(candidate)!r} is not a grid-evaluation report: it has no {missing} (clp fit "
+                                 "and clp validate write one under <run>/evaluation/)")
+            return report
     raise FileNotFoundError(f"no grid-evaluation report at {path} (looked for {[str(c) for c in candidates]})")
 
 

@@ -153,3 +153,16 @@ def test_the_figure_replaces_the_old_one_only_once_complete(two_reports, tmp_pat
         clp(capsys, "compare", *two_reports, "--output", str(output))
     assert output.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["front.png", "r0.json", "r1.json"]  # no temporary file
+
+
+def test_a_file_that_is_not_a_report_is_named(tmp_path):
+    # a results.json or a config given by mistake failed with a bare KeyError 'objectives' and a traceback; a file
+    # that is not JSON with a message that did not say which file
+    (tmp_path / "results.json").write_text(json.dumps({"summary": {}, "variants": {}}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(new_report()))
+    for name, what in (("results.json", "it has no"), ("list.json", "it has no"), ("config.yaml", "it is not JSON")):
+        with pytest.raises(ValueError, match=f"{name}' is not a grid-evaluation report: {what}"):
+            compare([str(good), str(tmp_path / name)])
