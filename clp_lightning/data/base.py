@@ -365,6 +365,13 @@ class SummarizationDataModule(L.LightningDataModule):
                 if split not in self.data_files:
                     raise ValueError(f"Split {split!r} is not in data_files (has {sorted(self.data_files)})")
         local = self._local_files(kwargs)
+        if self.data_files is None and local:  # a local directory, whose files datasets resolved to splits
+            # a directory's splits are its files' names (`clp data cnndm-blanc --val-size 0` writes no validation
+            # file): a missing one failed only in setup, after the model had loaded
+            for split in splits:
+                if split not in local:
+                    raise ValueError(f"Split {split!r} has no files in the directory {self.path!r} (its splits, "
+                                     f"from the file names: {sorted(local)})")
         for split in splits:
             found = [data_file_columns(f) for f in local.get(split, [])]
             if not found or any(columns is None for columns in found):

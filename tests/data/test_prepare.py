@@ -270,3 +270,13 @@ def test_a_split_of_size_zero_has_no_file_and_the_others_load(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     assert {role: len(d) for role, d in dm.data.items()} == {"train": 10, "val": 2}
+
+
+def test_a_split_the_stage_needs_that_the_directory_lacks_is_named_before_loading(tmp_path):
+    """--val-size 0 writes no validation.jsonl: the CLI's early check passed and fit failed in setup, after the
+    model had loaded."""
+    out = convert(tmp_path, write_sdist(tmp_path / "blanc.tar.gz"), val=0, test=2)
+    dm = CNNDailyMailDataModule(path=str(out), name=None, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"Split 'validation' has no files in the directory .*\['test', 'train'\]"):
+        dm.check_files("fit")
+    dm.check_files("test")  # the splits it has pass
