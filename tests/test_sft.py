@@ -110,3 +110,34 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_batch():
     assert whole.keys() == accumulated.keys() and whole
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_fit_stopped_by_a_signal_does_not_publish_the_model(tmp_path, monkeypatch):
+    """StopOnSignal saves a checkpoint and stops the fit; the warm start is not finished, so output_dir must not
+    receive a model that reads as the finished one (``clp quickstart --skip-sft`` would reuse it). The resumed fit,
+    run to its end, publishes it."""
+    import signal
+    from pathlib import Path
+
+    from clp_lightning.callbacks import StopOnSignal
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "callbacks"))
+    from signal_helpers import SignalAt
+
+    def run(callbacks, ckpt_path=None):
+        module = SFTModule(PolicyConfig("tiny:t5", max_prompt_length=48), output_dir=str(tmp_path / "model"),
+                           max_response_length=8)
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=tmp_path / "run", callbacks=callbacks)
+        trainer.fit(module, datamodule=SyntheticTLDRDataModule(num_train=8, num_val=2, batch_size=2, seed=0),
+                    ckpt_path=ckpt_path)
+        return trainer
+
+    stop = StopOnSignal(signals=["SIGTERM"])
+    stopped = run([stop, SignalAt(batch_idx=0, signum=signal.SIGTERM)])
+    assert stopped.global_step == 1 and stop.exit_code == 128 + signal.SIGTERM
+    assert not (tmp_path / "model").exists()
+    (checkpoint,) = (tmp_path / "run").glob("hpc_ckpt_*.ckpt")
+    assert run([], ckpt_path=str(checkpoint)).global_step == 3
+    assert (tmp_path / "model" / "config.json").is_file()
