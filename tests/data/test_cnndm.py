@@ -68,3 +68,9 @@ def test_an_escaped_article_field_is_refused(template):
 def test_an_article_field_with_a_conversion_is_accepted(tmp_path):
     dm = load(tmp_path, prompt_template="summarize: {article!s}")
     assert dm.data["val"][0]["prompt"] == "summarize: " + dm.data["val"][0]["source"]
+
+
+def test_a_non_integer_article_limit_is_refused_at_construction():
+    # 120.0 passed the marker check and failed after loading, as a TypeError from a slice inside datasets' map
+    with pytest.raises(ValueError, match=r"max_article_chars must be an integer .*, got 120.0"):
+        CNNDailyMailDataModule(max_article_chars=120.0)

@@ -111,3 +111,9 @@ def test_skipped_rows_are_counted_by_reason(tmp_path, caplog):
     assert dm.data["train"]["id"] == ["train-0", "train-5"]  # ids stay the original row numbers
     assert dm.data["train"]["reference"] == ["cat hides", "cat hides"]
     assert "skipped 4 of 6 rows" in caplog.text and "missing post: 1" in caplog.text
+
+
+def test_a_non_integer_post_limit_is_refused_at_construction():
+    # 400.0 passed the marker check and failed after loading, as a TypeError from a slice inside datasets' map
+    with pytest.raises(ValueError, match=r"max_post_chars must be an integer \(or null for whole posts\), got 400.0"):
+        RedditTLDRDataModule(max_post_chars=400.0)
