@@ -387,8 +387,13 @@ class SummarizationDataModule(L.LightningDataModule):
         if self.data_files is not None:
             flat = [f for value in self.data_files.values() for f in _as_list(value)]
             for file in flat:
-                if not any(c in file for c in "*?[") and "://" not in file and not Path(file).is_file():
-                    raise FileNotFoundError(f"Data file not found: {file!r}")
+                if "://" in file:
+                    continue
+                if not any(c in file for c in "*?["):
+                    if not Path(file).is_file():
+                        raise FileNotFoundError(f"Data file not found: {file!r}")
+                elif not glob.glob(file, recursive=True):  # datasets says only StopIteration(), after the model loads
+                    raise FileNotFoundError(f"Data file pattern {file!r} matches no file")
             return {"path": builder_for(flat), "data_files": dict(self.data_files), "cache_dir": self.cache_dir}
         path = Path(self.path).expanduser()
         # a hub id is "owner/name"; a relative path whose first folder exists here (data/cnndm_blanc) is local too

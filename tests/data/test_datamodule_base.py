@@ -327,3 +327,17 @@ def test_trainer_consumes_the_batches(tmp_path):
     trainer.fit(probe, datamodule=dm)
     assert [len(b["prompt"]) for b in probe.seen] == [3, 4, 4, 3]  # sanity check, 2 train steps, 1 val
     assert all(set(b) == set(BATCH_KEYS) for b in probe.seen)
+
+
+def test_a_file_pattern_that_matches_nothing_is_named_before_loading(tmp_path):
+    # check_files passed it (the CLI's check before the model loads) and setup failed with datasets' bare
+    # StopIteration()
+    pattern = str(tmp_path / "shards" / "train-*.jsonl")
+    dm = tldr(tmp_path, data_files={"train": pattern, "validation": TRL_FILES["validation"]})
+    with pytest.raises(FileNotFoundError, match=r"pattern '.*train-\*\.jsonl' matches no file"):
+        dm.check_files("fit")
+    (tmp_path / "shards").mkdir()
+    shutil.copy(TRL_FILES["train"], tmp_path / "shards" / "train-00.jsonl")
+    dm.check_files("fit")
+    dm.setup("fit")
+    assert len(dm.data["train"]) == 6
