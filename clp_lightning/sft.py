@@ -56,8 +56,9 @@ class SFTModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         policy, optimizer = coerce(policy, PolicyConfig), coerce(optimizer, OptimizerConfig)
-        if max_response_length < 1:
-            raise ValueError(f"max_response_length must be >= 1, got {max_response_length}")
+        # an integer: a float such as 64.0 passed and failed at the first step, in the targets' slice
+        if isinstance(max_response_length, bool) or not isinstance(max_response_length, int) or max_response_length < 1:
+            raise ValueError(f"max_response_length must be an integer >= 1, got {max_response_length!r}")
         if output_dir is not None:
             check_output_dir(output_dir)
         # the warm start trains the plain model: the config's loading and prompt format, no conditioning

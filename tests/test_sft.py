@@ -141,3 +141,11 @@ def test_a_fit_stopped_by_a_signal_does_not_publish_the_model(tmp_path, monkeypa
     (checkpoint,) = (tmp_path / "run").glob("hpc_ckpt_*.ckpt")
     assert run([], ckpt_path=str(checkpoint)).global_step == 3
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("value", [0, 8.0, True])
+def test_a_response_length_that_is_not_an_integer_above_zero_is_refused_at_construction(value):
+    # 8.0 was accepted and failed at the first training step, after the model and the data had loaded, as a
+    # TypeError from the targets' slice
+    with pytest.raises(ValueError, match=rf"max_response_length must be an integer >= 1, got {value!r}"):
+        SFTModule(PolicyConfig("tiny:t5"), max_response_length=value)
