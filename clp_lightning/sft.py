@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from clp_lightning.callbacks.checkpoint import check_writable
-from clp_lightning.callbacks.preemption import _StopAtStepBoundary
+from clp_lightning.callbacks.preemption import stopped_by_signal
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.conditioning.lm import response_log_probs
 from clp_lightning.conditioning.policy import ConditionalPolicy
@@ -169,7 +169,7 @@ class SFTModule(L.LightningModule):
     def on_fit_end(self) -> None:
         # A fit that a signal stopped (StopOnSignal, SlurmRequeue) is not finished: it continues from its checkpoint,
         # and a model in output_dir would read as the finished warm start. (Every rank reads the same flag.)
-        if any(isinstance(cb, _StopAtStepBoundary) and cb._acted for cb in self.trainer.callbacks):
+        if stopped_by_signal(self.trainer):
             if self.output_dir is not None and self.trainer.is_global_zero:
                 log.info("fit stopped by a signal at step %d: the warm-start model is saved to %s when a resumed fit "
                          "ends", self.trainer.global_step, self.output_dir)

@@ -83,6 +83,12 @@ def _parse_signals(owner: str, names: str | list[str] | tuple[str, ...]) -> tupl
     return tuple(sig.Signals[name] for name in dict.fromkeys(names))
 
 
+def stopped_by_signal(trainer: L.Trainer) -> bool:
+    """Whether a :class:`SlurmRequeue` or :class:`StopOnSignal` of ``trainer`` stopped its current fit (every rank
+    gives the same answer): the fit is not finished, it continues from its checkpoint."""
+    return any(isinstance(cb, _StopAtStepBoundary) and cb._acted for cb in trainer.callbacks)
+
+
 class _StopAtStepBoundary(L.Callback):
     """Shared mechanism: flag-only handlers, agreement across ranks at optimizer-step boundaries, then :meth:`_act`.
 
