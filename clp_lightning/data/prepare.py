@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from statistics import fmean
 from typing import Any
 
-from clp_lightning.files import write_text_atomic
+from clp_lightning.files import json_text, write_json, write_text_atomic
 
 BLANC_VERSION = "0.3.4"
 BLANC_SHA256 = "008c10f45721bbb9ef771ac409e29b96bb90457f5c0ed7bb2960ef83a65a73be"  # blanc-0.3.4.tar.gz on PyPI
@@ -181,7 +181,7 @@ def build_dataset(
 
 
 def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return "".join(json_text(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def _pip_hint(out: str | Path) -> str:
@@ -268,7 +268,7 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
         "reference": _REFERENCE_RULE,
     }
     written.append(out / "source.json")
-    write_text_atomic(written[-1], json.dumps(source, indent=2) + "\n")
+    write_json(written[-1], source)
 
     sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
     print(f"cnndm-blanc: {source['articles']} articles ({sizes}), {len(scores)} scored summaries")
