@@ -440,8 +440,13 @@ class SummarizationDataModule(L.LightningDataModule):
                 self.data_files if split is None else self.data_files[split]
             )
             what = "the data" if split is None else f"split {split!r}"
+            hint = ""
+            if self.data_files is None and self.name is not None and "BuilderConfig" in str(err):
+                # CNNDailyMailDataModule's default name ("3.0.0") is a configuration of the hub dataset
+                hint = (f"; name={self.name!r} is a configuration of a hub dataset, which a directory of data files "
+                        "does not have: set name to null")
             # datasets wraps the parser's error in a generic DatasetGenerationError: report the parser's.
-            raise ValueError(f"Could not read {what} from {source!r}: {err.__cause__ or err!r}") from err
+            raise ValueError(f"Could not read {what} from {source!r}: {err.__cause__ or err!r}{hint}") from err
 
     def _split_kwargs(self, kwargs: dict[str, Any], split: str) -> dict[str, Any]:
         """``load_dataset`` arguments that read one split of ``data_files``: its files only, so splits need not

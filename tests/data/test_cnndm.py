@@ -74,3 +74,20 @@ def test_a_non_integer_article_limit_is_refused_at_construction():
     # 120.0 passed the marker check and failed after loading, as a TypeError from a slice inside datasets' map
     with pytest.raises(ValueError, match=r"max_article_chars must be an integer .*, got 120.0"):
         CNNDailyMailDataModule(max_article_chars=120.0)
+
+
+def test_the_hub_configuration_name_on_a_local_directory_says_to_set_it_to_null(tmp_path):
+    """The default name "3.0.0" on a directory of files (what `clp data cnndm-blanc` writes) failed with datasets'
+    "BuilderConfig '3.0.0' not found" and no word on what to change."""
+    import shutil
+
+    directory = tmp_path / "cnndm"
+    directory.mkdir()
+    for split, file in FILES.items():
+        shutil.copy(file, directory / f"{split}.parquet")
+    with pytest.raises(ValueError, match="name='3.0.0' is a configuration of a hub dataset.*set name to null"):
+        CNNDailyMailDataModule(path=str(directory), cache_dir=str(tmp_path / "cache")).check_files("fit")
+    dm = CNNDailyMailDataModule(path=str(directory), name=None, cache_dir=str(tmp_path / "cache"))
+    dm.check_files("fit")
+    dm.setup("fit")
+    assert len(dm.data["train"]) == 3
