@@ -551,6 +551,10 @@ class SummarizationDataModule(L.LightningDataModule):
         # Lightning in checkpoints) says how far into its epoch it is, and a resumed run skips what was trained on.
         split = self._split("train")
         sampler = ResumableDistributedSampler(split, *_layout(), seed=self.seed)
+        if self.drop_last and len(sampler) < self.batch_size:  # Lightning only warns, and the fit ends at step 0
+            raise ValueError(f"the training split has {len(split)} rows, {len(sampler)} per process, fewer than "
+                             f"batch_size={self.batch_size} with drop_last: no batch would train; lower batch_size or "
+                             "set drop_last to false")
         loader = ResumableDataLoader(split, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
                                      num_workers=self.num_workers, collate_fn=collate_prompts)
         if self._resume is not None:  # a checkpoint written before the loader kept its own state

@@ -57,6 +57,19 @@ def test_resumed_epoch_skips_the_batches_already_seen():
     assert [i for batch in old for i in batch["id"]] == full[1][12:]
 
 
+def test_drop_last_with_fewer_rows_than_a_batch_is_refused(monkeypatch):
+    # Lightning only warned about a loader with no batch, and the fit "finished" at step 0 (an SFT run then saved
+    # its untrained model as the warm start)
+    dm = SyntheticTLDRDataModule(num_train=6, num_val=2, batch_size=4, seed=0, drop_last=True)
+    dm.setup("fit")
+    assert len(dm.train_dataloader()) == 1  # 6 rows: one full batch
+    monkeypatch.setattr("clp_lightning.data.base._layout", lambda: (0, 2))  # 3 rows per process
+    with pytest.raises(ValueError, match=r"6 rows, 3 per process, fewer than batch_size=4 with drop_last"):
+        dm.train_dataloader()
+    dm.drop_last = False
+    assert len(dm.train_dataloader()) == 1
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_epoch_order_is_the_seeded_permutation_dealt_to_ranks(world, monkeypatch):
     # The order the quick start's numbers depend on: randperm(seed + epoch), padded to a multiple of the ranks,
