@@ -3,7 +3,7 @@ preference reward models (OpenAssistant/reward-model-deberta-v3-large-v2)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -128,7 +128,7 @@ class SequenceClassifierReward(Reward):
         pairs = (sources, responses) if self.pair_order == "source_response" else (responses, sources)
         try:  # the common case: one fast batched call that cuts only the source
             return self.tokenizer(*pairs, truncation=self._cut_source, **kw)
-        except Exception:  # tokenizers raises a bare Exception when the response alone is longer than max_length
+        except Exception:  # tokenizers raises a bare Exception when the source would have to go entirely
             # Only the offending pairs fall back to cutting both sides, so the others keep their whole response.
             rows = [self._encode_one(first, second) for first, second in zip(*pairs)]
             return self.tokenizer.pad(rows, padding=True, return_tensors="pt")
@@ -139,9 +139,20 @@ class SequenceClassifierReward(Reward):
 
     def _encode_one(self, first: str, second: str) -> dict:
         try:
-            return self.tokenizer(first, second, truncation=self._cut_source, max_length=self.max_length)
+            return self._pair(first, second, truncation=self._cut_source, max_length=self.max_length)
         except Exception:
-            return self.tokenizer(first, second, truncation="longest_first", max_length=self.max_length)
+            pass
+        # tokenizers also refuses to cut the source to nothing: a response that fits beside an empty source (exactly
+        # max_length with the special tokens) is kept whole, as documented, instead of being cut with the source.
+        without_source = ("", second) if self.pair_order == "source_response" else (first, "")
+        enc = self._pair(*without_source)
+        if len(enc["input_ids"]) <= self.max_length:
+            return enc
+        return self._pair(first, second, truncation="longest_first", max_length=self.max_length)
+
+    def _pair(self, first: str, second: str, **kw: Any) -> dict:
+        # A batch of one: called with a single pair, the tokenizer reads an empty second text as no pair at all.
+        return {k: v[0] for k, v in self.tokenizer([first], [second], **kw).items()}
 
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
         logits = self.model(**to_device(self.encode(sources, responses), self.device)).logits.float()  # (b, labels)

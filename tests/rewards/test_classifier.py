@@ -199,3 +199,16 @@ def test_the_smallest_max_length_keeps_a_token_of_each_text_and_stays_within_it(
     reward = SequenceClassifierReward(str(classifier_dir), pair=True, max_length=5)
     enc = reward.encode(["a long source text here", "other"], ["resp one", "x y z"])
     assert enc["input_ids"].shape[1] == 5
+
+
+@pytest.mark.parametrize("pair_order", ["source_response", "response_source"])
+def test_a_response_that_fills_max_length_with_the_special_tokens_is_kept_whole(classifier_dir, minilm_tokenizer,
+                                                                               pair_order):
+    # 13 words + [CLS] [SEP] [SEP] = 16: the response fits once the source is cut to nothing, which tokenizers refuses
+    # to do with only_first; the fallback used to cut both texts longest-first and lost 5 words of the response
+    reward = SequenceClassifierReward(str(classifier_dir), pair_order=pair_order, max_length=16)
+    response = " ".join(["word"] * 13)
+    enc = reward.encode(["one two three four five"], [response])
+    response_ids = minilm_tokenizer(response, add_special_tokens=False)["input_ids"]
+    ids = enc["input_ids"][0].tolist()
+    assert len(ids) == 16 and ids.count(minilm_tokenizer.convert_tokens_to_ids("word")) == len(response_ids) == 13
