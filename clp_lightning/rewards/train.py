@@ -272,6 +272,11 @@ def train_human(
     ):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
+    # AdamW refuses these too, but only once every article and summary has been embedded.
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be finite and > 0, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
     rows = read_human_scores(Path(data) / DATA_FILE)  # fails before the encoder loads
 
     model = EmbeddingSimilarityReward(encoder, max_length=max_length, batch_size=batch_size)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from clp_lightning.models import resolve_path
 from clp_lightning.rewards import HumanScoreReward
+from clp_lightning.rewards import train as train_module
 from clp_lightning.rewards.learned import QualityHead, feature_dim, log_word_counts, pair_features
 from clp_lightning.rewards.train import calibrate, fit_head, main, pearson, read_human_scores
 
@@ -283,6 +284,16 @@ def test_malformed_data_names_file_and_line(tmp_path: Path, edit, match):
 def test_bad_feature_lists_are_refused_before_any_work(tmp_path: Path, features: str):
     with pytest.raises(ValueError, match="features must be distinct names from"):
         main(["train-human", "--data", str(tmp_path), "--out", str(tmp_path / "head"), "--features", features])
+
+
+@pytest.mark.parametrize(("option", "value"), [("--lr", "-0.01"), ("--lr", "nan"), ("--weight-decay", "-1")])
+def test_a_bad_lr_or_weight_decay_is_refused_before_the_encoder_runs(tmp_path: Path, monkeypatch, option, value):
+    # AdamW refused them only after every article and summary had been embedded
+    write_data(tmp_path, fixture_rows())
+    monkeypatch.setattr(train_module, "EmbeddingSimilarityReward", lambda *a, **k: pytest.fail("loaded the encoder"))
+    name = option.removeprefix("--").replace("-", "_")
+    with pytest.raises(ValueError, match=rf"{name} must be finite"):
+        main(["train-human", "--data", str(tmp_path), "--out", str(tmp_path / "head"), option, value])
 
 
 def test_missing_data_file(tmp_path: Path):
