@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,8 +32,9 @@ def load_scorer(
     *,
     trust_remote_code: bool = False,
     torch_dtype: str | None = None,
+    check_tokenizer: Callable[[Any], None] | None = None,
 ) -> tuple[Any, Any]:
-    """Load a neural reward's model and tokenizer through :func:`~clp_lightning.models.load_pretrained`.
+    """Load a neural reward's tokenizer, then its model, through :func:`~clp_lightning.models.load_pretrained`.
 
     Args:
         auto_cls: the ``AutoModel*`` class to load ``model`` with.
@@ -41,6 +42,8 @@ def load_scorer(
         tokenizer: tokenizer to load; defaults to ``model``'s.
         trust_remote_code: run code shipped with the model (and tokenizer).
         torch_dtype: weights' dtype name (see :func:`parse_dtype`); None keeps the checkpoint's.
+        check_tokenizer: called with the tokenizer before the model loads; the reward's checks that need only the
+            tokenizer raise here, before the (possibly many-gigabyte) model is read.
 
     Returns:
         ``(model, tokenizer)``.
@@ -52,7 +55,6 @@ def load_scorer(
     """
     dtype = parse_dtype(torch_dtype)
     dtype_kw = {"dtype": dtype} if dtype else {}
-    loaded = load_pretrained(auto_cls, model, trust_remote_code=trust_remote_code, **dtype_kw)
     tok = load_pretrained(AutoTokenizer, tokenizer or model, trust_remote_code=trust_remote_code)
     # Decoder-based reward models (GPT-2, Llama heads) often ship without a padding token, in the tokenizer or in the
     # config; they pool the last non-padding token, so without config.pad_token_id any batch of two fails. The config
@@ -63,8 +65,6 @@ def load_scorer(
         if tok.eos_token is None:
             raise ValueError(f"the tokenizer of {model!r} has no padding token and no eos token to pad with")
         tok.pad_token = tok.eos_token
-    if getattr(loaded.config, "pad_token_id", None) != tok.pad_token_id:
-        loaded.config.pad_token_id = tok.pad_token_id
     # Scoring pads on the right whatever the tokenizer was saved with (decoder models' tokenizers often pad on the
     # left, for generation): models with absolute positions (BERT, GPT-2) count positions from the first column, so a
     # left-padded text would be read at shifted positions and score differently in a batch than alone.
@@ -72,6 +72,11 @@ def load_scorer(
     # Likewise every reward documents that a long text loses its end (the end of the source, for pairs); a tokenizer
     # saved with truncation_side="left" would silently keep the end of each article instead of its start.
     tok.truncation_side = "right"
+    if check_tokenizer is not None:
+        check_tokenizer(tok)
+    loaded = load_pretrained(auto_cls, model, trust_remote_code=trust_remote_code, **dtype_kw)
+    if getattr(loaded.config, "pad_token_id", None) != tok.pad_token_id:
+        loaded.config.pad_token_id = tok.pad_token_id  # the id the tokenizer pads with (see above)
     return loaded, tok
 
 

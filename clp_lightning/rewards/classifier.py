@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForSequenceClassification, BatchEncoding, PreTrainedConfig
+from transformers import AutoModelForSequenceClassification, BatchEncoding, PreTrainedConfig, PreTrainedTokenizerBase
 
 from clp_lightning.rewards.base import Reward, check_max_length, load_scorer, to_device
 
@@ -94,24 +94,28 @@ class SequenceClassifierReward(Reward):
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         if source_max_chars is not None and source_max_chars < 1:  # s[:0] empties every source, s[:-n] cuts its end
             raise ValueError(f"source_max_chars must be >= 1 or None (keep the whole source), got {source_max_chars}")
+
+        def check_tokenizer(tok: PreTrainedTokenizerBase) -> None:
+            # Room for one token of each text besides the special tokens. Below that the tokenizer cannot truncate:
+            # the pair comes back whole, longer than max_length (past the position table on a long source), or as
+            # special tokens only, which score every input the same.
+            minimum = tok.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+            if max_length < minimum:
+                what = "a (source, response) pair" if pair else "a response"
+                raise ValueError(
+                    f"max_length={max_length} leaves no room for text: the tokenizer of {tokenizer or model!r} adds "
+                    f"{minimum - (2 if pair else 1)} special tokens to {what}; set max_length >= {minimum}"
+                )
+
         self.model, self.tokenizer = load_scorer(
             AutoModelForSequenceClassification,
             model,
             tokenizer,
             trust_remote_code=trust_remote_code,
             torch_dtype=torch_dtype,
+            check_tokenizer=check_tokenizer,
         )
         check_max_length(self.model, max_length, model)
-        # Room for one token of each text besides the special tokens. Below that the tokenizer cannot truncate: the
-        # pair comes back whole, longer than max_length (past the position table on a long source), or as special
-        # tokens only, which score every input the same.
-        minimum = self.tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
-        if max_length < minimum:
-            what = "a (source, response) pair" if pair else "a response"
-            raise ValueError(
-                f"max_length={max_length} leaves no room for text: the tokenizer of {tokenizer or model!r} adds "
-                f"{minimum - (2 if pair else 1)} special tokens to {what}; set max_length >= {minimum}"
-            )
         self.pair, self.pair_order, self.output = pair, pair_order, output
         self.max_length, self.source_max_chars = max_length, source_max_chars
         self.label = resolve_label(self.model.config, label, model)

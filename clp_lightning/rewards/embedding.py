@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoModel
+from transformers import AutoModel, PreTrainedTokenizerBase
 
 from clp_lightning.rewards.base import Reward, check_max_length, load_scorer, to_device
 from clp_lightning.rewards.packing import pack
@@ -60,17 +60,25 @@ class EmbeddingSimilarityReward(Reward):
             raise ValueError(f"target must be 'source' or 'reference', got {target!r}")
         if max_length < 1:  # before loading; the tokenizer's special tokens are checked below
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+
+        def check_tokenizer(tok: PreTrainedTokenizerBase) -> None:
+            # With no room beside the special tokens every text embeds as [CLS] [SEP] alone: similarity 1 for any pair.
+            specials = tok.num_special_tokens_to_add(pair=False)
+            if max_length <= specials:
+                raise ValueError(
+                    f"max_length={max_length} leaves no room for text: the tokenizer of {tokenizer or model!r} adds "
+                    f"{specials} special tokens to each text; set max_length >= {specials + 1}"
+                )
+
         self.model, self.tokenizer = load_scorer(
-            AutoModel, model, tokenizer, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype
+            AutoModel,
+            model,
+            tokenizer,
+            trust_remote_code=trust_remote_code,
+            torch_dtype=torch_dtype,
+            check_tokenizer=check_tokenizer,
         )
         check_max_length(self.model, max_length, model)
-        # With no room beside the special tokens every text embeds as [CLS] [SEP] alone: similarity 1 for any pair.
-        specials = self.tokenizer.num_special_tokens_to_add(pair=False)
-        if max_length <= specials:
-            raise ValueError(
-                f"max_length={max_length} leaves no room for text: the tokenizer of {tokenizer or model!r} adds "
-                f"{specials} special tokens to each text; set max_length >= {specials + 1}"
-            )
         self.target, self.max_length = target, max_length
         config = self.model.config
         packable = config.model_type in PACKABLE_MODEL_TYPES and config._attn_implementation in PACKABLE_ATTENTION

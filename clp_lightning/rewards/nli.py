@@ -49,6 +49,15 @@ def fit_source(
     return text
 
 
+def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of ``token``, which must be one token of ``tokenizer``; ``ValueError`` naming its pieces otherwise."""
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"output token {token!r} must be a single token, the tokenizer gives {pieces}")
+    return ids[0]
+
+
 class Seq2SeqNLIReward(Reward):
     """Probability that the source entails the response, from a seq2seq NLI model (TRUE T5 format).
 
@@ -96,36 +105,41 @@ class Seq2SeqNLIReward(Reward):
             )
         if max_length < 1:  # before loading an 11B-parameter model; the template's own tokens are checked below
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+
+        def check_tokenizer(tok: PreTrainedTokenizerBase) -> None:  # before an 11B-parameter model loads
+            if not tok.is_fast:
+                raise ValueError(
+                    f"{tokenizer or model!r}: Seq2SeqNLIReward needs a fast tokenizer (for source truncation)"
+                )
+            # The template and special tokens alone must leave room for the hypothesis: otherwise fit_source empties
+            # the premise and the final truncation cuts the response to nothing, and every pair scores the same.
+            overhead = len(tok(template.format(source="", response=""))["input_ids"])
+            if max_length <= overhead:
+                raise ValueError(
+                    f"max_length={max_length} leaves no room for text: the template {template!r} with its special "
+                    f"tokens takes {overhead} tokens of {tokenizer or model!r}; set max_length >= {overhead + 1} "
+                    "(enough for the longest response)"
+                )
+            for token in (entail_token, not_entail_token):
+                single_token_id(tok, token)
+
         self.model, self.tokenizer = load_scorer(
-            AutoModelForSeq2SeqLM, model, tokenizer, trust_remote_code=trust_remote_code, torch_dtype=torch_dtype
+            AutoModelForSeq2SeqLM,
+            model,
+            tokenizer,
+            trust_remote_code=trust_remote_code,
+            torch_dtype=torch_dtype,
+            check_tokenizer=check_tokenizer,
         )
-        if not self.tokenizer.is_fast:
-            raise ValueError(f"{tokenizer or model!r}: Seq2SeqNLIReward needs a fast tokenizer (for source truncation)")
         check_max_length(self.model, max_length, model)  # T5 has relative positions; a BART-based scorer does not
-        # The template and special tokens alone must leave room for the hypothesis: otherwise fit_source empties the
-        # premise and the final truncation cuts the response to nothing, and every pair scores the same.
-        overhead = len(self.tokenizer(template.format(source="", response=""))["input_ids"])
-        if max_length <= overhead:
-            raise ValueError(
-                f"max_length={max_length} leaves no room for text: the template {template!r} with its special tokens "
-                f"takes {overhead} tokens of {tokenizer or model!r}; set max_length >= {overhead + 1} (enough for "
-                "the longest response)"
-            )
         start = self.model.config.decoder_start_token_id
         if start is None:
             raise ValueError(f"{model!r} has no decoder_start_token_id in its config")
         self.template, self.max_length, self.renormalize = template, max_length, renormalize
         self.decoder_start_token_id = int(start)
-        self.entail_id = self._token_id(entail_token)
-        self.not_entail_id = self._token_id(not_entail_token)
+        self.entail_id = single_token_id(self.tokenizer, entail_token)
+        self.not_entail_id = single_token_id(self.tokenizer, not_entail_token)
         self.freeze()
-
-    def _token_id(self, token: str) -> int:
-        ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            pieces = self.tokenizer.convert_ids_to_tokens(ids)
-            raise ValueError(f"output token {token!r} must be a single token, the tokenizer gives {pieces}")
-        return ids[0]
 
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
         texts = [fit_source(self.tokenizer, self.template, s, r, self.max_length) for s, r in zip(sources, responses)]

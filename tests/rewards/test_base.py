@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, BartConfig, BartForSequenceClassification, RobertaConfig, RobertaModel
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BartConfig,
+    BartForSequenceClassification,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from clp_lightning.models import build_tiny_model
-from clp_lightning.rewards import LengthReward, SequenceClassifierReward
+from clp_lightning.rewards import (
+    EmbeddingSimilarityReward,
+    LengthReward,
+    Seq2SeqNLIReward,
+    SequenceClassifierReward,
+    base,
+)
 from clp_lightning.rewards.base import load_scorer, parse_dtype, position_limit
 
 SOURCES = ["the cat sat on the mat all day", "a dog barked at the mailman", "rain fell", "it was sunny", "x"]
@@ -91,3 +104,27 @@ def test_a_batch_size_that_is_not_an_integer_is_refused_at_construction(classifi
     # 2.5 used to load the model and fail in range() at the first call; "4" failed with a bare TypeError
     with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {batch_size!r}"):
         SequenceClassifierReward(str(classifier_dir), max_length=32, batch_size=batch_size)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda d: Seq2SeqNLIReward(str(d["t5"]), entail_token="10"), "'10' must be a single token"),
+        (lambda d: Seq2SeqNLIReward(str(d["t5"]), max_length=20), "max_length=20 leaves no room for text"),
+        (lambda d: SequenceClassifierReward(str(d["bert"]), max_length=4), "max_length=4 leaves no room for text"),
+        (lambda d: EmbeddingSimilarityReward(str(d["bert"]), max_length=2), "max_length=2 leaves no room for text"),
+    ],
+    ids=["nli-entail-token", "nli-max-length", "classifier-max-length", "embedding-max-length"],
+)
+def test_settings_the_tokenizer_refuses_fail_before_the_model_loads(classifier_dir, t5_dir, monkeypatch, make, match):
+    # These checks need only the tokenizer, but ran after the model had loaded: minutes, for an 11B-parameter NLI model
+    real = base.load_pretrained
+
+    def tokenizer_only(auto_cls, *args, **kwargs):
+        if auto_cls is not AutoTokenizer:
+            pytest.fail(f"loaded the model with {auto_cls.__name__} before checking the tokenizer")
+        return real(auto_cls, *args, **kwargs)
+
+    monkeypatch.setattr(base, "load_pretrained", tokenizer_only)
+    with pytest.raises(ValueError, match=match):
+        make({"t5": t5_dir, "bert": classifier_dir})
