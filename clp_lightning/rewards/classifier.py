@@ -124,7 +124,9 @@ class SequenceClassifierReward(Reward):
 
     def encode(self, sources: list[str], responses: list[str]) -> BatchEncoding:
         """Tokenise a micro-batch: ``input_ids`` etc. of shape ``(b, <= max_length)``, padded."""
-        kw = dict(max_length=self.max_length, padding=True, return_tensors="pt")
+        # Texts are data: a "</s>" or "[SEP]" in a post or a response is text, not the tokenizer's control token (an
+        # extra </s> made BART classifiers refuse the batch: every row must have the same number of eos tokens).
+        kw = dict(max_length=self.max_length, padding=True, return_tensors="pt", split_special_tokens=True)
         if not self.pair:
             return self.tokenizer(responses, truncation=True, **kw)
         if self.source_max_chars is not None:
@@ -156,7 +158,7 @@ class SequenceClassifierReward(Reward):
 
     def _pair(self, first: str, second: str, **kw: Any) -> dict:
         # A batch of one: called with a single pair, the tokenizer reads an empty second text as no pair at all.
-        return {k: v[0] for k, v in self.tokenizer([first], [second], **kw).items()}
+        return {k: v[0] for k, v in self.tokenizer([first], [second], split_special_tokens=True, **kw).items()}
 
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
         logits = self.model(**to_device(self.encode(sources, responses), self.device)).logits.float()  # (b, labels)

@@ -98,10 +98,9 @@ class EmbeddingSimilarityReward(Reward):
 
     def embed(self, texts: list[str]) -> Tensor:
         """``(b, hidden)`` unit-norm embeddings (zero for a text without tokens)."""
-        enc = to_device(
-            self.tokenizer(texts, max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"),
-            self.device,
-        )
+        # split_special_tokens: a "[SEP]" in a text is text, not a separator (texts are data, not control input).
+        kw = dict(max_length=self.max_length, truncation=True, padding=True, split_special_tokens=True)
+        enc = to_device(self.tokenizer(texts, return_tensors="pt", **kw), self.device)
         if self.pack:
             packed = pack(enc["input_ids"], enc["attention_mask"])
             if packed.input_ids.numel() < enc["input_ids"].numel():  # else packing saves no position

@@ -212,3 +212,13 @@ def test_a_response_that_fills_max_length_with_the_special_tokens_is_kept_whole(
     response_ids = minilm_tokenizer(response, add_special_tokens=False)["input_ids"]
     ids = enc["input_ids"][0].tolist()
     assert len(ids) == 16 and ids.count(minilm_tokenizer.convert_tokens_to_ids("word")) == len(response_ids) == 13
+
+
+@pytest.mark.parametrize("max_length", [64, 8])  # 8: the per-pair fallback (the response alone is too long)
+def test_special_token_strings_in_the_texts_are_text(classifier_dir, minilm_tokenizer, max_length):
+    # "[SEP]" in a post or a response was read as a segment separator (and "</s>" as an eos, which makes a BART
+    # classifier refuse a batch whose rows differ in their number of eos tokens)
+    reward = SequenceClassifierReward(str(classifier_dir), max_length=max_length)
+    enc = reward.encode(["a post [SEP] with a [CLS] marker", "plain"], ["one [SEP] two three four five six", "x"])
+    for ids in enc["input_ids"].tolist():
+        assert ids.count(minilm_tokenizer.sep_token_id) == 2 and ids.count(minilm_tokenizer.cls_token_id) == 1

@@ -118,3 +118,13 @@ def test_long_texts_lose_their_end_whatever_the_saved_truncation_side(tmp_path, 
     head = " ".join(long_text.split()[:14])  # 14 words, one token each, + [CLS] and [SEP] = 16 tokens
     # the documented cut keeps the start: the embedding of the cut text is that of its first 14 words
     torch.testing.assert_close(reward.embed([long_text]), reward.embed([head]), atol=1e-5, rtol=0)
+
+
+def test_special_token_strings_in_a_text_are_text(reward):
+    # "[SEP]" in a response was read as BERT's separator token, not as the characters the text holds
+    text = "the meeting [SEP] moved to friday"
+    ids = reward.tokenizer(text, split_special_tokens=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = reward.model(**ids).last_hidden_state
+    expected = torch.nn.functional.normalize(hidden.mean(1), dim=-1)
+    torch.testing.assert_close(reward.embed([text]), expected, rtol=1e-5, atol=1e-6)
