@@ -184,7 +184,11 @@ class Reward(nn.Module):
         if self.needs_references and references is None:
             raise ValueError(f"reward {self.name!r} needs references (human summaries), got references=None")
         out = []
-        with torch.no_grad(), self.prepare(sources, responses, references):
+        # autocast off: the reward computes in the dtype its config loads it in (torch_dtype), the same inside the
+        # trainer's mixed-precision training step as in evaluation hooks, which run outside that autocast (T5 NLI
+        # models overflow in float16)
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False), self.prepare(sources, responses,
+                                                                                             references):
             for i in range(0, len(responses), self.batch_size):
                 j = i + self.batch_size
                 out.append(self.score(sources[i:j], responses[i:j], None if references is None else references[i:j]))

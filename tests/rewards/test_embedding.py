@@ -128,3 +128,14 @@ def test_special_token_strings_in_a_text_are_text(reward):
         hidden = reward.model(**ids).last_hidden_state
     expected = torch.nn.functional.normalize(hidden.mean(1), dim=-1)
     torch.testing.assert_close(reward.embed([text]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_do_not_change_under_the_trainers_autocast(reward):
+    """bf16-mixed training scored inside the training step's autocast, in bfloat16, and evaluation (callback hooks,
+    outside it) in float32: the same response got two rewards."""
+    sources = ["The cat sat on the mat all afternoon.", "Stocks fell sharply on Monday after the report."]
+    responses = ["A cat sat on a mat.", "Markets dropped."]
+    plain = reward(sources, responses)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = reward(sources, responses)
+    assert torch.equal(mixed, plain)
