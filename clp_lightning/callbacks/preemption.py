@@ -26,6 +26,8 @@ import shutil
 import signal as sig
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -71,6 +73,34 @@ def _save_and_wait(trainer: L.Trainer, path: Path) -> None:
         io = getattr(io, "checkpoint_io", None)
 
 
+@contextmanager
+def _validation_pending(trainer: L.Trainer) -> Iterator[None]:
+    """Inside: a checkpoint of a stop at a step that validates says that this step's validation has not run yet.
+
+    The stop skips that validation (see :class:`_StopAtStepBoundary`), and a checkpoint saved after a training batch
+    tells a resumed fit that the step's validation ran (Lightning fast-forwards it, as after a ModelCheckpoint save at
+    the same step): the step's grid evaluation, its report and its metrics.csv row would be lost. So the loops' progress
+    is saved as Lightning saves it at the start of a validation (the batch completed, a first validation batch
+    started), which a resumed fit finishes before it trains on; the live progress is put back after the save."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    # read before the stop sets should_stop, which would make any step count as one that validates
+    due = trainer.enable_validation and not trainer.should_stop and epoch_loop._should_check_val_fx(
+        trainer.fit_loop._data_fetcher)
+    if not due:
+        yield
+        return
+    train, val = epoch_loop.batch_progress, epoch_loop.val_loop.batch_progress
+    saved = train.state_dict(), val.state_dict()
+    train.increment_completed()
+    val.increment_ready()
+    val.increment_started()
+    try:
+        yield
+    finally:
+        train.load_state_dict(saved[0])
+        val.load_state_dict(saved[1])
+
+
 def _parse_signals(owner: str, names: str | list[str] | tuple[str, ...]) -> tuple[sig.Signals, ...]:
     names = (names,) if isinstance(names, str) else tuple(names)
     valid = sorted(s.name for s in sig.Signals)
@@ -95,7 +125,8 @@ class _StopAtStepBoundary(L.Callback):
     Subclasses choose the signals (:meth:`_signals_for`) and what to do once the ranks agree (:meth:`_act`). The
     stop then skips the validation that Lightning runs when training stops early: with a grid evaluation that is
     minutes of generation on a real model, past a scheduler's grace period, and a report at an odd step. The
-    trainer's ``limit_val_batches`` is 0 until the fit ends, then restored.
+    trainer's ``limit_val_batches`` is 0 until the fit ends, then restored. A stop at a step that validates leaves
+    that validation to the resumed fit, which runs it before it trains on.
     """
 
     def __init__(self, signal_names: str | list[str] | tuple[str, ...], check_every_n_steps: int) -> None:
@@ -152,7 +183,8 @@ class _StopAtStepBoundary(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         # ranks that got no signal themselves stop for the same reason as the one that did
-        self._act(trainer, self.received or self._handling[0])
+        with _validation_pending(trainer):
+            self._act(trainer, self.received or self._handling[0])
         self._acted = True
         trainer.should_stop = True
         # the same on every rank (they all act at this step), so no rank waits in a validation collective

@@ -257,3 +257,36 @@ def test_in_a_slurm_job_the_stop_writes_what_a_requeued_job_resumes_from(tmp_pat
     assert Path(resumed_from).name == "hpc_ckpt_2.ckpt"
     assert torch.load(resumed_from, weights_only=True)["global_step"] == 2
     assert os.path.samefile(resumed_from, run / "checkpoints" / "last.ckpt")  # `--ckpt_path last` takes the same
+
+
+def test_a_stop_at_a_step_that_validates_leaves_that_validation_to_the_resumed_run(tmp_path):
+    """The stop skips the validation of its step; the checkpoint must not tell the resumed run that it ran (Lightning
+    would fast-forward it, and the step's grid evaluation, report and metrics.csv row would be lost)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Batches(CountValidations):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.current_epoch, batch_idx, batch["id"]))
+
+    def run(directory, *callbacks, **fit):
+        log = Batches()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, every_n_train_steps=100,
+                                     save_on_train_epoch_end=False)
+        trainer = make_trainer(directory, 6, limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None,
+                               num_sanity_val_steps=0, callbacks=[*callbacks, checkpoint, log])
+        trainer.fit(make_module(), datamodule=make_data(), **fit)
+        return trainer, log
+
+    # validation at steps 2, 4 and 6; the signal comes during batch 3 (step 4): the stop saves before step 4 validates
+    stopped, first = run(tmp_path, StopOnSignal(), SignalAt(batch_idx=3, signum=signal.SIGTERM))
+    assert stopped.global_step == 4 and first.steps == [2]
+    resumed, again = run(tmp_path, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    full, uninterrupted = run(tmp_path / "uninterrupted")
+    assert again.steps == [4, 6] and first.steps + again.steps == uninterrupted.steps == [2, 4, 6]
+    assert first.seen + again.seen == uninterrupted.seen  # and then trains on the very batches it would have
+    epoch_loop, full_loop = resumed.fit_loop.epoch_loop, full.fit_loop.epoch_loop
+    assert epoch_loop._batches_that_stepped == full_loop._batches_that_stepped  # the loggers' step too
