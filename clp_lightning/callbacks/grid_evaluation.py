@@ -534,9 +534,29 @@ class GridEvaluation(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "validations": self.validations}
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved after a training batch whose step then validates (ModelCheckpoint's every_n_train_steps)
+        # resumes past that validation: Lightning fast-forwards it. Counted here, so that a resumed fit keeps the
+        # every_n_epochs schedule of an uninterrupted one.
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and state is not None and \
+                _validation_follows_this_save(trainer):
+            state["validations"] = self.validations + 1
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.validations = int(state_dict.get("validations", 0))
+
+
+def _validation_follows_this_save(trainer: L.Trainer) -> bool:
+    """Whether a checkpoint saved now is one after a training batch whose step validates next (one that a resumed fit
+    takes as validated: it is not saved mid-validation, nor after one)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    train, val = epoch_loop.batch_progress.total, epoch_loop.val_loop.batch_progress.total
+    after_batch = train.completed == train.processed - 1 and not trainer.validating
+    mid_validation = val.started == val.ready and val.processed == val.started - 1
+    return after_batch and not mid_validation and trainer.enable_validation and epoch_loop._should_check_val_fx(
+        trainer.fit_loop._data_fetcher)
 
 
 def grid_report(

@@ -447,3 +447,23 @@ def test_metrics_csv_keeps_one_row_per_evaluation_across_resumes_and_grids(tmp_p
     assert rows[1]["reward/coverage/w=1.00,0.00"] == "40.0" and rows[1]["reward/brevity/w=0.50,0.50"] == ""
     assert rows[3]["reward/brevity/w=0.50,0.50"] == "-60.0" and rows[3]["steerability/brevity"] == "0.25"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_fit_resumed_from_a_step_checkpoint_keeps_the_every_n_epochs_schedule(tmp_path):
+    """A checkpoint saved after a training batch (every_n_train_steps) whose step then validates resumes past that
+    validation (Lightning fast-forwards it): the evaluation count must include it, or every later evaluation moves."""
+    def run(directory, **fit):
+        callback = GridEvaluation(grid_step=0.5, every_n_epochs=2, sample_prompts=0,
+                                  generation=GenerationSettings(do_sample=False, max_new_tokens=3))
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1,
+                                     save_on_train_epoch_end=False)
+        data = SyntheticTLDRDataModule(num_train=32, num_val=2, batch_size=2, val_batch_size=2, seed=0)
+        trainer = make_trainer(directory, [callback, checkpoint], max_steps=8, val_check_interval=2,
+                               check_val_every_n_epoch=None)
+        trainer.fit(make_module(), datamodule=data, **fit)
+        return [entry["step"] for entry in callback.history]
+
+    # validations at steps 2, 4, 6 and 8; every second one evaluates
+    assert run(tmp_path / "full") == [2, 6]
+    # saved at step 4 before its validation, which the resumed fit skips; the next evaluation is still at step 6
+    assert run(tmp_path / "resumed", ckpt_path=str(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt")) == [2, 6]
