@@ -153,6 +153,7 @@ class GridEvaluation(L.Callback):
         self.greedy_log_ratio = greedy_log_ratio
         self.history: list[dict[str, Any]] = []
         self.validations = 0  # validation epochs seen during fit (saved in checkpoints)
+        self._checkpoint_epoch = 0  # the epoch of the checkpoint that validate or test loaded
         self.last: dict[str, Any] | None = None
         self.metric: ParetoSteerabilityMetric | None = None
         self._reference_cache: dict[str, dict[str, Any]] = {}
@@ -410,7 +411,7 @@ class GridEvaluation(L.Callback):
             self.reference_rewards,
             self.metric.ref_point,
             ref_point_from="config" if self.ref_point_config is not None else "reference policy on these prompts",
-            epoch=trainer.current_epoch,
+            epoch=trainer.current_epoch if trainer.state.fn == "fit" else self._checkpoint_epoch,
             step=trainer.global_step if trainer.state.fn == "fit" else getattr(pl_module, "checkpoint_step", 0),
             samples=self._samples,
             parameters=pl_module.policy.report() if hasattr(pl_module, "policy") else {},
@@ -533,6 +534,10 @@ class GridEvaluation(L.Callback):
     # on, and the reference point to the config, so neither comes back from a checkpoint.
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "validations": self.validations}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # only fit restores the loops: `validate` and `test` name the checkpoint's epoch, as its step (checkpoint_step)
+        self._checkpoint_epoch = int(checkpoint.get("epoch", 0))
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # A checkpoint saved after a training batch whose step then validates (ModelCheckpoint's every_n_train_steps)

@@ -131,6 +131,22 @@ def test_validate_on_checkpoint_reproduces_last_evaluation(fitted, tmp_path):
     assert again.last["reference_rewards"] == pytest.approx(last["reference_rewards"], abs=1e-6)
 
 
+def test_validate_on_a_checkpoint_names_its_epoch_as_it_names_its_step(fitted, tmp_path):
+    """Only fit restores the loops, so the trainer of `validate` is at epoch 0 whatever the checkpoint's."""
+    import csv
+
+    fit_dir, trainer, callback = fitted
+    ckpt = torch.load(fit_dir / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["epoch"] = 3
+    torch.save(ckpt, tmp_path / "epoch3.ckpt")
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    again = grid_callback()
+    make_trainer(tmp_path, [again]).validate(make_module(), datamodule=data, ckpt_path=str(tmp_path / "epoch3.ckpt"))
+    assert (again.last["epoch"], again.last["step"]) == (3, 4)
+    with (tmp_path / "run" / "evaluation" / "metrics.csv").open(newline="") as f:
+        assert [(r["stage"], r["epoch"], r["step"]) for r in csv.DictReader(f)] == [("validate", "3", "4")]
+
+
 def test_validate_on_other_prompts_measures_the_reference_on_them(fitted, tmp_path):
     """Reference numbers belong to the prompts they were measured on: other data gets its own, and numbers stored in
     a checkpoint (as older versions wrote them) are ignored."""
