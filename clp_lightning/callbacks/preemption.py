@@ -131,8 +131,9 @@ class _StopAtStepBoundary(L.Callback):
 
     def __init__(self, signal_names: str | list[str] | tuple[str, ...], check_every_n_steps: int) -> None:
         owner = type(self).__name__
-        if check_every_n_steps < 1:
-            raise ValueError(f"{owner} check_every_n_steps={check_every_n_steps}; expected an integer >= 1")
+        # an int: 1.5 made `global_step % 1.5` act at odd steps, and True passed as 1
+        if type(check_every_n_steps) is not int or check_every_n_steps < 1:
+            raise ValueError(f"{owner} check_every_n_steps={check_every_n_steps!r}; expected an integer >= 1")
         self.signals = _parse_signals(owner, signal_names)
         self.check_every_n_steps = check_every_n_steps
         self.received: sig.Signals | None = None  # the first signal of this fit, until acted on

@@ -243,6 +243,8 @@ def test_array_task_id_and_next_checkpoint_name(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(signal="USR1"), "signal='USR1'"),
     (dict(check_every_n_steps=0), "check_every_n_steps=0"),
+    (dict(check_every_n_steps=1.5), "check_every_n_steps=1.5"),
+    (dict(check_every_n_steps=True), "check_every_n_steps=True"),
 ])
 def test_bad_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):

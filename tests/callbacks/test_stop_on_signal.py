@@ -198,6 +198,8 @@ def test_second_sigint_aborts_and_second_sigterm_is_ignored():
     (dict(signals=["TERM"]), "signal='TERM'"),
     (dict(signals=["SIGKILL"]), "signal='SIGKILL' cannot be caught"),
     (dict(check_every_n_steps=0), "check_every_n_steps=0"),
+    (dict(check_every_n_steps=1.5), "check_every_n_steps=1.5"),
+    (dict(check_every_n_steps=True), "check_every_n_steps=True"),
 ])
 def test_bad_arguments_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
