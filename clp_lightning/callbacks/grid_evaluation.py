@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
+from clp_lightning.callbacks.checkpoint import CheckpointError
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume, pareto_steerability
@@ -549,8 +550,23 @@ class GridEvaluation(L.Callback):
             state["validations"] = self.validations + 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
-        self.validations = int(state_dict.get("validations", 0))
+        # a checkpoint is untrusted input: malformed state would fail only at the next validation's figure, after
+        # minutes of generation, with a TypeError that names nothing
+        history, validations = state_dict.get("history", []), state_dict.get("validations", 0)
+        if type(validations) is not int or validations < 0:
+            raise CheckpointError(f"GridEvaluation state in the checkpoint has validations={validations!r}; expected "
+                                  "an integer >= 0")
+        if not isinstance(history, list) or not all(_is_history_entry(h) for h in history):
+            raise CheckpointError("GridEvaluation state in the checkpoint has a malformed history; expected a list of "
+                                  "{'epoch': int, 'step': int, 'rewards': [[number, ...], ...]}")
+        self.history, self.validations = list(history), validations
+
+
+def _is_history_entry(entry: Any) -> bool:
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return (isinstance(entry, dict) and type(entry.get("epoch")) is int and type(entry.get("step")) is int
+            and isinstance(entry.get("rewards"), list)
+            and all(isinstance(row, list) and all(number(x) for x in row) for row in entry["rewards"]))
 
 
 def _validation_follows_this_save(trainer: L.Trainer) -> bool:

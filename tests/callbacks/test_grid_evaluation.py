@@ -483,3 +483,26 @@ def test_a_fit_resumed_from_a_step_checkpoint_keeps_the_every_n_epochs_schedule(
     assert run(tmp_path / "full") == [2, 6]
     # saved at step 4 before its validation, which the resumed fit skips; the next evaluation is still at step 6
     assert run(tmp_path / "resumed", ckpt_path=str(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt")) == [2, 6]
+
+
+GOOD_HISTORY = [{"epoch": 0, "step": 2, "rewards": [[0.5, -1.0], [0.25, -0.5]]}]
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"history": GOOD_HISTORY, "validations": "2"}, "validations='2'"),
+    ({"history": GOOD_HISTORY, "validations": -1}, "validations=-1"),
+    ({"history": "abc", "validations": 1}, "malformed history"),
+    ({"history": [{"epoch": 0, "step": 2, "rewards": [["x", 1.0]]}], "validations": 1}, "malformed history"),
+    ({"history": [{"epoch": 0, "rewards": [[0.5, 1.0]]}], "validations": 1}, "malformed history"),
+])
+def test_malformed_state_in_a_checkpoint_is_named_when_it_loads(state, message):
+    # it used to load as it was and fail at the next validation's front figure, after minutes of generation
+    from clp_lightning.callbacks import CheckpointError
+
+    callback = GridEvaluation(grid_step=0.5)
+    with pytest.raises(CheckpointError, match=message):
+        callback.load_state_dict(state)
+    callback.load_state_dict({"history": GOOD_HISTORY, "validations": 1})
+    assert callback.history == GOOD_HISTORY and callback.validations == 1
+    callback.load_state_dict({})  # a checkpoint without the callback's state starts afresh
+    assert callback.history == [] and callback.validations == 0
