@@ -400,6 +400,7 @@ class GridEvaluation(L.Callback):
         assert self.metric is not None and self.reference_rewards is not None
         top = fronts[self._evaluated[0]]
         own = samples_the_policy(self.generation)
+        from_checkpoint = trainer.state.fn != "fit" and trainer.ckpt_path is not None
         evaluation = {"generation": asdict(self.generation), "num_samples": self.num_samples,
                       "kl_samples": self.num_samples if own and self.kl_samples else self.kl_samples,
                       "kl_sampling": self.kl_sampling, "seed": self.seed, "alpha": top["alpha"],
@@ -412,8 +413,10 @@ class GridEvaluation(L.Callback):
             self.reference_rewards,
             self.metric.ref_point,
             ref_point_from="config" if self.ref_point_config is not None else "reference policy on these prompts",
-            epoch=trainer.current_epoch if trainer.state.fn == "fit" else self._checkpoint_epoch,
-            step=trainer.global_step if trainer.state.fn == "fit" else getattr(pl_module, "checkpoint_step", 0),
+            # validate/test on a checkpoint: only fit restores the loops, so the checkpoint's epoch and step; on the
+            # weights in memory (`trainer.validate(module)` after `fit` in one process), the trainer's
+            epoch=self._checkpoint_epoch if from_checkpoint else trainer.current_epoch,
+            step=getattr(pl_module, "checkpoint_step", 0) if from_checkpoint else trainer.global_step,
             samples=self._samples,
             parameters=pl_module.policy.report() if hasattr(pl_module, "policy") else {},
             tol=self.metric.tol,

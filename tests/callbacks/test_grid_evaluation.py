@@ -506,3 +506,17 @@ def test_malformed_state_in_a_checkpoint_is_named_when_it_loads(state, message):
     assert callback.history == GOOD_HISTORY and callback.validations == 1
     callback.load_state_dict({})  # a checkpoint without the callback's state starts afresh
     assert callback.history == [] and callback.validations == 0
+
+
+def test_validate_after_fit_in_one_process_names_the_trained_step(tmp_path):
+    """`trainer.validate(module)` on the weights in memory reported step 0 and epoch 0 (the numbers of a checkpoint
+    that was never loaded), next to a policy trained for 4 steps."""
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    callback, module = grid_callback(), make_module()
+    trainer = make_trainer(tmp_path, [callback], max_steps=4, val_check_interval=4, check_val_every_n_epoch=None)
+    trainer.fit(module, datamodule=data)
+    assert (callback.last["epoch"], callback.last["step"]) == (0, 4)
+    trainer.validate(module, datamodule=data)
+    # the step the weights were trained to; the epoch is the trainer's, 1 once the fit has finished epoch 0
+    assert (callback.last["epoch"], callback.last["step"]) == (trainer.current_epoch, 4) == (1, 4)
+    assert read_report(tmp_path / "run" / "evaluation" / "validate.json")["step"] == 4
