@@ -151,6 +151,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         elif policy.conditioning.condition_on_alpha:
             raise ValueError("policy is conditioned on alpha but alpha_range is None; "
                              "set e.g. alpha_range: [0.01, 0.5]")
+        elif alpha_log_uniform:  # it would otherwise be ignored: every prompt gets kl_coef
+            raise ValueError(f"alpha_log_uniform is set but alpha_range is None: alpha is kl_coef={kl_coef} for "
+                             "every prompt; set alpha_range to sample it")
         self.objective_names = names
         self.num_objectives = len(rewards)
         self.sampler = (sampler or SamplerConfig()).build(self.num_objectives)

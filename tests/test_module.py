@@ -261,6 +261,8 @@ def test_alpha_in_the_parameters_trains_and_scales_each_prompts_update(tmp_path,
         (dict(generation=GenerationSettings(top_k=-1)), "top_k must be >= 0 .* got -1"),
         (dict(conditioning=ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.0, 0.5),
               alpha_log_uniform=True), r"alpha_range \[0.0, 0.5\]: alpha_log_uniform .* must be > 0"),
+        # ignored before: every prompt trained at kl_coef
+        (dict(alpha_log_uniform=True), "alpha_log_uniform is set but alpha_range is None"),
     ],
 )
 def test_bad_configuration_fails_at_construction(kwargs, message):
