@@ -7,6 +7,7 @@ weightings has shape ``(B, m)``, one row per prompt or sequence.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -142,9 +143,10 @@ class DirichletSampler(WeightSampler):
         super().__init__(num_objectives)
         scalar = isinstance(concentration, (int, float))
         conc = [concentration] * num_objectives if scalar else list(concentration)
-        if any(_is_bool(c) for c in conc):
-            raise ValueError(f"Dirichlet concentration {concentration!r} contains a bool; expected a positive number "
-                             f"or {num_objectives} of them")
+        # a bool passes as 1 and "1.0" as its characters: only numbers are numbers here
+        if isinstance(concentration, str) or not all(isinstance(c, numbers.Real) and not _is_bool(c) for c in conc):
+            raise ValueError(f"Dirichlet concentration {concentration!r} must be a positive number or "
+                             f"{num_objectives} of them (not bools or text)")
         conc = [float(c) for c in conc]
         if len(conc) != num_objectives or any(not (c > 0 and math.isfinite(c)) for c in conc):
             raise ValueError(

@@ -104,9 +104,11 @@ def test_one_hot_and_fixed():
 
 
 @pytest.mark.parametrize(("make", "message"), [
-    (lambda: DirichletSampler(2, True), r"concentration True contains a bool; expected a positive number or 2 of them"),
-    (lambda: DirichletSampler(2, [1.0, False]), r"concentration \[1.0, False\] contains a bool"),
-    (lambda: SamplerConfig(concentration=True).build(3), r"concentration True contains a bool.* or 3 of them"),
+    (lambda: DirichletSampler(2, True), r"concentration True must be a positive number or 2 of them \(not bools"),
+    (lambda: DirichletSampler(2, [1.0, False]), r"concentration \[1.0, False\] must be .*not bools"),
+    (lambda: SamplerConfig(concentration=True).build(3), r"concentration True must be .* or 3 of them \(not bools"),
+    # a string was split into characters: "could not convert string to float: '.'"
+    (lambda: DirichletSampler(2, "1.0"), r"concentration '1.0' must be .*not bools or text"),
     (lambda: OneHotSampler(3, index=True), r"one-hot index True must be an int \(the objective's position\) or None"),
     (lambda: OneHotSampler(3, index=1.0), r"one-hot index 1.0 must be an int"),
     (lambda: OneHotSampler(True), r"num_objectives must be an int >= 1, got True"),
