@@ -225,6 +225,8 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
         raise ValueError(f"val_size and test_size must be >= 0, got {val_size} and {test_size}")
     if sdist is not None and not Path(sdist).is_file():
         raise FileNotFoundError(f"--sdist {sdist}: no such file (expected blanc-{BLANC_VERSION}.tar.gz)")
+    if Path(out).exists() and not Path(out).is_dir():  # found only after the download and the parse otherwise
+        raise ValueError(f"--out {str(out)!r} is a file; expected a directory (created if missing)")
     with tempfile.TemporaryDirectory(prefix="clp-blanc-") as tmp:
         path = Path(sdist) if sdist is not None else download_blanc_sdist(Path(tmp), out)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()

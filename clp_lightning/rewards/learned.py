@@ -315,6 +315,8 @@ class HumanScoreReward(Reward):
         torch_dtype: str | None = None,
     ) -> None:
         super().__init__(name=name, batch_size=batch_size)
+        if max_length is not None and max_length < 1:  # `max_length or ...` below would take 0 as "the head's"
+            raise ValueError(f"max_length must be >= 1 or None (the head's training value), got {max_length}")
         # The head's files are checked before the encoder is loaded: a bad directory fails in milliseconds.
         self.head, spec = load_head(head)
         if max_length is not None and max_length != spec.max_length:

@@ -232,6 +232,14 @@ def test_pip_download_that_is_not_pypis_file_or_no_file_stops(tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_that_is_a_file_is_refused_before_the_download(tmp_path, monkeypatch):
+    # it failed in mkdir, after pip had fetched the sdist and its rows were parsed
+    monkeypatch.setattr(prepare.subprocess, "run", lambda *a, **k: pytest.fail("downloaded before checking --out"))
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ValueError, match=r"--out .*out' is a file; expected a directory"):
+        main(["cnndm-blanc", "--out", str(tmp_path / "out")])
+
+
 @pytest.mark.parametrize("argv", [[], ["cnndm-nope"]])
 def test_missing_or_unknown_subcommand_exits_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as exc:

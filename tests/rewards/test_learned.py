@@ -328,6 +328,13 @@ def test_the_encoders_resolved_directory_is_the_same_encoder(head_dir: Path, cap
     assert not caplog.records
 
 
+@pytest.mark.parametrize("max_length", [0, -3])
+def test_a_max_length_below_one_is_refused(head_dir: Path, max_length):
+    # 0 was taken as "the head's value" (max_length or spec.max_length), with a warning that it differed
+    with pytest.raises(ValueError, match=f"max_length must be >= 1 or None .*got {max_length}"):
+        HumanScoreReward(head=str(head_dir), model=MINILM, max_length=max_length)
+
+
 def test_missing_head_directory(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         HumanScoreReward(head=str(tmp_path / "does_not_exist"), model=MINILM)
