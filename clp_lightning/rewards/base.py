@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from clp_lightning.models import load_pretrained, parse_dtype
 
@@ -33,6 +33,7 @@ def load_scorer(
     trust_remote_code: bool = False,
     torch_dtype: str | None = None,
     check_tokenizer: Callable[[Any], None] | None = None,
+    check_config: Callable[[Any], None] | None = None,
 ) -> tuple[Any, Any]:
     """Load a neural reward's tokenizer, then its model, through :func:`~clp_lightning.models.load_pretrained`.
 
@@ -44,6 +45,8 @@ def load_scorer(
         torch_dtype: weights' dtype name (see :func:`parse_dtype`); None keeps the checkpoint's.
         check_tokenizer: called with the tokenizer before the model loads; the reward's checks that need only the
             tokenizer raise here, before the (possibly many-gigabyte) model is read.
+        check_config: called with the model's config (``AutoConfig``, a small file) before the model loads, for
+            the checks that need only the config (a classifier's label names).
 
     Returns:
         ``(model, tokenizer)``.
@@ -74,6 +77,8 @@ def load_scorer(
     tok.truncation_side = "right"
     if check_tokenizer is not None:
         check_tokenizer(tok)
+    if check_config is not None:
+        check_config(load_pretrained(AutoConfig, model, trust_remote_code=trust_remote_code))
     loaded = load_pretrained(auto_cls, model, trust_remote_code=trust_remote_code, **dtype_kw)
     if getattr(loaded.config, "pad_token_id", None) != tok.pad_token_id:
         loaded.config.pad_token_id = tok.pad_token_id  # the id the tokenizer pads with (see above)

@@ -114,6 +114,9 @@ class SequenceClassifierReward(Reward):
             trust_remote_code=trust_remote_code,
             torch_dtype=torch_dtype,
             check_tokenizer=check_tokenizer,
+            # a label name the model does not have is found from its config, before a 1.7 GB DeBERTa loads
+            check_config=lambda config: [resolve_label(config, x, model) for x in (label, minus_label)
+                                         if x is not None],
         )
         check_max_length(self.model, max_length, model)
         self.pair, self.pair_order, self.output = pair, pair_order, output

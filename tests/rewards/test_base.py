@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoTokenizer,
     BartConfig,
@@ -113,15 +114,18 @@ def test_a_batch_size_that_is_not_an_integer_is_refused_at_construction(classifi
         (lambda d: Seq2SeqNLIReward(str(d["t5"]), max_length=20), "max_length=20 leaves no room for text"),
         (lambda d: SequenceClassifierReward(str(d["bert"]), max_length=4), "max_length=4 leaves no room for text"),
         (lambda d: EmbeddingSimilarityReward(str(d["bert"]), max_length=2), "max_length=2 leaves no room for text"),
+        # a label the model does not have: its config says so (the real configs' classifier is a 1.7 GB DeBERTa)
+        (lambda d: SequenceClassifierReward(str(d["bert"]), max_length=32, label="toxic"),
+         "label 'toxic' is not a label of"),
     ],
-    ids=["nli-entail-token", "nli-max-length", "classifier-max-length", "embedding-max-length"],
+    ids=["nli-entail-token", "nli-max-length", "classifier-max-length", "embedding-max-length", "classifier-label"],
 )
 def test_settings_the_tokenizer_refuses_fail_before_the_model_loads(classifier_dir, t5_dir, monkeypatch, make, match):
     # These checks need only the tokenizer, but ran after the model had loaded: minutes, for an 11B-parameter NLI model
     real = base.load_pretrained
 
     def tokenizer_only(auto_cls, *args, **kwargs):
-        if auto_cls is not AutoTokenizer:
+        if auto_cls not in (AutoTokenizer, AutoConfig):
             pytest.fail(f"loaded the model with {auto_cls.__name__} before checking the tokenizer")
         return real(auto_cls, *args, **kwargs)
 
