@@ -99,7 +99,11 @@ def test_compiled_variants_compile_once_and_generate_the_eager_tokens(generate_c
     for variant in ("static+compile", "shared+static+compile"):
         assert rows[variant]["greedy_match"] == 1.0
         assert rows[variant]["graphs_rounds"] == 0  # the cache is sized once: new prompt lengths do not recompile
-        assert rows[variant]["compile_s"] >= 0 and rows[variant]["break_even_calls"] is not None
+        # break-even: calls to repay the compilation, or null where the compiled step saved nothing in these rounds
+        # (infinitely many; the file is strict JSON, the printed table says never), which on a tiny model depends on
+        # the machine's load
+        even = rows[variant]["break_even_calls"]
+        assert rows[variant]["compile_s"] >= 0 and (even is None or even >= 0)
     # the two share the model's compiled decode step: the second reuses the first one's graph
     assert rows["static+compile"]["graphs_first"] == 1 and rows["shared+static+compile"]["graphs_first"] == 0
 
