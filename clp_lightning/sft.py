@@ -20,6 +20,7 @@ from torch import Tensor
 
 from clp_lightning.callbacks.checkpoint import check_writable
 from clp_lightning.callbacks.preemption import stopped_by_signal
+from clp_lightning.checks import is_integer
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.conditioning.lm import response_log_probs
 from clp_lightning.conditioning.policy import ConditionalPolicy
@@ -57,7 +58,7 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters()
         policy, optimizer = coerce(policy, PolicyConfig), coerce(optimizer, OptimizerConfig)
         # an integer: a float such as 64.0 passed and failed at the first step, in the targets' slice
-        if isinstance(max_response_length, bool) or not isinstance(max_response_length, int) or max_response_length < 1:
+        if not is_integer(max_response_length) or max_response_length < 1:
             raise ValueError(f"max_response_length must be an integer >= 1, got {max_response_length!r}")
         if output_dir is not None:
             check_output_dir(output_dir)

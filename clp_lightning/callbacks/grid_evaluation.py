@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import DistributedSampler
 
 from clp_lightning.callbacks.checkpoint import CheckpointError
+from clp_lightning.callbacks.preemption import validation_due
+from clp_lightning.checks import is_number
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume, pareto_steerability
@@ -566,10 +568,9 @@ class GridEvaluation(L.Callback):
 
 
 def _is_history_entry(entry: Any) -> bool:
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
     return (isinstance(entry, dict) and type(entry.get("epoch")) is int and type(entry.get("step")) is int
             and isinstance(entry.get("rewards"), list)
-            and all(isinstance(row, list) and all(number(x) for x in row) for row in entry["rewards"]))
+            and all(isinstance(row, list) and all(is_number(x) for x in row) for row in entry["rewards"]))
 
 
 def _validation_follows_this_save(trainer: L.Trainer) -> bool:
@@ -579,8 +580,7 @@ def _validation_follows_this_save(trainer: L.Trainer) -> bool:
     train, val = epoch_loop.batch_progress.total, epoch_loop.val_loop.batch_progress.total
     after_batch = train.completed == train.processed - 1 and not trainer.validating
     mid_validation = val.started == val.ready and val.processed == val.started - 1
-    return after_batch and not mid_validation and trainer.enable_validation and epoch_loop._should_check_val_fx(
-        trainer.fit_loop._data_fetcher)
+    return after_batch and not mid_validation and validation_due(trainer)
 
 
 def grid_report(

@@ -73,6 +73,13 @@ def _save_and_wait(trainer: L.Trainer, path: Path) -> None:
         io = getattr(io, "checkpoint_io", None)
 
 
+def validation_due(trainer: L.Trainer) -> bool:
+    """Whether the fit validates after the training batch that just ended: Lightning 2.x's own test (private names,
+    which the stop-and-resume tests guard)."""
+    fit_loop = trainer.fit_loop
+    return trainer.enable_validation and fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
+
+
 @contextmanager
 def _validation_pending(trainer: L.Trainer) -> Iterator[None]:
     """Inside: a checkpoint of a stop at a step that validates says that this step's validation has not run yet.
@@ -84,9 +91,7 @@ def _validation_pending(trainer: L.Trainer) -> Iterator[None]:
     started), which a resumed fit finishes before it trains on; the live progress is put back after the save."""
     epoch_loop = trainer.fit_loop.epoch_loop
     # read before the stop sets should_stop, which would make any step count as one that validates
-    due = trainer.enable_validation and not trainer.should_stop and epoch_loop._should_check_val_fx(
-        trainer.fit_loop._data_fetcher)
-    if not due:
+    if trainer.should_stop or not validation_due(trainer):
         yield
         return
     train, val = epoch_loop.batch_progress, epoch_loop.val_loop.batch_progress

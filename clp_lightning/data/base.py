@@ -17,7 +17,6 @@ import glob
 import itertools
 import json
 import logging
-import numbers
 import re
 import sys
 from collections import Counter
@@ -35,6 +34,8 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from clp_lightning.checks import is_integer
+
 log = logging.getLogger("clp_lightning.data")
 
 BATCH_KEYS = ("prompt", "source", "reference", "id")
@@ -46,10 +47,6 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "
 # local data files this process has checked, by (path, size, mtime): a changed file is checked again
 _CHECKED_FILES: set[tuple[str, int | None, int | None]] = set()
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zip"}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def collate_prompts(rows: Sequence[dict[str, str]]) -> dict[str, list[str]]:
@@ -301,15 +298,15 @@ class SummarizationDataModule(L.LightningDataModule):
         # Integers, checked here: a float passed `>= 1` and failed only after the splits were loaded (in select()
         # for a cap, in the DataLoader for a batch size), a negative seed in the subsampling's generator.
         for arg, value in [("batch_size", batch_size), ("val_batch_size", val_batch_size)]:
-            if value is not None and not (_is_int(value) and value >= 1):
+            if value is not None and not (is_integer(value) and value >= 1):
                 raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
         caps = [("max_train_samples", max_train_samples), ("max_val_samples", max_val_samples),
                 ("max_test_samples", max_test_samples)]
         for arg, value in caps:
-            if value is not None and not (_is_int(value) and value >= 1):  # a cap of 0 rows fails after loading
+            if value is not None and not (is_integer(value) and value >= 1):  # a cap of 0 rows fails after loading
                 raise ValueError(f"{arg} must be an integer >= 1 (or null for no limit), got {value!r}")
         for arg, value in [("num_workers", num_workers), ("seed", seed)]:
-            if not (_is_int(value) and value >= 0):
+            if not (is_integer(value) and value >= 0):
                 raise ValueError(f"{arg} must be an integer >= 0, got {value!r}")
         self.path, self.name, self.data_files, self.cache_dir = path, name, data_files, cache_dir
         self.splits = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from clp_lightning.data.base import SummarizationDataModule, _is_int, clean_text, skip_row, truncate_words
+from clp_lightning.checks import is_integer
+from clp_lightning.data.base import SummarizationDataModule, clean_text, skip_row, truncate_words
 
 
 class CNNDailyMailDataModule(SummarizationDataModule):
@@ -42,7 +43,8 @@ class CNNDailyMailDataModule(SummarizationDataModule):
             raise ValueError(f"prompt_template must have only an {{article}} field, got {prompt_template!r}") from err
         if "article" not in fields:
             raise ValueError(f"prompt_template has no {{article}} field: {prompt_template!r}")
-        if max_article_chars is not None and not _is_int(max_article_chars):  # a float failed in the formatting's slice
+        # a float failed in the formatting's slice
+        if max_article_chars is not None and not is_integer(max_article_chars):
             raise ValueError(f"max_article_chars must be an integer (or null for whole articles), got "
                              f"{max_article_chars!r}")
         if max_article_chars is not None and max_article_chars <= len(truncation_marker):

@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from clp_lightning.data.base import SummarizationDataModule, _is_int, clean_text, skip_row, truncate_words
+from clp_lightning.checks import is_integer
+from clp_lightning.data.base import SummarizationDataModule, clean_text, skip_row, truncate_words
 
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
@@ -68,7 +69,7 @@ class RedditTLDRDataModule(SummarizationDataModule):
         super().__init__(path=path, val_split=val_split, **kwargs)
         if schema not in ("auto", *SCHEMAS):
             raise ValueError(f"schema must be 'auto' or one of {list(SCHEMAS)}, got {schema!r}")
-        if max_post_chars is not None and not _is_int(max_post_chars):  # a float failed in the formatting's slice
+        if max_post_chars is not None and not is_integer(max_post_chars):  # a float failed in the formatting's slice
             raise ValueError(f"max_post_chars must be an integer (or null for whole posts), got {max_post_chars!r}")
         if max_post_chars is not None and max_post_chars <= len(truncation_marker):
             raise ValueError(f"max_post_chars must exceed the marker length, got {max_post_chars}")

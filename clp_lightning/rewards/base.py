@@ -11,7 +11,6 @@ the parent LightningModule calls ``train()``. Rewards are ``nn.Module``s so that
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer
 
+from clp_lightning.checks import is_integer
 from clp_lightning.models import load_pretrained, parse_dtype
 
 # Names of learned absolute position tables: BERT-likes and RoBERTa, BART, GPT-2.
@@ -132,7 +132,7 @@ class Reward(nn.Module):
         if not name:
             raise ValueError("a reward needs a non-empty name (it becomes the metric key train/reward/<name>)")
         # An int: a float passes `>= 1` here and then fails in range() at the first call, after the model has loaded.
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        if not is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.name = name
         self.batch_size = batch_size

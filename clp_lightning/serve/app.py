@@ -35,9 +35,10 @@ from urllib.parse import urlsplit
 
 import torch
 
+from clp_lightning.checks import is_number
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.files import json_text
-from clp_lightning.serve.backends import Backend, from_checkpoint, from_directory, is_number
+from clp_lightning.serve.backends import Backend, from_checkpoint, from_directory
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"

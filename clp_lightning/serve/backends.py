@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from clp_lightning.checks import is_number
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation.reports import read_report as read_report_file
 
@@ -73,11 +74,6 @@ def read_report(path: Path, objectives: list[str]) -> dict[str, Any] | None:
     if bad := [key for key, check in well_formed.items() if key in report and not check(report[key])]:
         log.warning("%s: leaving out %s, which the page cannot draw", path, ", ".join(bad))
     return {key: report[key] for key in FRONT_KEYS if key in report and key not in bad}
-
-
-def is_number(x: Any) -> bool:
-    """A JSON number (``true`` and ``false`` are not, though Python's bool is an int)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _matrix(rows: Any, m: int) -> bool:
