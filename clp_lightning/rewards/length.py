@@ -19,7 +19,8 @@ class LengthReward(Reward):
     """Reward on the response's length alone.
 
     Units: ``"words"`` counts whitespace-separated pieces (``str.split()``); ``"chars"`` counts Unicode code points
-    (``len(text)``); ``"tokens"`` counts the ``tokenizer``'s tokens without special tokens.
+    (``len(text)``); ``"tokens"`` counts the ``tokenizer``'s tokens without special tokens (a special token's string
+    written in a response, such as ``"[SEP]"``, counts as the text it is).
 
     Modes: ``"brevity"`` gives ``-length / scale`` (shorter is better); ``"target"`` gives
     ``-|length - target_length| / scale`` (0 at the target length, lower on either side).
@@ -70,7 +71,9 @@ class LengthReward(Reward):
         elif self.unit == "chars":
             counts = [len(r) for r in responses]
         else:
-            counts = [len(ids) for ids in self.tokenizer(responses, add_special_tokens=False)["input_ids"]]
+            # split_special_tokens: a "[SEP]" written in a response is five characters of text, not one control token
+            ids = self.tokenizer(responses, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            counts = [len(row) for row in ids]
         return torch.tensor(counts, dtype=torch.float32)
 
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:

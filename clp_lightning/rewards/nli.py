@@ -35,7 +35,8 @@ def fit_source(
     start = len(template.split("{source}", 1)[0].format(response=response))  # where the source begins in the text
     text = template.format(source=source, response=response)
     for _ in range(rounds):
-        enc = tokenizer(text, return_offsets_mapping=True)
+        # split_special_tokens: a "</s>" in a text is text (texts are data, not control input), as in the scoring call
+        enc = tokenizer(text, return_offsets_mapping=True, split_special_tokens=True)
         excess = len(enc["input_ids"]) - max_length
         if excess <= 0:
             break
@@ -113,6 +114,15 @@ class Seq2SeqNLIReward(Reward):
                 )
             # The template and special tokens alone must leave room for the hypothesis: otherwise fit_source empties
             # the premise and the final truncation cuts the response to nothing, and every pair scores the same.
+            # Texts are tokenized with special-token strings read as characters (a post may quote "</s>"), so a
+            # special token written into the template would not be the control token it looks like.
+            for special in tok.all_special_tokens:
+                if special in template:
+                    raise ValueError(
+                        f"template {template!r} contains {special!r}, a special token of {tokenizer or model!r}: "
+                        "the template is tokenized as text, so it would not be that token; leave special tokens to "
+                        "the tokenizer"
+                    )
             overhead = len(tok(template.format(source="", response=""))["input_ids"])
             if max_length <= overhead:
                 raise ValueError(
@@ -144,7 +154,14 @@ class Seq2SeqNLIReward(Reward):
     def score(self, sources: list[str], responses: list[str], references: list[str] | None) -> Tensor:
         texts = [fit_source(self.tokenizer, self.template, s, r, self.max_length) for s, r in zip(sources, responses)]
         enc = to_device(
-            self.tokenizer(texts, max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"),
+            self.tokenizer(
+                texts,
+                max_length=self.max_length,
+                truncation=True,
+                padding=True,
+                return_tensors="pt",
+                split_special_tokens=True,  # a "</s>" in a post is text, not the end of the premise
+            ),
             self.device,
         )
         start = torch.full((len(texts), 1), self.decoder_start_token_id, dtype=torch.long, device=self.device)

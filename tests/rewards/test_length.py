@@ -28,6 +28,13 @@ def test_tokens_use_the_tokenizer_without_special_tokens(minilm_tokenizer):
     assert expected[0] == 3
 
 
+def test_a_special_token_string_in_a_response_counts_as_its_text(minilm_tokenizer):
+    # "[SEP]" was read as BERT's separator, one token, so writing it was a cheap way to look long or short
+    reward = LengthReward(unit="tokens", tokenizer=MINILM)
+    expected = len(minilm_tokenizer.tokenize("[ sep ]"))
+    assert expected == 3 and reward(["s"], ["[SEP]"]).tolist() == [-float(expected)]
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="target_length"):
         LengthReward(mode="target")

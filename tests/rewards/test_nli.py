@@ -108,3 +108,24 @@ def test_escaped_braces_in_the_template_are_text(t5_dir):
     reward = Seq2SeqNLIReward(str(t5_dir), template="{{premise}}: {source} hypothesis: {response}", max_length=64)
     assert fit_source(reward.tokenizer, reward.template, "ab", "cd", 64) == "{premise}: ab hypothesis: cd"
     assert reward(["ab"], ["cd"]).shape == (1,)
+
+
+def test_special_token_strings_in_the_texts_are_text(t5_dir):
+    # "</s>" in a post was read as T5's end of sequence (and "<pad>" as padding): the premise seemed to end there
+    reward = Seq2SeqNLIReward(str(t5_dir), max_length=64)
+    tok = reward.tokenizer
+    source, response = "the post ends </s> not here <pad> at all " * 3, "an </s> answer"
+    text = fit_source(tok, reward.template, source, response, 64)
+    ids = tok(text, split_special_tokens=True)["input_ids"]
+    assert len(ids) == 64 and ids.count(tok.eos_token_id) == 1 and tok.pad_token_id not in ids
+    assert text.endswith(" hypothesis: an </s> answer")  # the cut counted "</s>" as its 4 characters
+    model = reward.model
+    start = torch.full((1, 1), model.config.decoder_start_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), decoder_input_ids=start).logits[:, 0]
+    torch.testing.assert_close(reward([source], [response]), logits.softmax(-1)[:, reward.entail_id])
+
+
+def test_a_special_token_in_the_template_is_refused(t5_dir):
+    with pytest.raises(ValueError, match=r"contains '</s>', a special token"):
+        Seq2SeqNLIReward(str(t5_dir), template="premise: {source} </s> hypothesis: {response}")
