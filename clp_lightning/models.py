@@ -120,7 +120,9 @@ def _sha256(path: Path) -> str:
 
 
 def _gguf_local_file(name_or_path: str, gguf_file: str | None) -> Path:
-    """The GGUF file on this machine: a local/package path, or (with ``gguf_file``) a file of a hub repository."""
+    """The GGUF file on this machine: a local/package path, or (with ``gguf_file``) a file of a hub repository
+    (``owner/name@revision``: at that revision)."""
+    name_or_path, revision = split_revision(name_or_path)
     path = Path(resolve_path(name_or_path)).expanduser()
     if gguf_file is None:  # the name is the file
         if not path.is_file():
@@ -134,7 +136,7 @@ def _gguf_local_file(name_or_path: str, gguf_file: str | None) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(name_or_path, gguf_file))
+        return Path(hf_hub_download(name_or_path, gguf_file, revision=revision))
     except Exception as err:  # offline, unknown repository or file
         raise OSError(f"could not fetch {gguf_file!r} of {name_or_path!r}: {err}. Expected a hub repository "
                       "holding that file (reachable or cached), or a local directory or .gguf path.") from err
@@ -199,13 +201,32 @@ def convert_gguf(
     return target
 
 
+# "owner/name@revision": a hub id pinned to a branch, tag or commit hash (hub ids cannot hold "@")
+_PINNED_HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)@(?P<revision>[^\s@]+)")
+
+
+def split_revision(name_or_path: str) -> tuple[str, str | None]:
+    """``("owner/name", "revision")`` for a hub id pinned as ``owner/name@revision``; ``(name_or_path, None)``
+    for anything else (an unpinned id, ``pkg:`` and ``tiny:`` names, and any path that exists here, ``@`` or not).
+
+    The revision is a branch, a tag or a commit hash, passed to the hub as ``revision``: a run pinned to a commit
+    reads the same weights, tokenizer or data whatever is pushed to the repository later.
+    """
+    if name_or_path.startswith((PKG_PREFIX, TINY_PREFIX)) or Path(name_or_path).expanduser().exists():
+        return name_or_path, None
+    pinned = _PINNED_HUB_ID.fullmatch(name_or_path)
+    return (pinned["repo"], pinned["revision"]) if pinned else (name_or_path, None)
+
+
 def resolve_source(
     name_or_path: str, gguf_file: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> str:
     """What ``from_pretrained`` should read: ``pkg:`` names resolved, a missing local path named before any hub
-    lookup, GGUF checkpoints converted (cached)."""
-    _check_exists(resolve_path(name_or_path))
-    if is_gguf(name_or_path, gguf_file):
+    lookup, GGUF checkpoints converted (cached; a pinned hub id's file at its revision). A pinned hub id
+    (``owner/name@revision``) comes back as it is, for :func:`load_pretrained` to split."""
+    name, _ = split_revision(name_or_path)
+    _check_exists(resolve_path(name))
+    if is_gguf(name, gguf_file):
         return str(convert_gguf(name_or_path, gguf_file, cache_dir))
     return resolve_path(name_or_path)
 
@@ -231,19 +252,26 @@ def load_pretrained(
 
     Args:
         auto_cls: an ``AutoModel*`` or ``AutoTokenizer`` class.
-        name_or_path: hub id, local directory, ``pkg:<package>/<subdir>``, or a GGUF file (local or ``pkg:``).
+        name_or_path: hub id (``owner/name``, or ``owner/name@revision`` pinned to a branch, tag or commit hash),
+            local directory, ``pkg:<package>/<subdir>``, or a GGUF file (local or ``pkg:``).
         trust_remote_code: run code shipped with the model; off unless a config turns it on.
         gguf_file: a GGUF file inside the hub repository or directory ``name_or_path``.
         cache_dir: where converted GGUF checkpoints are kept (see :func:`convert_gguf`).
         **kwargs: passed to ``from_pretrained``.
     """
-    path = resolve_source(name_or_path, gguf_file, cache_dir)
+    path, revision = split_revision(resolve_source(name_or_path, gguf_file, cache_dir))  # GGUF: a local directory
+    if revision is not None:
+        if "revision" in kwargs:
+            raise ValueError(f"{name_or_path!r} pins revision {revision!r} and revision={kwargs['revision']!r} was "
+                             "passed too: give one")
+        kwargs["revision"] = revision
     try:
         return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    except OSError as err:  # hub miss, offline without cache, missing files
+    except OSError as err:  # hub miss, offline without cache, missing files, unknown revision
         raise OSError(
             f"could not load {name_or_path!r} with {getattr(auto_cls, '__name__', auto_cls)}: {err}. "
-            "Expected a Hugging Face hub id (reachable or cached), a local model directory, or pkg:<package>/<dir>."
+            "Expected a Hugging Face hub id (reachable or cached; owner/name@revision pins one), a local model "
+            "directory, or pkg:<package>/<dir>."
         ) from err
 
 

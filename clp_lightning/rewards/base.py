@@ -39,7 +39,8 @@ def load_scorer(
 
     Args:
         auto_cls: the ``AutoModel*`` class to load ``model`` with.
-        model: hub id, local directory or ``pkg:<package>/<subdir>``.
+        model: hub id (``owner/name@revision`` pins a branch, tag or commit), local directory or
+            ``pkg:<package>/<subdir>``.
         tokenizer: tokenizer to load; defaults to ``model``'s.
         trust_remote_code: run code shipped with the model (and tokenizer).
         torch_dtype: weights' dtype name (see :func:`parse_dtype`); None keeps the checkpoint's.

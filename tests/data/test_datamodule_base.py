@@ -202,6 +202,31 @@ def test_local_directory(tmp_path):
     assert len(dm.data["train"]) == 6 and len(dm.data["val"]) == 6
 
 
+def test_a_hub_dataset_pinned_to_a_revision_is_read_at_that_revision(tmp_path, monkeypatch):
+    # "owner/name@revision" reached the hub as a repository id with "@" in it; now its files are read at the
+    # revision, in prepare_data and in setup. The hub is replaced by the fixture files, read by the real loader.
+    import datasets
+
+    from clp_lightning.data import base
+
+    real_load, calls = datasets.load_dataset, []
+
+    def hub(path, name=None, cache_dir=None, revision=None, split=None):
+        calls.append((path, revision, split))
+        files = {"train": TRL_FILES["train"], "validation": TRL_FILES["validation"]}
+        return real_load("json", data_files=files, cache_dir=str(tmp_path / "cache"), split=split)
+
+    monkeypatch.setattr(base.datasets, "load_dataset", hub)
+    dm = RedditTLDRDataModule(path="trl-lib/tldr@" + "f" * 40, cache_dir=str(tmp_path / "hub"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.data["train"]) == 6 and len(dm.data["val"]) == 6
+    assert calls and {(path, revision) for path, revision, _ in calls} == {("trl-lib/tldr", "f" * 40)}
+    calls.clear()
+    RedditTLDRDataModule(path="trl-lib/tldr", cache_dir=str(tmp_path / "hub")).prepare_data()
+    assert calls == [("trl-lib/tldr", None, None)]  # unpinned: no revision argument, as before
+
+
 def test_prepare_data_reads_splits_of_different_schemas_as_setup_does(tmp_path):
     # trl train, CarperAI validation: setup loads one split per call, so prepare_data (which trainer.fit runs
     # first) must too; loading both at once, datasets casts validation to train's columns and fails
