@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -160,6 +161,7 @@ class GridEvaluation(L.Callback):
         self.last: dict[str, Any] | None = None
         self.metric: ParetoSteerabilityMetric | None = None
         self._reference_cache: dict[str, dict[str, Any]] = {}
+        self._reference_owner: weakref.ref | None = None  # the module whose reference filled the cache
 
     @property
     def kl_sampling(self) -> str:
@@ -173,6 +175,12 @@ class GridEvaluation(L.Callback):
     # -------------------------------------------------------------------------------------------------- set-up
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The cached reference numbers are one module's (its reference policy, its reward models): another module
+        # given to the same trainer (trainer.validate(other_module)) is measured anew. A weak reference, so the
+        # callback does not keep a finished module's models alive.
+        if self._reference_owner is None or self._reference_owner() is not pl_module:
+            self._reference_cache.clear()
+            self._reference_owner = weakref.ref(pl_module)
         m = pl_module.num_objectives
         self.names: list[str] = pl_module.objective_names
         self.grid = simplex_grid(m, self.grid_step)

@@ -173,6 +173,21 @@ def test_validate_on_other_prompts_measures_the_reference_on_them(fitted, tmp_pa
     assert again.last["samples"][0]["reference"]["response"] == measured[0][1]["texts"][0]
 
 
+def test_another_module_on_the_same_trainer_gets_its_own_reference(tmp_path):
+    # The reference cache outlived the module it was measured for: trainer.validate(other_module) with the same
+    # callback reported the first module's reference rewards (here brevity at another scale) for the second.
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    callback = grid_callback()
+    trainer = make_trainer(tmp_path, [callback])
+    first, second = make_module(), make_module()
+    second.rewards[1].scale = 1.0  # brevity in characters, not tens of characters: ten times the first's
+    trainer.validate(first, datamodule=data)
+    before = callback.last["reference_rewards"]
+    trainer.validate(second, datamodule=data)
+    after = callback.last["reference_rewards"]
+    assert after[0] == pytest.approx(before[0]) and after[1] == pytest.approx(10 * before[1])
+
+
 def test_ref_point_from_the_config_is_used_as_given(fitted, tmp_path):
     fit_dir, trainer, callback = fitted
     data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
