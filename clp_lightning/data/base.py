@@ -226,17 +226,26 @@ def data_file_columns(file: str) -> set[str] | None:
     lines = (line for _, line in _utf8_lines(path, repr(file)))
     if fmt == "csv":
         return set(next((fields for fields in csv.reader(lines) if fields), []))
-    text = "".join(lines).lstrip()
-    if text.startswith(("[", "{")):
+    # JSON Lines are read a row at a time (a training file can be gigabytes); a file whose first line is not a
+    # whole object is one JSON document (an array of rows, or an object over several lines), parsed whole.
+    rows = (line for line in lines if line.strip())
+    first = next(rows, None)
+    if first is None:
+        return set()
+    if first.lstrip().startswith("{"):
         try:
-            document = json.loads(text)
+            row = json.loads(first)
         except json.JSONDecodeError:
-            document = None  # not one document: JSON Lines
-        if isinstance(document, dict):
-            return set(document)
-        if isinstance(document, list):
-            return {key for row in document for key in row}
-    return {key for line in text.splitlines() if line.strip() for key in json.loads(line)}
+            row = None
+        if isinstance(row, dict):
+            keys = set(row)
+            for line in rows:
+                keys.update(json.loads(line))
+            return keys
+    document = json.loads("".join(line for _, line in _utf8_lines(path, repr(file))))
+    if isinstance(document, dict):
+        return set(document)
+    return {key for row in document for key in row}
 
 
 def _clip(text: str, width: int = 60) -> str:

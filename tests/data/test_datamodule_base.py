@@ -326,6 +326,28 @@ def test_empty_split_is_named(tmp_path):
         SyntheticTLDRDataModule(num_val=0).setup("fit")
 
 
+@pytest.mark.parametrize(
+    "text, columns",
+    [
+        ('{"post": "a", "id": 1}\n\n{"post": "b", "summary": "s"}\n', {"post", "id", "summary"}),  # JSON Lines
+        ('[{"post": "a"}, {"id": 2}]', {"post", "id"}),  # an array on one line
+        ('[\n  {"post": "a"},\n  {"summary": "s"}\n]\n', {"post", "summary"}),  # an array over lines
+        ('{\n  "post": ["a", "b"],\n  "id": [1, 2]\n}\n', {"post", "id"}),  # columns over lines
+    ],
+)
+def test_the_columns_of_a_json_file(tmp_path, monkeypatch, text, columns):
+    from clp_lightning.data import base
+
+    path = tmp_path / "rows.json"
+    path.write_text(text)
+    base.check_data_file(str(path), "train")
+    parsed, loads = [], base.json.loads
+    monkeypatch.setattr(base.json, "loads", lambda s, *a, **k: parsed.append(s) or loads(s, *a, **k))
+    assert base.data_file_columns(str(path)) == columns
+    if text.startswith("{") and "{\n" not in text:  # JSON Lines: one row at a time, never the whole file
+        assert parsed and all(s.count("\n") <= 1 for s in parsed)
+
+
 def test_missing_column_names_column_split_and_found(tmp_path):
     files = {"train": str(FIXTURES / "tldr_missing_column.jsonl")}
     dm = tldr(tmp_path, data_files=files, schema="trl")
