@@ -166,6 +166,25 @@ def test_stop_on_signal_links_last_to_an_asynchronously_written_checkpoint(tmp_p
     assert (run / "checkpoints" / "last.ckpt").samefile(run / "hpc_ckpt_1.ckpt")
 
 
+def test_a_requeue_stop_leaves_no_last_checkpoint_of_the_state_after_it(tmp_path, fake_slurm):
+    # After the stop, Lightning's ModelCheckpoint(save_last=True) saved last.ckpt at train end, from a state that counts
+    # the interrupted epoch as done: `--ckpt_path last` would skip the rest of its batches. The requeued job resumes
+    # from hpc_ckpt_1; clp's ModelCheckpoint (the configs') writes nothing after a stop.
+    from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+    from clp_lightning.callbacks import ModelCheckpoint
+
+    def stopped(cls, run):
+        checkpoint = cls(dirpath=run / "checkpoints", save_last=True, every_n_train_steps=100)
+        trainer = make_trainer(run, 6, callbacks=[SlurmRequeue(), SignalAt(batch_idx=1), checkpoint])
+        trainer.fit(make_module(), datamodule=make_data())
+        assert trainer.global_step == 2 and (run / "hpc_ckpt_1.ckpt").is_file()
+        return sorted(p.name for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").exists() else []
+
+    assert stopped(LightningModelCheckpoint, tmp_path / "lightning") == ["last.ckpt"]
+    assert stopped(ModelCheckpoint, tmp_path / "clp") == []
+
+
 KILLED_MID_WRITE = """
 import os, signal, sys, torch
 from clp_lightning.callbacks import SafeCheckpointIO

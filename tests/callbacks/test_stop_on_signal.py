@@ -208,8 +208,9 @@ def test_bad_arguments_name_the_value(kwargs, message):
 
 def test_stop_with_save_last_resumes_mid_epoch_at_the_next_batch(tmp_path):
     """The shipped configs keep save_last on: the ModelCheckpoint must not save "last" again at the end of the
-    stopped fit, from a state that counts the interrupted epoch as finished (the resume would skip its batches)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    stopped fit, from a state that counts the interrupted epoch as finished (the resume would skip its batches).
+    clp's ModelCheckpoint, which the configs use, saves a fit's last step when it ends: not a stopped one's."""
+    from clp_lightning.callbacks import ModelCheckpoint
 
     class Batches(L.Callback):
         def __init__(self):
@@ -264,7 +265,7 @@ def test_in_a_slurm_job_the_stop_writes_what_a_requeued_job_resumes_from(tmp_pat
 def test_a_stop_at_a_step_that_validates_leaves_that_validation_to_the_resumed_run(tmp_path):
     """The stop skips the validation of its step; the checkpoint must not tell the resumed run that it ran (Lightning
     would fast-forward it, and the step's grid evaluation, report and metrics.csv row would be lost)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from clp_lightning.callbacks import ModelCheckpoint  # the configs' (it saves where a fit ends: not a stopped one)
 
     class Batches(CountValidations):
         def __init__(self):
