@@ -463,6 +463,18 @@ def test_a_checkpoint_is_read_before_the_module_is_built(tmp_path, capsys, monke
     assert code == 2 and "config '" in err and "not found" in err
 
 
+def test_a_config_of_another_conditioning_is_refused_before_the_module_is_built(run, capsys, monkeypatch):
+    # the module build loads the policy and every reward model: a config that does not fit the checkpoint is found
+    # from the parsed config first, as clp steer and clp export do
+    from clp_lightning import steer
+
+    monkeypatch.setattr(steer, "load_module", lambda *a: pytest.fail("built the module"))
+    config, ckpt = run
+    code, err = clp(capsys, "serve", "--config", str(config), "--ckpt_path", str(ckpt), "--port", "0",
+                    "--set=--model.init_args.policy.conditioning.options={targets: attention}")
+    assert code == 2 and "was trained with conditioning" in err, err[-2000:]
+
+
 def test_a_port_in_use_is_a_clear_error_before_loading(run, capsys, monkeypatch):
     config, ckpt = run
     monkeypatch.setattr(serve_app, "from_checkpoint", lambda *a: pytest.fail("loaded a model"))

@@ -185,6 +185,12 @@ def from_checkpoint(configs: Sequence[str], ckpt_path: str, overrides: Sequence[
 
     check_configs(list(configs))
     checkpoint = read_checkpoint(ckpt_path)
+    from clp_lightning.cli import parse_config
+    from clp_lightning.export import check_config
+
+    # the config's objectives and conditioning against the checkpoint's, from the parsed config alone (as clp steer
+    # and clp export do): building the module first loads the policy and every reward model before the mismatch
+    check_config(parse_config([a for c in configs for a in ("--config", c)] + list(overrides)), checkpoint, ckpt_path)
     module = load_module(list(configs), ckpt_path, list(overrides), checkpoint)
     return ModuleBackend(module, max_new_tokens, run_report(ckpt_path))
 
