@@ -383,10 +383,12 @@ class Study:
             return {**self._measured(report), "step": self.steps}
         points = []
         for policy_run in point_runs(run):
-            common = self._common(name, seed, lr, policy_run / "test")
-            checkpoint = policy_run / "checkpoints" / "last.ckpt"
-            cli("test", self._configs(name), [*common, *data, f"--ckpt_path={checkpoint}"])
-            points.append(read(policy_run / "test" / "evaluation" / "test.json"))
+            tested = policy_run / "test" / "evaluation" / "test.json"
+            if not tested.exists():  # a study stopped part-way through the G tests does not run the done ones again
+                common = self._common(name, seed, lr, policy_run / "test")
+                checkpoint = policy_run / "checkpoints" / "last.ckpt"
+                cli("test", self._configs(name), [*common, *data, f"--ckpt_path={checkpoint}"])
+            points.append(read(tested))
         report = fixed_report(points, self.steps)
         write_json(done, report)
         return self._measured(report)

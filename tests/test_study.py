@@ -454,6 +454,30 @@ def test_a_fixed_report_cut_short_while_written_does_not_stop_the_resume(study, 
         (tmp_path / "fixed" / "lr0.0002" / "seed0" / "report.json").read_text())
 
 
+def test_a_fixed_test_cut_short_resumes_at_the_first_policy_not_tested(study, grid_evaluation_report, monkeypatch,
+                                                                       tmp_path):
+    """The fixed baseline tests G policies one by one: a study stopped part-way does not test the done ones again."""
+    fake = FakeCLI(grid_evaluation_report)
+    monkeypatch.setattr(study, "cli", fake)
+    runs = new_study(study, tmp_path, steps=4)
+    runs.train("fixed", 0, 2e-4)
+
+    def stops_at_the_second_test(subcommand, configs, overrides):
+        if subcommand == "test" and len([c for c in fake.calls if c[0] == "test"]) == 1:
+            raise KeyboardInterrupt
+        return fake(subcommand, configs, overrides)
+
+    monkeypatch.setattr(study, "cli", stops_at_the_second_test)
+    with pytest.raises(KeyboardInterrupt):
+        runs.test("fixed", 0, 2e-4)
+    monkeypatch.setattr(study, "cli", fake)
+    fake.calls.clear()
+    runs.test("fixed", 0, 2e-4)
+    tested = [Path(options["trainer.logger.init_args.save_dir"]).parent.name for subcommand, _, options in fake.calls
+              if subcommand == "test"]
+    assert tested == ["point1", "point2"]  # point0's test report is there
+
+
 @pytest.mark.slow
 def test_smallest_study_writes_table_and_figure(study, tmp_path):
     variants = ["logits", "rs_lora", "mix_lora", "fixed"]
