@@ -656,16 +656,29 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"--compare-to {args.compare_to}: not one of the variants this study runs, {variants}")
     out = Path(args.out)
     sft = None if task.warm_start is None else out / "sft" / "model"
-    if sft is not None and not sft.exists():
-        extra = [f"--trainer.max_steps={args.sft_steps}", f"--trainer.val_check_interval={args.sft_steps}"] \
-            if args.sft_steps else []
-        cli("fit", [CONF / task.warm_start], [f"--model.init_args.output_dir={sft}",
-                                              f"--trainer.logger.init_args.save_dir={out}", *extra])
     # GridEvaluation is the last callback of the task configs; jsonargparse applies init_args to the last list item
     grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step else ()
     study = Study(out, sft, [CONF / c for c in task.configs], args.steps, (*task.overrides, *grid), args.evaluations,
                   args.test_prompts, task.test_size, task.variant_rates, task.expert_evaluations, task.ref_point,
                   tuple(args.every_checkpoint))
+    # a run's directory names its variant, rate and seed, not these: a study resumed in the same --out with others
+    # would take the reports of the first one's runs as its own (a soup's validation and every test is not redone)
+    settings = {"task": "three_objectives" if args.three_objectives else args.task, "steps": args.steps,
+                "evaluations": args.evaluations, "test_prompts": args.test_prompts, "grid_step": args.grid_step}
+    recorded = out / "study.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        if changed := [f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v]:
+            parser.error(f"--out {out} holds a study with other settings ({', '.join(changed)}): its runs would be "
+                         "reused as this one's; choose another --out, or give the settings it was run with")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(recorded, settings)
+    if sft is not None and not sft.exists():
+        extra = [f"--trainer.max_steps={args.sft_steps}", f"--trainer.val_check_interval={args.sft_steps}"] \
+            if args.sft_steps else []
+        cli("fit", [CONF / task.warm_start], [f"--model.init_args.output_dir={sft}",
+                                              f"--trainer.logger.init_args.save_dir={out}", *extra])
     fixed_seeds = args.fixed_seeds or args.seeds[:1]
     results: dict[str, dict] = {}
     for name in variants:

@@ -92,7 +92,8 @@ class FakeCLI:
         if subcommand == "fit":
             steps, every = int(options["trainer.max_steps"]), int(options["trainer.val_check_interval"])
             (run / "checkpoints").mkdir(exist_ok=True)
-            for step in range(self.checkpoint_every or every, steps + 1, self.checkpoint_every or every):
+            scheduled = list(range(self.checkpoint_every or every, steps + 1, self.checkpoint_every or every))
+            for step in {*scheduled, steps}:  # clp's ModelCheckpoint also saves the step a fit ends on
                 (run / "checkpoints" / f"epoch=0-step={step}.ckpt").write_bytes(b"")
             (run / "checkpoints" / "last.ckpt").write_bytes(b"")
             if options.get("trainer.limit_val_batches") == "0":
@@ -366,6 +367,24 @@ def test_real_model_task_starts_from_its_config_and_tests_on_its_test_split(stud
     assert results["lora"]["sweep"] == {"0.0005": 1.0, "0.0015": pytest.approx(1.0 - math.log(3))}
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert summary["ref_point"] == [0.0, -5.0] and summary["ref_point_from"] == "the study's fixed point"
+
+
+def test_a_study_resumed_with_other_settings_is_refused(study, grid_evaluation_report, monkeypatch, tmp_path,
+                                                       capsys):
+    # the runs' directories do not name the step budget: an 8-step study's soup and test reports would be taken as
+    # those of a 16-step one
+    fake = FakeCLI(grid_evaluation_report)
+    monkeypatch.setattr(study, "cli", fake)
+    options = ["--out", str(tmp_path), "--variants", "rs_lora", "--seeds", "0", "--lr-factors", "1", "--bootstrap",
+               "20"]
+    study.main([*options, "--steps", "8"])
+    fake.calls.clear()
+    study.main([*options, "--steps", "8"])  # resumed with the same settings: nothing runs again
+    assert fake.calls == []
+    with pytest.raises(SystemExit):
+        study.main([*options, "--steps", "16"])
+    assert "holds a study with other settings (steps 8 -> 16)" in capsys.readouterr().err
+    assert fake.calls == []
 
 
 def test_rebased_report_measures_the_same_rewards_from_another_point(study, grid_evaluation_report):
