@@ -28,7 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clp_lightning.callbacks.checkpoint import check_setup, check_writable, read_checkpoint
+from clp_lightning.callbacks.checkpoint import CheckpointError, check_setup, check_writable, read_checkpoint
+from clp_lightning.checks import is_integer
 from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.lm import PROCESSORS_OFF
 from clp_lightning.conditioning.policy import ConditionalPolicy
@@ -58,6 +59,14 @@ def main(argv: list[str] | None = None) -> Path:
     checkpoint = read_checkpoint(args.ckpt_path)
     inputs = [("checkpoint", args.ckpt_path), *(("--config", c) for c in args.config)]
     check_output(out, args.overwrite, inputs + ([("--evaluation", args.evaluation)] if args.evaluation else []))
+    from clp_lightning.cli import parse_config
+
+    setup = parse_config([a for c in args.config for a in ("--config", c)] + args.set)
+    # first: the checkpoint's fields are untrusted, and this checks its objectives against the config's
+    check_config(setup, checkpoint, args.ckpt_path)
+    step = checkpoint.get("global_step", 0)
+    if not is_integer(step) or step < 0:
+        raise CheckpointError(f"checkpoint {args.ckpt_path!r} has global_step {step!r}; expected an integer >= 0")
     stored = checkpoint.get("clp") if isinstance(checkpoint.get("clp"), dict) else {}
     objectives = stored.get("objective_names")
     weights = None
@@ -65,10 +74,6 @@ def main(argv: list[str] | None = None) -> Path:
         weights = validate_weights(args.weights, None if objectives is None else len(objectives), name="--weights")
         if weights.dim() != 1:
             raise ValueError(f"--weights takes one weighting, got {args.weights!r}")
-    from clp_lightning.cli import parse_config
-
-    setup = parse_config([a for c in args.config for a in ("--config", c)] + args.set)
-    check_config(setup, checkpoint, args.ckpt_path)
     decoding = _init_args(setup.get("model")).get("decoding")
     if decoding not in (None, "policy"):
         # the export holds the policy's parameters; a loader of it generates with them, never by mixing logits
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> Path:
     from clp_lightning.steer import load_module
 
     module = load_module(args.config, args.ckpt_path, args.set, checkpoint)
-    facts["step"] = int(checkpoint.get("global_step", 0))
+    facts["step"] = int(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.resolve().parent))
     try:
         if weights is None:

@@ -222,6 +222,9 @@ def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
     ("alpha_out_of_range", "--alpha=0.9 is outside alpha_range [0.05, 0.5]"),
     ("missing_evaluation", "--evaluation 'nowhere.json' not found"),
     ("logit_mixture", "the config evaluates with decoding='logit_mixture', which neither export format keeps"),
+    # untrusted checkpoint fields: a TypeError from len(7), and a late ValueError after the model had loaded
+    ("tampered_objectives", "was trained with objectives 7, the config has ['brevity', 'length']"),
+    ("tampered_step", "has global_step 'x'; expected an integer >= 0"),
 ])
 def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path, capsys, no_model, case, message):
     config, ckpt = t5_run
@@ -260,6 +263,14 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
         extra = ["--evaluation", "nowhere.json"]
     elif case == "logit_mixture":  # an evaluation-only baseline: the exported policy would generate otherwise
         extra = ["--set=--model.init_args.decoding=logit_mixture"]
+    elif case.startswith("tampered_"):
+        checkpoint = torch.load(ckpt, weights_only=True)
+        if case == "tampered_objectives":
+            checkpoint["clp"]["objective_names"], extra = 7, ["--weights", "1,0"]
+        else:
+            checkpoint["global_step"] = "x"
+        ckpt = str(tmp_path / "tampered.ckpt")
+        torch.save(checkpoint, ckpt)
     code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out), *extra)
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
