@@ -618,12 +618,15 @@ class ResumableDistributedSampler(DistributedSampler):
         when a fit ended at ``max_steps``, Lightning continues the saved epoch (its ``current_epoch`` and batch
         indices are right) but calls ``set_epoch`` with the next epoch's number. The first ``set_epoch`` after a
         resume therefore fixes the offset between the trainer's count and the data epoch, which later epochs keep.
-        An epoch saved complete resumes empty, and the trainer goes on to the next. (A fit that ended at
+        An epoch saved complete resumes empty, and the trainer goes on to the next. A position saved by another number
+        of processes that this one does not divide (8 ranks resumed on 3) deals the rest of the epoch's order anew,
+        padded to a whole round: the same samples are trained on, by other ranks. (A fit that ended at
         ``max_steps`` and is continued with a larger ``max_epochs`` but no ``max_steps`` is another matter: Lightning
         2.6 counts the stopped epoch as finished and starts the next, so the rest of that epoch is not trained on.)
         """
-        if samples_done % self.num_replicas:
-            raise ValueError(f"samples_done={samples_done} is not a multiple of the {self.num_replicas} ranks")
+        if not (is_integer(samples_done) and samples_done >= 0 and is_integer(epoch) and epoch >= 0):
+            raise ValueError(f"the data loader's saved position (epoch {epoch!r}, samples_done {samples_done!r}) "
+                             "is not two integers >= 0")
         self._skip_epoch, self._skip = epoch, samples_done
         self.epoch, self._align = epoch, True
 
@@ -637,7 +640,21 @@ class ResumableDistributedSampler(DistributedSampler):
         # of the epoch is skipping the first k of each rank's share
         self.skipped = self._skip if self.epoch == self._skip_epoch else 0
         self._skip_epoch = -1 if self.skipped else self._skip_epoch
-        return itertools.islice(super().__iter__(), self.skipped // self.num_replicas, None)
+        if self.skipped % self.num_replicas == 0:
+            return itertools.islice(super().__iter__(), self.skipped // self.num_replicas, None)
+        # saved by another number of processes: the rest of the epoch's global order, dealt round-robin again and
+        # padded (with its first indices, as torch pads an epoch) so that every rank takes as many batches
+        rest = self.epoch_order()[self.skipped :]
+        pad = -len(rest) % self.num_replicas
+        rest += (rest * (pad // max(len(rest), 1) + 1))[:pad]
+        return iter(rest[self.rank :: self.num_replicas])
+
+    def epoch_order(self) -> list[int]:
+        """The epoch's global order, which the ranks deal round-robin: torch's seeded permutation (``seed + epoch``)
+        without its padding (positions past the rows are taken again from the start by each layout's own padding)."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
 
 
 class ResumableDataLoader(DataLoader):

@@ -87,6 +87,36 @@ def test_epoch_order_is_the_seeded_permutation_dealt_to_ranks(world, monkeypatch
         assert [int(i.rsplit("-", 1)[1]) for b in loader for i in b["id"]] == order[2 * world:][rank::world]
 
 
+@pytest.mark.parametrize("saved_world, world, done", [(2, 3, 4), (4, 3, 8), (1, 4, 9), (2, 8, 8), (3, 2, 9)])
+def test_a_position_saved_by_another_number_of_processes_resumes_the_rest_of_the_epoch(saved_world, world, done,
+                                                                                        monkeypatch):
+    # 8 ranks' checkpoint resumed on 3 (or 1 on 4, ...): samples_done=4 is no multiple of 3, and the resume stopped with
+    # a ValueError deep in the fit. Now every sample of the epoch not trained on is trained on once (the padding to
+    # a whole round aside), each rank taking as many batches.
+    dm = SyntheticTLDRDataModule(num_train=10, num_val=4, batch_size=1, seed=3)
+    dm.setup("fit")
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    assert done % saved_world == 0
+    taken = []
+    for rank in range(world):
+        monkeypatch.setattr("clp_lightning.data.base._layout", lambda rank=rank: (rank, world))
+        loader = dm.train_dataloader()
+        loader.load_state_dict({"epoch": 1, "samples_done": done})
+        loader.sampler.set_epoch(1)
+        taken.append([int(i.rsplit("-", 1)[1]) for b in loader for i in b["id"]])
+    rest = order[done:]
+    assert len({len(t) for t in taken}) == 1 and len(taken[0]) == -(-len(rest) // world)
+    assert set(rest) <= {i for t in taken for i in t}
+    assert sum(map(len, taken)) - len(rest) < world  # more: the padding to a whole round only
+
+
+def test_a_malformed_saved_position_is_named():
+    dm = SyntheticTLDRDataModule(num_train=10, num_val=4, batch_size=1, seed=3)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"saved position \(epoch 1, samples_done -2\) is not two integers >= 0"):
+        dm.train_dataloader().load_state_dict({"epoch": 1, "samples_done": -2})
+
+
 @pytest.mark.parametrize(
     ("text", "max_chars", "marker", "expected"),
     [
