@@ -73,8 +73,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             gradient at its sampled prefix, ignoring how earlier tokens change later positions) or ``seq_k2``
             (``(sum_t d_t)^2 / 2``: the unbiased gradient of the sequence KL, with more variance). See
             :func:`clp_lightning.algorithms.kl_loss`.
-        baseline: ``rloo`` (leave-one-out over the ``k`` samples) or ``mean`` (batch mean).
-        whiten_advantages: standardise advantages over the batch.
+        baseline: ``rloo`` (leave-one-out over the ``k`` samples) or ``mean`` (the mean of the micro-batch on each
+            process, not over processes or accumulated micro-batches).
+        whiten_advantages: standardise advantages over the micro-batch on each process (as ``mean``).
         normalization: per-objective reward normalisation: ``running`` mean/std, ``batch`` or ``none``.
         generation: sampling settings for training rollouts.
         optimizer: AdamW settings, warm-up and schedule.
