@@ -273,6 +273,10 @@ def load_head(directory: str | Path) -> tuple[QualityHead, HeadSpec]:
     bad = [k for k, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{path}: tensors {bad} are not finite floating-point values")
+    if not (tensors["feature_std"] > 0).all():  # the head divides by it: every score would be inf or nan
+        zero = (tensors["feature_std"] <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"{path}: feature_std must be > 0 (train-human writes 1 for a constant feature); entries "
+                         f"{zero[:10]} are not")
     head.load_state_dict(tensors)
     return head, spec
 

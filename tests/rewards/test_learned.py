@@ -362,6 +362,16 @@ def test_safetensors_that_do_not_fit_the_architecture(head_dir: Path, tmp_path: 
         HumanScoreReward(head=str(head), model=MINILM)
 
 
+def test_a_feature_std_of_zero_is_refused_at_load(head_dir: Path, tmp_path: Path):
+    # the head divides by it: the reward loaded, and every score was inf or nan (which stops the fit at its first step)
+    head = copy_head(head_dir, tmp_path)
+    tensors = load_file(str(head / "head.safetensors"))
+    tensors["feature_std"][1] = 0.0
+    save_file(tensors, str(head / "head.safetensors"))
+    with pytest.raises(ValueError, match=r"feature_std must be > 0 .*entries \[1\] are not"):
+        HumanScoreReward(head=str(head), model=MINILM)
+
+
 @pytest.mark.parametrize(
     ("key", "match"),
     [("target.std", r"reward.json: missing key 'target.std'"), ("encoder.model", "missing key 'encoder.model'")],
