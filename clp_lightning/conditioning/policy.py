@@ -163,9 +163,17 @@ class ConditionalPolicy(nn.Module):
     def conditioned(self, weights: Tensor, alpha: Tensor | None = None, cache: bool = False) -> Iterator[None]:
         """Mixed modules and adapters read ``weights`` ``(B, m)`` inside the block (with ``alpha_scale``, scaled by
         ``alpha_scale / alpha`` per row)."""
+        self._check_width(weights)
         alpha = self._alpha(alpha)
         with self.state.use(self._scaled(weights, alpha), alpha, cache=cache):
             yield
+
+    def _check_width(self, weights: Tensor) -> None:
+        # a (B, 1) row broadcasts against the m copies (every copy at weight 1: silently the wrong model), and any
+        # other width fails deep in a module with a bare shape error
+        if weights.dim() != 2 or weights.shape[1] != self.num_objectives:
+            raise ValueError(f"`weights` must have shape (B, m) = (B, {self.num_objectives}), one weighting of the "
+                             f"{self.num_objectives} objectives per row, got {tuple(weights.shape)}")
 
     def _scaled(self, weights: Tensor, alpha: Tensor | None) -> Tensor:
         scale = self.conditioning.alpha_scale
@@ -267,6 +275,7 @@ class ConditionalPolicy(nn.Module):
         if self.prompt_conditioner is not None and weights is not None:
             if alpha is None and self.conditioning.condition_on_alpha:
                 raise ValueError("this policy is conditioned on alpha: pass alpha with the weights")
+            self._check_width(weights)  # the prefix would write every entry it is given
             if weights.shape[0] != len(body):  # zip below would drop the prompts without a weighting
                 raise ValueError(f"{len(body)} prompts but {weights.shape[0]} weightings: pass one weighting per "
                                  "prompt")

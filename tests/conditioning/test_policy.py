@@ -368,3 +368,22 @@ def test_a_soup_with_frozen_shared_parameters_refuses_experts_that_moved_them():
     experts[1][name] = experts[0][name]
     soup.load_expert_copies(experts)
     assert torch.equal(soup.model.encoder.final_layer_norm.weight, experts[0][name])
+
+
+@pytest.mark.parametrize("mode", ["attention", "all", "lora", "prompt+attention"])
+def test_weightings_of_the_wrong_width_are_refused(mode):
+    # a (B, 1) row broadcast against the m copies (every copy at weight 1) without a word; other widths failed deep
+    # inside a module with a bare shape error
+    policy = make_policy("t5", mode)
+    w = torch.tensor([[0.3, 0.7]])
+    enc = policy.encode(["x"], w)
+    ids = torch.ones(1, 2, dtype=torch.long)
+    for bad in (torch.ones(1, 1), torch.full((1, 3), 1 / 3)):
+        wanted = rf"`weights` must have shape \(B, m\) = \(B, 2\).*got \(1, {bad.shape[1]}\)"
+        with pytest.raises(ValueError, match=wanted):
+            policy(**enc, response_ids=ids, response_mask=torch.ones_like(ids), weights=bad)
+        with pytest.raises(ValueError, match=r"must have shape \(B, m\) = \(B, 2\)"):
+            policy.generate(**enc, weights=bad, max_new_tokens=2, do_sample=False)
+    if policy.prompt_conditioner is not None:  # the prefix wrote every entry it was given
+        with pytest.raises(ValueError, match=r"must have shape \(B, m\) = \(B, 2\)"):
+            policy.encode(["x"], torch.full((1, 3), 1 / 3))
