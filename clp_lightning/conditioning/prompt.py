@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
+from clp_lightning.checks import is_integer
+
 
 def leading_special_tokens(tokenizer: Any) -> int:
     """How many special tokens ``tokenizer`` puts before a text (1 for a BOS, as Llama 3 and Gemma add; 0 for GPT-2,
@@ -51,8 +53,8 @@ class PromptConditioner:
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(f"{name} {text!r} is not a format with only the fields {sorted(fields)}: "
                                  f"{type(err).__name__} {err}") from None
-        if precision < 0:
-            raise ValueError(f"precision must be >= 0, got {precision}")
+        if not is_integer(precision) or precision < 0:  # 1.5 or True would fail only at the first prefix, mid-run
+            raise ValueError(f"precision must be >= 0, an integer (decimals per number), got {precision!r}")
         self.template = template
         self.alpha_template = alpha_template
         self.precision = precision

@@ -87,6 +87,8 @@ def test_modes_are_chosen_by_name_and_bad_names_fail_early():
         (dict(prompt=True, prompt_template="<w {weights}> {0}"), "prompt template"),
         (dict(prompt=True, condition_on_alpha=True, alpha_template="<w {weights} kl {alpha} {x}>"), "alpha template"),
         (dict(prompt=True, prompt_precision=-1), "precision must be >= 0"),
+        (dict(prompt=True, prompt_precision=1.5), r"precision must be >= 0, an integer .*got 1.5"),
+        (dict(prompt=True, prompt_precision=True), r"precision must be >= 0, an integer .*got True"),
         (dict(mode="lora", options={"r": 0}), "rank r must be >= 1, got 0"),
         (dict(mode="lora", options={"dropout": 1.5}), "dropout must be in"),
         (dict(mode="lora", options={"alpha": 0.0}), r"LoRA alpha must be a finite number > 0 .*got 0.0"),
