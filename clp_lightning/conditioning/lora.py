@@ -27,6 +27,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from clp_lightning.checks import is_integer, is_number
 from clp_lightning.conditioning.mixing import WeightingState, resolve_targets
 from clp_lightning.conditioning.mode import ConditioningMode, register_mode
 
@@ -234,12 +235,15 @@ class LoraConditioning(ConditioningMode):
                  target_modules: str | Sequence[str] = ("attention",)) -> None:
         modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         # checked when the config is made (it builds the mode), before any model loads
-        if not r >= 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-        if not (math.isfinite(alpha) and alpha > 0):  # 0 makes every update zero (nothing learns), nan every logit
-            raise ValueError(f"LoRA alpha must be a finite number > 0 (the update is scaled by alpha / r), got {alpha}")
+        # a rank of 2.5 or True would fail only when the adapters are made, after the model has loaded
+        if not (is_integer(r) and r >= 1):
+            raise ValueError(f"LoRA rank r must be >= 1, an integer, got {r!r}")
+        if not (is_number(dropout) and 0 <= dropout < 1):
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        # 0 makes every update zero (nothing learns), nan every logit
+        if not (is_number(alpha) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRA alpha must be a finite number > 0 (the update is scaled by alpha / r), got "
+                             f"{alpha!r}")
         if not modules:
             raise ValueError("LoRA target_modules is empty; expected 'attention', 'all' or module-name patterns")
         self.spec = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=modules)
