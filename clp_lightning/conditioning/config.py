@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from clp_lightning.checks import is_number
 from clp_lightning.conditioning.mode import ConditioningMode, mode_class
 from clp_lightning.conditioning.prompt import PromptConditioner
 
@@ -56,8 +58,9 @@ class ConditioningConfig:
         if self.alpha_scale is not None:
             if not self.condition_on_alpha:
                 raise ValueError(f"alpha_scale={self.alpha_scale} is set but condition_on_alpha is False")
-            if not self.alpha_scale > 0:
-                raise ValueError(f"alpha_scale must be > 0 (a KL strength), got {self.alpha_scale}")
+            # inf scales every update to inf (nan logits), and True would pass as 1
+            if not (is_number(self.alpha_scale) and math.isfinite(self.alpha_scale) and self.alpha_scale > 0):
+                raise ValueError(f"alpha_scale must be > 0, a finite number (a KL strength), got {self.alpha_scale!r}")
         if self.prompt:  # a bad template or precision fails here, not when the policy is built or first encodes
             PromptConditioner(self.prompt_template, self.alpha_template, self.prompt_precision)
         mode = self.build_mode()  # an unknown mode or option fails here, before any model loads

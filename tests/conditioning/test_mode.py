@@ -99,6 +99,8 @@ def test_modes_are_chosen_by_name_and_bad_names_fail_early():
         (dict(mode="lora", options={"alpha": 0.0}), r"LoRA alpha must be a finite number > 0 .*got 0.0"),
         (dict(mode="lora", options={"alpha": float("nan")}), r"LoRA alpha must be a finite number > 0 .*got nan"),
         (dict(mode="lora", options={"target_modules": []}), "target_modules is empty"),
+        (dict(mode="lora", condition_on_alpha=True, alpha_scale=float("inf")), r"alpha_scale must be > 0, .*got inf"),
+        (dict(mode="lora", condition_on_alpha=True, alpha_scale=True), r"alpha_scale must be > 0, .*got True"),
         (dict(mode="mixing", options={"targets": []}), "targets is empty"),
     ],
 )
