@@ -69,7 +69,12 @@ class PromptConditioner:
         return self.alpha_template.format(weights=text, alpha=f"{float(alpha):.{self.precision}g}")
 
     def prefixes(self, weights: Tensor, alpha: Tensor | None = None) -> list[str]:
-        """One prefix per row of ``weights`` ``(B, m)``."""
+        """One prefix per row of ``weights`` ``(B, m)``, with ``alpha`` ``(B,)``."""
+        if alpha is not None and tuple(alpha.shape) != (weights.shape[0],):
+            # zip would pair each row with the first B alphas (per-response alphas with per-prompt weights: the
+            # wrong KL strength in every prompt but the first) or drop the rows beyond them
+            raise ValueError(f"`alpha` must have shape (B,) = ({weights.shape[0]},), one per weighting, got "
+                             f"{tuple(alpha.shape)}")
         alphas = [None] * weights.shape[0] if alpha is None else alpha.tolist()
         return [self.prefix(w, a) for w, a in zip(weights, alphas)]
 

@@ -155,6 +155,9 @@ def test_prompt_conditioning_prefixes_and_keeps_the_cue():
     # one weighting per prompt: zip used to drop the prompts beyond the weightings
     with pytest.raises(ValueError, match="2 prompts but 1 weightings"):
         policy.encode(["x", "y"], w, torch.tensor([0.1]))
+    # one alpha per prompt: zip paired each prompt with the first alphas (here those of the first prompt's samples)
+    with pytest.raises(ValueError, match=r"`alpha` must have shape \(B,\) = \(2,\).*got \(4,\)"):
+        policy.encode(["x", "y"], w.expand(2, -1), torch.tensor([0.1, 0.1, 0.5, 0.5]))
 
 
 def test_report_counts_conditioned_parameters():
