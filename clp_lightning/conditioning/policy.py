@@ -388,6 +388,8 @@ class ConditionalPolicy(nn.Module):
         if self.conditioning.condition_on_alpha and alpha is None:
             raise ValueError("this policy is conditioned on alpha: pass alpha (the KL strength)")
         w = validate_weights(weights, self.num_objectives)
+        if w.dim() != 1:  # a (1, m) batch reached the formatter as a nested list: a bare TypeError
+            raise ValueError(f"prompt_prefix takes one weighting (m,), got shape {tuple(w.shape)}")
         return self.prompt_conditioner.prefix(w, alpha if self.conditioning.condition_on_alpha else None)
 
     # -------------------------------------------------------------------------------------------- export, save, load

@@ -152,6 +152,9 @@ def test_prompt_conditioning_prefixes_and_keeps_the_cue():
     assert text.startswith("<w 0.30,0.70 | kl 0.1> ") and text.endswith("TL;DR:")
     with pytest.raises(ValueError, match="pass alpha"):
         policy.encode(["x"], w)
+    assert policy.prompt_prefix([0.3, 0.7], 0.1) == "<w 0.30,0.70 | kl 0.1> "
+    with pytest.raises(ValueError, match=r"prompt_prefix takes one weighting \(m,\), got shape \(1, 2\)"):
+        policy.prompt_prefix(w, 0.1)
     # one weighting per prompt: zip used to drop the prompts beyond the weightings
     with pytest.raises(ValueError, match="2 prompts but 1 weightings"):
         policy.encode(["x", "y"], w, torch.tensor([0.1]))
