@@ -154,3 +154,21 @@ def test_a_cache_implementation_asked_for_by_the_caller_with_k_samples_per_promp
     got = policy.generate(**enc, weights=w, num_return_sequences=K, cache_implementation="static", **settings)
     want = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_generation_without_a_cache_with_k_samples_per_prompt(arch, where):
+    """With the cache off (``use_cache=False``, or a generation config that says so), generate mishandled the shared
+    prefill's cache passed in: other tokens, without a word."""
+    policy = make(arch, "lora")
+    w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    enc = policy.encode(PROMPTS, w)
+    settings = dict(max_new_tokens=6, do_sample=False)
+    want = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
+    if where == "argument":
+        settings["use_cache"] = False
+    else:
+        policy.model.generation_config.use_cache = False
+    got = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
