@@ -224,6 +224,19 @@ PROCESSORS_OFF: dict[str, Any] = dict(
 )
 
 
+def _continues_from_a_given_cache(model: PreTrainedModel, kwargs: dict[str, Any]) -> bool:
+    """Whether ``generate`` can continue from a cache passed in (the shared prompt prefill's); otherwise the ``k``
+    copies of each prompt are prefilled apart.
+
+    Not when it is to build a cache of a kind named by the caller or by the model's generation config (a static
+    one for a compiled step; Gemma 2's names ``hybrid``): it refuses one passed beside it. Nor with the cache
+    off: it mishandles one passed in and draws other tokens, without a word.
+    """
+    config = model.generation_config
+    return (kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is None
+            and kwargs.get("use_cache", config.use_cache) is not False)
+
+
 @torch.no_grad()
 def generate_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: Tensor, attention_mask: Tensor,
@@ -234,8 +247,8 @@ def generate_responses(
     ``num_return_sequences = k`` responses per prompt, consecutive (prompt-major). Each prompt is computed once for
     its ``k`` responses: a seq2seq encoder runs on the ``B`` prompts and ``generate`` decodes from ``k`` copies of its
     output; a causal LM prefills the ``B`` prompts and ``generate`` continues from ``k`` copies of their cache (unless
-    the caller names a ``cache_implementation``, which ``generate`` builds itself from the ``B k`` prompts, or turns
-    the cache off).
+    the caller or the model's generation config names a ``cache_implementation``, which ``generate`` builds itself
+    from the ``B k`` prompts, or turns the cache off).
     The model's generation config cannot add a penalty, filter or beam search the caller did not ask for
     (``PROCESSORS_OFF``).
     """
@@ -243,11 +256,7 @@ def generate_responses(
     if model_kind(model) == "seq2seq":  # (HF's own num_return_sequences refuses greedy decoding)
         hidden = encode(model, input_ids, attention_mask)
         kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0))
-    elif k > 1 and input_ids.shape[1] > 1 and kwargs.get("cache_implementation") is None and kwargs.get(
-            "use_cache", model.generation_config.use_cache) is not False:
-        # (a cache the caller names, e.g. a static one for a compiled step, generate makes itself and refuses one
-        # passed beside it; with the cache off, generate mishandles one passed in and draws other tokens, without a
-        # word. Either way the k copies of each prompt are then prefilled apart)
+    elif k > 1 and input_ids.shape[1] > 1 and _continues_from_a_given_cache(model, kwargs):
         # beam search expands each row into num_beams before its first step, and a cache passed in is not expanded
         beams = kwargs.get("num_beams") or 1
         kwargs[_cache_argument(model)] = _prefilled_cache(model, input_ids, attention_mask, k * beams)

@@ -144,15 +144,21 @@ def test_the_models_generation_config_cannot_reshape_the_sampling_distribution(a
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_a_cache_implementation_asked_for_by_the_caller_with_k_samples_per_prompt(arch):
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_a_cache_implementation_asked_for_with_k_samples_per_prompt(arch, where):
     """generate refuses a cache passed beside the ``cache_implementation`` it is asked to make (a static cache for a
-    compiled step, which GenerationSettings.extra may ask for): the shared prefill's cache must then stay out."""
+    compiled step, which GenerationSettings.extra may ask for; Gemma 2's generation config names ``hybrid``): the
+    shared prefill's cache must then stay out."""
     policy = make(arch, "lora")
     w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
     enc = policy.encode(PROMPTS, w)
     settings = dict(max_new_tokens=6, do_sample=False)
-    got = policy.generate(**enc, weights=w, num_return_sequences=K, cache_implementation="static", **settings)
     want = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
+    if where == "argument":
+        settings["cache_implementation"] = "static"
+    else:
+        policy.model.generation_config.cache_implementation = "static"
+    got = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
