@@ -8,7 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from clp_lightning.checks import is_number
+from clp_lightning.checks import is_integer, is_number
 from clp_lightning.conditioning.mode import ConditioningMode, mode_class
 from clp_lightning.conditioning.prompt import PromptConditioner
 
@@ -113,6 +113,18 @@ def check_truncation_side(value: str | None) -> str | None:
     return value
 
 
+def check_max_prompt_length(value: int) -> int:
+    """``value`` if it is a prompt length (an integer >= 1).
+
+    Raises:
+        ValueError: naming the value: 0 would give a causal model empty prompts and leave a seq2seq one's uncut,
+            and a bool would pass as 1 token.
+    """
+    if not (is_integer(value) and value >= 1):
+        raise ValueError(f"max_prompt_length must be an integer >= 1 (prompt tokens kept), got {value!r}")
+    return value
+
+
 @dataclass
 class PolicyConfig:
     """What the policy is and how it is conditioned (one YAML block).
@@ -153,6 +165,7 @@ class PolicyConfig:
         if isinstance(self.conditioning, dict):
             self.conditioning = ConditioningConfig(**self.conditioning)
         check_truncation_side(self.truncation_side)  # here, not after the model has loaded
+        check_max_prompt_length(self.max_prompt_length)
 
     def build(self, num_objectives: int) -> ConditionalPolicy:
         from clp_lightning.conditioning.policy import ConditionalPolicy  # the policy module imports this one

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from clp_lightning.conditioning.config import ConditioningConfig, check_truncation_side
+from clp_lightning.conditioning.config import ConditioningConfig, check_max_prompt_length, check_truncation_side
 from clp_lightning.conditioning.lm import (
     PolicyOutput,
     _add_stop_token,
@@ -75,7 +75,7 @@ class ConditionalPolicy(nn.Module):
         self.num_objectives = num_objectives
         self.tokenizer = tokenizer
         self.kind = model_kind(model)
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length = check_max_prompt_length(max_prompt_length)
         self.truncation_side = check_truncation_side(truncation_side)
         if self.kind == "causal" and tokenizer.padding_side != "left":
             raise ValueError("causal policies generate from left-padded prompts: set tokenizer.padding_side='left'")

@@ -334,6 +334,19 @@ def test_prompt_prefix_goes_after_a_bos_the_tokenizer_adds():
     assert with_bos == [bos, *plain] == bos_tok("<w 0.30,0.70> post TL;DR:")["input_ids"]
 
 
+@pytest.mark.parametrize("length", [0, -3, 1.5, True])
+def test_a_max_prompt_length_that_is_not_a_positive_integer_is_refused(length):
+    # 0 gave a causal policy empty prompts and left a seq2seq one's uncut, True kept 1 token, both without a word;
+    # -3 and 1.5 failed inside the tokenizer at the first encode
+    from clp_lightning.conditioning.config import PolicyConfig
+
+    message = rf"max_prompt_length must be an integer >= 1 .*got {length!r}"
+    with pytest.raises(ValueError, match=message):
+        PolicyConfig("tiny:gpt2", max_prompt_length=length)  # when the config is made, before the model loads
+    with pytest.raises(ValueError, match=message):
+        ConditionalPolicy.from_pretrained("tiny:gpt2", 2, max_prompt_length=length)
+
+
 def test_truncation_side_keeps_the_start_or_the_end_and_is_saved(tmp_path):
     """`left` (the default without a chat template) keeps a long prompt's end, its `TL;DR:` cue; `right` keeps its
     start, T5's `summarize:` and the article's lede. A saved policy keeps the setting; a bad value is refused when
