@@ -28,7 +28,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from clp_lightning.checks import is_integer, is_number
-from clp_lightning.conditioning.mixing import WeightingState, resolve_targets
+from clp_lightning.conditioning.mixing import WeightingState, _names_or_patterns, resolve_targets
 from clp_lightning.conditioning.mode import ConditioningMode, register_mode
 
 
@@ -233,8 +233,11 @@ class LoraConditioning(ConditioningMode):
 
     def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  target_modules: str | Sequence[str] = ("attention",)) -> None:
-        modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         # checked when the config is made (it builds the mode), before any model loads
+        if not _names_or_patterns(target_modules):
+            raise ValueError(f"LoRA target_modules must be 'attention', 'all' or a list of module-name patterns, got "
+                             f"{target_modules!r}")
+        modules = target_modules if isinstance(target_modules, str) else list(target_modules)
         # a rank of 2.5 or True would fail only when the adapters are made, after the model has loaded
         if not (is_integer(r) and r >= 1):
             raise ValueError(f"LoRA rank r must be >= 1, an integer, got {r!r}")

@@ -321,6 +321,11 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]
     return list(selected)
 
 
+def _names_or_patterns(targets: Any) -> bool:
+    """Whether ``targets`` is a target name or a sequence of them (the form :func:`resolve_targets` takes)."""
+    return isinstance(targets, str) or (isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets))
+
+
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Swap every reference to ``old`` (T5's encoder and decoder share ``shared`` as ``embed_tokens``)."""
     for parent in model.modules():
@@ -383,6 +388,9 @@ class ParameterMixing(ConditioningMode):
     """
 
     def __init__(self, targets: str | Sequence[str]) -> None:
+        if not _names_or_patterns(targets):  # a number failed at list() or, in a list, only once the model had loaded
+            raise ValueError(f"targets must be 'logits', 'attention', 'all' or a list of module-name patterns, got "
+                             f"{targets!r}")
         self.targets = targets if isinstance(targets, str) else list(targets)
         if not self.targets:  # checked when the config is made, before any model loads
             raise ValueError("targets is empty; expected 'logits', 'attention', 'all' or module-name patterns")

@@ -102,6 +102,9 @@ def test_modes_are_chosen_by_name_and_bad_names_fail_early():
         (dict(mode="lora", condition_on_alpha=True, alpha_scale=float("inf")), r"alpha_scale must be > 0, .*got inf"),
         (dict(mode="lora", condition_on_alpha=True, alpha_scale=True), r"alpha_scale must be > 0, .*got True"),
         (dict(mode="mixing", options={"targets": []}), "targets is empty"),
+        (dict(mode="mixing", options={"targets": ["attention", 1]}), r"targets must be .*got \['attention', 1\]"),
+        (dict(mode="mixing", options={"targets": 5}), r"targets must be .*got 5"),
+        (dict(mode="lora", options={"target_modules": [None]}), r"LoRA target_modules must be .*got \[None\]"),
     ],
 )
 def test_bad_prompt_and_mode_settings_fail_when_the_config_is_made(settings, message):
