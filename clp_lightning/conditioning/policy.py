@@ -34,6 +34,11 @@ from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.models import count_parameters, load_policy_model, model_kind, sync_tied_config
 
 
+def _check_prompts(prompts: Sequence[str]) -> None:
+    if isinstance(prompts, str):  # a text is a sequence of texts too: one prompt per character, without a word
+        raise ValueError(f"prompts must be a list of texts, got one text {prompts[:40]!r}: pass [text]")
+
+
 class ConditionalPolicy(nn.Module):
     """A Hugging Face LM whose behaviour is a function of a weighting ``w`` over ``m`` objectives.
 
@@ -262,6 +267,7 @@ class ConditionalPolicy(nn.Module):
         Returns:
             ``{"input_ids": (B, L), "attention_mask": (B, L)}`` on the model's device, padded on the tokenizer's side.
         """
+        _check_prompts(prompts)
         tok = self.tokenizer
         specials = self.chat is None  # a chat template adds its own around the user's text
         side = tok.truncation_side
@@ -369,6 +375,7 @@ class ConditionalPolicy(nn.Module):
             alpha: the KL strength, for a policy conditioned on it (a number or ``(B,)``).
             **generation_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ...).
         """
+        _check_prompts(prompts)
         w = validate_weights(weights, self.num_objectives).to(self.device)
         w = w.expand(len(prompts), -1) if w.dim() == 1 else w
         if w.shape[0] != len(prompts):

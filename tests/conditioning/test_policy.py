@@ -152,6 +152,11 @@ def test_prompt_conditioning_prefixes_and_keeps_the_cue():
     assert text.startswith("<w 0.30,0.70 | kl 0.1> ") and text.endswith("TL;DR:")
     with pytest.raises(ValueError, match="pass alpha"):
         policy.encode(["x"], w)
+    # one text where a list of them is expected: a prompt per character
+    with pytest.raises(ValueError, match=r"prompts must be a list of texts, got one text 'xyz': pass \[text\]"):
+        policy.encode("xyz", w.expand(3, -1), torch.tensor([0.1] * 3))
+    with pytest.raises(ValueError, match="prompts must be a list of texts"):
+        policy.generate_text("xyz", [0.3, 0.7], 0.1, max_new_tokens=2)
     assert policy.prompt_prefix([0.3, 0.7], 0.1) == "<w 0.30,0.70 | kl 0.1> "
     with pytest.raises(ValueError, match=r"prompt_prefix takes one weighting \(m,\), got shape \(1, 2\)"):
         policy.prompt_prefix(w, 0.1)
