@@ -52,6 +52,9 @@ class ConditioningConfig:
 
     def __post_init__(self) -> None:
         self.options = dict(self.options or {})
+        for flag in ("prompt", "train_shared", "condition_on_alpha"):  # the text "false" would count as true
+            if type(getattr(self, flag)) is not bool:
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.condition_on_alpha and not (self.prompt or self.alpha_scale is not None):
             raise ValueError("condition_on_alpha=True needs a channel for alpha: prompt=True (alpha in the prompt) "
                              "and/or alpha_scale (alpha in the parameters)")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from clp_lightning.checks import is_integer
 from clp_lightning.conditioning.config import ConditioningConfig, check_max_prompt_length, check_truncation_side
 from clp_lightning.conditioning.lm import (
     PolicyOutput,
@@ -74,8 +75,8 @@ class ConditionalPolicy(nn.Module):
         truncation_side: str | None = None,
     ) -> None:
         super().__init__()
-        if num_objectives < 1:
-            raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
+        if not (is_integer(num_objectives) and num_objectives >= 1):  # 2.0 or True would size every mixed layer
+            raise ValueError(f"num_objectives must be an integer >= 1, got {num_objectives!r}")
         self.conditioning = conditioning = conditioning or ConditioningConfig()
         self.num_objectives = num_objectives
         self.tokenizer = tokenizer

@@ -105,6 +105,10 @@ def test_modes_are_chosen_by_name_and_bad_names_fail_early():
         (dict(mode="mixing", options={"targets": ["attention", 1]}), r"targets must be .*got \['attention', 1\]"),
         (dict(mode="mixing", options={"targets": 5}), r"targets must be .*got 5"),
         (dict(mode="lora", options={"target_modules": [None]}), r"LoRA target_modules must be .*got \[None\]"),
+        # from Python (YAML goes through jsonargparse): the text "false" counted as true
+        (dict(prompt="false"), "prompt must be true or false, got 'false'"),
+        (dict(train_shared=0), "train_shared must be true or false, got 0"),
+        (dict(prompt=True, condition_on_alpha="no"), "condition_on_alpha must be true or false, got 'no'"),
     ],
 )
 def test_bad_prompt_and_mode_settings_fail_when_the_config_is_made(settings, message):

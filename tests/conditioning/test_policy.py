@@ -411,3 +411,11 @@ def test_weightings_of_the_wrong_width_are_refused(mode):
     if policy.prompt_conditioner is not None:  # the prefix wrote every entry it was given
         with pytest.raises(ValueError, match=r"must have shape \(B, m\) = \(B, 2\)"):
             policy.encode(["x"], torch.full((1, 3), 1 / 3))
+
+
+@pytest.mark.parametrize("m", [0, 2.0, True])
+def test_a_num_objectives_that_is_not_a_positive_integer_is_refused(m):
+    # 2.0 and True passed the check (True as one objective) and sized every mixed layer with them
+    with pytest.raises(ValueError, match=rf"num_objectives must be an integer >= 1, got {m!r}"):
+        ConditionalPolicy.from_pretrained("tiny:gpt2", m, ConditioningConfig(mode="mixing",
+                                                                             options={"targets": "logits"}))
