@@ -93,6 +93,32 @@ def reference_points_line(reports: list[dict[str, Any]], labels: list[str]) -> s
             "different points are not comparable; --ref-point measures every run from one point.")
 
 
+# what makes two grid evaluations measure the same thing, besides the prompts (paired on their digest) and the grid
+EVALUATION_KEYS = ("generation", "num_samples", "alpha", "num_prompts")
+
+
+def evaluation_line(reports: list[dict[str, Any]], labels: list[str]) -> str | None:
+    """A warning naming each evaluation setting (decoding, samples per prompt, KL strength, number of prompts) on
+    which the runs that record them differ, or None when they agree."""
+    settings = []
+    for label, report in zip(labels, reports):
+        evaluation = report.get("evaluation")
+        if isinstance(evaluation, dict):
+            flat = {f"{key}.{k}": v for key in EVALUATION_KEYS if isinstance(evaluation.get(key), dict)
+                    for k, v in evaluation[key].items()}
+            flat.update({key: evaluation[key] for key in EVALUATION_KEYS
+                         if key in evaluation and not isinstance(evaluation[key], dict)})
+            settings.append((label, flat))
+    keys = sorted({key for _, flat in settings for key in flat})
+    differ = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for _, flat in settings}) > 1]
+    if not differ:
+        return None
+    each = "; ".join(f"{key}: " + ", ".join(f"{label} {flat.get(key)!r}" for label, flat in settings)
+                     for key in differ)
+    return (f"The runs were evaluated differently ({each}): their numbers are not measured the same way; "
+            "clp validate with one config measures them alike.")
+
+
 def comparison_table(reports: list[dict[str, Any]], labels: list[str], num_resamples: int = 2000) -> str:
     """Markdown table: hypervolume, steerability per objective, steps, trainable and total parameters, the KL to the
     reference (sampled, mean over the grid), the hypervolume's 95% bootstrap interval and the paired difference to
@@ -117,7 +143,8 @@ def comparison_table(reports: list[dict[str, Any]], labels: list[str], num_resam
                  str(params.get("trainable_parameters", "?")), str(params.get("total_parameters", "?")),
                  "n/a" if math.isnan(kl) else f"{kl:.3f}", interval, difference]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", reference_points_line(reports, labels)])
+    differently = evaluation_line(reports, labels)
+    return "\n".join([*lines, "", reference_points_line(reports, labels), *([differently] if differently else [])])
 
 
 def _pairable(a: dict[str, Any], b: dict[str, Any]) -> bool:

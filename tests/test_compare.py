@@ -83,6 +83,18 @@ def test_the_table_names_its_reference_point_and_refuses_to_hide_different_ones(
     assert code == 2 and "ref_point [0.0] has 1 values; the report has 2 objectives" in err
 
 
+def test_the_table_says_when_the_runs_were_evaluated_differently():
+    # greedy against sampled decoding (or 32 against 48 new tokens) compared side by side without a word
+    same = comparison_table([new_report(), new_report(shift=0.1), old_report()], ["a", "b", "old"], 20)
+    assert same.splitlines()[-1].startswith("Hypervolumes from")  # the same settings, or none recorded: no line
+    sampled = new_report(shift=0.1)
+    sampled["evaluation"] = {**sampled["evaluation"], "generation": {"do_sample": True}, "num_samples": 4}
+    line = comparison_table([new_report(), sampled, old_report()], ["a", "b", "old"], 20).splitlines()[-1]
+    assert line == ("The runs were evaluated differently (generation.do_sample: a False, b True; num_samples: a 1, "
+                    "b 4): their numbers are not measured the same way; clp validate with one config measures them "
+                    "alike.")
+
+
 def test_front_figure_and_summary_read_old_and_new_reports(capsys):
     for report in (new_report(), old_report()):
         assert len(front_figure(report).axes) == 1
