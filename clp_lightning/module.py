@@ -28,6 +28,7 @@ from clp_lightning.callbacks.checkpoint import (
     policy_state,
     read_checkpoint,
 )
+from clp_lightning.checks import is_integer
 from clp_lightning.conditioning.config import PolicyConfig
 from clp_lightning.conditioning.mixture import check_experts
 from clp_lightning.conditioning.policy import ConditionalPolicy
@@ -126,8 +127,8 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             raise ValueError("rewards is empty: CLP needs at least one reward (one per objective)")
         if len(set(names)) != len(names):
             raise ValueError(f"reward names must be unique (they name the objectives in logs), got {names}")
-        if samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt={samples_per_prompt}: each prompt needs at least one response")
+        if not is_integer(samples_per_prompt) or samples_per_prompt < 1:  # 2.0 failed at the first step, not here
+            raise ValueError(f"samples_per_prompt={samples_per_prompt!r}: an integer >= 1 of responses per prompt")
         if baseline not in ("rloo", "mean"):  # anything else would silently train with the batch-mean baseline
             raise ValueError(f"baseline must be 'rloo' or 'mean', got {baseline!r}")
         if baseline == "rloo" and samples_per_prompt < 2:

@@ -241,7 +241,7 @@ def test_alpha_in_the_parameters_trains_and_scales_each_prompts_update(tmp_path,
     [
         (dict(sampler=SamplerConfig(kind="fixed", weights=[0.5, 0.6])), r"\[0.5, 0.6\] sums to 1.1"),
         (dict(samples_per_prompt=1), "samples_per_prompt=1: the leave-one-out baseline needs k >= 2"),
-        (dict(samples_per_prompt=0, baseline="mean"), "samples_per_prompt=0: each prompt needs at least one"),
+        (dict(samples_per_prompt=0, baseline="mean"), "samples_per_prompt=0: an integer >= 1"),
         (dict(baseline="RLOO"), "baseline must be 'rloo' or 'mean', got 'RLOO'"),
         (dict(kl_coef=float("nan")), "kl_coef must be a finite number >= 0, got nan"),
         (dict(kl_coef=float("inf")), "kl_coef must be a finite number >= 0, got inf"),
@@ -275,6 +275,9 @@ def test_bad_configuration_fails_at_construction(kwargs, message):
     [
         (dict(normalization="runing"), "mode must be 'none', 'batch' or 'running', got 'runing'"),
         (dict(expert_checkpoints=["only_one.ckpt"]), r"got 1 experts for 2 objectives \['a', 'b'\]"),
+        # a float passed and failed at the first step's repeat_interleave, after the policy and reference loaded
+        (dict(samples_per_prompt=2.0), "samples_per_prompt=2.0: an integer >= 1 of responses per prompt"),
+        (dict(samples_per_prompt=True, baseline="mean"), "samples_per_prompt=True: an integer >= 1"),
     ],
 )
 def test_bad_configuration_fails_before_the_policy_loads(monkeypatch, kwargs, message):
@@ -283,7 +286,7 @@ def test_bad_configuration_fails_before_the_policy_loads(monkeypatch, kwargs, me
     monkeypatch.setattr(PolicyConfig, "build", lambda *args, **kw: built.append(args) or pytest.fail("policy built"))
     rewards = [LengthReward(name="a", unit="chars"), LengthReward(name="b", mode="brevity", unit="chars")]
     with pytest.raises(ValueError, match=message):
-        CLPModule(PolicyConfig("tiny:t5"), rewards, samples_per_prompt=2, **kwargs)
+        CLPModule(PolicyConfig("tiny:t5"), rewards, **{"samples_per_prompt": 2, **kwargs})
     assert not built
 
 
