@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 
+from clp_lightning.checks import is_integer
 from clp_lightning.conditioning.weights import DirichletSampler, FixedSampler, OneHotSampler, WeightSampler
 
 
@@ -127,8 +128,9 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        # an integer: 2.5 raised the rate past lr (to 1.2 * lr at step 2), nan made it nan, inf kept it at 0
+        if not is_integer(self.warmup_steps) or self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
 
     def build(self, params: list[torch.nn.Parameter], total_steps: float) -> dict[str, Any]:
         """``configure_optimizers`` output for ``params`` over ``total_steps`` optimizer steps (Lightning's

@@ -294,7 +294,10 @@ def test_bad_configuration_fails_before_the_policy_loads(monkeypatch, kwargs, me
     ("kwargs", "message"),
     [
         (dict(schedule="cos"), "schedule must be 'constant', 'linear' or 'cosine', got 'cos'"),  # was a constant rate
-        (dict(warmup_steps=-10), "warmup_steps must be >= 0, got -10"),
+        (dict(warmup_steps=-10), "warmup_steps must be an integer >= 0, got -10"),
+        # a fraction of a step overshot the peak rate (2.5: 1.2 * lr at step 2); nan trained at a nan rate
+        (dict(warmup_steps=2.5), "warmup_steps must be an integer >= 0, got 2.5"),
+        (dict(warmup_steps=float("nan")), "warmup_steps must be an integer >= 0, got nan"),
         (dict(lr=float("inf")), "lr must be a finite number >= 0, got inf"),
         (dict(lr=-1e-3), "lr must be a finite number >= 0, got -0.001"),
         (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0, got nan"),
