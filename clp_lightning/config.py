@@ -91,6 +91,13 @@ class GenerationSettings:
                 raise ValueError(f"top_k must be >= 0 (0 disables top-k filtering), got {self.top_k}")
             if not 0 < self.top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1] (1 disables nucleus filtering), got {self.top_p}")
+        # extra is applied last: a field's name there would replace the value checked above (top_p 0: greedy rollouts),
+        # and the caller passes num_return_sequences itself (a TypeError at the first generate, after loading)
+        for key in self.extra:
+            if key == "num_return_sequences" or key in {f.name for f in dataclasses.fields(self)}:
+                where = ("samples_per_prompt (training) or num_samples (evaluation)" if key == "num_return_sequences"
+                         else f"generation.{key}")
+                raise ValueError(f"generation.extra sets {key!r}, which is not an extra generate argument: set {where}")
         args: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens)
         if self.do_sample:
             args.update(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)

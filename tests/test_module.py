@@ -278,6 +278,10 @@ def test_bad_configuration_fails_at_construction(kwargs, message):
         # a float passed and failed at the first step's repeat_interleave, after the policy and reference loaded
         (dict(samples_per_prompt=2.0), "samples_per_prompt=2.0: an integer >= 1 of responses per prompt"),
         (dict(samples_per_prompt=True, baseline="mean"), "samples_per_prompt=True: an integer >= 1"),
+        # extra was applied after the checks: top_p 0 in it made greedy "samples" with zero advantages, unchecked
+        (dict(generation=GenerationSettings(extra={"top_p": 0.0})), "extra sets 'top_p', .* set generation.top_p"),
+        (dict(generation=GenerationSettings(extra={"num_return_sequences": 4})),
+         "extra sets 'num_return_sequences', .* set samples_per_prompt"),
     ],
 )
 def test_bad_configuration_fails_before_the_policy_loads(monkeypatch, kwargs, message):
