@@ -76,6 +76,11 @@ class GenerationSettings:
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model.generate``."""
+        # integers: generate rounded max_new_tokens=5.5 up to 6 tokens, and refused a fractional top_k or min_new_tokens
+        # only at the first call, after the policy had loaded
+        for name in ("max_new_tokens", "min_new_tokens", "top_k"):
+            if not is_integer(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         # generate only warns about these (or ignores them): min above max masks EOS at every step, so no response

@@ -259,6 +259,9 @@ def test_alpha_in_the_parameters_trains_and_scales_each_prompts_update(tmp_path,
          r"min_new_tokens must be in \[0, max_new_tokens=4\], got 8"),
         (dict(generation=GenerationSettings(temperature=0.0)), "temperature must be a finite number > 0 .* got 0.0"),
         (dict(generation=GenerationSettings(top_k=-1)), "top_k must be >= 0 .* got -1"),
+        # generate rounded 5.5 up to 6 tokens; a fractional top_k failed only at the first rollout
+        (dict(generation=GenerationSettings(max_new_tokens=5.5)), "max_new_tokens must be an integer, got 5.5"),
+        (dict(generation=GenerationSettings(top_k=2.5)), "top_k must be an integer, got 2.5"),
         (dict(conditioning=ConditioningConfig(prompt=True, condition_on_alpha=True), alpha_range=(0.0, 0.5),
               alpha_log_uniform=True), r"alpha_range \[0.0, 0.5\]: alpha_log_uniform .* must be > 0"),
         # ignored before: every prompt trained at kl_coef
