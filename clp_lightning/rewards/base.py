@@ -197,7 +197,14 @@ class Reward(nn.Module):
                                                                                              references):
             for i in range(0, len(responses), self.batch_size):
                 j = i + self.batch_size
-                out.append(self.score(sources[i:j], responses[i:j], None if references is None else references[i:j]))
+                scores = self.score(sources[i:j], responses[i:j], None if references is None else references[i:j])
+                # a (b, 1) or (b, classes) output would fail later, in the stack of objectives, without the name
+                expected = (len(responses[i:j]),)
+                if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
+                    found = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+                    raise ValueError(f"reward {self.name!r}: score() returned {found}, expected a tensor of shape "
+                                     f"{expected}, one score per response")
+                out.append(scores)
         if not out:
             return torch.zeros(0, device=self.device)
         return torch.cat([o.to(device=self.device, dtype=torch.float32) for o in out])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import (
@@ -44,6 +46,18 @@ def test_empty_batch_and_output_contract():
     out = reward(("a b", "c", "d e f"), ("one two", "three", "four five six"))  # tuples are sequences too
     assert out.dtype == torch.float32 and out.shape == (3,)
     assert out.tolist() == [-2.0, -1.0, -3.0]
+
+
+@pytest.mark.parametrize("output, found", [(lambda b: torch.zeros(b, 1), "(2, 1)"), (lambda b: [0.0] * b, "list")])
+def test_a_score_of_the_wrong_shape_names_the_reward(output, found):
+    # a custom reward returning (b, 1) logits failed later, in the stack of objectives, without its name
+    class Custom(base.Reward):
+        def score(self, sources, responses, references):
+            return output(len(responses))
+
+    with pytest.raises(ValueError, match=rf"reward 'custom': score\(\) returned {re.escape(found)}, expected a tensor "
+                                         r"of shape \(2,\)"):
+        Custom(name="custom", batch_size=2)(["a", "b", "c"], ["x", "y", "z"])
 
 
 def test_output_stays_float32_after_dtype_cast():
