@@ -57,11 +57,14 @@ def main(argv: list[str] | None = None) -> Path:
                          "and KL strength); the steerable policy takes alpha when it generates")
     out = Path(args.out)
     checkpoint = read_checkpoint(args.ckpt_path)
-    inputs = [("checkpoint", args.ckpt_path), *(("--config", c) for c in args.config)]
-    check_output(out, args.overwrite, inputs + ([("--evaluation", args.evaluation)] if args.evaluation else []))
     from clp_lightning.cli import parse_config
 
     setup = parse_config([a for c in args.config for a in ("--config", c)] + args.set)
+    inputs = [("checkpoint", args.ckpt_path), *(("--config", c) for c in args.config)]
+    base = (_init_args(setup.get("model")).get("policy") or {}).get("model_name_or_path")
+    if isinstance(base, str) and Path(base).expanduser().exists():  # a warm start's directory, read when it loads
+        inputs.append(("base model", base))
+    check_output(out, args.overwrite, inputs + ([("--evaluation", args.evaluation)] if args.evaluation else []))
     # first: the checkpoint's fields are untrusted, and this checks its objectives against the config's
     check_config(setup, checkpoint, args.ckpt_path)
     step = checkpoint.get("global_step", 0)
@@ -131,9 +134,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str]]) -> None:
-    """Refuse an ``--out`` that is a file, a non-empty directory (without ``overwrite``), one that holds one of the
-    ``(what, path)`` inputs (the checkpoint, a config, the evaluation report: replacing it would delete them), or one
-    whose parent is not writable."""
+    """Refuse an ``--out`` that is a file, a non-empty directory (without ``overwrite``), one that is or holds one of
+    the ``(what, path)`` inputs (the checkpoint, a config, the evaluation report, a base model's directory: replacing
+    it would delete them), or one whose parent is not writable."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {str(out)!r} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -141,7 +144,7 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str]]) -> N
             raise FileExistsError(f"--out {str(out)!r} exists and is not empty: choose another directory or pass "
                                   "--overwrite to replace it")
         for what, path in inputs:
-            if Path(out).resolve() in Path(path).resolve().parents:
+            if Path(out).resolve() in (Path(path).resolve(), *Path(path).resolve().parents):
                 raise ValueError(f"--out {str(out)!r} holds the {what} {path!r}: --overwrite would delete it")
     check_writable(out.resolve().parent, "--out's parent directory")
 

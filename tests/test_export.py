@@ -215,6 +215,7 @@ def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
     ("existing_out", "exists and is not empty: choose another directory or pass --overwrite"),
     ("out_is_file", "is a file, not a directory"),
     ("out_holds_config", "holds the --config"),
+    ("out_is_the_base_model", "holds the base model"),  # a warm start's directory: --overwrite replaced it
     ("bad_weights", "sums to 1.1, expected 1"),
     ("weights_count", "has 3 entries, expected 2 (one per objective)"),
     ("alpha_unconditioned", "--alpha 0.1 given, but the policy is not conditioned on alpha"),
@@ -249,6 +250,10 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
         config = str(out / "run.yaml")
         Path(config).write_text(Path(t5_run[0]).read_text())
         extra = ["--overwrite"]
+    elif case == "out_is_the_base_model":
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        extra = ["--overwrite", f"--set=--model.init_args.policy.model_name_or_path={out}"]
     elif case == "bad_weights":
         extra = ["--weights", "0.5,0.6"]
     elif case == "weights_count":
@@ -275,7 +280,8 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert message in lines[0]
-    assert not (out.exists() and case not in ("existing_out", "out_is_file", "out_holds_config"))
+    kept = ("existing_out", "out_is_file", "out_holds_config", "out_is_the_base_model")
+    assert not (out.exists() and case not in kept)
     if case == "out_holds_config":
         assert Path(config).exists()
 
