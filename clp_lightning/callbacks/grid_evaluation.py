@@ -192,7 +192,9 @@ class GridEvaluation(L.Callback):
         samples = self.sample_weightings_config
         self.sample_weightings = default if samples is None else validate_weights(samples, m, name="sample weighting")
         ref = None if self.ref_point_config is None else torch.tensor(self.ref_point_config)
-        if self.metric is None:
+        # built anew for another grid: a module with other objectives given to the same trainer would otherwise meet
+        # the first module's (m,) reference point only at the epoch's end, after all its generation
+        if self.metric is None or not torch.equal(self.metric.grid_weights.cpu(), self.grid):
             self.metric = ParetoSteerabilityMetric(self.grid, ref_point=ref)
         self.metric.to(pl_module.device)
         self.alphas = self._alphas(pl_module)

@@ -36,7 +36,8 @@ def front_figure(report: dict[str, Any], history: list[dict[str, Any]] | None = 
         raise ValueError(f"a front figure needs 2 or more objectives, got {names}")
     pairs = list(itertools.combinations(range(len(names)), 2))
     fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
-    history = history or []
+    # fronts of other objectives (another module evaluated by the same callback) have no place on these axes
+    history = [past for past in history or [] if all(len(p) == len(names) for p in past["rewards"])]
     by_alpha = report.get("by_alpha") or []
     for ax, (i, j) in zip(axes[0], pairs):
         for age, past in enumerate(history[-5:]):

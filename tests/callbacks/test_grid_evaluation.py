@@ -188,6 +188,19 @@ def test_another_module_on_the_same_trainer_gets_its_own_reference(tmp_path):
     assert after[0] == pytest.approx(before[0]) and after[1] == pytest.approx(10 * before[1])
 
 
+def test_another_module_with_other_objectives_on_the_same_trainer(tmp_path):
+    # The callback kept the first module's metric (its grid and (m,) reference point) and drew its front in the
+    # second's figure: the second module's evaluation failed at the epoch's end, after all its generation.
+    data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
+    callback = grid_callback()
+    trainer = make_trainer(tmp_path, [callback])
+    trainer.validate(make_module(objectives=1), datamodule=data)
+    trainer.validate(make_module(objectives=2), datamodule=data)
+    assert callback.last["grid"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    assert callback.last["ref_point"] == pytest.approx(callback.last["reference_rewards"])
+    assert (tmp_path / "run" / "evaluation" / "validate_front.png").exists()
+
+
 def test_ref_point_from_the_config_is_used_as_given(fitted, tmp_path):
     fit_dir, trainer, callback = fitted
     data = SyntheticTLDRDataModule(num_train=8, num_val=3, batch_size=2, val_batch_size=2, seed=0)
