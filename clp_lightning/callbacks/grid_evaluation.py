@@ -32,7 +32,7 @@ from torch.utils.data import DistributedSampler
 
 from clp_lightning.callbacks.checkpoint import CheckpointError
 from clp_lightning.callbacks.preemption import validation_due
-from clp_lightning.checks import is_number
+from clp_lightning.checks import is_integer, is_number
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume, pareto_steerability
@@ -135,6 +135,15 @@ class GridEvaluation(L.Callback):
         alphas: list[float] | None = None,
         greedy_log_ratio: bool = True,
     ) -> None:
+        # counts: 1.5 (or True) passed the range checks below, and then every_n_epochs=1.5 evaluated every third
+        # epoch without a word, while max_prompts, sample_prompts or num_samples failed mid-fit in a slice or generate
+        counts = {"every_n_epochs": every_n_epochs, "max_prompts": max_prompts, "sample_prompts": sample_prompts,
+                  "num_samples": num_samples, "kl_samples": kl_samples}
+        for name, value in counts.items():
+            if not (is_integer(value) or (name == "max_prompts" and value is None)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if sample_prompts < 0:
+            raise ValueError(f"sample_prompts must be >= 0 (0: no table of responses), got {sample_prompts}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if max_prompts is not None and max_prompts < 1:

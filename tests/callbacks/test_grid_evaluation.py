@@ -356,6 +356,16 @@ def test_bad_sampling_settings_are_refused():
         GridEvaluation(generation=GenerationSettings(do_sample=True, top_p=0.0))
 
 
+@pytest.mark.parametrize("name, value", [("every_n_epochs", 1.5), ("max_prompts", 2.5), ("sample_prompts", 1.5),
+                                         ("num_samples", 2.0), ("kl_samples", True), ("every_n_epochs", True)])
+def test_counts_that_are_not_integers_are_refused(name, value):
+    # every_n_epochs=1.5 evaluated every third epoch without a word; the others failed at the first evaluation of a fit
+    with pytest.raises(ValueError, match=f"{name} must be an integer, got {value!r}"):
+        GridEvaluation(**{name: value}, generation=GenerationSettings(do_sample=True))
+    with pytest.raises(ValueError, match="sample_prompts must be >= 0"):
+        GridEvaluation(sample_prompts=-1)
+
+
 def test_kl_samples_zero_reports_nan_and_logs_no_kl(tmp_path):
     callback = GridEvaluation(grid_step=0.5, sample_prompts=0, kl_samples=0,
                               generation=GenerationSettings(do_sample=False, max_new_tokens=3))
