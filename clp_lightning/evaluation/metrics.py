@@ -191,11 +191,18 @@ class ParetoSteerabilityMetric(GridRewardMeans):
         if weights.ndim != 2:
             raise ValueError(f"`weights` must have shape (P, m), got {tuple(weights.shape)}")
         super().__init__(num_points=weights.shape[0], num_objectives=weights.shape[1], **kwargs)
+        if not tol >= 0:  # otherwise refused only by compute(), after the whole evaluation
+            raise ValueError(f"tol must be >= 0 (the decrease that is still not a violation), got {tol}")
         self.tol = tol
         self.register_buffer("grid_weights", weights, persistent=False)
         self.register_buffer("ref_point", torch.full((weights.shape[1],), torch.nan), persistent=True)
         if ref_point is not None:
-            self.set_reference_point(torch.as_tensor(ref_point, dtype=torch.float32))
+            ref_point = torch.as_tensor(ref_point, dtype=torch.float32)
+            # the point itself: set_reference_point would average (B, m) rows into one, without a word
+            if ref_point.shape != (weights.shape[1],):
+                raise ValueError(f"`ref_point` must have shape (m,) = ({weights.shape[1]},), got "
+                                 f"{tuple(ref_point.shape)}")
+            self.set_reference_point(ref_point)
 
     @property
     def has_reference_point(self) -> bool:

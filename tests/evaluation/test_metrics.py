@@ -110,6 +110,11 @@ def test_reference_point_errors():
         metric.set_reference_point(torch.tensor([0.0, math.inf]))
     with pytest.raises(ValueError, match=r"`weights` must have shape \(P, m\)"):
         ParetoSteerabilityMetric(torch.zeros(3))
+    # rows given as the point were averaged into one (here [1, 1]) without a word
+    with pytest.raises(ValueError, match=r"`ref_point` must have shape \(m,\) = \(2,\), got \(2, 2\)"):
+        ParetoSteerabilityMetric(STAIRCASE_WEIGHTS, ref_point=[[0.0, 0.0], [2.0, 2.0]])
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        ParetoSteerabilityMetric(STAIRCASE_WEIGHTS, tol=-0.1)
 
 
 # ---------------------------------------------------------------- DDP: 2 processes on gloo
