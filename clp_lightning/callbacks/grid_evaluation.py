@@ -193,6 +193,10 @@ class GridEvaluation(L.Callback):
         m = pl_module.num_objectives
         self.names: list[str] = pl_module.objective_names
         self.grid = simplex_grid(m, self.grid_step)
+        labels = [weight_label(w) for w in self.grid]
+        if len(set(labels)) != len(labels):  # one CSV column and metric key would hold two weightings' rewards
+            raise ValueError(f"grid_step={self.grid_step} gives weightings that differ by less than 0.01, which the "
+                             "metric keys and metrics.csv name to 2 decimals: use grid_step >= 0.01")
         if self.ref_point_config is not None and len(self.ref_point_config) != m:
             raise ValueError(f"ref_point {self.ref_point_config} has {len(self.ref_point_config)} values, "
                              f"expected {m} (one per objective {self.names})")

@@ -558,3 +558,13 @@ def test_validate_after_fit_in_one_process_names_the_trained_step(tmp_path):
     # the step the weights were trained to; the epoch is the trainer's, 1 once the fit has finished epoch 0
     assert (callback.last["epoch"], callback.last["step"]) == (trainer.current_epoch, 4) == (1, 4)
     assert read_report(tmp_path / "run" / "evaluation" / "validate.json")["step"] == 4
+
+
+def test_a_grid_finer_than_its_labels_is_refused():
+    # weightings are named to 2 decimals in metric keys and metrics.csv: 0.004 apart, two of them shared a column
+    class Module:  # what setup reads before the grid
+        num_objectives, objective_names = 2, ["a", "b"]
+
+    module = Module()
+    with pytest.raises(ValueError, match=r"grid_step=0.004 gives weightings that differ by less than 0.01"):
+        GridEvaluation(grid_step=0.004).setup(None, module, "validate")
