@@ -145,36 +145,21 @@ def test_the_models_generation_config_cannot_reshape_the_sampling_distribution(a
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("where", ["argument", "generation_config"])
-def test_a_cache_implementation_asked_for_with_k_samples_per_prompt(arch, where):
-    """generate refuses a cache passed beside the ``cache_implementation`` it is asked to make (a static cache for a
-    compiled step, which GenerationSettings.extra may ask for; Gemma 2's generation config names ``hybrid``): the
-    shared prefill's cache must then stay out."""
+@pytest.mark.parametrize("setting, value", [("cache_implementation", "static"), ("use_cache", False)])
+def test_generation_that_cannot_continue_from_the_shared_prefill(arch, where, setting, value):
+    """The shared prefill's cache must stay out where generate cannot continue from it. It refuses a cache passed
+    beside the ``cache_implementation`` it is asked to make (a static cache for a compiled step, which
+    GenerationSettings.extra may ask for; Gemma 2's generation config names ``hybrid``). With the cache off
+    (``use_cache=False``, or a generation config that says so) it mishandled one passed in: other tokens, without a
+    word."""
     policy = make(arch, "lora")
     w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
     enc = policy.encode(PROMPTS, w)
     settings = dict(max_new_tokens=6, do_sample=False)
     want = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
     if where == "argument":
-        settings["cache_implementation"] = "static"
+        settings[setting] = value
     else:
-        policy.model.generation_config.cache_implementation = "static"
-    got = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("where", ["argument", "generation_config"])
-def test_generation_without_a_cache_with_k_samples_per_prompt(arch, where):
-    """With the cache off (``use_cache=False``, or a generation config that says so), generate mishandled the shared
-    prefill's cache passed in: other tokens, without a word."""
-    policy = make(arch, "lora")
-    w = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
-    enc = policy.encode(PROMPTS, w)
-    settings = dict(max_new_tokens=6, do_sample=False)
-    want = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
-    if where == "argument":
-        settings["use_cache"] = False
-    else:
-        policy.model.generation_config.use_cache = False
+        setattr(policy.model.generation_config, setting, value)
     got = policy.generate(**enc, weights=w, num_return_sequences=K, **settings)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
