@@ -187,7 +187,11 @@ class ConditionalPolicy(nn.Module):
             return weights
         if alpha is None:
             raise ValueError("this policy is conditioned on alpha in its parameters: pass alpha with the weights")
-        alpha = torch.as_tensor(alpha, dtype=weights.dtype, device=weights.device).expand(weights.shape[0])
+        alpha = torch.as_tensor(alpha, dtype=weights.dtype, device=weights.device)
+        if alpha.dim() > 1 or alpha.numel() not in (1, weights.shape[0]):  # expand's own error names no argument
+            raise ValueError(f"`alpha` must be a number or have shape (B,) = ({weights.shape[0]},), one per "
+                             f"weighting, got {tuple(alpha.shape)}")
+        alpha = alpha.reshape(-1).expand(weights.shape[0])
         if not bool((alpha > 0).all()):
             raise ValueError(f"alpha must be > 0, got {alpha.tolist()}")
         return weights * (scale / alpha).unsqueeze(-1)  # (B, m): rows no longer sum to 1, the update's size

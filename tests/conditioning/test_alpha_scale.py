@@ -1,6 +1,8 @@
 """The KL strength alpha in the parameters (``ConditioningConfig.alpha_scale``): LoRA-CLP's update scaled by
 ``alpha_scale / alpha``, the same in the forward pass, generation, a merged model and a saved policy."""
 
+import re
+
 import pytest
 import torch
 from policy_helpers import PROMPTS, perturb
@@ -84,3 +86,13 @@ def test_bad_settings_are_refused_before_any_model_loads():
     assert "alpha_scale" not in ConditioningConfig(mode="lora", options=LORA).stored()
     assert ConditioningConfig(mode="lora", options=LORA, condition_on_alpha=True,
                               alpha_scale=SCALE).stored()["alpha_scale"] == SCALE
+
+
+@pytest.mark.parametrize("alpha", [torch.full((6,), SCALE), torch.full((3, 1), SCALE)])
+def test_an_alpha_of_another_shape_is_refused_by_name(alpha):
+    # per-response alphas (N,) with per-prompt weights (P, m) failed in expand with torch's bare size error
+    policy = scaled_policy("gpt2")
+    with pytest.raises(ValueError, match=rf"`alpha` must be a number or have shape \(B,\) = \(3,\).*"
+                                         rf"got {re.escape(str(tuple(alpha.shape)))}"):
+        logits(policy, W, alpha)
+    torch.testing.assert_close(logits(policy, W, torch.tensor(SCALE)), logits(policy, W, torch.full((3,), SCALE)))
