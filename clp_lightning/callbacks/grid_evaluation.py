@@ -282,16 +282,16 @@ class GridEvaluation(L.Callback):
     def _rank_budget(self, trainer: L.Trainer) -> int | None:
         """How many of ``max_prompts`` this rank evaluates (None: no limit).
 
-        An unshuffled distributed sampler deals the loader's items round-robin (rank ``r`` gets items ``r``,
-        ``r + W``, ...), so the first ``max_prompts`` items of the loader are this rank's items below ``max_prompts``;
-        capping every rank at ``max_prompts`` would evaluate up to ``W`` times as many prompts, and other ones than a
-        single process does."""
+        A distributed sampler deals the loader's items round-robin (rank ``r`` gets items ``r``, ``r + W``, ...), so
+        the first ``max_prompts`` items of the loader are this rank's items below ``max_prompts``; capping every rank
+        at ``max_prompts`` would evaluate up to ``W`` times as many prompts, and other ones than a single process does.
+        A shuffled one deals its permutation the same way: the count is the same, the prompts are a random subset."""
         if self.max_prompts is None:
             return None
         loaders = trainer.test_dataloaders if trainer.state.fn == "test" else trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
         sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, DistributedSampler) and not sampler.shuffle and sampler.num_replicas > 1:
+        if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
             return len(range(sampler.rank, self.max_prompts, sampler.num_replicas))
         return self.max_prompts
 

@@ -568,3 +568,19 @@ def test_a_grid_finer_than_its_labels_is_refused():
     module = Module()
     with pytest.raises(ValueError, match=r"grid_step=0.004 gives weightings that differ by less than 0.01"):
         GridEvaluation(grid_step=0.004).setup(None, module, "validate")
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_max_prompts_counts_the_loaders_prompts_on_every_rank(shuffle):
+    # a shuffled distributed sampler (a user's validation loader) let every rank take max_prompts: W times as many
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    callback, budgets = GridEvaluation(max_prompts=5), []
+    for rank in range(2):
+        sampler = DistributedSampler(range(10), num_replicas=2, rank=rank, shuffle=shuffle)
+        trainer = SimpleNamespace(state=SimpleNamespace(fn="validate"), val_dataloaders=DataLoader(range(10),
+                                                                                                   sampler=sampler))
+        budgets.append(callback._rank_budget(trainer))
+    assert budgets == [3, 2]
