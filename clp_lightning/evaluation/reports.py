@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-# a report's numbers, any of which may be NaN (a reward model's overflow, a KL not measured, the Spearman correlation
-# of constant rewards): written as null (clp_lightning.files.strict_json), read back as NaN
+# a report's numbers, any of which may be NaN (a KL not measured, the Spearman correlation of constant rewards, a
+# report written by hand or by an older version; grid_report itself refuses NaN mean rewards): written as null
+# (clp_lightning.files.strict_json), read back as NaN
 _SCALARS = ("hypervolume", "reference_hypervolume", "alpha")
 _COLUMNS = ("rewards", "rewards_se", "kl", "kl_se", "greedy_log_ratio", "ref_point", "reference_rewards",
             "vertex_gain", "vertex_gain_se", "steerability", "per_prompt_rewards", "reference_per_prompt_rewards")
