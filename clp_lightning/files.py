@@ -116,6 +116,16 @@ def publish(tmp: Path, out: Path) -> None:
     os.umask(umask)
     for path in [tmp, *tmp.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    # the files' data and their entries on disk before the rename, as write_atomic does for one file: save_pretrained
+    # fsyncs nothing, and after a crash the renamed directory could hold a config.json beside empty weights, which
+    # loads as a finished model (or fails every later load)
+    for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            with open(path, "r+b") as f:  # writable: Windows' fsync (FlushFileBuffers) refuses a read-only handle
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_directory(path)
+    fsync_directory(tmp)
     old = None
     if out.is_dir():
         if any(out.iterdir()):
@@ -124,5 +134,6 @@ def publish(tmp: Path, out: Path) -> None:
         else:
             out.rmdir()
     os.replace(tmp, out)
+    fsync_directory(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -86,3 +86,40 @@ def test_an_io_error_when_fsyncing_the_directory_is_raised(tmp_path, monkeypatch
     with pytest.raises(OSError) as raised:
         write_text_atomic(tmp_path / "report.json", "{}\n")
     assert raised.value.errno == errno.EIO
+
+
+@pytest.mark.skipif(os.name != "posix", reason="directories are fsync'ed on POSIX only")
+def test_publish_fsyncs_every_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """publish (the warm-start model, exports) renamed a directory of files that save_pretrained never fsync'ed: after
+    a crash the published directory could hold a config.json beside empty weights, and load as a finished model."""
+    from clp_lightning.files import publish
+
+    tmp = tmp_path / ".model.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    for name in ["config.json", "model.safetensors", "sub/tokenizer.json"]:
+        (tmp / name).write_text(name)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("old")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        events.append(("directory" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        events.append(("rename", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    files = {(tmp / name).stat().st_ino for name in ["config.json", "model.safetensors", "sub/tokenizer.json"]}
+    tmp_ino = tmp.stat().st_ino
+    publish(tmp, tmp_path / "model")
+    published = events.index(("rename", tmp_ino))
+    assert files <= {ino for kind, ino in events[:published] if kind == "file"}  # the data, before the rename
+    assert ("directory", tmp_ino) in events[:published]
+    assert ("directory", tmp_path.stat().st_ino) in events[published:]  # the rename itself, after it
+    assert (tmp_path / "model" / "model.safetensors").read_text() == "model.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
