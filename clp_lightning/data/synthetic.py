@@ -6,6 +6,7 @@ from typing import Any
 
 import datasets
 
+from clp_lightning.checks import is_integer
 from clp_lightning.data.tldr import RedditTLDRDataModule
 from clp_lightning.synthetic_text import generate_examples
 
@@ -28,6 +29,10 @@ class SyntheticTLDRDataModule(RedditTLDRDataModule):
         super().__init__(path="synthetic", schema="raw", seed=seed, **kwargs)
         self.sizes: dict[str, int] = {}
         for role, size in [("train", num_train), ("val", num_val), ("test", num_test)]:
+            # checked here: 0 failed in setup as "Split 'train' is empty", a float as a TypeError, both after the
+            # model had loaded and neither naming the argument
+            if not (is_integer(size) and size >= 1):
+                raise ValueError(f"num_{role} must be an integer >= 1, got {size!r}")
             split = self.splits[role]
             if self.sizes.get(split, size) != size:  # one split is one list of examples: it has one size
                 raise ValueError(f"{role}_split {split!r} is also another role's split, with another size: "

@@ -68,3 +68,10 @@ def test_roles_sharing_a_split_must_share_its_size():
     dm.setup("test")
     assert len(dm.data["val"]) == len(dm.data["test"]) == 3
     assert dm.data["val"][0]["id"] == dm.data["test"][0]["id"]
+
+
+@pytest.mark.parametrize("arg, value", [("num_train", 0), ("num_val", -1), ("num_test", 2.5), ("num_train", "8")])
+def test_a_size_that_is_not_an_integer_above_zero_is_refused_at_construction(arg, value):
+    # 0 failed in setup as "Split 'train' is empty" and 2.5 as a TypeError from range(), after the model had loaded
+    with pytest.raises(ValueError, match=rf"{arg} must be an integer >= 1, got {value!r}"):
+        SyntheticTLDRDataModule(**{arg: value})
