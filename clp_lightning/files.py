@@ -35,6 +35,18 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and every directory (``root`` too), before ``root`` is renamed into place: a
+    directory written by another library (``save_pretrained``) is complete on disk once the rename is."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # contents before their folder
+        if path.is_file():
+            with open(path, "r+b") as f:  # writable: Windows' fsync (FlushFileBuffers) refuses a read-only handle
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_directory(path)
+    fsync_directory(root)
+
+
 def write_atomic(path: Path, write: Callable[[Path], Any], tmp: Path | None = None) -> None:
     """``write`` a temporary file beside ``path`` (``tmp``, by default ``.<name>.<pid>.tmp``), fsync it, rename it
     over ``path`` and fsync the directory: no half-written file, and after a crash the old file or the new one. The
@@ -119,13 +131,7 @@ def publish(tmp: Path, out: Path) -> None:
     # the files' data and their entries on disk before the rename, as write_atomic does for one file: save_pretrained
     # fsyncs nothing, and after a crash the renamed directory could hold a config.json beside empty weights, which
     # loads as a finished model (or fails every later load)
-    for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_file():
-            with open(path, "r+b") as f:  # writable: Windows' fsync (FlushFileBuffers) refuses a read-only handle
-                os.fsync(f.fileno())
-        elif path.is_dir():
-            fsync_directory(path)
-    fsync_directory(tmp)
+    fsync_tree(tmp)
     old = None
     if out.is_dir():
         if any(out.iterdir()):

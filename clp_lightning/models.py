@@ -41,7 +41,7 @@ from transformers import (
     T5Config,
 )
 
-from clp_lightning.files import json_text
+from clp_lightning.files import fsync_directory, fsync_tree, json_text
 from clp_lightning.synthetic_text import generate_examples
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,15 @@ def convert_gguf(
         record = {"gguf_file": str(source), "sha256": digest, "bytes": source.stat().st_size, "kind": kind,
                   "architecture": type(model).__name__}
         (tmp / "source.json").write_text(json_text(record, indent=2))
+        # on disk before the rename: after a crash, source.json beside truncated weights would be taken for a
+        # finished conversion by every later load, which would fail on it (or load garbage) until deleted by hand
+        fsync_tree(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: keep its directory
             if not (target / "source.json").is_file():
                 raise
+        fsync_directory(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
