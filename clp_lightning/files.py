@@ -122,7 +122,12 @@ def save_figure_atomic(figure: Any, path: Path, **kwargs: Any) -> None:
 
 def publish(tmp: Path, out: Path) -> None:
     """Move the finished directory ``tmp`` into place as ``out``, replacing what was there only once ``tmp`` is
-    complete (the caller decides what may be replaced), with the permissions of the user's umask."""
+    complete (the caller decides what may be replaced), with the permissions of the user's umask. ``out`` may be a
+    symbolic link to a directory: that directory is replaced, beside which ``tmp`` must be made
+    (``out.resolve().parent``)."""
+    # the link itself, moved aside and replaced by tmp, would put the model beside the link and leave the directory
+    # it points to (the one a config names through the link, maybe another file system: EXDEV) with the old model
+    out = out.resolve()
     # mkdtemp (and safetensors) create owner-only files; an export is for others to read, as under the user's umask
     umask = os.umask(0)
     os.umask(umask)
@@ -135,7 +140,7 @@ def publish(tmp: Path, out: Path) -> None:
     old = None
     if out.is_dir():
         if any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
         else:
             out.rmdir()

@@ -231,7 +231,8 @@ def save_pretrained_atomic(policy: ConditionalPolicy, output_dir: str | Path) ->
     """``save_pretrained`` of model and tokenizer into a temporary directory beside ``output_dir``, then moved into
     its place; an earlier model there is replaced only once the new one is complete."""
     target = check_output_dir(output_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    # beside the directory that is replaced, which is the one a link at output_dir points to (see publish)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.resolve().parent))
     try:
         policy.model.save_pretrained(tmp)
         policy.tokenizer.save_pretrained(tmp)

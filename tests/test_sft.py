@@ -1,5 +1,8 @@
 """The warm start: its model directory is replaced only when that is safe, and only with a complete model."""
 
+import os
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -149,3 +152,28 @@ def test_a_response_length_that_is_not_an_integer_above_zero_is_refused_at_const
     # TypeError from the targets' slice
     with pytest.raises(ValueError, match=rf"max_response_length must be an integer >= 1, got {value!r}"):
         SFTModule(PolicyConfig("tiny:t5"), max_response_length=value)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_an_output_dir_that_links_to_a_directory_replaces_that_directory(tmp_path):
+    """publish moved the link aside and put the model in its place: the model landed beside the link, and the
+    directory it points to (the one configs name through it; on another file system the rename fails with EXDEV, after
+    the training) kept the old model."""
+    from types import SimpleNamespace
+
+    from clp_lightning.sft import save_pretrained_atomic
+
+    def saver(name):
+        return SimpleNamespace(save_pretrained=lambda d: (Path(d) / name).write_text("new"))
+
+    real = tmp_path / "scratch" / "model"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("old")
+    (tmp_path / "home").mkdir()
+    link = tmp_path / "home" / "model"
+    link.symlink_to(real, target_is_directory=True)
+    save_pretrained_atomic(SimpleNamespace(model=saver("config.json"), tokenizer=saver("tokenizer.json")), link)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "config.json").read_text() == "new" and (real / "tokenizer.json").is_file()
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["model"]  # no temporary or old directory left
+    assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["model"]
