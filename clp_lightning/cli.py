@@ -74,6 +74,14 @@ class CLPCLI(LightningCLI):
             return
         root = config.trainer.get("default_root_dir") or "."
         check_writable(root, "trainer.default_root_dir")  # every stage writes there: its config, its reports
+        # with a logger, the log directory (config.yaml, run_info, reports) is under its save_dir instead, which the
+        # run creates only once the model is built
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            save_dir = (logger.get("init_args") or {}).get("save_dir") if hasattr(logger, "get") else None
+            if save_dir:
+                check_writable(save_dir, f"log directory of {logger.get('class_path', 'a logger')}",
+                               "with --trainer.logger.init_args.save_dir")
         if self.subcommand != "fit":
             return
         callbacks = config.trainer.get("callbacks") or []

@@ -158,6 +158,20 @@ def test_unwritable_run_directory_fails_validate_before_the_model_loads(tmp_path
     assert code == 2 and "trainer.default_root_dir" in one_line(err) and "is not writable" in one_line(err)
 
 
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_unwritable_log_directory_fails_before_the_model_loads(tmp_path, capsys, no_model, stage):
+    # every real config logs under its logger's save_dir, not default_root_dir: the run's config.yaml, run_info and
+    # evaluation reports go there, and its mkdir came only after the model was built
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(blocker / "logs")}}
+    config = write_config(tmp_path / "config.yaml", logger=logger)
+    code, err = clp(capsys, stage, "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}")
+    line = one_line(err)
+    assert code == 2 and "log directory of lightning.pytorch.loggers.CSVLogger" in line and str(blocker) in line
+    assert "--trainer.logger.init_args.save_dir" in line
+
+
 # ------------------------------------------------------------------------------------------------ bad data files
 
 def data_config(tmp_path: Path, train: Path) -> Path:

@@ -152,10 +152,11 @@ def policy_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in read_checkpoint(path)["state_dict"].items() if k.startswith(prefix)}
 
 
-def check_writable(directory: str | Path, what: str = "checkpoint directory") -> None:
+def check_writable(directory: str | Path, what: str = "checkpoint directory", hint: str | None = None) -> None:
     """Fail now, not after hours of training, if files cannot be created in ``directory`` (created if missing).
 
-    Probes by creating a file, since permission bits say nothing for root or on a read-only mount.
+    Probes by creating a file, since permission bits say nothing for root or on a read-only mount. ``hint`` says how
+    to choose another directory when neither a flag at the start of ``what`` nor the run's directories do.
     """
     directory = Path(directory)
     try:
@@ -165,7 +166,8 @@ def check_writable(directory: str | Path, what: str = "checkpoint directory") ->
     except OSError as err:
         # a tool's flag (`--output directory`) names the flag to change; a run's directories come from its config
         flag = re.match(r"--[\w-]+", what)
-        hint = flag.group() if flag else "with --trainer.default_root_dir or the checkpoint callback's dirpath"
+        if hint is None:
+            hint = flag.group() if flag else "with --trainer.default_root_dir or the checkpoint callback's dirpath"
         raise PermissionError(f"{what} {str(directory)!r} is not writable ({err.strerror or err}); choose another "
                               f"{hint}") from None
 
