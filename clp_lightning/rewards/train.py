@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clp_lightning.callbacks.checkpoint import check_writable
 from clp_lightning.evaluation import pearson, spearman
 from clp_lightning.files import json_text
 from clp_lightning.rewards.embedding import EmbeddingSimilarityReward
@@ -278,6 +279,11 @@ def train_human(
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay}")
     rows = read_human_scores(Path(data) / DATA_FILE)  # fails before the encoder loads
+    # the head directory is made only once every article and summary has been embedded
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file; name the head directory to write")
+    check_writable(out if out.is_dir() else out.resolve().parent, "--out directory")
 
     model = EmbeddingSimilarityReward(encoder, max_length=max_length, batch_size=batch_size)
     u, v = embed_rows(model, rows)  # (N, H) each
@@ -327,7 +333,6 @@ def train_human(
         },
         metrics=metrics,
     )
-    out = Path(out)
     save_head(out, head, spec)
     tmp = out / f".{PREDICTIONS_FILE}.tmp"
     with tmp.open("w") as f:

@@ -296,6 +296,18 @@ def test_a_bad_lr_or_weight_decay_is_refused_before_the_encoder_runs(tmp_path: P
         main(["train-human", "--data", str(tmp_path), "--out", str(tmp_path / "head"), option, value])
 
 
+@pytest.mark.parametrize("blocked", ["out_is_a_file", "parent_is_a_file"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_encoder_runs(tmp_path: Path, monkeypatch, blocked):
+    # the head directory was made only after every article and summary had been embedded
+    write_data(tmp_path, fixture_rows())
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker if blocked == "out_is_a_file" else blocker / "head"
+    monkeypatch.setattr(train_module, "EmbeddingSimilarityReward", lambda *a, **k: pytest.fail("loaded the encoder"))
+    with pytest.raises(OSError, match=rf"--out .*{blocker.name}"):
+        main(["train-human", "--data", str(tmp_path), "--out", str(out)])
+
+
 def test_missing_data_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="human_scores.jsonl"):
         main(["train-human", "--data", str(tmp_path), "--out", str(tmp_path / "head")])
