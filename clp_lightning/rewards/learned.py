@@ -226,18 +226,25 @@ class HeadSpec:
 
 
 def save_head(directory: str | Path, head: QualityHead, spec: HeadSpec) -> None:
-    """Write ``head.safetensors`` then ``reward.json``, each to a temporary file renamed into place.
+    """Write ``head.safetensors`` and ``reward.json``, each to a temporary file renamed into place.
 
-    ``reward.json`` goes last, so a directory with a new ``reward.json`` always has the matching tensors.
+    Both temporary files are complete before either replaces a file, and the old ``reward.json`` is removed before
+    the tensors are replaced: a failed or interrupted save leaves the previous head whole, or no ``reward.json`` (a
+    directory that refuses to load), never new tensors read with the old spec's normalisation and probe.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{HEAD_FILE}.tmp"
-    save_file({k: t.detach().float().contiguous().cpu() for k, t in head.state_dict().items()}, str(tmp))
-    os.replace(tmp, directory / HEAD_FILE)
-    tmp = directory / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json_text(spec.to_json(), indent=2) + "\n")
-    os.replace(tmp, directory / SPEC_FILE)
+    head_tmp, spec_tmp = directory / f".{HEAD_FILE}.tmp", directory / f".{SPEC_FILE}.tmp"
+    try:
+        save_file({k: t.detach().float().contiguous().cpu() for k, t in head.state_dict().items()}, str(head_tmp))
+        spec_tmp.write_text(json_text(spec.to_json(), indent=2) + "\n")
+    except BaseException:
+        head_tmp.unlink(missing_ok=True)
+        spec_tmp.unlink(missing_ok=True)
+        raise
+    (directory / SPEC_FILE).unlink(missing_ok=True)
+    os.replace(head_tmp, directory / HEAD_FILE)
+    os.replace(spec_tmp, directory / SPEC_FILE)
 
 
 def load_head(directory: str | Path) -> tuple[QualityHead, HeadSpec]:

