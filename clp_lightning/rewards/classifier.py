@@ -107,6 +107,15 @@ class SequenceClassifierReward(Reward):
                     f"{minimum - (2 if pair else 1)} special tokens to {what}; set max_length >= {minimum}"
                 )
 
+        def check_config(config: PreTrainedConfig) -> None:
+            # a label name the model does not have is found from its config, before a 1.7 GB DeBERTa loads
+            index = resolve_label(config, label, model)
+            minus = None if minus_label is None else resolve_label(config, minus_label, model)
+            if output == "logit_diff" and minus == index:
+                # a class minus itself scores every response 0 (a one-logit head has no other class)
+                raise ValueError(f"output='logit_diff' with label={label!r} and minus_label={minus_label!r} subtracts "
+                                 f"the same class ({index}) of {model!r} from itself; choose two different classes")
+
         self.model, self.tokenizer = load_scorer(
             AutoModelForSequenceClassification,
             model,
@@ -114,9 +123,7 @@ class SequenceClassifierReward(Reward):
             trust_remote_code=trust_remote_code,
             torch_dtype=torch_dtype,
             check_tokenizer=check_tokenizer,
-            # a label name the model does not have is found from its config, before a 1.7 GB DeBERTa loads
-            check_config=lambda config: [resolve_label(config, x, model) for x in (label, minus_label)
-                                         if x is not None],
+            check_config=check_config,
         )
         check_max_length(self.model, max_length, model)
         self.pair, self.pair_order, self.output = pair, pair_order, output

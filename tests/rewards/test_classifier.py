@@ -62,6 +62,14 @@ def test_label_names_resolve_case_insensitively(classifier_dir):
         SequenceClassifierReward(str(classifier_dir), output="softmax")
 
 
+@pytest.mark.parametrize(("label", "minus_label"), [(2, 2), ("entailment", 2), (0, "CONTRADICTION")])
+def test_logit_diff_of_a_class_with_itself_is_refused(classifier_dir, label, minus_label):
+    # the two names of one class were accepted, and every response then scored 0
+    with pytest.raises(ValueError, match=rf"label={label!r} and minus_label={minus_label!r} .*same class"):
+        SequenceClassifierReward(str(classifier_dir), output="logit_diff", label=label, minus_label=minus_label,
+                                 max_length=64)
+
+
 def test_pair_truncation_cuts_the_source_and_keeps_the_response(classifier_dir, minilm_tokenizer):
     reward = SequenceClassifierReward(str(classifier_dir), max_length=20)
     response = "the response must survive whole"
