@@ -284,6 +284,17 @@ def train_human(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {str(out)!r} is a file; name the head directory to write")
     check_writable(out if out.is_dir() else out.resolve().parent, "--out directory")
+    y_all = torch.tensor([r.mean_score for r in rows], dtype=torch.float32)
+    masks = {s: torch.tensor([r.split == s for r in rows]) for s in SPLITS}
+    counts = {s: int(m.sum()) for s, m in masks.items()}
+    target_mean, target_std = float(y_all[masks["train"]].mean()), float(y_all[masks["train"]].std())
+    # found from the scores alone, before the encoder embeds every row: constant train targets leave nothing to
+    # learn, constant validation targets no Spearman to choose an epoch by
+    if not target_std > 0:
+        raise ValueError(f"{data}: every train row has the same mean_score {target_mean}; nothing to learn")
+    if not float(y_all[masks["validation"]].std()) > 0:
+        raise ValueError(f"{data}: every validation row has the same mean_score "
+                         f"{float(y_all[masks['validation']][0])}; no ranking to select the epoch by")
 
     model = EmbeddingSimilarityReward(encoder, max_length=max_length, batch_size=batch_size)
     u, v = embed_rows(model, rows)  # (N, H) each
@@ -291,12 +302,6 @@ def train_human(
         probe = model.embed([PROBE_TEXT])[0].cpu()
     n_words = log_word_counts([r.summary for r in rows])
     x_all = pair_features(u, v, n_words, features)  # (N, F)
-    y_all = torch.tensor([r.mean_score for r in rows], dtype=torch.float32)
-    masks = {s: torch.tensor([r.split == s for r in rows]) for s in SPLITS}
-    counts = {s: int(m.sum()) for s, m in masks.items()}
-    target_mean, target_std = float(y_all[masks["train"]].mean()), float(y_all[masks["train"]].std())
-    if not target_std > 0:
-        raise ValueError(f"{data}: every train row has the same mean_score {target_mean}; nothing to learn")
     x = {s: x_all[m] for s, m in masks.items()}
     y = {s: (y_all[m] - target_mean) / target_std for s, m in masks.items()}
 

@@ -317,6 +317,17 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_encoder_runs(tmp_pa
         main(["train-human", "--data", str(tmp_path), "--out", str(out)])
 
 
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_constant_scores_in_a_split_are_refused_before_the_encoder_runs(tmp_path: Path, monkeypatch, split):
+    # constant train scores were found only after every row was embedded; constant validation scores then ended
+    # in a RuntimeError about "constant predictions" from the epoch selection
+    rows = [{k: v for k, v in r.items() if k != "scores"} for r in fixture_rows()]
+    write_data(tmp_path, [{**r, "mean_score": 2.0} if r["split"] == split else r for r in rows])
+    monkeypatch.setattr(train_module, "EmbeddingSimilarityReward", lambda *a, **k: pytest.fail("loaded the encoder"))
+    with pytest.raises(ValueError, match=rf"every {split} row has the same mean_score 2.0"):
+        main(["train-human", "--data", str(tmp_path), "--out", str(tmp_path / "head")])
+
+
 def test_missing_data_file(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="human_scores.jsonl"):
         main(["train-human", "--data", str(tmp_path), "--out", str(tmp_path / "head")])
