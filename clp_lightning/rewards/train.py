@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from clp_lightning.callbacks.checkpoint import check_writable
 from clp_lightning.evaluation import pearson, spearman
-from clp_lightning.files import json_text
+from clp_lightning.files import json_text, write_text_atomic
 from clp_lightning.rewards.embedding import EmbeddingSimilarityReward
 from clp_lightning.rewards.learned import (
     FEATURES,
@@ -339,14 +338,9 @@ def train_human(
         metrics=metrics,
     )
     save_head(out, head, spec)
-    tmp = out / f".{PREDICTIONS_FILE}.tmp"
-    with tmp.open("w") as f:
-        for r, p in zip(rows, pred_all.tolist()):
-            f.write(
-                json_text({"line": r.line, "id": r.id, "split": r.split, "mean_score": r.mean_score, "predicted": p})
-                + "\n"
-            )
-    os.replace(tmp, out / PREDICTIONS_FILE)
+    lines = [json_text({"line": r.line, "id": r.id, "split": r.split, "mean_score": r.mean_score, "predicted": p})
+             for r, p in zip(rows, pred_all.tolist())]
+    write_text_atomic(out / PREDICTIONS_FILE, "".join(line + "\n" for line in lines))
     print(format_table(metrics, counts))
     print(f"best epoch {best_epoch}/{epochs}; features {','.join(features)}; hidden {hidden}; {seconds:.1f} s")
     print(f"wrote {out / 'head.safetensors'}, {out / 'reward.json'} and {out / PREDICTIONS_FILE}")
