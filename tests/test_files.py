@@ -89,7 +89,7 @@ def test_an_io_error_when_fsyncing_the_directory_is_raised(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(os.name != "posix", reason="directories are fsync'ed on POSIX only")
-def test_publish_fsyncs_every_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+def test_publish_fsyncs_every_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch, fsync_events):
     """publish (the warm-start model, exports) renamed a directory of files that save_pretrained never fsync'ed: after
     a crash the published directory could hold a config.json beside empty weights, and load as a finished model."""
     from clp_lightning.files import publish
@@ -100,19 +100,12 @@ def test_publish_fsyncs_every_file_before_the_rename_and_the_directory_after(tmp
         (tmp / name).write_text(name)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("old")
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def recording_fsync(fd: int) -> None:
-        st = os.fstat(fd)
-        events.append(("directory" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
-        real_fsync(fd)
+    events, real_replace = fsync_events, os.replace
 
     def recording_replace(src, dst) -> None:
         events.append(("rename", os.stat(src).st_ino))
         real_replace(src, dst)
 
-    monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
     files = {(tmp / name).stat().st_ino for name in ["config.json", "model.safetensors", "sub/tokenizer.json"]}
     tmp_ino = tmp.stat().st_ino

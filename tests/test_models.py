@@ -255,26 +255,17 @@ def test_a_pinned_gguf_repository_downloads_the_file_at_its_revision(monkeypatch
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="directories are fsync'ed on POSIX only")
-def test_a_conversion_is_on_disk_before_it_is_renamed_into_the_cache(gguf_file, tmp_path, monkeypatch):
+def test_a_conversion_is_on_disk_before_it_is_renamed_into_the_cache(gguf_file, tmp_path, monkeypatch,
+                                                                    fsync_events):
     """source.json marks a finished conversion: renamed in without an fsync, a crash could leave it beside truncated
     weights, which every later load would take from the cache and fail on."""
-    import os
-    import stat
-
     path, _ = gguf_file
-    events = []
-    real_fsync, real_rename = os.fsync, Path.rename
-
-    def recording_fsync(fd: int) -> None:
-        st = os.fstat(fd)
-        events.append(("directory" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
-        real_fsync(fd)
+    events, real_rename = fsync_events, Path.rename
 
     def recording_rename(self, target):
         events.append(("rename", self.stat().st_ino, sorted(p.stat().st_ino for p in self.rglob("*") if p.is_file())))
         return real_rename(self, target)
 
-    monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(Path, "rename", recording_rename)
     converted = convert_gguf(str(path), cache_dir=tmp_path / "cache")
     (at, tmp_ino, files), = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "rename"]

@@ -390,23 +390,19 @@ def test_a_failed_save_leaves_the_previous_head_whole(head_dir: Path, tmp_path: 
 
 
 def test_a_saved_head_is_on_disk_before_its_files_are_renamed_into_place(head_dir: Path, tmp_path: Path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, fsync_events):
     # the renames could survive a crash without the data: a reward.json beside empty tensors
     import os
 
     directory = copy_head(head_dir, tmp_path)
     head, spec = load_head(directory)
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(learned_module.os, "fsync",
-                        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
-    monkeypatch.setattr(learned_module.os, "replace",
-                        lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    events, real_replace = fsync_events, os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.stat(a).st_ino)) or real_replace(a, b))
     save_head(directory, head, spec)
-    for i, (kind, path) in enumerate(events):
-        if kind == "replace":  # each temporary file's data was synced before its rename
-            assert ("fsync", path) in events[:i]
-    assert events[-1] == ("fsync", str(directory))  # and the directory after the renames
+    for i, (kind, ino) in enumerate(events):
+        if kind == "rename":  # each temporary file's data was synced before its rename
+            assert ("file", ino) in events[:i]
+    assert events[-1] == ("directory", directory.stat().st_ino)  # and the directory after the renames
 
 
 def test_corrupted_safetensors(head_dir: Path, tmp_path: Path):
