@@ -35,13 +35,18 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (before a rename makes it visible)."""
+    with open(path, "r+b") as f:  # writable: Windows' fsync (FlushFileBuffers) refuses a read-only handle
+        os.fsync(f.fileno())
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file under ``root`` and every directory (``root`` too), before ``root`` is renamed into place: a
     directory written by another library (``save_pretrained``) is complete on disk once the rename is."""
     for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # contents before their folder
         if path.is_file():
-            with open(path, "r+b") as f:  # writable: Windows' fsync (FlushFileBuffers) refuses a read-only handle
-                os.fsync(f.fileno())
+            fsync_file(path)
         elif path.is_dir():
             fsync_directory(path)
     fsync_directory(root)
@@ -56,8 +61,7 @@ def write_atomic(path: Path, write: Callable[[Path], Any], tmp: Path | None = No
         write(tmp)
         # the data on disk before the rename: after a crash (a node failure that SLURM requeues) the rename may
         # survive without it, and an accumulating file (metrics.csv, run_info.json's "earlier") would lose its history
-        with open(tmp, "r+b") as f:  # writable: Windows' fsync (FlushFileBuffers) refuses a read-only handle
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

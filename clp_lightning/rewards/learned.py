@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from clp_lightning.files import fsync_directory, json_text
+from clp_lightning.files import fsync_directory, fsync_file, json_text
 from clp_lightning.models import resolve_path
 from clp_lightning.rewards.base import Reward
 from clp_lightning.rewards.embedding import EmbeddingSimilarityReward
@@ -239,8 +239,7 @@ def save_head(directory: str | Path, head: QualityHead, spec: HeadSpec) -> None:
         save_file({k: t.detach().float().contiguous().cpu() for k, t in head.state_dict().items()}, str(head_tmp))
         spec_tmp.write_text(json_text(spec.to_json(), indent=2) + "\n")
         for tmp in (head_tmp, spec_tmp):  # on disk before the renames, which a crash could otherwise keep alone
-            with open(tmp, "r+b") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
     except BaseException:
         head_tmp.unlink(missing_ok=True)
         spec_tmp.unlink(missing_ok=True)
