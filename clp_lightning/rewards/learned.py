@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -110,6 +110,15 @@ class QualityHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net((x - self.feature_mean) / self.feature_std).squeeze(-1)
+
+
+def head_shapes(in_features: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``QualityHead(in_features, hidden).state_dict()``, computed without building (allocating) it."""
+    shapes = {"feature_mean": (in_features,), "feature_std": (in_features,)}
+    if hidden:
+        return {**shapes, "net.0.weight": (hidden, in_features), "net.0.bias": (hidden,), "net.2.weight": (1, hidden),
+                "net.2.bias": (1,)}
+    return {**shapes, "net.0.weight": (1, in_features), "net.0.bias": (1,)}
 
 
 @dataclass
@@ -266,13 +275,14 @@ def load_head(directory: str | Path) -> tuple[QualityHead, HeadSpec]:
     path = directory / HEAD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
+    # The sizes in reward.json are untrusted: compare them with the shapes in the safetensors header (read without
+    # the tensors) before a head is built, so a huge width is refused, not allocated.
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    head = QualityHead(spec.in_features, spec.hidden)
-    expected = {k: tuple(t.shape) for k, t in head.state_dict().items()}
-    found = {k: tuple(t.shape) for k, t in tensors.items()}
+    expected = head_shapes(spec.in_features, spec.hidden)
     if found != expected:
         wrong = {k: (found[k], expected[k]) for k in expected.keys() & found.keys() if found[k] != expected[k]}
         raise ValueError(
@@ -280,6 +290,10 @@ def load_head(directory: str | Path) -> tuple[QualityHead, HeadSpec]:
             f"hidden={spec.hidden}): missing {sorted(expected.keys() - found.keys())}, unexpected "
             f"{sorted(found.keys() - expected.keys())}, shapes (found, expected) {wrong}"
         )
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     bad = [k for k, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{path}: tensors {bad} are not finite floating-point values")
@@ -287,6 +301,7 @@ def load_head(directory: str | Path) -> tuple[QualityHead, HeadSpec]:
         zero = (tensors["feature_std"] <= 0).nonzero().flatten().tolist()
         raise ValueError(f"{path}: feature_std must be > 0 (train-human writes 1 for a constant feature); entries "
                          f"{zero[:10]} are not")
+    head = QualityHead(spec.in_features, spec.hidden)
     head.load_state_dict(tensors)
     return head, spec
 

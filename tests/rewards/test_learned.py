@@ -20,6 +20,7 @@ from clp_lightning.rewards import train as train_module
 from clp_lightning.rewards.learned import (
     QualityHead,
     feature_dim,
+    head_shapes,
     load_head,
     log_word_counts,
     pair_features,
@@ -458,6 +459,24 @@ def test_reward_json_inconsistent_sizes(head_dir: Path, tmp_path: Path):
     (head / "reward.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match=r"reward.json: key 'head.in_features' is 7"):
         HumanScoreReward(head=str(head), model=MINILM)
+
+
+def test_reward_json_sizes_are_checked_against_the_tensors_before_a_head_is_allocated(head_dir: Path, tmp_path: Path):
+    # reward.json is untrusted: a head of its sizes was built (and its weights initialised) before they were compared
+    # with head.safetensors, so a hidden width of 10**15 asked for petabytes instead of naming the mismatch
+    head = copy_head(head_dir, tmp_path)
+    spec = json.loads((head / "reward.json").read_text())
+    for hidden in (10**15, 2**63):  # petabytes; past what torch can size at all
+        spec["head"]["hidden"] = hidden
+        (head / "reward.json").write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=rf"does not match the architecture in reward.json .*hidden={hidden}"):
+            load_head(head)
+
+
+@pytest.mark.parametrize(("in_features", "hidden"), [(3, 0), (3, 5)])
+def test_head_shapes_are_the_heads_own(in_features: int, hidden: int):
+    head = QualityHead(in_features, hidden)
+    assert head_shapes(in_features, hidden) == {k: tuple(t.shape) for k, t in head.state_dict().items()}
 
 
 def test_a_head_trained_on_another_encoder_is_refused(head_dir: Path, tmp_path: Path):
