@@ -57,11 +57,11 @@ class SequenceClassifierReward(Reward):
         output: ``"logit"`` of ``label``; ``"probability"`` (softmax over classes, or sigmoid for a one-logit head);
             ``"logit_diff"``: logit of ``label`` minus logit of ``minus_label``.
         label: class index or label name (case-insensitive, from the model's ``config.label2id``).
-        minus_label: class subtracted when ``output="logit_diff"``.
+        minus_label: class subtracted when ``output="logit_diff"`` (refused with another output).
         max_length: maximum tokens per input, special tokens included. Set explicitly: some tokenizers report a
             huge ``model_max_length``.
         source_max_chars: cut the source to this many characters before tokenising (saves time on long articles);
-            None keeps it whole.
+            None keeps it whole. Only with ``pair=True`` (as is ``pair_order``).
         batch_size: micro-batch size.
         trust_remote_code: run code shipped with the model.
         torch_dtype: weights' dtype (``"float32"``, ``"bfloat16"``, ...); None keeps the checkpoint's.
@@ -90,6 +90,16 @@ class SequenceClassifierReward(Reward):
             raise ValueError("output='logit_diff' needs minus_label (the class whose logit is subtracted)")
         if pair_order not in ("source_response", "response_source"):
             raise ValueError(f"pair_order must be 'source_response' or 'response_source', got {pair_order!r}")
+        # Settings that would be silently ignored: the source is not read without pair, and only logit_diff subtracts.
+        if minus_label is not None and output != "logit_diff":
+            raise ValueError(f"minus_label={minus_label!r} has no effect with output={output!r}; use "
+                             f"output='logit_diff' to subtract its logit, or leave minus_label unset")
+        if not pair:
+            for setting, value, default in (("source_max_chars", source_max_chars, None),
+                                            ("pair_order", pair_order, "source_response")):
+                if value != default:
+                    raise ValueError(f"{setting}={value!r} has no effect with pair=False (the model reads the "
+                                     f"response alone); set pair=True or leave {setting} unset")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
         if source_max_chars is not None and source_max_chars < 1:  # s[:0] empties every source, s[:-n] cuts its end

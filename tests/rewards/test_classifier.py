@@ -109,6 +109,25 @@ def test_source_max_chars_below_one_is_refused(classifier_dir, source_max_chars)
         SequenceClassifierReward(str(classifier_dir), source_max_chars=source_max_chars, max_length=64)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(pair=False, source_max_chars=3000), r"source_max_chars=3000 has no effect with pair=False"),
+        (dict(pair=False, pair_order="response_source"), r"pair_order='response_source' has no effect with pair=False"),
+        (dict(output="logit", minus_label=0), r"minus_label=0 has no effect with output='logit'"),
+        (dict(output="probability", minus_label="contradiction"), r"minus_label='contradiction' has no effect"),
+    ],
+)
+def test_a_setting_that_has_no_effect_is_refused_before_the_model_loads(classifier_dir, monkeypatch, kwargs, match):
+    # the source is never read with pair=False, and minus_label is only subtracted by logit_diff: a config that set
+    # them trained on another reward than the one it spelled out, silently
+    from clp_lightning.rewards import classifier as classifier_module
+
+    monkeypatch.setattr(classifier_module, "load_scorer", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=match):
+        SequenceClassifierReward(str(classifier_dir), max_length=64, **kwargs)
+
+
 def test_torch_dtype_loads_weights_in_that_dtype(classifier_dir):
     reward = SequenceClassifierReward(str(classifier_dir), torch_dtype="float64", max_length=32)
     assert next(reward.model.parameters()).dtype == torch.float64
