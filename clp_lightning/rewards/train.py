@@ -71,12 +71,12 @@ def read_human_scores(path: str | Path) -> list[HumanScoreRow]:
     Raises:
         FileNotFoundError: no such file.
         ValueError: a line is not a JSON object with the expected fields (the message names the file and line), an
-            article id appears in two splits, or the train or validation split has fewer than two rows.
+            article id or article text appears in two splits, or the train or validation split has fewer than two rows.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; write it with `clp data cnndm-blanc --out {path.parent}`")
-    rows, split_of = [], {}
+    rows, split_of, article_of = [], {}, {}
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -117,6 +117,14 @@ def read_human_scores(path: str | Path) -> list[HumanScoreRow]:
                 raise ValueError(
                     f"{where}: article {raw['id']!r} is in split {raw['split']!r} here and "
                     f"{split_of[raw['id']]!r} on an earlier line; splits must be disjoint by article"
+                )
+            # ids need not name articles (an id per row would pass the check above): the features read the text, so
+            # the same article in two splits would put its embedding in both (whitespace runs collapsed, as the id)
+            first_id, first_split = article_of.setdefault(" ".join(raw["article"].split()), (raw["id"], raw["split"]))
+            if first_split != raw["split"]:
+                raise ValueError(
+                    f"{where}: article {raw['id']!r} in split {raw['split']!r} has the text of article {first_id!r} "
+                    f"in split {first_split!r}; splits must be disjoint by article"
                 )
             rows.append(
                 HumanScoreRow(

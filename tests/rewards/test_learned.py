@@ -277,6 +277,12 @@ def _with(line: str, **fields) -> str:
             r"line 1: mean_score .* is not the mean",
         ),
         (lambda lines: [lines[0], lines[1].replace('"split": "train"', '"split": "test"')], r"line 2: article 'a00'"),
+        # the same article under another id (e.g. an id per row, not per article): disjoint ids, shared articles
+        (
+            lambda lines: [lines[0], _with(lines[0], id="b00", split="validation", article="  " + json.loads(lines[0])[
+                "article"].replace(" ", "\n", 1))],
+            r"line 2: article 'b00' in split 'validation' has the text of article 'a00' in split 'train'",
+        ),
         # a scores field that is not a list of finite numbers: a number (not iterable), a string, a NaN entry
         (lambda lines: [_with(lines[0], scores=3)], r"line 1: scores must be a non-empty list of finite numbers"),
         (lambda lines: [_with(lines[0], scores="12")], r"line 1: scores must be a non-empty list of finite numbers"),
