@@ -195,6 +195,12 @@ class HeadSpec:
                 raise ValueError(f"{path}: key {key!r} must be of type {kind}, got {node!r}")
             return node
 
+        def number(key: str) -> float:
+            try:
+                return float(get(key, (int, float)))
+            except OverflowError:  # JSON integers have no bound
+                raise ValueError(f"{path}: key {key!r} must be a number in float range, got a larger integer") from None
+
         if get("format", str) != FORMAT:
             raise ValueError(f"{path}: key 'format' is {raw['format']!r}, expected {FORMAT!r}")
         spec = cls(
@@ -205,8 +211,8 @@ class HeadSpec:
             features=get("features", list),
             in_features=get("head.in_features", int),
             hidden=get("head.hidden", int),
-            target_mean=float(get("target.mean", (int, float))),
-            target_std=float(get("target.std", (int, float))),
+            target_mean=number("target.mean"),
+            target_std=number("target.std"),
             training=raw.get("training", {}),
             metrics=raw.get("metrics", {}),
         )
@@ -231,6 +237,11 @@ class HeadSpec:
             isinstance(x, (int, float)) for x in spec.probe_embedding
         ):
             raise ValueError(f"{path}: key 'encoder_probe.embedding' must be {spec.hidden_size} numbers")
+        try:
+            spec.probe_embedding = [float(x) for x in spec.probe_embedding]
+        except OverflowError:
+            raise ValueError(f"{path}: key 'encoder_probe.embedding' must be {spec.hidden_size} numbers in float "
+                             f"range, got a larger integer") from None
         return spec
 
 

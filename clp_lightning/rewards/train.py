@@ -65,6 +65,13 @@ class HumanScoreRow:
     mean_score: float
 
 
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer past float range: JSON integers have no bound
+        return False
+
+
 def read_human_scores(path: str | Path) -> list[HumanScoreRow]:
     """Read and check ``human_scores.jsonl``.
 
@@ -101,14 +108,14 @@ def read_human_scores(path: str | Path) -> list[HumanScoreRow]:
                     raise ValueError(f"{where}: key {key!r} must be of type {kind}, got {raw[key]!r}")
             if raw["split"] not in SPLITS:
                 raise ValueError(f"{where}: split must be one of {SPLITS}, got {raw['split']!r}")
-            if not math.isfinite(raw["mean_score"]):
+            if not _finite(raw["mean_score"]):
                 raise ValueError(f"{where}: mean_score must be finite, got {raw['mean_score']!r}")
             scores = raw.get("scores")
             if scores is not None:
                 # a number or a string here is no list of scores (iterating a number would end in a TypeError), and a
                 # NaN score would pass the mean check below (NaN compares false)
                 if not isinstance(scores, list) or not scores or not all(
-                    isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and _finite(s) for s in scores
                 ):
                     raise ValueError(f"{where}: scores must be a non-empty list of finite numbers, got {scores!r}")
                 if abs(sum(scores) / len(scores) - raw["mean_score"]) > 1e-6:

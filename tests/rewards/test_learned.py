@@ -287,6 +287,9 @@ def _with(line: str, **fields) -> str:
         (lambda lines: [_with(lines[0], scores=3)], r"line 1: scores must be a non-empty list of finite numbers"),
         (lambda lines: [_with(lines[0], scores="12")], r"line 1: scores must be a non-empty list of finite numbers"),
         (lambda lines: [_with(lines[0], scores=[math.nan, 1.0])], r"line 1: scores must be a non-empty list"),
+        # an integer past float range (JSON has no bound) ended in a bare OverflowError naming neither file nor line
+        (lambda lines: [_with(lines[0], mean_score=10**400)], r"line 1: mean_score must be finite"),
+        (lambda lines: [_with(lines[0], scores=[10**400])], r"line 1: scores must be a non-empty list of finite"),
     ],
 )
 def test_malformed_data_names_file_and_line(tmp_path: Path, edit, match):
@@ -456,6 +459,21 @@ def test_reward_json_missing_a_key(head_dir: Path, tmp_path: Path, key: str, mat
     (head / "reward.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match=match):
         HumanScoreReward(head=str(head), model=MINILM)
+
+
+@pytest.mark.parametrize(("section", "key"), [("target", "mean"), ("target", "std"), ("encoder_probe", "embedding")])
+def test_a_number_past_float_range_names_the_key(head_dir: Path, tmp_path: Path, section: str, key: str):
+    # JSON integers have no bound: 10**400 ended in a bare OverflowError that named neither the file nor the key (in
+    # the probe, only once the encoder had loaded)
+    head = copy_head(head_dir, tmp_path)
+    spec = json.loads((head / "reward.json").read_text())
+    if key == "embedding":
+        spec[section][key][0] = 10**400
+    else:
+        spec[section][key] = 10**400
+    (head / "reward.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=rf"reward.json: key '{section}.{key}' must be .*in float range"):
+        load_head(head)
 
 
 def test_reward_json_inconsistent_sizes(head_dir: Path, tmp_path: Path):
