@@ -75,7 +75,7 @@ from clp_lightning.compare import rebased as rebase_report  # noqa: E402
 from clp_lightning.conditioning.weights import simplex_grid  # noqa: E402
 from clp_lightning.evaluation import bootstrap_ci, paired_bootstrap  # noqa: E402
 from clp_lightning.evaluation.reports import read_report, sampled_kl  # noqa: E402
-from clp_lightning.files import save_figure_atomic, write_json  # noqa: E402
+from clp_lightning.files import save_figure_atomic, write_json, write_text_atomic  # noqa: E402
 
 CONF = ROOT / "conf"
 
@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> str:
     compare_to = args.compare_to or ("rs_lora" if "rs_lora" in results else variants[0])
     summary = analyse(results, compare_to, args.bootstrap)
     table = tables(results, summary)
-    (out / "table.md").write_text(table + "\n")
+    write_text_atomic(out / "table.md", table + "\n")  # a study killed while writing it leaves the old one whole
     write_json(out / "results.json", {"summary": summary, "variants": {
         v: {k: x for k, x in r.items() if k != "test"} | {"test_reports": [str(study.run_dir(v, r["lr"], s))
                                                                            for s in r["seeds"]]}

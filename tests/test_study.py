@@ -473,6 +473,30 @@ def test_a_fixed_report_cut_short_while_written_does_not_stop_the_resume(study, 
         (tmp_path / "fixed" / "lr0.0002" / "seed0" / "report.json").read_text())
 
 
+def test_a_table_cut_short_while_written_leaves_the_earlier_one_whole(study, grid_evaluation_report, monkeypatch,
+                                                                      tmp_path):
+    """A study resumed to rewrite its tables (more seeds, another --compare-to) and killed while writing table.md
+    leaves the earlier table, not half of the new one."""
+    monkeypatch.setattr(study, "cli", FakeCLI(grid_evaluation_report))
+    options = ["--out", str(tmp_path), "--variants", "all", "--seeds", "0", "--steps", "4", "--lr-factors", "1",
+               "--bootstrap", "20"]
+    table = study.main(options)
+    write_text = Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        if "table.md" in self.name:
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        study.main(options)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert (tmp_path / "table.md").read_text() == table + "\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_a_fixed_test_cut_short_resumes_at_the_first_policy_not_tested(study, grid_evaluation_report, monkeypatch,
                                                                        tmp_path):
     """The fixed baseline tests G policies one by one: a study stopped part-way does not test the done ones again."""
