@@ -640,7 +640,27 @@ def main(argv: list[str] | None = None) -> str:
                         help="train the sweep's runs (first seed, every rate), print their validation hypervolumes "
                              "and stop: no rate is chosen, nothing is tested (to spread a sweep over processes)")
     args = parser.parse_args(argv)
+    # refused here, not after the warm start: --evaluations 0 divides by zero, a rate of 0 or below is refused by
+    # the optimizer, a bad grid step by the grid evaluation, and --steps -1 is Lightning's "no limit"
+    for flag, value in (("--steps", args.steps), ("--sft-steps", args.sft_steps), ("--evaluations", args.evaluations),
+                        ("--test-prompts", args.test_prompts), ("--bootstrap", args.bootstrap)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} {value}: expected an integer >= 1")
+    if bad := [f for f in args.lr_factors if not (f > 0 and math.isfinite(f))]:
+        parser.error(f"--lr-factors {bad}: expected positive finite multiples of the base rate")
+    if args.grid_step is not None:
+        try:
+            simplex_grid(2, args.grid_step)
+            if args.grid_step < 0.01:  # as GridEvaluation refuses it: reports name weightings to 2 decimals
+                raise ValueError("expected a step >= 0.01")
+        except ValueError as err:
+            parser.error(f"--grid-step {args.grid_step}: {err}")
+    if args.three_objectives and args.task not in ("quickstart", "three_objectives"):
+        parser.error(f"--three-objectives is --task three_objectives; it contradicts --task {args.task}")
     task = TASKS["three_objectives" if args.three_objectives else args.task]
+    if args.sft_steps is not None and task.warm_start is None:
+        parser.error(f"--sft-steps {args.sft_steps}: --task {args.task} has no warm start (its config's model is the "
+                     "starting policy)")
     variants = args.variants or list(task.variants or VARIANTS)
     if unsupported := [v for v in variants if task.variants is not None and v not in task.variants]:
         parser.error(f"--task {args.task} runs the variants {list(task.variants)}, not {unsupported}")
@@ -657,10 +677,13 @@ def main(argv: list[str] | None = None) -> str:
     out = Path(args.out)
     sft = None if task.warm_start is None else out / "sft" / "model"
     # GridEvaluation is the last callback of the task configs; jsonargparse applies init_args to the last list item
-    grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step else ()
+    grid = (f"--trainer.callbacks.init_args.grid_step={args.grid_step}",) if args.grid_step is not None else ()
     study = Study(out, sft, [CONF / c for c in task.configs], args.steps, (*task.overrides, *grid), args.evaluations,
                   args.test_prompts, task.test_size, task.variant_rates, task.expert_evaluations, task.ref_point,
                   tuple(args.every_checkpoint))
+    if args.steps < study.num_objectives and (soups := [v for v in variants if VARIANTS[v].kind == "soup"]):
+        parser.error(f"--steps {args.steps}: {soups} split the step budget over {study.num_objectives} experts; "
+                     f"expected >= {study.num_objectives}")
     # a run's directory names its variant, rate and seed, not these: a study resumed in the same --out with others
     # would take the reports of the first one's runs as its own (a soup's validation and every test is not redone)
     settings = {"task": "three_objectives" if args.three_objectives else args.task, "steps": args.steps,

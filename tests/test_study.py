@@ -601,3 +601,30 @@ def test_variant_seeds_narrow_one_variants_seeds(study, grid_evaluation_report, 
     assert tests == [("0.0002", "0"), ("0.0002", "1"), ("0.002", "0")]  # all: seeds 0 and 1; lora: seed 0 only
     results = json.loads((tmp_path / "results.json").read_text())["variants"]
     assert results["lora"]["seeds"] == [0] and results["all"]["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--evaluations", "0"], "--evaluations 0: expected an integer >= 1"),
+    (["--steps", "-1"], "--steps -1: expected an integer >= 1"),
+    (["--sft-steps", "0"], "--sft-steps 0: expected an integer >= 1"),
+    (["--test-prompts", "0"], "--test-prompts 0: expected an integer >= 1"),
+    (["--bootstrap", "0"], "--bootstrap 0: expected an integer >= 1"),
+    (["--lr-factors", "1", "0"], "--lr-factors [0.0]: expected positive finite"),
+    (["--lr-factors", "nan"], "--lr-factors [nan]: expected positive finite"),
+    (["--grid-step", "0"], "--grid-step 0.0: grid step must be in (0, 1]"),
+    (["--grid-step", "0.3"], "--grid-step 0.3: grid step 0.3 does not divide 1"),
+    (["--grid-step", "0.005"], "--grid-step 0.005: expected a step >= 0.01"),
+    (["--variants", "rs_lora", "--steps", "1"], "--steps 1: ['rs_lora'] split the step budget over 2 experts"),
+    (["--task", "cnndm_smollm2", "--three-objectives"], "--three-objectives is --task three_objectives"),
+    (["--task", "cnndm_smollm2", "--sft-steps", "10"], "--sft-steps 10: --task cnndm_smollm2 has no warm start"),
+])
+def test_bad_numbers_are_refused_before_anything_runs(study, grid_evaluation_report, monkeypatch, tmp_path, capsys,
+                                                     bad, message):
+    # each would otherwise fail after the warm start (a division by zero, the optimizer's or the grid's refusal),
+    # or run something else than asked (--steps -1 is Lightning's "no limit"; a soup expert of 0 steps)
+    fake = FakeCLI(grid_evaluation_report)
+    monkeypatch.setattr(study, "cli", fake)
+    with pytest.raises(SystemExit):
+        study.main(["--out", str(tmp_path / "study"), "--variants", "all", "--seeds", "0", "--steps", "8", *bad])
+    assert message in capsys.readouterr().err
+    assert fake.calls == [] and not (tmp_path / "study").exists()
