@@ -268,10 +268,14 @@ class Study:
         return max(1, steps // self.evaluations)  # the KL path: an evaluation every `interval` steps
 
     def fitted(self, run: Path, steps: int) -> bool:
-        """Whether the fit in ``run`` went through its last evaluation (a fit cut short has an earlier one)."""
+        """Whether the fit in ``run`` went through its last evaluation (a fit cut short has an earlier one) and saved
+        its last step: steps after the last evaluation (``steps`` not a multiple of the interval), or a kill between
+        the evaluation and its checkpoint, would leave ``last.ckpt`` short of the budget, and the test would
+        evaluate it."""
         latest = run / "evaluation" / "latest.json"
         last_evaluation = steps // self._interval(steps) * self._interval(steps)
-        return latest.exists() and read(latest).get("step", 0) >= last_evaluation
+        return (latest.exists() and read(latest).get("step", 0) >= last_evaluation
+                and any((run / "checkpoints").glob(f"*step={steps}.ckpt")))
 
     def _expert_fitted(self, run: Path, steps: int) -> bool:
         """Whether the expert in ``run`` trained all its ``steps`` (by its evaluation, or by its checkpoint where

@@ -180,6 +180,29 @@ def test_a_fit_cut_short_resumes_from_its_last_checkpoint(study, grid_evaluation
     assert len(fake.calls) == 1  # now through its last evaluation: finished
 
 
+@pytest.mark.parametrize("steps", [9, 8])
+def test_a_fit_cut_short_after_its_last_evaluation_resumes(study, grid_evaluation_report, monkeypatch, tmp_path,
+                                                          steps):
+    # 9 steps, an evaluation every 2: the last is at step 8 and step 9 trains after it; 8 steps: the study was killed
+    # between the step-8 evaluation and its checkpoint. Either way last.ckpt is short of the budget, and the test
+    # would evaluate it as the finished run.
+    fake = FakeCLI(grid_evaluation_report)
+    monkeypatch.setattr(study, "cli", fake)
+    runs = new_study(study, tmp_path, steps=steps)
+    run = runs.run_dir("lora", 2e-3, 0)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "evaluation").mkdir(parents=True)
+    saved = 8 if steps == 9 else 6
+    for name in (f"epoch=0-step={saved}.ckpt", "last.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"")
+    (run / "evaluation" / "latest.json").write_text(json.dumps({**grid_evaluation_report, "step": 8}))
+    runs.train("lora", 0, 2e-3)
+    [(subcommand, _, options)] = fake.calls
+    assert subcommand == "fit" and options["ckpt_path"] == str(run / "checkpoints" / "last.ckpt")
+    runs.train("lora", 0, 2e-3)
+    assert len(fake.calls) == 1  # its last step saved: finished
+
+
 def test_soups_train_experts_once_and_mixing_reuses_them(study, grid_evaluation_report, monkeypatch, tmp_path):
     fake = FakeCLI(grid_evaluation_report)
     monkeypatch.setattr(study, "cli", fake)
