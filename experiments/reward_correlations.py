@@ -46,12 +46,24 @@ def check_extra_reward(spec: str) -> None:
                      "'quality=<head dir>'")
 
 
+def extra_reward_name(spec: str) -> str:
+    """The name the reward of a (checked) ``--extra-reward`` is reported under."""
+    return "coverage" if spec == "rouge" else "quality"
+
+
 def extra_reward(spec: str, encoder: str) -> Reward:
     """``rouge`` (ROUGE-1 recall of the reference highlights: coverage) or ``quality=<head dir>``."""
     check_extra_reward(spec)
     if spec == "rouge":
-        return RougeReward(name="coverage", target="reference", rouge_key="rouge1", measure="recall")
-    return HumanScoreReward(head=spec.partition("=")[2], model=encoder, name="quality")
+        return RougeReward(name=extra_reward_name(spec), target="reference", rouge_key="rouge1", measure="recall")
+    return HumanScoreReward(head=spec.partition("=")[2], model=encoder, name=extra_reward_name(spec))
+
+
+def check_names(names: list[str], what: str) -> None:
+    """Refuse two rewards of one name: the results are keyed by name, so one's mean and std would replace the
+    other's, and their pair would read as the correlation of a reward with itself."""
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"{what} {names} name {repeated} more than once; expected one reward per name")
 
 
 def check_inputs(args: argparse.Namespace) -> None:
@@ -62,6 +74,7 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     for spec in args.extra_reward:
         check_extra_reward(spec)
+    check_names([extra_reward_name(s) for s in args.extra_reward], "--extra-reward")
     if args.out:
         check_output_file(args.out, "--out", "JSON")
 
@@ -84,11 +97,15 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
     cli = run_cli(["--config", args.config], run=False)
     module, data = cli.model.eval(), cli.datamodule
+    names = [r.name for r in module.rewards] + [extra_reward_name(s) for s in args.extra_reward]
+    try:  # before the data, an extra reward's encoder and the samples
+        check_names(names, "the config's rewards and --extra-reward")
+    except ValueError as err:
+        parser.error(str(err))
     data.prepare_data()
     data.setup("fit")
     rows = data.data["train"][: args.prompts]
     rewards = list(module.rewards) + [extra_reward(s, args.encoder) for s in args.extra_reward]
-    names = [r.name for r in rewards]
     k, n = args.samples, len(rows["prompt"])
     torch.manual_seed(args.seed)
     prompts = [p for p in rows["prompt"] for _ in range(k)]

@@ -31,6 +31,7 @@ def script():
     ("out_in_a_file", "--out directory"),
     ("out_is_a_directory", "is a directory; name the JSON file to write"),
     ("missing_config", "not found"),
+    ("repeated_extra_reward", "--extra-reward ['coverage', 'coverage'] name ['coverage'] more than once"),
 ])
 def test_bad_inputs_are_refused_before_the_policy_loads(script, tmp_path, capsys, monkeypatch, case, message):
     def build(*args, **kwargs):
@@ -44,7 +45,8 @@ def test_bad_inputs_are_refused_before_the_policy_loads(script, tmp_path, capsys
             "missing_head": ["--extra-reward", f"quality={tmp_path / 'no_head'}"],
             "no_samples": ["--samples", "0"], "no_prompts": ["--prompts", "0"],
             "out_in_a_file": ["--out", str(blocker / "out.json")], "out_is_a_directory": ["--out", str(tmp_path)],
-            "missing_config": ["--config", str(tmp_path / "missing.yaml")]}[case]
+            "missing_config": ["--config", str(tmp_path / "missing.yaml")],
+            "repeated_extra_reward": ["--extra-reward", "rouge", "--extra-reward", "rouge"]}[case]
     with pytest.raises(SystemExit) as exit_:
         script.main(["--config", str(config), *argv])
     err = capsys.readouterr().err
@@ -78,3 +80,20 @@ def test_responses_that_all_stop_early_all_count_as_ended(script, tmp_path, monk
     result = script.main(["--config", str(write_config(tmp_path / "config.yaml")), "--prompts", "2", "--samples",
                           "2"])
     assert result["ended_before_max_new_tokens"] == 1.0
+
+
+def test_an_extra_reward_named_as_a_config_reward_is_refused_before_sampling(script, tmp_path, capsys, monkeypatch):
+    # the results are keyed by name: one reward's mean would replace the other's, their pair read as a self-pair
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    def generate(*args, **kwargs):
+        raise AssertionError("sampled before the clashing names were refused")
+
+    monkeypatch.setattr(ConditionalPolicy, "generate", generate)
+    config = copy.deepcopy(TINY_CONFIG)
+    config["model"]["init_args"]["rewards"][1]["init_args"]["name"] = "coverage"
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--config", str(write_config(tmp_path / "config.yaml", config)), "--extra-reward", "rouge"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "['brevity', 'coverage', 'coverage'] name ['coverage'] more than once" in err.splitlines()[-1], err[-2000:]
