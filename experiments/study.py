@@ -676,6 +676,12 @@ def main(argv: list[str] | None = None) -> str:
             parser.error(f"{flag} {seeds}: a seed is repeated; each seed is one run")
     if not_soups := [v for v in args.every_checkpoint if v not in VARIANTS or VARIANTS[v].kind != "soup"]:
         parser.error(f"--every-checkpoint is for soups, not {not_soups}")
+    # as --variant-seeds: a setting of a variant the study does not run would be ignored without a word
+    if not_run := [v for v in args.every_checkpoint if v not in variants]:
+        parser.error(f"--every-checkpoint {not_run}: not among the variants this study runs {variants}")
+    if args.fixed_seeds is not None and "fixed" not in variants:
+        parser.error(f"--fixed-seeds {args.fixed_seeds}: the study does not run the fixed-weighting baseline "
+                     f"(variants {variants})")
     if args.compare_to is not None and args.compare_to not in variants:  # its column would read "—" throughout
         parser.error(f"--compare-to {args.compare_to}: not one of the variants this study runs, {variants}")
     out = Path(args.out)

@@ -640,8 +640,10 @@ def test_variant_seeds_narrow_one_variants_seeds(study, grid_evaluation_report, 
     (["--variants", "rs_lora", "--steps", "1"], "--steps 1: ['rs_lora'] split the step budget over 2 experts"),
     (["--task", "cnndm_smollm2", "--three-objectives"], "--three-objectives is --task three_objectives"),
     (["--task", "cnndm_smollm2", "--sft-steps", "10"], "--sft-steps 10: --task cnndm_smollm2 has no warm start"),
+    (["--every-checkpoint", "rs_lora"], "--every-checkpoint ['rs_lora']: not among the variants this study runs"),
+    (["--fixed-seeds", "1"], "--fixed-seeds [1]: the study does not run the fixed-weighting baseline"),
 ])
-def test_bad_numbers_are_refused_before_anything_runs(study, grid_evaluation_report, monkeypatch, tmp_path, capsys,
+def test_bad_arguments_are_refused_before_anything_runs(study, grid_evaluation_report, monkeypatch, tmp_path, capsys,
                                                      bad, message):
     # each would otherwise fail after the warm start (a division by zero, the optimizer's or the grid's refusal),
     # or run something else than asked (--steps -1 is Lightning's "no limit"; a soup expert of 0 steps)
