@@ -5,7 +5,7 @@ Every data module yields batches in one vocabulary (``BATCH_KEYS``), as plain li
 - ``prompt``: the exact text the policy is conditioned on (before any weighting prefix);
 - ``source``: the raw post / article, for factuality and relevance rewards;
 - ``reference``: the human summary, stripped;
-- ``id``: a stable example id (``"{split}-{row}"`` where the dataset has none).
+- ``id``: a stable example id (``"{split}-{row}"`` where the dataset, or the row, has none).
 
 No tokenisation happens here: the policy owns its tokenizer and its prompt conditioning.
 """
@@ -246,6 +246,34 @@ def data_file_columns(file: str) -> set[str] | None:
     if isinstance(document, dict):
         return set(document)
     return {key for row in document for key in row}
+
+
+def _fill_ids(dataset: datasets.Dataset, split: str) -> datasets.Dataset:
+    """``dataset`` with a row whose ``id`` is null named ``"{split}-{row}"``, as a dataset without ids names every
+    row; ``str(None)`` had given all such rows the one id ``"None"``. Float ids that are whole numbers are written
+    as integers: a CSV integer column with an empty cell is read as floats, whose ids had read ``"1.0"``.
+
+    Raises:
+        ValueError: a name given to a row without an id is another row's id.
+    """
+    column = dataset.select_columns(["id"])
+    ids = column.with_format("arrow")[:]["id"]
+    plain = pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type) or pa.types.is_integer(ids.type)
+    if plain and not ids.null_count:  # the common case, seen without reading the ids into Python
+        return dataset
+    # decoded as convert_row sees them (a column of mixed JSON types is stored as JSON text)
+    values = [None if v is None or v != v else str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+              for v in column["id"]]
+    rows = [i for i, v in enumerate(values) if v is None]
+    named = {i: f"{split}-{i}" for i in rows}
+    taken = set(values) & set(named.values())
+    if taken:
+        raise ValueError(f"Split {split!r}: rows {rows[:5]} have no id and would be named by their row number, but "
+                         f"{sorted(taken)[:5]} are ids of other rows; give every row an id")
+    if rows:
+        log.warning("Split %r: %d rows have no id (rows %s); named %r + their row number", split, len(rows),
+                    rows[:5], f"{split}-")
+    return dataset.remove_columns("id").add_column("id", [named.get(i, v) for i, v in enumerate(values)])
 
 
 def _clip(text: str, width: int = 60) -> str:
@@ -503,8 +531,11 @@ class SummarizationDataModule(L.LightningDataModule):
         for column in required:
             if column not in columns:
                 raise ValueError(f"Column {column!r} is missing from split {split!r}; found columns {columns}")
-        if "id" not in columns:  # added before capping so that ids stay the original row numbers
+        # ids are added before capping so that they stay the original row numbers
+        if "id" not in columns:
             dataset = dataset.add_column("id", [f"{split}-{i}" for i in range(len(dataset))])
+        else:
+            dataset = _fill_ids(dataset, split)
         dataset = self._subsample(dataset, self.max_samples[role])
         dataset = dataset.map(
             self.convert_row,

@@ -1,6 +1,8 @@
 """Shared behaviour of the data modules: loading, errors, subsampling, shuffling, the batch contract."""
 
 import importlib
+import json
+import logging
 import shutil
 import sys
 import types
@@ -437,3 +439,48 @@ def test_a_file_pattern_that_matches_nothing_is_named_before_loading(tmp_path):
     dm.check_files("fit")
     dm.setup("fit")
     assert len(dm.data["train"]) == 6
+
+
+RAW_ROW = {"subreddit": "cats", "title": "t", "post": "My cat hides.", "summary": "cat hides"}
+
+
+def raw_files(tmp_path, ids, suffix="jsonl"):
+    data = tmp_path / f"ids.{suffix}"
+    if suffix == "csv":
+        data.write_text("id,subreddit,title,post,summary\n" + "".join(f"{i},c,t,p,s\n" for i in ids))
+    else:
+        data.write_text("".join(json.dumps({**RAW_ROW, **({} if i == "absent" else {"id": i})}) + "\n" for i in ids))
+    return {"train": str(data), "validation": str(data)}
+
+
+def test_rows_without_an_id_are_named_by_their_row_number(tmp_path, caplog):
+    # str(None) gave every such row the one id "None": distinct rows that could not be told apart
+    with caplog.at_level(logging.WARNING, logger="clp_lightning.data"):
+        dm = RedditTLDRDataModule(data_files=raw_files(tmp_path, ["a", None, None, "absent", "b"]),
+                                  cache_dir=str(tmp_path))
+        dm.setup("fit")
+    assert dm.data["train"]["id"] == ["a", "train-1", "train-2", "train-3", "b"]
+    assert dm.data["val"]["id"] == ["a", "validation-1", "validation-2", "validation-3", "b"]
+    assert "Split 'train': 3 rows have no id (rows [1, 2, 3])" in caplog.text
+    everyone = RedditTLDRDataModule(data_files=raw_files(tmp_path, [None, None]), cache_dir=str(tmp_path))
+    everyone.setup("fit")
+    assert everyone.data["train"]["id"] == ["train-0", "train-1"]
+
+
+def test_a_csv_integer_id_column_with_an_empty_cell_keeps_integer_ids(tmp_path):
+    # pandas reads such a column as floats: the ids had read "1.0", "None", "3.0"
+    dm = RedditTLDRDataModule(data_files=raw_files(tmp_path, [1, "", 3], "csv"), cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert dm.data["train"]["id"] == ["1", "train-1", "3"]
+
+
+def test_a_row_number_name_that_is_another_rows_id_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"rows \[0\] have no id .* \['train-0'\] are ids of other rows"):
+        RedditTLDRDataModule(data_files=raw_files(tmp_path, [None, "train-0"]), cache_dir=str(tmp_path)).setup("fit")
+
+
+def test_ids_of_mixed_json_types_are_read_as_decoded(tmp_path):
+    # datasets stores a column of mixed JSON types as JSON text: the stored "a" reads '"a"'
+    dm = RedditTLDRDataModule(data_files=raw_files(tmp_path, ["a", 7, None]), cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert dm.data["train"]["id"] == ["a", "7", "train-2"]
