@@ -14,10 +14,12 @@ under ``"unparsed prompt"``) rather than kept: its post could neither be truncat
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from clp_lightning.checks import is_integer
 from clp_lightning.data.base import SummarizationDataModule, clean_text, skip_row, truncate_words
+from clp_lightning.models import split_revision
 
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 
@@ -27,6 +29,9 @@ _PROMPT_RE = re.compile(
     r"\s*TL;DR:\s*$",
     re.DOTALL,
 )
+# The splits of a hub dataset whose names are not the defaults ("validation" is "valid" here): a wrong name failed
+# only in setup, after prepare_data had downloaded every split and the model had loaded.
+HUB_SPLITS = {"carperai/openai_summarize_tldr": ("train", "valid", "test")}
 SCHEMAS = {
     "trl": ("prompt", "completion"),
     "carper": ("prompt", "label"),
@@ -53,7 +58,7 @@ class RedditTLDRDataModule(SummarizationDataModule):
         max_post_chars: Truncate longer posts at a word boundary (the prompt keeps its ``TL;DR:`` cue);
             ``None`` keeps whole posts.
         truncation_marker: Appended to a truncated post (counted in ``max_post_chars``); ``""`` for none.
-        val_split: Validation split (``"valid"`` for CarperAI).
+        val_split: Validation split (``"valid"`` for CarperAI, whose split names are checked at construction).
         **kwargs: Loading, split and loader options of ``SummarizationDataModule``.
     """
 
@@ -73,6 +78,15 @@ class RedditTLDRDataModule(SummarizationDataModule):
             raise ValueError(f"max_post_chars must be an integer (or null for whole posts), got {max_post_chars!r}")
         if max_post_chars is not None and max_post_chars <= len(truncation_marker):
             raise ValueError(f"max_post_chars must exceed the marker length, got {max_post_chars}")
+        repo = split_revision(self.path)[0].lower() if self.data_files is None and isinstance(self.path, str) else None
+        if repo in HUB_SPLITS and not Path(self.path).expanduser().is_dir():
+            for role, split in self.splits.items():
+                # a split instruction may join splits ("train+valid") and slice them ("valid[:100]")
+                names = [re.sub(r"\[.*\]\s*$", "", part).strip() for part in str(split).split("+")]
+                unknown = [name for name in names if name not in HUB_SPLITS[repo]]
+                if unknown:
+                    raise ValueError(f"{role}_split={split!r}: {self.path!r} has no split {unknown[0]!r}; its splits "
+                                     f"are {list(HUB_SPLITS[repo])}")
         self.schema = schema
         self.max_post_chars = max_post_chars
         self.truncation_marker = truncation_marker

@@ -117,3 +117,21 @@ def test_a_non_integer_post_limit_is_refused_at_construction():
     # 400.0 passed the marker check and failed after loading, as a TypeError from a slice inside datasets' map
     with pytest.raises(ValueError, match=r"max_post_chars must be an integer \(or null for whole posts\), got 400.0"):
         RedditTLDRDataModule(max_post_chars=400.0)
+
+
+@pytest.mark.parametrize("path", ["CarperAI/openai_summarize_tldr", "carperai/openai_summarize_tldr@main"])
+def test_a_carper_split_that_does_not_exist_is_refused_at_construction(path):
+    # the default val_split "validation" failed only in setup, after the download and the model's loading
+    with pytest.raises(ValueError, match=r"val_split='validation': .* has no split 'validation'; its splits are "
+                                         r"\['train', 'valid', 'test'\]"):
+        RedditTLDRDataModule(path=path)
+    with pytest.raises(ValueError, match=r"test_split='valid\+tset\[:10\]': .* has no split 'tset'"):
+        RedditTLDRDataModule(path=path, val_split="valid", test_split="valid+tset[:10]")
+    dm = RedditTLDRDataModule(path=path, val_split="valid[:100]", train_split="train+test")  # nothing is loaded
+    assert dm.splits["val"] == "valid[:100]"
+
+
+def test_a_local_directory_is_not_held_to_the_hub_datasets_splits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "CarperAI" / "openai_summarize_tldr").mkdir(parents=True)
+    assert RedditTLDRDataModule(path="CarperAI/openai_summarize_tldr").splits["val"] == "validation"
