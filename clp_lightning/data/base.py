@@ -346,6 +346,9 @@ class SummarizationDataModule(L.LightningDataModule):
         for arg, value in [("num_workers", num_workers), ("seed", seed)]:
             if not (is_integer(value) and value >= 0):
                 raise ValueError(f"{arg} must be an integer >= 0, got {value!r}")
+        for arg, value in [("shuffle_before_subsample", shuffle_before_subsample), ("drop_last", drop_last)]:
+            if not isinstance(value, bool):  # the string "false" is true
+                raise ValueError(f"{arg} must be true or false, got {value!r}")
         self.path, self.name, self.data_files, self.cache_dir = path, name, data_files, cache_dir
         self.splits = {
             "train": train_split,

@@ -34,6 +34,11 @@ class CNNDailyMailDataModule(SummarizationDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(path=path, name=name, **kwargs)
+        if not isinstance(join_highlights, bool):  # the string "false" is true
+            raise ValueError(f"join_highlights must be true or false, got {join_highlights!r}")
+        for arg, value in [("prompt_template", prompt_template), ("truncation_marker", truncation_marker)]:
+            if not isinstance(value, str):  # failed as an AttributeError or TypeError, or after loading
+                raise ValueError(f"{arg} must be a string, got {value!r}")
         try:  # fail here, not after loading hundreds of thousands of rows
             prompt_template.format(article="")
             # The fields str.format fills: "{{article}}" is the literal text "{article}", not a field, and a prompt

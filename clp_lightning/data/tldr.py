@@ -74,6 +74,8 @@ class RedditTLDRDataModule(SummarizationDataModule):
         super().__init__(path=path, val_split=val_split, **kwargs)
         if schema not in ("auto", *SCHEMAS):
             raise ValueError(f"schema must be 'auto' or one of {list(SCHEMAS)}, got {schema!r}")
+        if not isinstance(truncation_marker, str):  # failed as a TypeError, or after loading
+            raise ValueError(f"truncation_marker must be a string, got {truncation_marker!r}")
         if max_post_chars is not None and not is_integer(max_post_chars):  # a float failed in the formatting's slice
             raise ValueError(f"max_post_chars must be an integer (or null for whole posts), got {max_post_chars!r}")
         if max_post_chars is not None and max_post_chars <= len(truncation_marker):

@@ -91,3 +91,13 @@ def test_the_hub_configuration_name_on_a_local_directory_says_to_set_it_to_null(
     dm.check_files("fit")
     dm.setup("fit")
     assert len(dm.data["train"]) == 3
+
+
+@pytest.mark.parametrize(("arg", "value", "expected"), [
+    ("join_highlights", "false", "true or false"),  # the string "false" is true: the highlights were joined
+    ("prompt_template", None, "a string"),  # an AttributeError from None.format
+    ("truncation_marker", 3, "a string"),
+])
+def test_options_of_the_wrong_type_are_refused_at_construction(arg, value, expected):
+    with pytest.raises(ValueError, match=rf"{arg} must be {expected}, got {value!r}"):
+        CNNDailyMailDataModule(**{arg: value}, max_article_chars=100)

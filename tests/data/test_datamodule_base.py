@@ -484,3 +484,11 @@ def test_ids_of_mixed_json_types_are_read_as_decoded(tmp_path):
     dm = RedditTLDRDataModule(data_files=raw_files(tmp_path, ["a", 7, None]), cache_dir=str(tmp_path))
     dm.setup("fit")
     assert dm.data["train"]["id"] == ["a", "7", "train-2"]
+
+
+@pytest.mark.parametrize("arg", ["shuffle_before_subsample", "drop_last"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_a_flag_that_is_not_a_bool_is_refused(arg, value):
+    # the string "false" is true: drop_last="false" dropped the last batch, shuffle_before_subsample="false" shuffled
+    with pytest.raises(ValueError, match=rf"{arg} must be true or false, got {value!r}"):
+        SyntheticTLDRDataModule(**{arg: value})

@@ -135,3 +135,8 @@ def test_a_local_directory_is_not_held_to_the_hub_datasets_splits(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "CarperAI" / "openai_summarize_tldr").mkdir(parents=True)
     assert RedditTLDRDataModule(path="CarperAI/openai_summarize_tldr").splits["val"] == "validation"
+
+
+def test_a_marker_that_is_not_a_string_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"truncation_marker must be a string, got None"):
+        RedditTLDRDataModule(truncation_marker=None)
