@@ -113,6 +113,10 @@ class RedditTLDRDataModule(SummarizationDataModule):
             # drop it the same way, so every schema gives one prompt).
             subreddit = subreddit.removeprefix("r/").strip()
             post, reason = clean_text(row["post"], "post")
+            # an empty or missing title or subreddit is written empty, as a parsed prompt may have it; a number or a
+            # list is not text, and had been dropped from the prompt without a word
+            odd = [k for k in ("subreddit", "title") if row[k] is not None and not isinstance(row[k], str)]
+            reason = reason or (f"non-string {odd[0]}" if odd else "")
         else:
             prompt, reason = clean_text(row["prompt"], "prompt")
             match = _PROMPT_RE.match(prompt) if not reason else None

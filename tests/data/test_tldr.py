@@ -101,16 +101,21 @@ def test_long_post_is_truncated_at_a_word_boundary_and_keeps_the_cue(tmp_path):
 def test_skipped_rows_are_counted_by_reason(tmp_path, caplog):
     data = tmp_path / "raw.jsonl"
     good = {"subreddit": "cats", "title": "t", "post": "My cat hides.", "summary": " cat hides "}
-    bad = [{**good, "post": "   "}, {**good, "summary": ""}, {**good, "summary": None}, {**good, "post": None}]
-    data.write_text("\n".join(json.dumps(r) for r in [good, *bad, good]))
+    bad = [{**good, "post": "   "}, {**good, "summary": ""}, {**good, "summary": None}, {**good, "post": None},
+           {**good, "title": 7}, {**good, "subreddit": ["cats"]}]  # had been written as an empty title, subreddit
+    empty = [{**good, "title": None}, {**good, "subreddit": ""}]  # kept, written empty
+    data.write_text("\n".join(json.dumps(r) for r in [good, *bad, *empty, good]))
     with caplog.at_level(logging.WARNING, logger="clp_lightning.data"):
         dm = RedditTLDRDataModule(data_files={"train": str(data), "validation": str(data)}, cache_dir=str(tmp_path))
         dm.setup("fit")
-    expected = {"empty post": 1, "empty reference": 1, "missing reference": 1, "missing post": 1}
+    expected = {"empty post": 1, "empty reference": 1, "missing reference": 1, "missing post": 1,
+                "non-string title": 1, "non-string subreddit": 1}
     assert dm.skipped["train"] == expected
-    assert dm.data["train"]["id"] == ["train-0", "train-5"]  # ids stay the original row numbers
-    assert dm.data["train"]["reference"] == ["cat hides", "cat hides"]
-    assert "skipped 4 of 6 rows" in caplog.text and "missing post: 1" in caplog.text
+    assert dm.data["train"]["id"] == ["train-0", "train-7", "train-8", "train-9"]  # ids stay the original row numbers
+    assert dm.data["train"]["reference"] == ["cat hides"] * 4
+    assert dm.data["train"]["prompt"][1:3] == [format_tldr_prompt("cats", "", "My cat hides."),
+                                               format_tldr_prompt("", "t", "My cat hides.")]
+    assert "skipped 6 of 10 rows" in caplog.text and "missing post: 1" in caplog.text
 
 
 def test_a_non_integer_post_limit_is_refused_at_construction():
