@@ -39,6 +39,8 @@ class SyntheticTLDRDataModule(RedditTLDRDataModule):
                                  f"num_{role}={size} against {self.sizes[split]}; give the roles that share a "
                                  "split the same size")
             self.sizes[split] = size
+        # num_test examples in a predict split of its own too: one had failed in setup as an unknown split
+        self.sizes.setdefault(self.splits["predict"], num_test)
 
     def check_files(self, stage: str | None = None) -> None:
         pass  # no files: its path ("synthetic") must not be looked up, e.g. as a folder of that name in the cwd

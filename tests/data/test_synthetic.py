@@ -75,3 +75,13 @@ def test_a_size_that_is_not_an_integer_above_zero_is_refused_at_construction(arg
     # 0 failed in setup as "Split 'train' is empty" and 2.5 as a TypeError from range(), after the model had loaded
     with pytest.raises(ValueError, match=rf"{arg} must be an integer >= 1, got {value!r}"):
         SyntheticTLDRDataModule(**{arg: value})
+
+
+def test_a_predict_split_of_its_own_has_num_test_examples():
+    dm = SyntheticTLDRDataModule(num_train=4, num_val=2, num_test=3, predict_split="extra")
+    dm.setup("predict")
+    assert len(dm.data["predict"]) == 3
+    assert dm.data["predict"]["id"][0] == "synthetic-extra-0"
+    shared = SyntheticTLDRDataModule(num_train=4, num_val=2, num_test=3, predict_split="train")
+    shared.setup("predict")
+    assert len(shared.data["predict"]) == 4  # the train split's examples, as trained on
