@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from statistics import fmean
 from typing import Any
 
+from clp_lightning.checks import is_integer
 from clp_lightning.files import fsync_directory, fsync_file, json_text
 
 BLANC_VERSION = "0.3.4"
@@ -246,8 +247,8 @@ def cnndm_blanc(out: str | Path, sdist: str | Path | None = None, val_size: int 
         val_size: Articles in the validation split.
         test_size: Articles in the test split.
     """
-    if val_size < 0 or test_size < 0:
-        raise ValueError(f"val_size and test_size must be >= 0, got {val_size} and {test_size}")
+    if not (is_integer(val_size) and is_integer(test_size) and val_size >= 0 and test_size >= 0):
+        raise ValueError(f"val_size and test_size must be integers >= 0, got {val_size!r} and {test_size!r}")
     if sdist is not None and not Path(sdist).is_file():
         raise FileNotFoundError(f"--sdist {sdist}: no such file (expected blanc-{BLANC_VERSION}.tar.gz)")
     if Path(out).exists() and not Path(out).is_dir():  # found only after the download and the parse otherwise

@@ -312,3 +312,10 @@ def test_a_conversion_that_fails_part_way_leaves_the_earlier_one_whole(tmp_path,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new file, no temporary one
     convert(tmp_path, sdist, val=1, test=4)
     assert [len(read_jsonl(out / f"{s}.jsonl")) for s in ("train", "validation", "test")] == [7, 1, 4]
+
+
+@pytest.mark.parametrize("sizes", [{"val_size": 2.5}, {"test_size": True}, {"val_size": "5"}, {"test_size": -1}])
+def test_split_sizes_that_are_not_counts_are_refused_before_the_archive_is_read(tmp_path, sizes):
+    # the archive does not exist: the sizes must be refused first (2.5 had failed as a TypeError in a slice)
+    with pytest.raises(ValueError, match=r"val_size and test_size must be integers >= 0, got"):
+        prepare.cnndm_blanc(tmp_path / "out", sdist=tmp_path / "missing.tar.gz", **sizes)
