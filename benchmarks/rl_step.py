@@ -369,9 +369,15 @@ def main(argv: list[str] | None = None) -> None:
             import trl  # noqa: F401
         except ImportError:
             parser.error("the trl suite needs TRL: pip install trl (or leave the suite out)")
+    selected = suites(args.suites, args.sizes)
+    # a suite without a matching cell is skipped (one --only for several suites), but a text that matches no cell of
+    # any suite would measure nothing and exit as if it had: a typo must not pass for a finished run
+    if args.only and not any(args.only in c.name for cells in selected.values() for c in cells):
+        parser.error(f"--only {args.only!r}: matches no cell of the suites {' '.join(args.suites)}; expected part of a "
+                     "cell's name, e.g. \"(small)\" or \"L=256\"")
     print(f"machine: {machine()}")
     results = {"machine": machine(), "argv": sys.argv, "suites": {}}
-    for suite, cells in suites(args.suites, args.sizes).items():
+    for suite, cells in selected.items():
         if args.only:
             groups = {c.group for c in cells if args.only in c.name}
             cells = [c for c in cells if c.group in groups and (c.baseline or args.only in c.name)]

@@ -336,3 +336,19 @@ def test_rl_step_refuses_an_unknown_size_before_any_suite_runs(rl_step, monkeypa
         rl_step.main(["--suites", "modes", "sizes", "--sizes", "tiny", "1b", "--cache", str(tmp_path)])
     assert stop.value.code == 2
     assert "--sizes 1b: expected some of tiny, small, 60m, 100m, smollm2" in capsys.readouterr().err
+
+
+def test_rl_step_refuses_an_only_that_matches_no_cell(rl_step, monkeypatch, capsys, tmp_path):
+    # a typo in --only used to skip every suite, print the machine line and exit 0 with nothing measured or written
+    monkeypatch.setattr(rl_step, "measure", lambda cells, args: pytest.fail("measured with a matching --only"))
+    with pytest.raises(SystemExit) as stop:
+        rl_step.main(["--suites", "modes", "objectives", "--only", "(smal)", "--cache", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and out == ""
+    assert "--only '(smal)': matches no cell of the suites modes objectives" in err
+    # a text that matches a cell of one suite only still runs that suite, and skips the other
+    ran = []
+    monkeypatch.setattr(rl_step, "measure", lambda cells, args: ran.append([c.name for c in cells]) or [])
+    monkeypatch.setattr(rl_step, "table", lambda suite, rows, device: "")
+    rl_step.main(["--suites", "modes", "objectives", "--only", "lora m=8", "--cache", str(tmp_path)])
+    assert ran == [["lora m=2", "lora m=8"]]
