@@ -133,7 +133,8 @@ def run(size: str, args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["small", "smollm2"], help="small (tiny GPT-2) or smollm2")
+    parser.add_argument("--models", nargs="+", default=["small", "smollm2"],
+                        help="tiny GPT-2 sizes (clp_lightning.models.TINY_SIZES['gpt2'], byte tokenizer) or smollm2")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--rows", type=int, default=4, help="prompts per call, each at its own weighting")
     parser.add_argument("--prompt-tokens", type=int, default=256)
@@ -144,6 +145,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the tiny models are saved once (shared with rl_step.py)")
     parser.add_argument("--out", default=None, help="also write the rows and the machine as JSON here")
     args = parser.parse_args(argv)
+    from clp_lightning.models import TINY_SIZES
+
+    # before any model runs: a bad name or count used to fail after the models before it had run (a size in
+    # build_tiny_model, no median of zero rounds), and nothing was printed or written
+    models = [*TINY_SIZES["gpt2"], "smollm2"]  # as rl_cell.model_dir builds them
+    if unknown := [m for m in args.models if m not in models]:
+        parser.error(f"--models {' '.join(unknown)}: expected some of {', '.join(models)}")
+    if args.rows < 1 or args.prompt_tokens < 1 or args.new_tokens < 1 or args.rounds < 1:
+        parser.error(f"--rows {args.rows} --prompt-tokens {args.prompt_tokens} --new-tokens {args.new_tokens} "
+                     f"--rounds {args.rounds}: expected each >= 1")
     import torch
 
     torch.set_num_threads(args.threads)

@@ -34,3 +34,17 @@ def test_same_tokens_compares_responses_of_any_width(mixture):
     a = torch.tensor([[5, 6, -1], [7, -1, -1]])
     assert mixture._same_tokens(a, a[:, :2])
     assert not mixture._same_tokens(a, torch.tensor([[5, 6], [8, -1]]))
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (["--models", "tiny", "1b"], "--models 1b: expected some of tiny, small, 60m, 100m, smollm2"),
+    (["--models", "tiny", "--rounds", "0"], "expected each >= 1"),
+    (["--models", "tiny", "--rows", "0"], "expected each >= 1"),
+])
+def test_bad_models_and_counts_are_refused_before_any_model_runs(mixture, monkeypatch, capsys, bad, message):
+    # "tiny 1b" used to run the tiny model's every round and then fail in build_tiny_model; --rounds 0 failed with
+    # no median after the untimed calls
+    monkeypatch.setattr(mixture, "run", lambda size, args: pytest.fail(f"ran {size} with {bad}"))
+    with pytest.raises(SystemExit) as stop:
+        mixture.main(bad)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
