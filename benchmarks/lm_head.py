@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.warmup < 0:  # pairs[-1:] would keep only the last of fewer repeats than the 3 timed ones promised
         parser.error(f"--warmup {args.warmup}: expected >= 0")
+    from clp_lightning.models import TINY_SIZES
+
+    # an unknown size failed in build_tiny_model after the sizes before it had been timed, and the table was lost
+    if unknown := [s for s in args.sizes if s not in TINY_SIZES["gpt2"]]:
+        parser.error(f"--sizes {' '.join(unknown)}: expected some of {', '.join(TINY_SIZES['gpt2'])}")
     print(f"machine: {machine()}")
     results = {"machine": machine(), "argv": sys.argv, "head": head_suite(args)}
     print(f"\n### head\n\n{results['head']}\n", flush=True)

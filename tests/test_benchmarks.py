@@ -352,3 +352,11 @@ def test_rl_step_refuses_an_only_that_matches_no_cell(rl_step, monkeypatch, caps
     monkeypatch.setattr(rl_step, "table", lambda suite, rows, device: "")
     rl_step.main(["--suites", "modes", "objectives", "--only", "lora m=8", "--cache", str(tmp_path)])
     assert ran == [["lora m=2", "lora m=8"]]
+
+
+def test_lm_head_refuses_an_unknown_size_before_any_size_runs(lm_head, monkeypatch, capsys):
+    # "tiny 1b" used to time tiny and then fail in build_tiny_model, with the table neither printed nor written
+    monkeypatch.setattr(lm_head, "head_suite", lambda args: pytest.fail("measured before the bad size was seen"))
+    with pytest.raises(SystemExit) as stop:
+        lm_head.main(["--sizes", "tiny", "1b"])
+    assert stop.value.code == 2 and "--sizes 1b: expected some of tiny, small, 60m, 100m" in capsys.readouterr().err
