@@ -96,11 +96,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # before the untimed calls: zero rounds used to fail there after with a KeyError (no time to take a median of)
+    counts = ("step_prompts", "samples", "grid", "eval_prompts", "rounds")
+    if bad := [f"--{n.replace('_', '-')} {getattr(args, n)}" for n in counts if getattr(args, n) < 1]:
+        parser.error(f"{', '.join(bad)}: expected >= 1")
     torch.set_num_threads(args.threads)
 
     from clp_lightning.rewards import EmbeddingSimilarityReward
 
-    work = shapes(load_rows(Path(args.data)), args)
+    rows = load_rows(Path(args.data))
+    articles = len({r["article"] for r in rows})
+    if max(args.step_prompts, args.eval_prompts) > articles:  # random.sample's own error names neither
+        parser.error(f"--step-prompts {args.step_prompts} --eval-prompts {args.eval_prompts}: {args.data} has "
+                     f"{articles} distinct articles, expected at most that many prompts")
+    work = shapes(rows, args)
     reward = EmbeddingSimilarityReward(args.model, batch_size=args.batch_size, max_length=args.max_length)
     if not reward.pack:
         sys.exit(f"{args.model} is not an encoder the reward packs; nothing to compare")

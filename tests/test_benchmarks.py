@@ -360,3 +360,23 @@ def test_lm_head_refuses_an_unknown_size_before_any_size_runs(lm_head, monkeypat
     with pytest.raises(SystemExit) as stop:
         lm_head.main(["--sizes", "tiny", "1b"])
     assert stop.value.code == 2 and "--sizes 1b: expected some of tiny, small, 60m, 100m" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (["--rounds", "0"], "--rounds 0: expected >= 1"),
+    (["--samples", "0", "--grid", "-1"], "--samples 0, --grid -1: expected >= 1"),
+    (["--step-prompts", "7"], "--step-prompts 7 --eval-prompts 2: "),
+])
+def test_reward_scoring_refuses_counts_before_scoring(benchmark, monkeypatch, tmp_path, capsys, bad, message):
+    # --rounds 0 used to load the reward and make every untimed call, then fail with a KeyError (no time to take a
+    # median of); more prompts than articles failed in random.sample with an error that named no option
+    reward_scoring = benchmark("reward_scoring")
+    monkeypatch.setattr(reward_scoring, "score", lambda *a: pytest.fail(f"scored with {bad}"))
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"article": f"article {i}", "summary": "a summary"}) + "\n" for i in range(6)))
+    with pytest.raises(SystemExit) as stop:
+        reward_scoring.main(["--data", str(data), "--eval-prompts", "2", *bad])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err
+    if "7" in bad:
+        assert "has 6 distinct articles, expected at most that many prompts" in err
