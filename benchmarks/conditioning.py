@@ -304,6 +304,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--objectives must all be >= 2 (one objective needs no conditioning), got {args.objectives}")
     if args.prompt_len < 2 or args.response_len < 1 or args.batch < 1:
         parser.error("--prompt-len must be >= 2, --response-len and --batch >= 1")
+    # --repeats 0 was read as "not given" (the per-size default ran instead) and a negative one timed no round, which
+    # failed with no median after the policies were built; a negative --warmup ran as 0
+    if (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
+        parser.error(f"--repeats {args.repeats} --warmup {args.warmup}: expected --repeats >= 1 (or left out for the "
+                     "per-size default) and --warmup >= 0")
     return args
 
 

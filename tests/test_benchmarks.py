@@ -380,3 +380,14 @@ def test_reward_scoring_refuses_counts_before_scoring(benchmark, monkeypatch, tm
     assert stop.value.code == 2 and message in err
     if "7" in bad:
         assert "has 6 distinct articles, expected at most that many prompts" in err
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--repeats", "-2"], ["--warmup", "-1"]])
+def test_conditioning_refuses_repeats_and_warmup_it_would_not_run(benchmark, capsys, bad):
+    # --repeats 0 ran the per-size default (20 rounds for tiny) as if it had not been given; -2 built every policy
+    # and then failed with no median to take
+    conditioning = benchmark("conditioning")
+    with pytest.raises(SystemExit) as stop:
+        conditioning.parse_args(["--sizes", "tiny", *bad])
+    assert stop.value.code == 2 and "expected --repeats >= 1 (or left out" in capsys.readouterr().err
+    assert conditioning.parse_args(["--sizes", "tiny", "--warmup", "0"]).repeats is None  # the per-size default
