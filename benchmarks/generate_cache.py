@@ -333,6 +333,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--variants shared-uncached: needs a conditioning --mode (the cache it turns off is the policy's)")
     if args.spread >= args.prompt_tokens:
         parser.error(f"--spread {args.spread} must be below --prompt-tokens {args.prompt_tokens}")
+    # before the model loads (SmolLM2's first conversion takes minutes): a negative --spread failed there in
+    # random.randint, and empty calls (--prompts, --samples or --new-tokens 0) have nothing to time
+    counts = {"--prompts": args.prompts, "--samples": args.samples, "--new-tokens": args.new_tokens}
+    if bad := [f"{name} {value}" for name, value in counts.items() if value < 1]:
+        parser.error(f"{', '.join(bad)}: expected >= 1")
+    if args.spread < 0:
+        parser.error(f"--spread {args.spread}: expected >= 0 (prompts are L - j tokens, j uniform in 0..spread)")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least one round is needed for a time per call")
     args.variants = [BASELINE] + [v for v in dict.fromkeys(args.variants) if v != BASELINE]

@@ -91,6 +91,19 @@ def test_spread_at_least_the_prompt_length_is_refused(generate_cache, capsys):
     assert "--spread 8 must be below --prompt-tokens 8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("bad", "message"), [
+    (["--spread", "-1"], "--spread -1: expected >= 0"),
+    (["--prompts", "0", "--new-tokens", "0"], "--prompts 0, --new-tokens 0: expected >= 1"),
+])
+def test_negative_spread_and_empty_calls_are_refused_before_the_model_loads(generate_cache, monkeypatch, capsys, bad,
+                                                                           message):
+    # a negative --spread used to load the model and then fail in random.randint
+    monkeypatch.setattr(generate_cache, "measure", lambda name, args: pytest.fail(f"measured with {bad}"))
+    with pytest.raises(SystemExit) as stop:
+        generate_cache.main(["--models", "tiny", *bad])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compiled_variants_compile_once_and_generate_the_eager_tokens(generate_cache, tmp_path):
     # about 30 s on one CPU core: Inductor compiles the decode step from scratch (a fresh cache directory)
