@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: device sync, step times, peak memory, the machine, conditioning modes by name.
+"""What the benchmark scripts share: device sync, step times, peak memory, the machine, conditioning modes by name,
+the ``--out`` check.
 
 Not a script: ``rl_step.py``, ``trl_runner.py``, ``lm_head.py`` and ``generate_cache.py`` import it as a sibling
 module (``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
@@ -6,9 +7,23 @@ module (``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from typing import Any
+
+
+def check_out(parser: argparse.ArgumentParser, out: str | None) -> None:
+    """Refuse an ``--out`` that cannot be written (a directory, a parent that cannot be made or written) now: the
+    file is written after the measurements, which take minutes, and a bad path would lose them."""
+    if out is None:
+        return
+    from clp_lightning.callbacks.checkpoint import check_output_file
+
+    try:
+        check_output_file(out, "--out", "JSON")
+    except OSError as err:
+        parser.error(str(err))
 
 
 def sync(device: str) -> None:

@@ -309,6 +309,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
         parser.error(f"--repeats {args.repeats} --warmup {args.warmup}: expected --repeats >= 1 (or left out for the "
                      "per-size default) and --warmup >= 0")
+    if args.out is not None:  # written after the first cell, minutes in: a bad path would fail only there
+        from clp_lightning.callbacks.checkpoint import check_output_file
+
+        try:
+            check_output_file(args.out, "--out", "JSON")
+        except OSError as err:
+            parser.error(str(err))
     return args
 
 

@@ -64,7 +64,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common import conditioning, machine, sync
+from common import check_out, conditioning, machine, sync
 from rl_cell import SMOLLM2, model_dir
 
 VARIANTS = ("dynamic", "static", "static+compile", "static+compile-per-call", "shared", "shared+static+compile",
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--spread {args.spread}: expected >= 0 (prompts are L - j tokens, j uniform in 0..spread)")
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: at least one round is needed for a time per call")
+    check_out(parser, args.out)
     args.variants = [BASELINE] + [v for v in dict.fromkeys(args.variants) if v != BASELINE]
 
     import torch

@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from common import conditioning, machine, sync
+from common import check_out, conditioning, machine, sync
 
 ROWS, PROMPT, RESPONSE, VOCAB = 8, 96, 32, 50257
 
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     # an unknown size failed in build_tiny_model after the sizes before it had been timed, and the table was lost
     if unknown := [s for s in args.sizes if s not in TINY_SIZES["gpt2"]]:
         parser.error(f"--sizes {' '.join(unknown)}: expected some of {', '.join(TINY_SIZES['gpt2'])}")
+    check_out(parser, args.out)
     print(f"machine: {machine()}")
     results = {"machine": machine(), "argv": sys.argv, "head": head_suite(args)}
     print(f"\n### head\n\n{results['head']}\n", flush=True)

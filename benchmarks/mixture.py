@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import conditioning, machine
+from common import check_out, conditioning, machine
 from rl_cell import Cell, model_dir, prompt_data
 
 VARIANTS = ("recomputed", "mixture", "policy")
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rows < 1 or args.prompt_tokens < 1 or args.new_tokens < 1 or args.rounds < 1:
         parser.error(f"--rows {args.rows} --prompt-tokens {args.prompt_tokens} --new-tokens {args.new_tokens} "
                      f"--rounds {args.rounds}: expected each >= 1")
+    check_out(parser, args.out)
     import torch
 
     torch.set_num_threads(args.threads)

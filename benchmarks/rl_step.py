@@ -66,7 +66,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common import Memory, conditioning, machine, step_times, sync
+from common import Memory, check_out, conditioning, machine, step_times, sync
 from rl_cell import Cell, model_dir, prompt_data, rewards
 from trl_runner import run_trl
 
@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = [*TINY_SIZES["gpt2"], "smollm2"]  # as rl_cell.model_dir builds them
     if "sizes" in args.suites and (unknown := [s for s in args.sizes if s not in sizes]):
         parser.error(f"--sizes {' '.join(unknown)}: expected some of {', '.join(sizes)}")
+    check_out(parser, args.out)  # not in a worker: this imports Lightning, which a TRL worker must not
     if {"trl", "packing", "smollm2"} & set(args.suites):
         try:
             import trl  # noqa: F401

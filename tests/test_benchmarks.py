@@ -391,3 +391,26 @@ def test_conditioning_refuses_repeats_and_warmup_it_would_not_run(benchmark, cap
         conditioning.parse_args(["--sizes", "tiny", *bad])
     assert stop.value.code == 2 and "expected --repeats >= 1 (or left out" in capsys.readouterr().err
     assert conditioning.parse_args(["--sizes", "tiny", "--warmup", "0"]).repeats is None  # the per-size default
+
+
+@pytest.mark.parametrize(("script", "work", "argv"), [
+    ("rl_step", "measure", ["--suites", "modes"]),
+    ("lm_head", "head_suite", ["--sizes", "tiny"]),
+    ("mixture", "run", ["--models", "tiny"]),
+    ("generate_cache", "measure", ["--models", "tiny"]),
+    ("conditioning", "benchmark_cell", ["--sizes", "tiny"]),
+])
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(benchmark, monkeypatch, capsys, tmp_path, script,
+                                                                  work, argv):
+    # the JSON is written after the measurements (minutes to hours): an --out naming a directory, or under a file,
+    # used to fail only then, and the run's numbers were lost
+    module = benchmark(script)
+    monkeypatch.setattr(module, work, lambda *a: pytest.fail(f"{script} measured before refusing --out"))
+    extra = ["--cache", str(tmp_path)] if script not in ("conditioning", "lm_head") else []
+    (tmp_path / "file").write_text("")
+    cases = ((tmp_path, f"--out {str(tmp_path)!r} is a directory"),
+             (tmp_path / "file" / "x.json", f"--out directory {str(tmp_path / 'file')!r} is not writable"))
+    for out, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            module.main([*argv, *extra, "--out", str(out)])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
