@@ -1,8 +1,7 @@
 """What the benchmark scripts share: device sync, step times, peak memory, the machine, conditioning modes by name,
 the ``--out`` check.
 
-Not a script: ``rl_step.py``, ``trl_runner.py``, ``lm_head.py`` and ``generate_cache.py`` import it as a sibling
-module (``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
+Not a script: the scripts beside it import it as a sibling module (``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
 """
 
 from __future__ import annotations

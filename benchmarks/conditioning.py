@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import check_out
 
 from clp_lightning.conditioning.config import ConditioningConfig
 from clp_lightning.conditioning.policy import ConditionalPolicy
@@ -309,13 +310,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
         parser.error(f"--repeats {args.repeats} --warmup {args.warmup}: expected --repeats >= 1 (or left out for the "
                      "per-size default) and --warmup >= 0")
-    if args.out is not None:  # written after the first cell, minutes in: a bad path would fail only there
-        from clp_lightning.callbacks.checkpoint import check_output_file
-
-        try:
-            check_output_file(args.out, "--out", "JSON")
-        except OSError as err:
-            parser.error(str(err))
+    check_out(parser, args.out)  # written after the first cell, minutes in: a bad path would fail only there
     return args
 
 
