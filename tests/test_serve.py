@@ -5,6 +5,7 @@ import contextlib
 import copy
 import http.client
 import json
+import math
 import re
 import signal
 import socket
@@ -367,6 +368,26 @@ def test_malformed_requests_get_400_not_500():
         reply = conn.getresponse()
         assert reply.status == 400 and "Content-Length must be" in json.loads(reply.read())["error"]
         conn.close()
+
+
+def test_an_alpha_a_rounding_error_past_the_range_is_taken_as_its_end():
+    """The page's KL slider at its top sends low * (high / low) ** 1, which for [0.01, 0.7] is 0.7000000000000001:
+    it was refused with 400, so the top of the slider never generated."""
+    stub = Stub()
+    stub.alpha_range = (0.01, 0.7)
+    stub.release.set()
+    seen = []
+    stub.generate = lambda prompt, weights, alpha=None: seen.append(alpha) or {"response": "ok", "rewards": {}}
+    top, bottom = 0.01 * (0.7 / 0.01) ** 1.0, math.nextafter(0.01, 0)
+    assert top > 0.7  # what the page computes
+    with served(stub) as address:
+        for alpha, expected in ((top, 0.7), (bottom, 0.01), (0.7, 0.7), (0.3, 0.3)):
+            status, out = request(address, "POST", "/generate", {"prompt": "hi", "weights": [0.5, 0.5], "alpha": alpha})
+            assert status == 200 and out["alpha"] == expected, (alpha, status, out)
+        assert seen == [0.7, 0.01, 0.7, 0.3]  # the backend gets a KL strength inside the range
+        for alpha in (0.7001, 0.0099):
+            status, out = request(address, "POST", "/generate", {"prompt": "hi", "weights": [0.5, 0.5], "alpha": alpha})
+            assert status == 400 and "'alpha' must be a number in [0.01, 0.7]" in out["error"], (alpha, out)
 
 
 def test_an_internal_error_is_500_without_details(caplog):

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_NEW_TOKENS_CAP = 1024
 WEIGHTS_ATOL = 1e-3  # a page's sliders or a script's rounded numbers, not exact floats
+# the page's KL slider computes low * (high / low) ** t (or low + (high - low) * t), which lands a rounding error past
+# the range's end at t = 1 (0.01 * 70.0 ** 1 = 0.7000000000000001); such a value is taken as the end it rounds from
+ALPHA_RTOL = 1e-9
 
 
 class RequestError(Exception):
@@ -184,10 +187,11 @@ class ServeApp:
         if alpha_range is None:
             raise RequestError(f"'alpha' {_kind(alpha)} given, but this policy is not conditioned on the KL strength")
         low, high = alpha_range
-        if not is_number(alpha) or not low <= _as_float(alpha) <= high:
+        slack = ALPHA_RTOL * max(abs(low), abs(high))
+        if not is_number(alpha) or not low - slack <= _as_float(alpha) <= high + slack:
             raise RequestError(f"'alpha' must be a number in [{low}, {high}] (the KL strengths the policy was "
                                f"trained on), got {_kind(alpha)}")
-        return float(alpha)
+        return min(max(float(alpha), low), high)
 
 
 def _as_float(x: int | float) -> float:
