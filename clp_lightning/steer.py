@@ -41,6 +41,15 @@ def read_prompts(path: str | None) -> list[dict[str, str]]:
                 raise ValueError(f"{path}: row {number} is not JSON ({err.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ValueError(f"{path}: row {number} has no 'prompt' text field")
+            # found here, not after the model loaded: an empty prompt is no tokens, which a causal model cannot
+            # continue (an IndexError inside generate), and JSON's "\ud800" escape is a lone surrogate, no text
+            if not row["prompt"].strip():
+                raise ValueError(f"{path}: row {number} has an empty 'prompt'; expected the post or article")
+            try:
+                row["prompt"].encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"{path}: row {number} has a 'prompt' with an unpaired UTF-16 surrogate at character "
+                                 f"{err.start} ({row['prompt'][err.start]!r}), which is not text") from None
             # rewards read these as text; anything else would fail inside one, after the model loaded and generated
             for field, allowed in (("source", (str,)), ("reference", (str, type(None)))):
                 if field in row and not isinstance(row[field], allowed):

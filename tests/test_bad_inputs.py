@@ -273,6 +273,8 @@ def test_steer_refuses_bad_weights_before_loading_a_model(trained, tmp_path, cap
     ("no_prompts", "No such file or directory"),
     ("bad_jsonl", "row 2 is not JSON"),
     ("no_prompt_field", "row 1 has no 'prompt' text field"),
+    ("empty_prompt", "row 2 has an empty 'prompt'; expected the post or article"),
+    ("lone_surrogate", "row 1 has a 'prompt' with an unpaired UTF-16 surrogate at character 1 ('\\ud800')"),
     ("source_not_text", "row 1 has a 'source' field that is not text (got int 5); expected a string"),
     ("reference_not_text", "row 2 has a 'reference' field that is not text (got list [\"x\"]); expected a string "
                            "or null"),
@@ -284,6 +286,8 @@ def test_steer_refuses_bad_files_before_loading_a_model(trained, tmp_path, capsy
     config, ckpt = trained
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text({"bad_jsonl": '{"prompt": "a"}\n{"prompt": \n', "no_prompt_field": '{"text": "a"}\n',
+                        "empty_prompt": '{"prompt": "a"}\n{"prompt": " "}\n',
+                        "lone_surrogate": '{"prompt": "a\\ud800b"}\n',
                         "source_not_text": '{"prompt": "a", "source": 5}\n',
                         # a null reference is none; a list is refused
                         "reference_not_text": '{"prompt": "a", "reference": null}\n'
