@@ -390,6 +390,33 @@ def test_an_alpha_a_rounding_error_past_the_range_is_taken_as_its_end():
             assert status == 400 and "'alpha' must be a number in [0.01, 0.7]" in out["error"], (alpha, out)
 
 
+def test_a_loopback_server_refuses_requests_that_name_another_host():
+    """DNS rebinding: a web page whose name its owner re-points at 127.0.0.1 is the same origin to the browser, so it
+    could read /api/front and generate with the local model; its requests name that host, and are refused."""
+    stub = Stub()
+    stub.release.set()
+    body = {"prompt": "hi", "weights": [0.5, 0.5]}
+    with served(stub) as address:
+        port = address[1]
+        for host in (f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", "[bad"):
+            for method, path, data in (("GET", "/api/info", None), ("GET", "/", None), ("POST", "/generate", body)):
+                status, out = request(address, method, path, data, {"Host": host})
+                assert status == 403 and f"Host {host!r} is not this machine" in out["error"], (host, path, out)
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "127.0.0.2"):
+            assert request(address, "POST", "/generate", body, {"Host": host})[0] == 200, host
+            assert request(address, "GET", "/api/info", None, {"Host": host})[0] == 200, host
+    server = make_server(stub, "0.0.0.0", 0)  # reachable from other machines by any of their names: no check
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert request(("127.0.0.1", server.server_address[1]), "GET", "/api/info", None,
+                       {"Host": "this-machine.example"})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 def test_an_internal_error_is_500_without_details(caplog):
     with served(Stub(fail=True)) as address:
         status, out = request(address, "POST", "/generate", {"prompt": "hi", "weights": [1, 0]})

@@ -7,8 +7,8 @@
 Endpoints: ``GET /`` (the page), ``GET /api/info`` (objectives and limits), ``GET /api/front`` (the last grid
 evaluation), ``POST /generate`` with ``{"prompt": "...", "weights": [0.3, 0.7]}`` (and ``"alpha"``, the KL strength of
 a policy conditioned on it) and ``Content-Type: application/json``, answering ``{"response", "rewards", "weights"}``
-(and ``"alpha"``), or ``{"error"}`` with status 400 (bad request), 503 (busy) or 500. Replies are strict JSON: a
-reward that is not a finite number is ``null``.
+(and ``"alpha"``), or ``{"error"}`` with status 400 (bad request), 403 (a loopback server asked for another host),
+503 (busy) or 500. Replies are strict JSON: a reward that is not a finite number is ``null``.
 
 Built on the standard library's ``ThreadingHTTPServer`` and one static page (vanilla JS and CSS, inline): no new
 runtime dependency, no asset fetched from a CDN (the page works offline), and the page calls the same JSON endpoint as
@@ -215,6 +215,8 @@ class Handler(BaseHTTPRequestHandler):
     timeout = 30  # a client that stops sending mid-request frees its thread
 
     def do_GET(self) -> None:
+        if self._foreign_host():
+            return
         app, path = self.server.app, urlsplit(self.path).path
         if path in ("/", "/index.html"):
             self._send(200, app.page, "text/html; charset=utf-8")
@@ -227,6 +229,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"no page {path!r}; try / or /api/info"})
 
     def do_POST(self) -> None:
+        if self._foreign_host():
+            return
         if urlsplit(self.path).path != "/generate":
             self._json(404, {"error": f"no endpoint {self.path!r}; POST to /generate"})
             return
@@ -237,6 +241,24 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("generation failed")
             self._json(500, {"error": "internal error while generating (details are in the server's log)"})
+
+    def _foreign_host(self) -> bool:
+        """Refuse (403) a request to a server listening on loopback that names another host: a web page whose name
+        its owner re-points at 127.0.0.1 (DNS rebinding) is the same origin to the browser, so neither CORS nor the
+        Content-Type check stops it, but its requests still say that name in ``Host``."""
+        host = self.headers.get("Host")
+        if not self.server.private or host is None:  # a client that sends no Host is no browser
+            return False
+        try:
+            name = urlsplit(f"//{host}").hostname
+        except ValueError:  # "[bad"
+            name = None
+        if name is not None and is_loopback(name):
+            return False
+        port = self.server.server_address[1]
+        self._json(403, {"error": f"Host {host!r} is not this machine: a server listening on loopback answers "
+                                  f"only requests to localhost or a loopback address, e.g. http://127.0.0.1:{port}/"})
+        return True
 
     def _body(self) -> bytes:
         limit = self.server.app.limits.max_body_bytes
@@ -283,6 +305,7 @@ class Server(ThreadingHTTPServer):
     app: ServeApp
 
     def __init__(self, host: str, port: int) -> None:
+        self.private = is_loopback(host)  # then only requests naming a loopback host are answered
         if ":" in host:
             self.address_family = socket.AF_INET6
         try:
