@@ -26,10 +26,12 @@ from clp_lightning.files import json_text, write_text_atomic
 
 def read_prompts(path: str | None) -> list[dict[str, str]]:
     """Prompts from a text or JSONL file, or standard input."""
-    stream = sys.stdin if path in (None, "-") else open(path, encoding="utf-8")  # noqa: SIM115
     try:
-        with stream:
-            lines = [line.rstrip("\n") for line in stream if line.strip()]
+        if path in (None, "-"):  # read, not closed: standard input is the process's, not ours
+            lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        else:
+            with open(path, encoding="utf-8") as stream:
+                lines = [line.rstrip("\n") for line in stream if line.strip()]
     except UnicodeDecodeError as err:
         raise ValueError(f"prompts file {path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if path is not None and path.endswith(".jsonl"):

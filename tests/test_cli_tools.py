@@ -119,6 +119,20 @@ def test_steer_generates_at_each_weighting(run, tmp_path, capsys):
     # bad weightings, prompts and checkpoints: tests/test_bad_inputs.py
 
 
+def test_steer_reads_prompts_from_standard_input_and_leaves_it_open(monkeypatch):
+    """Reading the prompts closed sys.stdin, so a second call in the same process (a notebook, a script steering
+    twice) failed with "I/O operation on closed file"."""
+    import io
+
+    from clp_lightning.steer import read_prompts
+
+    for path in (None, "-"):
+        stdin = io.StringIO("POST: one\\n\\nTL;DR:\n\nPOST: two\n")
+        monkeypatch.setattr("sys.stdin", stdin)
+        assert read_prompts(path) == [{"prompt": "POST: one\n\nTL;DR:"}, {"prompt": "POST: two"}]
+        assert not stdin.closed and read_prompts(path) == []
+
+
 def test_steer_refuses_a_config_of_another_conditioning_before_loading_a_model(run, tmp_path, capsys, monkeypatch):
     # the module build loads the policy and every reward model: a config that does not fit the checkpoint is found
     # from the parsed config first, as clp export does
