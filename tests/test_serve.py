@@ -195,20 +195,28 @@ def test_an_alpha_conditioned_export_generates_at_the_alpha_its_checkpoint_does(
             assert status == 400 and "'alpha' must be a number in [0.05, 0.5]" in out["error"], (bad, out)
 
 
-def test_an_exported_alpha_range_that_no_training_gives_is_refused(alpha_run, tmp_path):
+def test_an_exported_alpha_range_that_no_training_gives_is_refused(alpha_run, tmp_path, monkeypatch):
     """The directory is untrusted: its alpha_range is every request's default alpha and the page's slider, so one
-    out of order, NaN or infinite would answer every request from an alpha no training gave (or break the page)."""
+    out of order, NaN or infinite would answer every request from an alpha no training gave (or break the page).
+    It is refused before any model loads, as is a malformed clp_config.json (they used to be found after the reward
+    models and the policy had loaded)."""
+    from clp_lightning.conditioning.policy import ConditionalPolicy
     from clp_lightning.export import main as export
 
     path, ckpt = alpha_run
     directory = tmp_path / "exported"
     export(["--config", str(path), "--ckpt_path", str(ckpt), "--out", str(directory)])
+    monkeypatch.setattr(ConditionalPolicy, "from_pretrained", lambda *a, **k: pytest.fail("loaded the policy"))
+    monkeypatch.setattr(serve_backends, "rewards_from_config", lambda *a: pytest.fail("loaded the rewards"))
     record = json.loads((directory / "clp_config.json").read_text())
     for bad in ([0.5, 0.05], [float("nan"), 0.5], [0.05, float("inf")], [-1, 0.5]):
         record["metadata"]["alpha_range"] = bad
         (directory / "clp_config.json").write_text(json.dumps(record))
         with pytest.raises(ValueError, match="not KL strengths 0 <= low <= high"):
-            from_directory(str(directory), [], MAX_NEW_TOKENS)
+            from_directory(str(directory), [str(path)], MAX_NEW_TOKENS)
+    (directory / "clp_config.json").write_text(json.dumps({**record, "objective_names": "brevity"}))
+    with pytest.raises(ValueError, match="field 'objective_names' must be a list of 2 names"):
+        from_directory(str(directory), [str(path)], MAX_NEW_TOKENS)
 
 
 def test_a_directory_is_checked_before_loading(tmp_path, capsys, monkeypatch):

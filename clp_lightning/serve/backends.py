@@ -206,11 +206,26 @@ def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) 
         raise FileNotFoundError(f"{directory!r} is not a directory: expected one written by `clp export`")
     if not (path / "clp_config.json").is_file():
         raise FileNotFoundError(f"{directory!r} has no clp_config.json: expected a directory written by `clp export`")
+    from clp_lightning.conditioning.config import ConditioningConfig
     from clp_lightning.steer import check_configs
 
     check_configs(list(configs))
+    # the directory's clp_config.json is untrusted and cheap to check: all of it before any model (the rewards' or the
+    # policy's) loads, seconds to minutes
+    record = read_clp_config(path)
+    saved, conditioning = record["objective_names"], ConditioningConfig(**record["conditioning"])
+    alpha_range = None
+    if conditioning.condition_on_alpha:
+        alpha_range = record["metadata"].get("alpha_range")
+        if not (isinstance(alpha_range, list) and len(alpha_range) == 2 and all(is_number(a) for a in alpha_range)):
+            raise ValueError(f"the policy in {directory!r} is conditioned on alpha but records no alpha_range (two "
+                             f"numbers), got {alpha_range!r}: serve it from its checkpoint (clp serve --config CONF "
+                             "--ckpt_path CKPT)")
+        low, high = alpha_range  # untrusted: the default alpha of every request, and the page's slider
+        if not (0 <= low <= high and math.isfinite(high)) or (conditioning.alpha_scale is not None and low <= 0):
+            raise ValueError(f"the policy in {directory!r} records alpha_range {alpha_range!r}, not KL strengths "
+                             "0 <= low <= high (low > 0 with alpha_scale) that it can have been trained on")
     rewards = rewards_from_config(configs) if configs else []
-    saved = read_clp_config(path)["objective_names"]
     if rewards and [r.name for r in rewards] != saved:  # weight i goes to the policy's objective i, whatever its name
         raise ValueError(f"the config's rewards {[r.name for r in rewards]} are not the objectives {saved} that the "
                          f"policy in {directory!r} was trained on, in that order: give the run's config")
@@ -218,16 +233,5 @@ def from_directory(directory: str, configs: Sequence[str], max_new_tokens: int) 
     policy.eval()
     names = ([r.name for r in rewards] or policy.objective_names
              or [f"objective_{i + 1}" for i in range(policy.num_objectives)])
-    alpha_range = None
-    if policy.conditioning.condition_on_alpha:
-        alpha_range = (getattr(policy, "metadata", None) or {}).get("alpha_range")
-        if not (isinstance(alpha_range, list) and len(alpha_range) == 2 and all(is_number(a) for a in alpha_range)):
-            raise ValueError(f"the policy in {directory!r} is conditioned on alpha but records no alpha_range (two "
-                             f"numbers), got {alpha_range!r}: serve it from its checkpoint (clp serve --config CONF "
-                             "--ckpt_path CKPT)")
-        low, high = alpha_range  # untrusted: the default alpha of every request, and the page's slider
-        if not (0 <= low <= high and math.isfinite(high)) or (policy.conditioning.alpha_scale is not None and low <= 0):
-            raise ValueError(f"the policy in {directory!r} records alpha_range {alpha_range!r}, not KL strengths "
-                             "0 <= low <= high (low > 0 with alpha_scale) that it can have been trained on")
     return PolicyBackend(policy, names, rewards, max_new_tokens, read_report(path / "evaluation.json", names),
                          alpha_range)
