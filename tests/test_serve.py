@@ -352,6 +352,33 @@ def test_requests_beyond_the_queue_get_503_busy():
         assert [r[0] for r in results] == [200, 200] and server.app.gate.inside == 0
 
 
+def test_connections_beyond_the_limit_are_answered_503_and_closed():
+    """Each connection is a thread holding what it has read until its client finishes or goes quiet for 30 s: clients
+    that opened many and sent slowly took threads and memory without bound."""
+    stub = Stub()
+    stub.release.set()
+
+    def settles_at(server, count):
+        deadline = time.monotonic() + 10
+        while server.connections != count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return server.connections == count
+
+    with served(stub) as (host, port, server):
+        server.max_connections = 2
+        idle = [socket.create_connection((host, port), timeout=10) for _ in range(2)]  # connected, sending nothing
+        assert settles_at(server, 2)
+        with socket.create_connection((host, port), timeout=10) as extra:
+            reply = b"".join(iter(lambda: extra.recv(4096), b""))  # the server closes it at once
+        assert reply.startswith(b"HTTP/1.0 503 ") and reply.endswith(b'"busy, try again: too many open connections"}')
+        assert server.connections == 2
+        for sock in idle:
+            sock.close()
+        assert settles_at(server, 0)  # a closed connection gives its place back
+        assert request((host, port), "POST", "/generate", {"prompt": "hi", "weights": [0.5, 0.5]})[0] == 200
+        assert settles_at(server, 0)
+
+
 def test_malformed_requests_get_400_not_500():
     """Bodies and headers that Python's parsers refuse with errors other than JSONDecodeError are the client's fault."""
     stub = Stub()

@@ -12,7 +12,8 @@ a policy conditioned on it) and ``Content-Type: application/json``, answering ``
 
 Built on the standard library's ``ThreadingHTTPServer`` and one static page (vanilla JS and CSS, inline): no new
 runtime dependency, no asset fetched from a CDN (the page works offline), and the page calls the same JSON endpoint as
-scripts do. Generation is greedy and runs one request at a time; requests beyond ``--max_waiting`` get 503.
+scripts do. Generation is greedy and runs one request at a time; requests beyond ``--max_waiting`` get 503, as do
+connections beyond ``Server.max_connections`` open at once.
 """
 
 from __future__ import annotations
@@ -302,10 +303,15 @@ class Server(ThreadingHTTPServer):
     """A threading HTTP server holding the app (set before serving); IPv6 when the host is an IPv6 address."""
 
     daemon_threads = True  # Ctrl-C does not wait for open connections
+    # each connection is a thread holding what it has read (up to 100 header lines of 64 KiB, then the body) until the
+    # client finishes or goes quiet for Handler.timeout: without a bound, clients that open many and send slowly use
+    # up the memory and the threads; more than this many at once are answered 503 and closed
+    max_connections = 64
     app: ServeApp
 
     def __init__(self, host: str, port: int) -> None:
         self.private = is_loopback(host)  # then only requests naming a loopback host are answered
+        self.connections, self.connections_lock = 0, threading.Lock()
         if ":" in host:
             self.address_family = socket.AF_INET6
         try:
@@ -315,6 +321,34 @@ class Server(ThreadingHTTPServer):
             hint = ("choose another --port, or --port 0 for a free one" if err.errno in (errno.EADDRINUSE, errno.EACCES)
                     else "--host must be an address or name of this machine, e.g. 127.0.0.1")
             raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}): {hint}") from None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            refuse = self.connections >= self.max_connections
+            self.connections += not refuse
+        if refuse:
+            body = b'{"error": "busy, try again: too many open connections"}'
+            with contextlib.suppress(OSError):  # a reply only if it fits the socket's buffer: never wait for a client
+                request.setblocking(False)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: it will not release its place
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self.connections_lock:
+            self.connections -= 1
 
 
 def make_server(backend: Backend, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> Server:
