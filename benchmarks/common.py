@@ -1,7 +1,8 @@
 """What the benchmark scripts share: device sync, step times, peak memory, the machine, conditioning modes by name,
 the ``--out`` check.
 
-Not a script: the scripts beside it import it as a sibling module (``python benchmarks/<script>.py`` puts this folder on ``sys.path``).
+Not a script: the scripts beside it import it as a sibling module (``python benchmarks/<script>.py`` puts this
+folder on ``sys.path``).
 """
 
 from __future__ import annotations
