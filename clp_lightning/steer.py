@@ -21,6 +21,7 @@ import torch
 from clp_lightning.callbacks.checkpoint import check_output_file, read_checkpoint
 from clp_lightning.conditioning.weights import validate_weights
 from clp_lightning.config import GenerationSettings
+from clp_lightning.evaluation.generation import check_alpha
 from clp_lightning.files import json_text, write_text_atomic
 
 
@@ -122,7 +123,9 @@ def steer_prompts(
                 continue  # no human reference given for these prompts
             refs = None if None in references else references
             rewards[reward.name] = reward(sources, texts, refs).tolist()
-    return [{"prompt": prompts[i % len(rows)], "weights": out["weights"][i].tolist(), "response": text,
+    # the KL strength an alpha-conditioned policy was given, as `clp serve` answers it
+    given = {} if module.alpha_range is None else {"alpha": module.evaluation_alpha(alpha)}
+    return [{"prompt": prompts[i % len(rows)], "weights": out["weights"][i].tolist(), **given, "response": text,
              "rewards": {name: values[i] for name, values in rewards.items()}}
             for i, text in enumerate(texts)]
 
@@ -139,6 +142,9 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--output", default=None, help="write JSONL here instead of printing")
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="KL strength for a policy conditioned on it, within its alpha_range (default: the "
+                             "range's low end, as in evaluation)")
     parser.add_argument("--no_score", action="store_true", help="skip scoring the responses")
     parser.add_argument("--set", action="append", default=[], metavar="--KEY=VALUE",
                         help="extra override for the config, e.g. --set=--model.init_args.policy.seed=1")
@@ -153,8 +159,14 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     # the config's objectives and conditioning against the checkpoint's, from the parsed config alone (as clp export
     # does): building the module first loads the policy and every reward model before the mismatch is found
-    check_config(parse_config([a for c in args.config for a in ("--config", c)] + args.set), checkpoint,
-                 args.ckpt_path)
+    setup = parse_config([a for c in args.config for a in ("--config", c)] + args.set)
+    check_config(setup, checkpoint, args.ckpt_path)
+    if args.alpha is not None:  # as the module's evaluation_alpha will, but before the module is built
+        alpha_range = ((setup.get("model") or {}).get("init_args") or {}).get("alpha_range")
+        if alpha_range is None:
+            raise ValueError(f"--alpha {args.alpha} given, but the config's policy is not conditioned on alpha (no "
+                             "model.init_args.alpha_range)")
+        check_alpha(args.alpha, tuple(alpha_range), name="--alpha")
     objectives = (checkpoint.get("clp") or {}).get("objective_names")
     weightings = [validate_weights(w, None if objectives is None else len(objectives), name="--weights")
                   for w in args.weights]
@@ -168,7 +180,7 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     module = load_module(args.config, args.ckpt_path, args.set, checkpoint)
     weightings = [validate_weights(w, module.num_objectives, name="--weights") for w in weightings]
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
-    results = steer_prompts(module, rows, weightings, generation, score=not args.no_score)
+    results = steer_prompts(module, rows, weightings, generation, score=not args.no_score, alpha=args.alpha)
     lines = [json_text(r) for r in results]  # a NaN reward as null
     if args.output:
         # a crash mid-write keeps the file that was there, never half of the new one

@@ -258,6 +258,7 @@ def no_steer_model(monkeypatch):
     (["--weights", "0.2,0.3,0.5"], "has 3 entries, expected 2 (one per objective)"),
     (["--weights", "0.5,0.6"], "sums to 1.1, expected 1"),
     (["--weights=0.5,0.5", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
+    (["--weights=0.5,0.5", "--alpha=0.1"], "--alpha 0.1 given, but the config's policy is not conditioned on alpha"),
 ])
 def test_steer_refuses_bad_weights_before_loading_a_model(trained, tmp_path, capsys, no_steer_model, weights,
                                                            message):

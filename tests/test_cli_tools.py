@@ -191,7 +191,7 @@ STEER_SETUPS = {
 
 
 @pytest.mark.parametrize("setup", sorted(STEER_SETUPS))
-def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_path, capsys, setup):
+def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_path, capsys, monkeypatch, setup):
     """clp steer decodes as the module's own evaluation path does, for alpha-conditioned policies (at the lower end
     of alpha_range) and for decoding-time logit mixing; a copy of the generation loop would miss either."""
     from cli_helpers import TINY_CONFIG, write_config
@@ -226,6 +226,25 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
         ids, mask = module.policy.generate(**enc, weights=w, alpha=alpha, do_sample=False, max_new_tokens=4)
     assert [r["response"] for r in rows] == module.policy.decode(ids, mask)
     assert [r["weights"] for r in rows] == w.tolist()
+    if setup == "alpha":
+        # --alpha steers the KL strength within alpha_range, and every row says which one it was given
+        assert [r["alpha"] for r in rows] == [0.05] * 4
+        rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
+                      "--prompts", str(prompts), "--max_new_tokens", "4", "--alpha", "0.4"])
+        alpha = torch.full((4,), 0.4)
+        ids, mask = module.policy.generate(**module.policy.encode(texts * 2, w, alpha), weights=w, alpha=alpha,
+                                           do_sample=False, max_new_tokens=4)
+        assert [r["response"] for r in rows] == module.policy.decode(ids, mask)
+        assert [r["alpha"] for r in rows] == [0.4] * 4
+        import clp_lightning.steer as steer_module
+
+        monkeypatch.setattr(steer_module, "load_module", lambda *a, **k: pytest.fail("loaded before refusing"))
+        for bad in ("0.9", "nan"):
+            with pytest.raises(ValueError, match=rf"--alpha={bad} is outside alpha_range \[0.05, 0.5\]"):
+                steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--prompts", str(prompts),
+                       "--alpha", bad])
+    else:
+        assert "alpha" not in rows[0]
 
 
 def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
