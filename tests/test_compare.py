@@ -178,3 +178,27 @@ def test_a_file_that_is_not_a_report_is_named(tmp_path):
     for name, what in (("results.json", "it has no"), ("list.json", "it has no"), ("config.yaml", "it is not JSON")):
         with pytest.raises(ValueError, match=f"{name}' is not a grid-evaluation report: {what}"):
             compare([str(good), str(tmp_path / name)])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steerability", {"relevance": 1.0}, "steerability {'relevance': 1.0} does not give a number for each objective"),
+    ("rewards", [[1.0], [2.0], [3.0]], "rewards is not 3 rows (one per grid weighting) of 2 numbers"),
+    ("grid", [[0.0, 1.0], [1.0, 0.0]], "rewards is not 2 rows"),  # 3 rewards for 2 weightings
+    ("hypervolume", "big", "hypervolume 'big' is not a number"),
+    ("objectives", "ab", "objectives 'ab' is not a list of distinct names"),
+    ("reference_rewards", [0.0], "reference_rewards [0.0] is not 2 numbers"),
+    ("per_prompt_rewards", [[[1.0, 2.0]], [[1.0, 2.0], [3.0]]], "per_prompt_rewards is not 3 lists"),
+    ("kl", "x", "kl is not 3 numbers"),
+    ("parameters", [1], "parameters [1] is not a dict"),
+])
+def test_a_malformed_report_is_named_with_its_field(tmp_path, capsys, field, value, message):
+    # a report is untrusted input: these failed with a KeyError, IndexError, TypeError or a torch message deep in the
+    # table or the figure, naming neither the file nor the field
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(new_report()))
+    bad.write_text(json.dumps({**new_report(), field: value}))
+    code, err = clp(capsys, "compare", str(good), str(bad), "--output", str(tmp_path / "front.png"))
+    lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
+    assert code == 2 and len(lines) == 1, err[-2000:]
+    assert f"{str(bad)!r} is not a well-formed grid-evaluation report: {message}" in lines[0]
+    assert not (tmp_path / "front.png").exists()
