@@ -88,13 +88,13 @@ def _run(args: argparse.Namespace) -> dict:
                      f"--model.init_args.output_dir={sft_model}"]
         if args.sft_steps is not None:
             overrides += [f"--trainer.max_steps={args.sft_steps}",
-                          f"--trainer.val_check_interval={max(args.sft_steps // 2, 1)}"]
+                          f"--trainer.val_check_interval={validation_interval(args.sft_steps)}"]
         run_cli(["fit", "--config", str(CONF_DIR / "quickstart_sft.yaml"), *overrides])
     overrides = [f"--trainer.default_root_dir={run / 'rl'}", f"--trainer.logger.init_args.save_dir={run}",
                  f"--model.init_args.policy.model_name_or_path={sft_model}"]
     if args.rl_steps is not None:
-        interval = max(args.rl_steps // 2, 1)
-        overrides += [f"--trainer.max_steps={args.rl_steps}", f"--trainer.val_check_interval={interval}"]
+        overrides += [f"--trainer.max_steps={args.rl_steps}",
+                      f"--trainer.val_check_interval={validation_interval(args.rl_steps)}"]
     cli = run_cli(["fit", "--config", str(CONF_DIR / "quickstart.yaml"), *overrides])
     report_path = Path(cli.trainer.log_dir) / "evaluation" / "latest.json"
     report = read_report(report_path)
@@ -102,6 +102,13 @@ def _run(args: argparse.Namespace) -> dict:
     print(f"\nfinished in {time.time() - started:.0f} s; TensorBoard: tensorboard --logdir {run}")
     print(f"checkpoints: {run / 'rl' / 'checkpoints'}; reports: {report_path.parent}")
     return report
+
+
+def validation_interval(steps: int) -> int:
+    """Steps between validations of a stage shortened to ``steps``: half-way and at the end, or only at the end
+    when ``steps`` is odd. It divides ``steps``, so the last step is evaluated: the summary reads the last report,
+    and ``steps // 2`` (2 for 5) would leave it describing step 4 of a policy trained for 5."""
+    return steps // 2 if steps % 2 == 0 else steps
 
 
 def print_summary(report: dict) -> None:

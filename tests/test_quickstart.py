@@ -150,3 +150,19 @@ def test_a_new_or_empty_run_directory_runs_the_stages(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         quickstart(["--run-dir", str(tmp_path)])
     assert len(calls) == 1 and "quickstart_sft.yaml" in " ".join(calls[0])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 5, 7])
+def test_a_shortened_stage_is_evaluated_at_its_last_step(monkeypatch, tmp_path, steps):
+    """``--rl-steps 5`` validated at steps 2 and 4 only, so the closing summary (the last report) described the
+    policy at step 4, not the one trained for 5 steps and saved as last.ckpt."""
+    from clp_lightning.quickstart import quickstart
+
+    calls = _recording_stages(monkeypatch)
+    (tmp_path / "sft" / "model").mkdir(parents=True)
+    (tmp_path / "sft" / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        quickstart(["--run-dir", str(tmp_path), "--skip-sft", "--rl-steps", str(steps)])
+    values = dict(arg.removeprefix("--trainer.").split("=") for arg in calls[0] if arg.startswith("--trainer.")
+                  and arg.split("=")[0] in ("--trainer.max_steps", "--trainer.val_check_interval"))
+    assert int(values["max_steps"]) == steps and steps % int(values["val_check_interval"]) == 0
