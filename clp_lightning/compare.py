@@ -217,9 +217,17 @@ def overlay_figure(reports: list[dict[str, Any]], labels: list[str]):
             kl_text = "" if math.isnan(kl) else f", KL {kl:.3g}"
             ax.plot([p[i] for p in pts], [p[j] for p in pts], marker="o", ms=4, **plots.series_style(k),
                     label=f"{label} (HV {r['hypervolume']:.3g}{kl_text})")
-        ref = reports[0].get("reference_rewards")
-        if ref is not None:
-            ax.scatter([ref[i]], [ref[j]], marker="*", s=120, color="black", label="reference policy", zorder=4)
+        # each run's reference policy (its warm start, on its prompts): one star when they agree, else one per run
+        # in the run's colour, never the first run's star standing for every run's
+        starts = [(k, label, r["reference_rewards"]) for k, (label, r) in enumerate(zip(labels, reports))
+                  if "reference_rewards" in r]
+        if len({json.dumps(start) for _, _, start in starts}) == 1:
+            ax.scatter([starts[0][2][i]], [starts[0][2][j]], marker="*", s=120, color="black",
+                       label="reference policy", zorder=4)
+        else:
+            for k, label, start in starts:
+                ax.scatter([start[i]], [start[j]], marker="*", s=120, color=plots.series_style(k)["color"],
+                           edgecolors="black", label=f"{label}: reference policy", zorder=4)
         ax.set_xlabel(names[i])
         ax.set_ylabel(names[j])
         ax.grid(alpha=0.3)

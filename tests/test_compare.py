@@ -202,3 +202,15 @@ def test_a_malformed_report_is_named_with_its_field(tmp_path, capsys, field, val
     assert code == 2 and len(lines) == 1, err[-2000:]
     assert f"{str(bad)!r} is not a well-formed grid-evaluation report: {message}" in lines[0]
     assert not (tmp_path / "front.png").exists()
+
+
+def test_the_overlay_shows_each_runs_reference_policy_when_they_differ():
+    # runs from different warm starts (or prompts): the first run's reference policy was drawn as "reference policy"
+    # for all of them
+    other = {**new_report(shift=0.1), "reference_rewards": [0.3, 0.9]}
+    labels = [collection.get_label() for collection in overlay_figure([new_report(), other], ["a", "b"]).axes[0]
+              .collections]
+    assert labels == ["a: reference policy", "b: reference policy"]
+    same = overlay_figure([new_report(), new_report(shift=0.1)], ["a", "b"]).axes[0].collections
+    assert [c.get_label() for c in same] == ["reference policy"]
+    assert same[0].get_offsets().tolist() == [new_report()["reference_rewards"]]
