@@ -167,11 +167,23 @@ def evaluation_line(reports: list[dict[str, Any]], labels: list[str]) -> str | N
             "clp validate with one config measures them alike.")
 
 
+def grid_line(reports: list[dict[str, Any]], labels: list[str]) -> str | None:
+    """A warning naming each run's grid of weightings when the runs' grids differ, or None when they agree: a front
+    through other weightings has another hypervolume and steerability even from the same policy."""
+    grids = [json.dumps([[round(x, 6) for x in w] for w in r["grid"]]) for r in reports]
+    if len(set(grids)) == 1:
+        return None
+    each = "; ".join(f"{label} {len(r['grid'])} weightings" for label, r in zip(labels, reports))
+    return (f"The runs were evaluated on different grids of weightings ({each}): their hypervolumes and "
+            "steerabilities are not measured the same way; clp validate with one config measures them alike.")
+
+
 def comparison_table(reports: list[dict[str, Any]], labels: list[str], num_resamples: int = 2000) -> str:
     """Markdown table: hypervolume, steerability per objective, steps, trainable and total parameters, the KL to the
     reference (sampled, mean over the grid), the hypervolume's 95% bootstrap interval and the paired difference to
     the first run (95% interval), ``n/a`` where a report lacks what they need; then the line that names the point
-    the hypervolumes are measured from (:func:`reference_points_line`)."""
+    the hypervolumes are measured from (:func:`reference_points_line`), and warnings when the runs' grids
+    (:func:`grid_line`) or evaluation settings (:func:`evaluation_line`) differ."""
     from clp_lightning.evaluation.bootstrap import bootstrap_ci, paired_bootstrap
 
     names = reports[0]["objectives"]
@@ -191,8 +203,8 @@ def comparison_table(reports: list[dict[str, Any]], labels: list[str], num_resam
                  str(params.get("trainable_parameters", "?")), str(params.get("total_parameters", "?")),
                  "n/a" if math.isnan(kl) else f"{kl:.3f}", interval, difference]
         lines.append("| " + " | ".join(cells) + " |")
-    differently = evaluation_line(reports, labels)
-    return "\n".join([*lines, "", reference_points_line(reports, labels), *([differently] if differently else [])])
+    differently = [line for line in (grid_line(reports, labels), evaluation_line(reports, labels)) if line]
+    return "\n".join([*lines, "", reference_points_line(reports, labels), *differently])
 
 
 def _pairable(a: dict[str, Any], b: dict[str, Any]) -> bool:

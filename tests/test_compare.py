@@ -214,3 +214,18 @@ def test_the_overlay_shows_each_runs_reference_policy_when_they_differ():
     same = overlay_figure([new_report(), new_report(shift=0.1)], ["a", "b"]).axes[0].collections
     assert [c.get_label() for c in same] == ["reference policy"]
     assert same[0].get_offsets().tolist() == [new_report()["reference_rewards"]]
+
+
+def test_the_table_says_when_the_runs_were_evaluated_on_different_grids():
+    # a front through 2 weightings against one through 3: different hypervolumes even from one policy, shown side by
+    # side without a word (and unpaired, so with no other sign)
+    coarse = {**new_report(shift=0.1), "grid": [[0.0, 1.0], [1.0, 0.0]]}
+    coarse["rewards"] = [coarse["rewards"][0], coarse["rewards"][2]]
+    del coarse["per_prompt_rewards"]
+    lines = comparison_table([new_report(), coarse], ["a", "b"], 20).splitlines()
+    assert lines[-1] == ("The runs were evaluated on different grids of weightings (a 3 weightings; b 2 weightings): "
+                         "their hypervolumes and steerabilities are not measured the same way; clp validate with one "
+                         "config measures them alike.")
+    assert lines[-2].startswith("Hypervolumes from")
+    assert comparison_table([new_report(), new_report(shift=0.1)], ["a", "b"], 20).splitlines()[-1].startswith(
+        "Hypervolumes from")
