@@ -38,6 +38,9 @@ def quickstart(argv: list[str] | None = None) -> dict:
         if value is not None and value < 1:  # 0 would otherwise run the stage's full length
             parser.error(f"{flag} must be >= 1, got {value}")
     run = Path(args.run_dir)
+    existing = next(path for path in (run, *run.parents) if path.exists())
+    if not existing.is_dir():  # else named late, as a --trainer.default_root_dir the user never gave
+        parser.error(f"--run-dir {str(run)!r}: {str(existing)!r} is a file, not a directory; choose another --run-dir")
     if args.skip_sft and not (run / "sft" / "model" / "config.json").exists():
         # running the warm start anyway would spend its minutes on what the user asked to skip
         parser.error(f"--skip-sft: {run / 'sft' / 'model'} holds no warm start (no config.json) to reuse; run once "

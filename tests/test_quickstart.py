@@ -166,3 +166,19 @@ def test_a_shortened_stage_is_evaluated_at_its_last_step(monkeypatch, tmp_path, 
     values = dict(arg.removeprefix("--trainer.").split("=") for arg in calls[0] if arg.startswith("--trainer.")
                   and arg.split("=")[0] in ("--trainer.max_steps", "--trainer.val_check_interval"))
     assert int(values["max_steps"]) == steps and steps % int(values["val_check_interval"]) == 0
+
+
+@pytest.mark.parametrize("where", ["itself", "parent"])
+def test_a_run_dir_that_is_a_file_is_refused_as_the_run_dir(monkeypatch, capsys, tmp_path, where):
+    """A file as --run-dir used to be refused only by the warm start's trainer, as a --trainer.default_root_dir the
+    user never gave."""
+    from clp_lightning.quickstart import quickstart
+
+    calls = _recording_stages(monkeypatch)
+    (tmp_path / "afile").write_text("")
+    run = tmp_path / "afile" if where == "itself" else tmp_path / "afile" / "run"
+    with pytest.raises(SystemExit) as exit_:
+        quickstart(["--run-dir", str(run)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--run-dir {str(run)!r}: {str(tmp_path / 'afile')!r} is a file" in err
+    assert calls == []
