@@ -63,25 +63,29 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 def report_problem(report: dict[str, Any]) -> str | None:
     """What in ``report`` (which has every key of ``REPORT_KEYS``) the table and the figure could not read, naming
-    the field and what it should be, or None when they can read all of it. A number may be NaN (null on disk)."""
+    the field and what it should be, or None when they can read all of it. The hypervolume, steerability and KL may
+    be NaN (null on disk); the rewards and the points a hypervolume is measured from may not (grid_report refuses
+    them, and a hypervolume of them is undefined)."""
     objectives = report["objectives"]
     if not (isinstance(objectives, list) and objectives and all(isinstance(n, str) for n in objectives)
             and len(set(objectives)) == len(objectives)):
         return f"objectives {objectives!r} is not a list of distinct names"
     m = len(objectives)
 
-    def numbers(value: Any, n: int) -> bool:
-        return isinstance(value, list) and len(value) == n and all(is_number(x) for x in value)
+    def numbers(value: Any, n: int, finite: bool = True) -> bool:
+        return isinstance(value, list) and len(value) == n and all(
+            is_number(x) and (math.isfinite(x) or not finite) for x in value)
 
     def rows(value: Any, n: int | None = None) -> bool:  # n (or, if None, one or more) lists of m numbers
         return isinstance(value, list) and (len(value) >= 1 if n is None else len(value) == n) and all(
             numbers(row, m) for row in value)
 
     if not rows(report["grid"]):
-        return f"grid is not a list of weightings of {m} numbers each (one per objective {objectives})"
+        return f"grid is not a list of weightings of {m} finite numbers each (one per objective {objectives})"
     g = len(report["grid"])
     if not rows(report["rewards"], g):
-        return f"rewards is not {g} rows (one per grid weighting) of {m} numbers (one per objective {objectives})"
+        return (f"rewards is not {g} rows (one per grid weighting) of {m} finite numbers (one per objective "
+                f"{objectives})")
     if not is_number(report["hypervolume"]):
         return f"hypervolume {report['hypervolume']!r} is not a number"
     steerability = report["steerability"]
@@ -91,15 +95,15 @@ def report_problem(report: dict[str, Any]) -> str | None:
         return f"step {report['step']!r} is not an integer"
     for key in ("ref_point", "reference_rewards"):
         if key in report and not numbers(report[key], m):
-            return f"{key} {report[key]!r} is not {m} numbers (one per objective {objectives})"
-    if "kl_se" in report and report.get("kl") and not numbers(report["kl"], g):  # what sampled_kl reads
+            return f"{key} {report[key]!r} is not {m} finite numbers (one per objective {objectives})"
+    if "kl_se" in report and report.get("kl") and not numbers(report["kl"], g, finite=False):  # what sampled_kl reads
         return f"kl is not {g} numbers (one per grid weighting)"
     if "per_prompt_rewards" in report:
         per_prompt = report["per_prompt_rewards"]
         if not (isinstance(per_prompt, list) and len(per_prompt) == g and all(rows(p) for p in per_prompt)
                 and len({len(p) for p in per_prompt}) == 1):
             return (f"per_prompt_rewards is not {g} lists (one per grid weighting) of the same number of prompts, "
-                    f"each {m} numbers (one per objective {objectives})")
+                    f"each {m} finite numbers (one per objective {objectives})")
     if not isinstance(report.get("parameters", {}), dict):
         return f"parameters {report['parameters']!r} is not a dict of parameter counts"
     return None

@@ -182,14 +182,18 @@ def test_a_file_that_is_not_a_report_is_named(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("steerability", {"relevance": 1.0}, "steerability {'relevance': 1.0} does not give a number for each objective"),
-    ("rewards", [[1.0], [2.0], [3.0]], "rewards is not 3 rows (one per grid weighting) of 2 numbers"),
+    ("rewards", [[1.0], [2.0], [3.0]], "rewards is not 3 rows (one per grid weighting) of 2 finite numbers"),
     ("grid", [[0.0, 1.0], [1.0, 0.0]], "rewards is not 2 rows"),  # 3 rewards for 2 weightings
     ("hypervolume", "big", "hypervolume 'big' is not a number"),
     ("objectives", "ab", "objectives 'ab' is not a list of distinct names"),
-    ("reference_rewards", [0.0], "reference_rewards [0.0] is not 2 numbers"),
+    ("reference_rewards", [0.0], "reference_rewards [0.0] is not 2 finite numbers"),
     ("per_prompt_rewards", [[[1.0, 2.0]], [[1.0, 2.0], [3.0]]], "per_prompt_rewards is not 3 lists"),
     ("kl", "x", "kl is not 3 numbers"),
     ("parameters", [1], "parameters [1] is not a dict"),
+    # null (NaN) where a hypervolume needs a number: hypervolume's message named neither the file nor the field
+    ("ref_point", [None, 0.0], "ref_point [nan, 0.0] is not 2 finite numbers"),
+    ("reference_rewards", [None, 0.0], "reference_rewards [nan, 0.0] is not 2 finite numbers"),
+    ("per_prompt_rewards", [[[None, 1.0]] * 6] * 3, "per_prompt_rewards is not 3 lists"),
 ])
 def test_a_malformed_report_is_named_with_its_field(tmp_path, capsys, field, value, message):
     # a report is untrusted input: these failed with a KeyError, IndexError, TypeError or a torch message deep in the
