@@ -283,7 +283,9 @@ def compare(argv: list[str] | None = None) -> str:
     reports = [load_report(r) for r in args.runs]
     objectives = {tuple(r["objectives"]) for r in reports}
     if len(objectives) != 1:
-        raise ValueError(f"runs have different objectives: {sorted(objectives)}")
+        each = "; ".join(f"{label} {r['objectives']}" for label, r in zip(labels, reports))
+        raise ValueError(f"the runs have different objectives ({each}): their columns would not line up; compare runs "
+                         "of the same objectives, in the same order")
     if ref_point is not None:
         reports = [rebased(r, ref_point, "--ref-point") for r in reports]
     output = Path(args.output) if args.output else None

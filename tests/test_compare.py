@@ -233,3 +233,14 @@ def test_the_table_says_when_the_runs_were_evaluated_on_different_grids():
     assert lines[-2].startswith("Hypervolumes from")
     assert comparison_table([new_report(), new_report(shift=0.1)], ["a", "b"], 20).splitlines()[-1].startswith(
         "Hypervolumes from")
+
+
+def test_runs_of_other_objectives_are_named(tmp_path, capsys):
+    # the same objectives in another order are other columns; the message named the objective lists, not the runs
+    swapped = {**new_report(), "objectives": ["brevity", "relevance"]}
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, report in zip(paths, (new_report(), swapped)):
+        path.write_text(json.dumps(report))
+    code, err = clp(capsys, "compare", *map(str, paths), "--labels", "a", "b")
+    assert code == 2 and ("the runs have different objectives (a ['relevance', 'brevity']; b ['brevity', "
+                          "'relevance']): their columns would not line up") in err
