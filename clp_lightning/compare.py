@@ -292,6 +292,9 @@ def compare(argv: list[str] | None = None) -> str:
     if output is not None:  # found only after the tables' bootstrap otherwise
         check_output_file(output, "--output", "figure")
         figure_format(output, "--output")
+        if len(reports[0]["objectives"]) < 2:  # a front has no plane to be drawn in
+            raise ValueError(f"--output: a figure of fronts needs 2 or more objectives; these runs have "
+                             f"{reports[0]['objectives']} (leave --output out for the table alone)")
     table = comparison_table(reports, labels)
     print(table)
     if output is not None:

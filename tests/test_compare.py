@@ -244,3 +244,18 @@ def test_runs_of_other_objectives_are_named(tmp_path, capsys):
     code, err = clp(capsys, "compare", *map(str, paths), "--labels", "a", "b")
     assert code == 2 and ("the runs have different objectives (a ['relevance', 'brevity']; b ['brevity', "
                           "'relevance']): their columns would not line up") in err
+
+
+def test_a_figure_of_one_objective_is_refused_before_the_tables(tmp_path, capsys, monkeypatch):
+    # a run of one reward has a report but no front to draw: matplotlib's "Number of columns must be a positive
+    # integer, not 0" came after the tables' bootstrap
+    import clp_lightning.compare as compare_module
+
+    report = grid_report(["only"], torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([0.1]),
+                         torch.tensor([0.0]), torch.tensor([-1.0]), ref_point_from="config", epoch=0, step=3)
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(report))
+    assert compare([str(path), "--labels", "one"]).splitlines()[2].startswith("| one | 1.5000 |")  # the table reads it
+    monkeypatch.setattr(compare_module, "comparison_table", lambda *a: pytest.fail("the tables came first"))
+    code, err = clp(capsys, "compare", str(path), "--output", str(tmp_path / "front.png"))
+    assert code == 2 and "--output: a figure of fronts needs 2 or more objectives; these runs have ['only']" in err
