@@ -99,6 +99,8 @@ def report_problem(report: dict[str, Any]) -> str | None:
     if "kl_se" in report and report.get("kl") and not numbers(report["kl"], g, finite=False):  # what sampled_kl reads
         return f"kl is not {g} numbers (one per grid weighting)"
     if "per_prompt_rewards" in report:
+        if "ref_point" not in report:  # the bootstrap measures each resample from it
+            return "it has per_prompt_rewards but no ref_point to measure their hypervolumes from"
         per_prompt = report["per_prompt_rewards"]
         if not (isinstance(per_prompt, list) and len(per_prompt) == g and all(rows(p) for p in per_prompt)
                 and len({len(p) for p in per_prompt}) == 1):

@@ -190,6 +190,7 @@ def test_a_file_that_is_not_a_report_is_named(tmp_path):
     ("per_prompt_rewards", [[[1.0, 2.0]], [[1.0, 2.0], [3.0]]], "per_prompt_rewards is not 3 lists"),
     ("kl", "x", "kl is not 3 numbers"),
     ("parameters", [1], "parameters [1] is not a dict"),
+    ("ref_point", None, "it has per_prompt_rewards but no ref_point"),  # None: the field left out
     # null (NaN) where a hypervolume needs a number: hypervolume's message named neither the file nor the field
     ("ref_point", [None, 0.0], "ref_point [nan, 0.0] is not 2 finite numbers"),
     ("reference_rewards", [None, 0.0], "reference_rewards [nan, 0.0] is not 2 finite numbers"),
@@ -200,7 +201,10 @@ def test_a_malformed_report_is_named_with_its_field(tmp_path, capsys, field, val
     # table or the figure, naming neither the file nor the field
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps(new_report()))
-    bad.write_text(json.dumps({**new_report(), field: value}))
+    report = {**new_report(), field: value}
+    if value is None:
+        del report[field]
+    bad.write_text(json.dumps(report))
     code, err = clp(capsys, "compare", str(good), str(bad), "--output", str(tmp_path / "front.png"))
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1, err[-2000:]
