@@ -74,13 +74,20 @@ def run(tmp_path_factory):
     return tmp, path
 
 
-def test_fit_then_validate_through_the_cli(run):
+@pytest.fixture(scope="module")
+def validated(run):
+    """``clp validate`` of the run's last checkpoint: its report (for every test that reads it, whichever runs)."""
     tmp, config = run
     ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
-    fit_report = json.loads((tmp / "run" / "evaluation" / "latest.json").read_text())
     main(["validate", "--config", str(config), "--ckpt_path", str(ckpt)])
-    report = json.loads((tmp / "run" / "evaluation" / "validate.json").read_text())
+    return tmp / "run" / "evaluation" / "validate.json"
+
+
+def test_fit_then_validate_through_the_cli(run, validated):
+    tmp, _ = run
+    fit_report = json.loads((tmp / "run" / "evaluation" / "latest.json").read_text())
+    report = json.loads(validated.read_text())
     assert torch.allclose(torch.tensor(report["rewards"]), torch.tensor(fit_report["rewards"]), atol=1e-5)
     assert report["step"] == fit_report["step"] == 2
     assert report["parameters"]["trainable_parameters"] > 0
@@ -247,7 +254,7 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
         assert "alpha" not in rows[0]
 
 
-def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
+def test_compare_overlays_and_tabulates(run, validated, tmp_path, capsys):
     from clp_lightning.compare import compare
 
     tmp, _ = run
@@ -255,7 +262,7 @@ def test_compare_overlays_and_tabulates(run, tmp_path, capsys):
     table = compare(
         [
             str(tmp / "run"),
-            str(tmp / "run" / "evaluation" / "validate.json"),
+            str(validated),
             "--labels",
             "fit",
             "validate",
