@@ -30,6 +30,7 @@ from clp_lightning.callbacks.checkpoint import (
 )
 from clp_lightning.checks import is_integer
 from clp_lightning.conditioning.config import PolicyConfig
+from clp_lightning.conditioning.lm import check_positions
 from clp_lightning.conditioning.mixture import check_experts
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.conditioning.weights import validate_weights
@@ -184,6 +185,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
                              f"objectives {names}; Rewarded Soups needs one expert checkpoint per objective")
 
         self.policy: ConditionalPolicy = policy.build(self.num_objectives)
+        # a learned position table (GPT-2) must hold the longest prompt and response: now, not at a long prompt hours in
+        check_positions(self.policy.model, self.policy.max_prompt_length, self.generation.max_new_tokens,
+                        "model.init_args.policy.max_prompt_length or model.init_args.generation.max_new_tokens")
         if decoding == "logit_mixture":  # here, not at the first evaluation
             check_experts(self.policy)
         if disable_dropout:  # before the reference is copied from it

@@ -99,6 +99,7 @@ def train_bandit(
     policy = PolicyConfig(
         model_name_or_path=model,
         conditioning=ConditioningConfig(mode="mixing", options={"targets": "logits"}, train_shared=False),
+        max_prompt_length=32,  # the prompts are a few tokens; the default 512 would leave tiny GPT-2 no response room
     )
     module = CLPModule(
         policy,

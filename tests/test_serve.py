@@ -732,3 +732,15 @@ def test_the_kl_slider_of_a_range_that_starts_at_zero_sends_the_alpha_it_shows(t
             assert float(driver.find_element(By.ID, "response").get_attribute("data-alpha")) == 0.25
     finally:
         driver.quit()
+
+
+def test_a_policy_whose_longest_prompt_and_response_overflow_its_positions_is_not_served():
+    # every long request would have ended in a 500 (an IndexError inside GPT-2's position table)
+    from clp_lightning.conditioning.config import ConditioningConfig
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    policy = ConditionalPolicy.from_pretrained("tiny:gpt2", 2, ConditioningConfig(), max_prompt_length=500)
+    with pytest.raises(ValueError, match=r"500 prompt tokens and up to 13 new tokens need 513 positions, .* lower "
+                                         r"--max_new_tokens \(or the policy's max_prompt_length\)"):
+        serve_backends.PolicyBackend(policy, ["a", "b"], [], max_new_tokens=13)
+    assert serve_backends.PolicyBackend(policy, ["a", "b"], [], max_new_tokens=12).policy is policy

@@ -33,6 +33,7 @@ from torch.utils.data import DistributedSampler
 from clp_lightning.callbacks.checkpoint import CheckpointError
 from clp_lightning.callbacks.preemption import validation_due
 from clp_lightning.checks import is_integer, is_number
+from clp_lightning.conditioning.lm import check_positions
 from clp_lightning.conditioning.weights import simplex_grid, validate_weights
 from clp_lightning.config import GenerationSettings
 from clp_lightning.evaluation import ParetoSteerabilityMetric, hypervolume, pareto_steerability
@@ -197,6 +198,8 @@ class GridEvaluation(L.Callback):
         if len(set(labels)) != len(labels):  # one CSV column and metric key would hold two weightings' rewards
             raise ValueError(f"grid_step={self.grid_step} gives weightings that differ by less than 0.01, which the "
                              "metric keys and metrics.csv name to 2 decimals: use grid_step >= 0.01")
+        check_positions(pl_module.policy.model, pl_module.policy.max_prompt_length, self.generation.max_new_tokens,
+                        "the policy's max_prompt_length or GridEvaluation's generation.max_new_tokens")
         if self.ref_point_config is not None and len(self.ref_point_config) != m:
             raise ValueError(f"ref_point {self.ref_point_config} has {len(self.ref_point_config)} values, "
                              f"expected {m} (one per objective {self.names})")

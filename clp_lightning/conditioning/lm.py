@@ -237,6 +237,36 @@ def _continues_from_a_given_cache(model: PreTrainedModel, kwargs: dict[str, Any]
             and kwargs.get("use_cache", config.use_cache) is not False)
 
 
+# Learned absolute position tables, by the name of their module (GPT-2's and GPT-Neo's ``wpe``; OPT's and BART's
+# ``embed_positions``, which keep ``offset`` rows for themselves): a sequence longer than the table indexes past it,
+# an IndexError deep inside the model (a device assert on a GPU). Relative (T5) and rotary (Llama) positions have none.
+POSITION_TABLES = ("wpe", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The most positions ``model``'s learned absolute position tables hold, or None when it has none."""
+    limits = [m.num_embeddings - getattr(m, "offset", 0) for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES]
+    return min(limits, default=None)
+
+
+def check_positions(model: nn.Module, prompt_tokens: int, new_tokens: int, fix: str) -> None:
+    """Refuse prompts of ``prompt_tokens`` tokens continued by up to ``new_tokens`` tokens that do not fit ``model``'s
+    learned position table (a causal LM holds both in one sequence, a seq2seq model each in its own).
+
+    Args:
+        fix: what to lower, named in the message (e.g. ``"max_prompt_length or max_new_tokens"``).
+    """
+    limit = position_limit(model)
+    if limit is None:
+        return
+    causal = model_kind(model) == "causal"
+    need = prompt_tokens + new_tokens if causal else max(prompt_tokens, new_tokens + 1)  # + its start token
+    if need > limit:
+        raise ValueError(f"{prompt_tokens} prompt tokens and up to {new_tokens} new tokens need {need} positions, but "
+                         f"the learned position table of {type(model).__name__} holds {limit}; lower {fix}")
+
+
 @torch.no_grad()
 def generate_responses(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: Tensor, attention_mask: Tensor,
@@ -253,6 +283,9 @@ def generate_responses(
     (``PROCESSORS_OFF``).
     """
     k = num_return_sequences
+    if "max_new_tokens" in kwargs:  # a clear error here, not an IndexError inside the model some steps in
+        check_positions(model, input_ids.shape[1], kwargs["max_new_tokens"],
+                        "the prompts' length (max_prompt_length; the weighting prefix counts too) or max_new_tokens")
     if model_kind(model) == "seq2seq":  # (HF's own num_return_sequences refuses greedy decoding)
         hidden = encode(model, input_ids, attention_mask)
         kwargs["encoder_outputs"] = BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0))

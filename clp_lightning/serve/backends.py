@@ -104,6 +104,7 @@ class ModuleBackend:
         self.objectives = list(module.objective_names)
         self.alpha_range = None if module.alpha_range is None else tuple(float(a) for a in module.alpha_range)
         self.generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
+        check_served_lengths(module.policy, max_new_tokens)
         self.report = None if report_path is None else read_report(report_path, self.objectives)
 
     def generate(self, prompt: str, weights: Tensor, alpha: float | None = None) -> dict[str, Any]:
@@ -114,6 +115,15 @@ class ModuleBackend:
 
     def front(self) -> dict[str, Any] | None:
         return self.report
+
+
+def check_served_lengths(policy: Any, max_new_tokens: int) -> None:
+    """Refuse to serve a policy whose longest prompt and response overflow its learned position table (GPT-2): every
+    long request would end in a 500."""
+    from clp_lightning.conditioning.lm import check_positions
+
+    check_positions(policy.model, policy.max_prompt_length, max_new_tokens, "--max_new_tokens (or the policy's "
+                    "max_prompt_length)")
 
 
 class PolicyBackend:
@@ -141,6 +151,7 @@ class PolicyBackend:
         self.policy, self.rewards, self.report = policy, list(rewards), report
         self.objectives = list(objectives)
         self.generation = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False)
+        check_served_lengths(policy, max_new_tokens)
 
     @torch.no_grad()
     def generate(self, prompt: str, weights: Tensor, alpha: float | None = None) -> dict[str, Any]:

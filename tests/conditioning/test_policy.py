@@ -419,3 +419,60 @@ def test_a_num_objectives_that_is_not_a_positive_integer_is_refused(m):
     with pytest.raises(ValueError, match=rf"num_objectives must be an integer >= 1, got {m!r}"):
         ConditionalPolicy.from_pretrained("tiny:gpt2", m, ConditioningConfig(mode="mixing",
                                                                              options={"targets": "logits"}))
+
+
+def test_position_limit_reads_learned_position_tables_and_none_for_relative_or_rotary_positions():
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, OPTConfig
+
+    from clp_lightning.conditioning.lm import check_positions, position_limit
+    from clp_lightning.models import build_tiny_model
+
+    # OPT and BART keep 2 rows of their tables for themselves (offset): the limit is max_position_embeddings
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, ffn_dim=16,
+                                                     num_attention_heads=2, max_position_embeddings=40,
+                                                     word_embed_proj_dim=8))
+    bart = AutoModelForSeq2SeqLM.from_config(BartConfig(
+        vocab_size=64, d_model=8, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16, decoder_ffn_dim=16,
+        encoder_attention_heads=2, decoder_attention_heads=2, max_position_embeddings=30))
+    assert (position_limit(opt), position_limit(bart), position_limit(build_tiny_model("gpt2"))) == (40, 30, 512)
+    assert position_limit(build_tiny_model("t5")) is None and position_limit(build_tiny_model("llama")) is None
+    # causal: prompt and response in one sequence; seq2seq: each in its own (the decoder's after its start token)
+    check_positions(opt, 32, 8, "x")
+    with pytest.raises(ValueError, match="32 prompt tokens and up to 9 new tokens need 41 positions, but the learned "
+                                         "position table of OPTForCausalLM holds 40; lower x"):
+        check_positions(opt, 32, 9, "x")
+    check_positions(bart, 30, 29, "x")
+    for prompt, new in ((31, 1), (1, 30)):
+        with pytest.raises(ValueError, match="positions, but the learned position table of BartForConditionalGen"):
+            check_positions(bart, prompt, new, "x")
+
+
+def test_generation_past_a_learned_position_table_is_refused_and_up_to_it_runs():
+    # GPT-2's table holds 512 positions: a longer prompt + response had failed as an IndexError inside the model
+    policy = ConditionalPolicy.from_pretrained("tiny:gpt2", 2, ConditioningConfig(), max_prompt_length=600)
+    w = torch.tensor([[0.5, 0.5]])
+    enc = policy.encode(["x" * 700], w)
+    length = enc["input_ids"].shape[1]
+    assert length == 600
+    with pytest.raises(ValueError, match=r"600 prompt tokens and up to 8 new tokens need 608 positions, but the "
+                                         r"learned position table of GPT2LMHeadModel holds 512; lower the prompts'"):
+        policy.generate(**enc, weights=w, max_new_tokens=8, do_sample=False)
+    enc = policy.encode(["x" * 500], w)
+    ids, _ = policy.generate(**enc, weights=w, max_new_tokens=512 - enc["input_ids"].shape[1], do_sample=False,
+                             min_new_tokens=512 - enc["input_ids"].shape[1])
+    assert enc["input_ids"].shape[1] + ids.shape[1] == 512  # the last position of the table is used, and fits
+
+
+def test_a_module_whose_longest_prompt_and_response_overflow_the_positions_is_refused_when_built():
+    from clp_lightning.conditioning.config import PolicyConfig
+    from clp_lightning.config import GenerationSettings
+    from clp_lightning.module import CLPModule
+    from clp_lightning.rewards import LengthReward
+
+    rewards = [LengthReward(name="a"), LengthReward(name="b")]
+    with pytest.raises(ValueError, match=r"500 prompt tokens and up to 13 new tokens need 513 positions, .* lower "
+                                         r"model.init_args.policy.max_prompt_length or model.init_args.generation"):
+        CLPModule(PolicyConfig("tiny:gpt2", max_prompt_length=500), rewards,
+                  generation=GenerationSettings(max_new_tokens=13))
+    CLPModule(PolicyConfig("tiny:gpt2", max_prompt_length=500), rewards,
+              generation=GenerationSettings(max_new_tokens=12))
