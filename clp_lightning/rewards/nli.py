@@ -51,11 +51,20 @@ def fit_source(
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    """The id of ``token``, which must be one token of ``tokenizer``; ``ValueError`` naming its pieces otherwise."""
+    """The id of ``token``, which must be one token of ``tokenizer``; ``ValueError`` naming its pieces otherwise.
+
+    A string outside the vocabulary comes back as the one unknown token, so it is refused too: the reward would be
+    the probability of ``<unk>``, and two such strings would share an id.
+    """
     ids = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ValueError(f"output token {token!r} must be a single token, the tokenizer gives {pieces}")
+    if ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token:
+        raise ValueError(
+            f"output token {token!r} is not in the tokenizer's vocabulary (it becomes the unknown token "
+            f"{tokenizer.unk_token!r}); use a token of the model's output vocabulary"
+        )
     return ids[0]
 
 
@@ -130,8 +139,13 @@ class Seq2SeqNLIReward(Reward):
                     f"tokens takes {overhead} tokens of {tokenizer or model!r}; set max_length >= {overhead + 1} "
                     "(enough for the longest response)"
                 )
-            for token in (entail_token, not_entail_token):
-                single_token_id(tok, token)
+            entail_id, not_entail_id = (single_token_id(tok, token) for token in (entail_token, not_entail_token))
+            # one id for both would make the renormalised reward 0.5 for every pair
+            if renormalize and entail_id == not_entail_id:
+                raise ValueError(
+                    f"entail_token {entail_token!r} and not_entail_token {not_entail_token!r} are the same token "
+                    f"(id {entail_id}) of {tokenizer or model!r}; they must be two different output tokens"
+                )
 
         self.model, self.tokenizer = load_scorer(
             AutoModelForSeq2SeqLM,

@@ -129,3 +129,17 @@ def test_special_token_strings_in_the_texts_are_text(t5_dir):
 def test_a_special_token_in_the_template_is_refused(t5_dir):
     with pytest.raises(ValueError, match=r"contains '</s>', a special token"):
         Seq2SeqNLIReward(str(t5_dir), template="premise: {source} </s> hypothesis: {response}")
+
+
+def test_an_output_token_outside_the_vocabulary_is_refused_before_loading(tmp_path, minilm_tokenizer):
+    # "☃" is not in the vocabulary and came back as [UNK]: the reward silently read P([UNK]) (and, renormalised
+    # against another unknown string, scored 0.5 for every pair)
+    minilm_tokenizer.save_pretrained(tmp_path)  # no model: the check must come before the model is read
+    with pytest.raises(ValueError, match=r"output token '☃' is not in the tokenizer's vocabulary.*\[UNK\]"):
+        Seq2SeqNLIReward(str(tmp_path), entail_token="☃")
+
+
+def test_renormalizing_over_one_token_twice_is_refused(t5_dir):
+    with pytest.raises(ValueError, match=r"entail_token '1' and not_entail_token '1' are the same token"):
+        Seq2SeqNLIReward(str(t5_dir), not_entail_token="1", renormalize=True)
+    assert Seq2SeqNLIReward(str(t5_dir), entail_token="0", not_entail_token="0").entail_id == 18  # not renormalised
