@@ -52,6 +52,12 @@ class LengthReward(Reward):
             raise ValueError(f"unit must be 'words', 'chars' or 'tokens', got {unit!r}")
         if mode == "target" and target_length is None:
             raise ValueError("mode='target' needs target_length")
+        # Ignored settings are refused: target_length without mode='target' trained for brevity (the default mode)
+        # while the config asked for a length; a tokenizer without unit='tokens' counted words or characters.
+        if mode != "target" and target_length is not None:
+            raise ValueError(f"target_length={target_length} is used only with mode='target', got mode={mode!r}")
+        if unit != "tokens" and tokenizer is not None:
+            raise ValueError(f"tokenizer={tokenizer!r} is used only with unit='tokens', got unit={unit!r}")
         # A NaN target or scale makes every reward NaN, an infinite scale makes every reward 0, and a negative target
         # is no length: refuse them here rather than hours later, in the normaliser or as a flat objective.
         if target_length is not None and not (math.isfinite(target_length) and target_length >= 0):

@@ -57,3 +57,11 @@ def test_a_nan_infinite_or_negative_scale_is_refused(scale):
 def test_a_nan_infinite_or_negative_target_length_is_refused(target_length):
     with pytest.raises(ValueError, match=f"target_length must be a finite length >= 0, got {target_length}"):
         LengthReward(mode="target", target_length=target_length)
+
+
+def test_settings_that_the_mode_or_unit_would_ignore_are_refused():
+    # target_length without mode="target" trained for brevity (the default) instead of the asked-for length
+    with pytest.raises(ValueError, match=r"target_length=30 is used only with mode='target', got mode='brevity'"):
+        LengthReward(target_length=30)
+    with pytest.raises(ValueError, match=r"tokenizer='pkg:.*' is used only with unit='tokens', got unit='words'"):
+        LengthReward(unit="words", tokenizer=MINILM)
