@@ -175,14 +175,16 @@ def decode(
 ) -> tuple[Tensor, Tensor]:
     """Decode ``rows`` responses token by token: ``next_logits(response)`` gives the ``(B, V)`` logits of the next
     token after ``response`` ``(B, t)``; greedy or sampled at ``temperature``; a row stops at the policy's EOS and is
-    padded after it. Returns ``(response_ids, response_mask)``."""
+    padded after it (without an EOS token, every row runs to ``max_new_tokens``). Returns
+    ``(response_ids, response_mask)``."""
     device = policy.model.device
     eos = policy.model.generation_config.eos_token_id
     eos = policy.tokenizer.eos_token_id if eos is None else eos
     pad = policy.tokenizer.pad_token_id or 0
     response = torch.empty(rows, 0, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
-    eos_ids = torch.as_tensor(eos, device=device).view(-1)
+    # a model without an EOS token decodes every row to max_new_tokens, as generate does
+    eos_ids = torch.as_tensor([] if eos is None else eos, dtype=torch.long, device=device).view(-1)
     for _step in range(max_new_tokens):
         logits = next_logits(response)
         if do_sample:

@@ -104,3 +104,16 @@ def test_settings_the_mixture_does_not_implement_are_refused_not_ignored():
     for settings in (GenerationSettings(max_new_tokens=4), GenerationSettings(max_new_tokens=4, do_sample=False)):
         ids, mask = mixture_generate(policy, **enc, weights=w, **settings.kwargs())
         assert ids.shape[0] == 1 and ids.shape[1] <= 4
+
+
+def test_a_model_without_an_eos_token_decodes_to_max_new_tokens():
+    # generate runs a model without an EOS token to max_new_tokens; the mixture failed in torch.as_tensor(None)
+    policy = perturb(make_policy("gpt2", "attention")).eval()
+    policy.model.generation_config.eos_token_id = None
+    policy.tokenizer.eos_token = None
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.3, 0.7]])
+    enc = policy.encode(PROMPTS)
+    ids, mask = mixture_generate(policy, **enc, weights=w, max_new_tokens=5)
+    assert ids.shape == (3, 5) and bool(mask.all())
+    experts = expert_logits(policy, **enc, response_ids=ids, response_mask=mask)
+    assert ids.tolist() == torch.einsum("mbtv,bm->btv", experts, w).argmax(-1).tolist()
