@@ -68,8 +68,16 @@ def expert_logits(
     return torch.stack(out)
 
 
+def _check_weights(weights: Tensor, rows: int, m: int) -> None:
+    # einsum broadcasts a size-1 dimension: a (B, 1) weighting would add the experts' logits up unweighted
+    if tuple(weights.shape) != (rows, m):
+        raise ValueError(f"`weights` must have shape (B, m) = ({rows}, {m}), one weighting of the {m} experts per "
+                         f"row, got {tuple(weights.shape)}")
+
+
 def mixed_logits(expert: Tensor, weights: Tensor) -> Tensor:
     """``sum_i w_i * logits_i``: experts ``(m, B, T, V)``, weights ``(B, m)`` -> ``(B, T, V)``."""
+    _check_weights(weights, expert.shape[1], expert.shape[0])
     return torch.einsum("mbtv,bm->btv", expert, weights.to(expert.dtype))
 
 
@@ -82,6 +90,7 @@ def mixture_log_probs(
     weights: Tensor,
 ) -> PolicyOutput:
     """Per-token log-probabilities ``(B, T)`` of ``response_ids`` under the logit mixture at ``weights`` ``(B, m)``."""
+    _check_weights(weights, response_ids.shape[0], policy.num_objectives)  # before the m expert passes
     logits = mixed_logits(expert_logits(policy, input_ids, attention_mask, response_ids, response_mask), weights)
     logp = logits.log_softmax(-1).gather(-1, response_ids.unsqueeze(-1)).squeeze(-1) * response_mask
     return PolicyOutput(logp, None)
@@ -152,6 +161,7 @@ def mixture_generate(
         ValueError: a setting the mixture does not implement (a truncation, a minimum length, a penalty, beams).
     """
     check_experts(policy)
+    _check_weights(weights, input_ids.shape[0], policy.num_objectives)
     unsupported = {k: v for k, v in settings.items() if _NEUTRAL.get(k, object()) != v and v is not None}
     if unsupported:
         raise ValueError(f"decoding-time mixing samples from the full mixture, greedily or at a temperature; it does "

@@ -117,3 +117,15 @@ def test_a_model_without_an_eos_token_decodes_to_max_new_tokens():
     assert ids.shape == (3, 5) and bool(mask.all())
     experts = expert_logits(policy, **enc, response_ids=ids, response_mask=mask)
     assert ids.tolist() == torch.einsum("mbtv,bm->btv", experts, w).argmax(-1).tolist()
+
+
+def test_weights_that_are_not_one_row_per_response_are_refused():
+    # einsum broadcast a (B, 1) weighting against the m experts: their logits summed, unweighted, without a word
+    policy = perturb(make_policy("gpt2", "attention")).eval()
+    enc = policy.encode(PROMPTS)
+    ids = torch.randint(3, 200, (3, 4))
+    for w in (torch.ones(3, 1), torch.full((1, 2), 0.5), torch.full((3, 3), 1 / 3)):
+        with pytest.raises(ValueError, match=r"must have shape \(B, m\) = \(3, 2\)"):
+            mixture_generate(policy, **enc, weights=w, **GEN)
+        with pytest.raises(ValueError, match=r"must have shape \(B, m\) = \(3, 2\)"):
+            mixture_log_probs(policy, **enc, response_ids=ids, response_mask=torch.ones_like(ids), weights=w)
