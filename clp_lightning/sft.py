@@ -80,7 +80,10 @@ class SFTModule(L.LightningModule):
         """
         tok, chat = self.policy.tokenizer, self.policy.chat
         texts = list(references) if chat is not None else [" " + r for r in references]
-        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        # split_special_tokens: a "</s>" or "<|im_end|>" written in a summary is text; read as the special token it
+        # would end the target early (the stop token mid-response) or teach a control token as content. The stop
+        # token is appended below; prompts keep their specials (a chat template writes real ones).
+        ids = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         stop = self._stop_id()
         rows = [row[: self.max_response_length - 1] + [stop] for row in ids]
         width = max(len(r) for r in rows)

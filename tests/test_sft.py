@@ -86,6 +86,27 @@ def test_chat_targets_are_the_assistant_turn_as_the_template_writes_it():
         tok.eos_token_id]
 
 
+@pytest.mark.parametrize("model,chat", [("tiny:t5", False), ("tiny:gpt2", False), ("tiny:gpt2", True)])
+def test_a_special_token_written_in_a_reference_is_text_in_the_target(model, chat):
+    """A summary that contains "</s>" (or a chat template's "<|im_end|>") was tokenised as that special token: the
+    target held the stop token mid-response, teaching the policy to end there or emit a control token as content.
+    It is text, as any other characters; the only special token in a target is the stop token appended last."""
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    module = SFTModule(PolicyConfig(model, tokenizer="synthetic-bpe"), max_response_length=64)
+    tok = module.policy.tokenizer
+    if chat:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        module.policy.model.resize_token_embeddings(len(tok), mean_resizing=False)
+        tok.chat_template = CHATML
+        module.policy = ConditionalPolicy(module.policy.model, tok, 1, chat_template=True)
+    reference = "ends here </s> <|im_end|> <pad> but goes on"
+    ids, mask = module._targets([reference, "short"])
+    row = ids[0][mask[0].bool()].tolist()
+    assert row[-1] == module._stop_id() and not set(row[:-1]) & set(tok.all_special_ids)
+    assert tok.decode(row[:-1]) == (reference if chat else " " + reference)
+
+
 @pytest.mark.parametrize("where", ["root", "parent_of_root", "checkpoints"])
 def test_an_output_dir_the_run_writes_into_is_refused_before_training(tmp_path, where):
     """output_dir = the run's own directory passed the construction check (it was empty then), and the final save
