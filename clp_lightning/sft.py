@@ -22,7 +22,7 @@ from clp_lightning.callbacks.checkpoint import check_writable
 from clp_lightning.callbacks.preemption import stopped_by_signal
 from clp_lightning.checks import is_integer
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
-from clp_lightning.conditioning.lm import response_log_probs
+from clp_lightning.conditioning.lm import check_positions, response_log_probs
 from clp_lightning.conditioning.policy import ConditionalPolicy
 from clp_lightning.config import OptimizerConfig, coerce, plain
 from clp_lightning.files import publish
@@ -64,6 +64,10 @@ class SFTModule(L.LightningModule):
             check_output_dir(output_dir)
         # the warm start trains the plain model: the config's loading and prompt format, no conditioning
         self.policy = dataclasses.replace(policy, conditioning=ConditioningConfig()).build(1)
+        # a learned position table (GPT-2) must hold the longest prompt and target: now, not as an IndexError inside the
+        # model at the first long prompt of the data
+        check_positions(self.policy.model, self.policy.max_prompt_length, max_response_length,
+                        "model.init_args.policy.max_prompt_length or model.init_args.max_response_length")
         if self._stop_id() is None:
             raise ValueError(f"the tokenizer of {policy.model_name_or_path!r} has no EOS token: the warm start cannot "
                              "teach the policy where a response ends")

@@ -68,7 +68,8 @@ def test_chat_targets_are_the_assistant_turn_as_the_template_writes_it():
     template's end-of-turn token, which generation stops at, not by the tokenizer's EOS (here a different token)."""
     from clp_lightning.conditioning.policy import ConditionalPolicy
 
-    module = SFTModule(PolicyConfig("tiny:gpt2", tokenizer="synthetic-bpe"), max_response_length=16)
+    config = PolicyConfig("tiny:gpt2", tokenizer="synthetic-bpe", max_prompt_length=48)
+    module = SFTModule(config, max_response_length=16)
     model, tok = module.policy.model, module.policy.tokenizer
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -80,7 +81,7 @@ def test_chat_targets_are_the_assistant_turn_as_the_template_writes_it():
     assert ids[0][mask[0].bool()].tolist() == tok("my bread burns", add_special_tokens=False)["input_ids"] + [
         end_of_turn]
     # without a template the reference follows the prompt's cue after a space and ends in EOS
-    plain = SFTModule(PolicyConfig("tiny:gpt2", tokenizer="synthetic-bpe"), max_response_length=16)
+    plain = SFTModule(config, max_response_length=16)
     ids, mask = plain._targets(["my bread burns"])
     assert ids[0][mask[0].bool()].tolist() == tok(" my bread burns", add_special_tokens=False)["input_ids"] + [
         tok.eos_token_id]
@@ -93,7 +94,7 @@ def test_a_special_token_written_in_a_reference_is_text_in_the_target(model, cha
     It is text, as any other characters; the only special token in a target is the stop token appended last."""
     from clp_lightning.conditioning.policy import ConditionalPolicy
 
-    module = SFTModule(PolicyConfig(model, tokenizer="synthetic-bpe"), max_response_length=64)
+    module = SFTModule(PolicyConfig(model, tokenizer="synthetic-bpe", max_prompt_length=48), max_response_length=64)
     tok = module.policy.tokenizer
     if chat:
         tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -198,3 +199,14 @@ def test_an_output_dir_that_links_to_a_directory_replaces_that_directory(tmp_pat
     assert (real / "config.json").read_text() == "new" and (real / "tokenizer.json").is_file()
     assert [p.name for p in (tmp_path / "home").iterdir()] == ["model"]  # no temporary or old directory left
     assert [p.name for p in (tmp_path / "scratch").iterdir()] == ["model"]
+
+
+def test_a_prompt_and_target_longer_than_a_learned_position_table_are_refused_at_construction():
+    """GPT-2's learned positions (512 in tiny:gpt2) hold a truncated prompt and its target in one sequence: a longer
+    pair failed as an IndexError inside the model at the first long prompt of the data, after the model and the data
+    had loaded (the RL module refuses the same at construction)."""
+    with pytest.raises(ValueError, match="500 prompt tokens and up to 64 new tokens need 564 positions.*"
+                                         "max_response_length"):
+        SFTModule(PolicyConfig("tiny:gpt2", max_prompt_length=500), max_response_length=64)
+    SFTModule(PolicyConfig("tiny:gpt2", max_prompt_length=448), max_response_length=64)  # exactly fits
+    SFTModule(PolicyConfig("tiny:t5", max_prompt_length=2048), max_response_length=64)  # relative positions: no table
