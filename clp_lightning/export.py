@@ -20,6 +20,7 @@ The directory is what ``huggingface_hub.upload_folder`` would upload; nothing is
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import shutil
@@ -152,6 +153,14 @@ def check_output(out: Path, overwrite: bool, inputs: list[tuple[str, str]]) -> N
 def check_config(setup: dict[str, Any], checkpoint: dict[str, Any], ckpt_path: str) -> None:
     """Refuse a config whose objectives or conditioning differ from the checkpoint's, from the parsed config alone
     (no model built); the base model is compared when the module loads the checkpoint."""
+    model = setup.get("model")
+    class_path = model.get("class_path") if isinstance(model, dict) else None
+    if not _is_clp_module(class_path):
+        # a warm start's config beside the RL run's checkpoint matched it (no objectives or conditioning to differ),
+        # and failed after the model had loaded, as an AttributeError
+        raise ValueError(f"the config's model is {class_path!r}, not a CLP run's (clp_lightning.module.CLPModule): "
+                         "clp export takes the config of the run that wrote --ckpt_path; a warm start (SFTModule) "
+                         "already saved a plain Hugging Face model in its output_dir")
     stored = checkpoint.get("clp")
     init = _init_args(setup.get("model"))
     names = [_init_args(r).get("name") for r in init.get("rewards") or []]
@@ -164,6 +173,21 @@ def check_config(setup: dict[str, Any], checkpoint: dict[str, Any], ckpt_path: s
         "base_model": known.get("base_model"),
     }
     check_setup(stored, current, f"checkpoint {str(ckpt_path)!r}")
+
+
+def _is_clp_module(class_path: Any) -> bool:
+    """Whether ``class_path`` (the parsed config's ``model.class_path``, already imported by the parse) names
+    ``CLPModule`` or a subclass."""
+    from clp_lightning.module import CLPModule
+
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, CLPModule)
 
 
 def find_evaluation(ckpt_path: str, explicit: str | None, objectives: list[str] | None

@@ -226,6 +226,8 @@ def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
     # untrusted checkpoint fields: a TypeError from len(7), and a late ValueError after the model had loaded
     ("tampered_objectives", "was trained with objectives 7, the config has ['brevity', 'length']"),
     ("tampered_step", "has global_step 'x'; expected an integer >= 0"),
+    # the warm start's config beside the RL checkpoint: an AttributeError traceback once the model had loaded
+    ("sft_config", "the config's model is 'clp_lightning.sft.SFTModule', not a CLP run's"),
 ])
 def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path, capsys, no_model, case, message):
     config, ckpt = t5_run
@@ -276,6 +278,11 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
             checkpoint["global_step"] = "x"
         ckpt = str(tmp_path / "tampered.ckpt")
         torch.save(checkpoint, ckpt)
+    elif case == "sft_config":
+        config = str(tmp_path / "sft.yaml")
+        Path(config).write_text(yaml.safe_dump({"model": {"class_path": "clp_lightning.sft.SFTModule", "init_args": {
+            "policy": {"model_name_or_path": "tiny:t5"}}}}))
+        extra = ["--weights", "1,0"]
     code, err = clp(capsys, "export", "--config", config, "--ckpt_path", ckpt, "--out", str(out), *extra)
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
