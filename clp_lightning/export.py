@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
     inputs = [("checkpoint", args.ckpt_path), *(("--config", c) for c in args.config)]
     base = (_init_args(setup.get("model")).get("policy") or {}).get("model_name_or_path")
     if isinstance(base, str) and Path(base).expanduser().exists():  # a warm start's directory, read when it loads
-        inputs.append(("base model", base))
+        inputs.append(("base model", str(Path(base).expanduser())))  # "~/sft/model" loads from the home directory
     check_output(out, args.overwrite, inputs + ([("--evaluation", args.evaluation)] if args.evaluation else []))
     # first: the checkpoint's fields are untrusted, and this checks its objectives against the config's
     check_config(setup, checkpoint, args.ckpt_path)

@@ -216,6 +216,7 @@ def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
     ("out_is_file", "is a file, not a directory"),
     ("out_holds_config", "holds the --config"),
     ("out_is_the_base_model", "holds the base model"),  # a warm start's directory: --overwrite replaced it
+    ("out_is_the_base_model_under_home", "holds the base model"),  # named "~/...": compared as "./~/..."
     ("bad_weights", "sums to 1.1, expected 1"),
     ("weights_count", "has 3 entries, expected 2 (one per objective)"),
     ("alpha_unconditioned", "--alpha 0.1 given, but the policy is not conditioned on alpha"),
@@ -229,7 +230,8 @@ def alpha_conditioned(ckpt: str, tmp_path: Path) -> str:
     # the warm start's config beside the RL checkpoint: an AttributeError traceback once the model had loaded
     ("sft_config", "the config's model is 'clp_lightning.sft.SFTModule', not a CLP run's"),
 ])
-def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path, capsys, no_model, case, message):
+def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path, capsys, no_model, case, message,
+                                                              monkeypatch):
     config, ckpt = t5_run
     out = tmp_path / "out"
     extra = []
@@ -256,6 +258,11 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
         out.mkdir()
         (out / "config.json").write_text("{}")
         extra = ["--overwrite", f"--set=--model.init_args.policy.model_name_or_path={out}"]
+    elif case == "out_is_the_base_model_under_home":
+        monkeypatch.setenv("HOME", str(tmp_path))
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        extra = ["--overwrite", "--set=--model.init_args.policy.model_name_or_path=~/out"]
     elif case == "bad_weights":
         extra = ["--weights", "0.5,0.6"]
     elif case == "weights_count":
@@ -287,7 +294,8 @@ def test_bad_inputs_are_one_line_errors_before_any_model_loads(t5_run, tmp_path,
     lines = [line for line in err.splitlines() if line.startswith("clp: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert message in lines[0]
-    kept = ("existing_out", "out_is_file", "out_holds_config", "out_is_the_base_model")
+    kept = ("existing_out", "out_is_file", "out_holds_config", "out_is_the_base_model",
+            "out_is_the_base_model_under_home")
     assert not (out.exists() and case not in kept)
     if case == "out_holds_config":
         assert Path(config).exists()
