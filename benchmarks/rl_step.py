@@ -152,6 +152,7 @@ def suites(names: list[str], sizes: list[str]) -> dict[str, list[Cell]]:
 
 def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import lightning as L
+    from transformers import AutoConfig
 
     from clp_lightning.conditioning.config import PolicyConfig
     from clp_lightning.config import GenerationSettings, OptimizerConfig
@@ -198,8 +199,12 @@ def run_clp(cell: Cell, args: argparse.Namespace, path: Path) -> dict[str, Any]:
             phases.setdefault("optimizer", []).append(now - self.mark)
             ends.append(now)
 
+    # room for the weighting prefix beside the prompt (never cut), but within a learned position table (the tiny
+    # GPT-2s hold 512 positions: prompt and response), which the module checks
+    positions = getattr(AutoConfig.from_pretrained(path), "n_positions", None)
+    room = max(512, cell.prompt_tokens + 64) if positions is None else positions - cell.new_tokens
     module = CLPModule(
-        PolicyConfig(str(path), conditioning(cell.mode), max_prompt_length=max(512, cell.prompt_tokens + 64)),
+        PolicyConfig(str(path), conditioning(cell.mode), max_prompt_length=room),
         rewards(cell.rewards, cell.objectives),
         samples_per_prompt=cell.samples,
         kl_coef=cell.kl_coef,
