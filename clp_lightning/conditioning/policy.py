@@ -274,12 +274,13 @@ class ConditionalPolicy(nn.Module):
         """
         _check_prompts(prompts)
         tok = self.tokenizer
-        specials = self.chat is None  # a chat template adds its own around the user's text
+        # a chat template adds its own specials around the user's text; split_special_tokens: a "</s>" or
+        # "<|im_end|>" written in a post is text, not a control token that ends the prompt or the user's turn
+        specials = dict(add_special_tokens=self.chat is None, split_special_tokens=True)
         side = tok.truncation_side
         tok.truncation_side = self.prompt_truncation_side
         try:
-            body = tok(list(prompts), truncation=True, max_length=self.max_prompt_length,
-                       add_special_tokens=specials)["input_ids"]
+            body = tok(list(prompts), truncation=True, max_length=self.max_prompt_length, **specials)["input_ids"]
         finally:
             tok.truncation_side = side
         alpha = self._alpha(alpha)
@@ -295,11 +296,10 @@ class ConditionalPolicy(nn.Module):
             lead = 0 if self.chat is not None else self._leading_specials  # a BOS stays first
             limit = self.max_prompt_length
             at_limit = [i for i, b in enumerate(body) if limit is not None and len(b) >= limit]
-            whole = tok([prompts[i] for i in at_limit], add_special_tokens=specials)["input_ids"] if at_limit else []
+            whole = tok([prompts[i] for i in at_limit], **specials)["input_ids"] if at_limit else []
             cut = {i for i, w in zip(at_limit, whole) if len(w) > len(body[i])}
             fits = [i for i in range(len(body)) if i not in cut]
-            joint = tok([prefixes[i] + prompts[i] for i in fits], add_special_tokens=specials)["input_ids"] if fits \
-                else []
+            joint = tok([prefixes[i] + prompts[i] for i in fits], **specials)["input_ids"] if fits else []
             joined = dict(zip(fits, joint))
             body = [joined[i] if i in joined else b[:lead] + h + b[lead:] for i, (h, b) in enumerate(zip(heads, body))]
         if self.chat is not None:

@@ -476,3 +476,15 @@ def test_a_module_whose_longest_prompt_and_response_overflow_the_positions_is_re
                   generation=GenerationSettings(max_new_tokens=13))
     CLPModule(PolicyConfig("tiny:gpt2", max_prompt_length=500), rewards,
               generation=GenerationSettings(max_new_tokens=12))
+
+
+@pytest.mark.parametrize("model, prompt", [("tiny:gpt2", False), ("tiny:gpt2", True), ("tiny:t5", True)])
+def test_a_special_token_written_in_a_prompt_is_text(model, prompt):
+    # a post is data: an EOS string in it had become the EOS token, which ends the prompt for the model
+    policy = ConditionalPolicy.from_pretrained(model, 2, ConditioningConfig(prompt=prompt))
+    tok, w = policy.tokenizer, torch.tensor([[0.3, 0.7]])
+    eos = tok.eos_token
+    written = policy.encode([f"my post {eos} goes on"], w)["input_ids"][0].tolist()
+    plain = policy.encode(["my post  goes on"], w)["input_ids"][0].tolist()
+    assert written.count(tok.eos_token_id) == plain.count(tok.eos_token_id)  # only the tokenizer's own (T5's last)
+    assert tok.decode(written, skip_special_tokens=True).count(eos) == 1  # the written string survives, as text
