@@ -189,5 +189,6 @@ def steer(argv: list[str] | None = None) -> list[dict[str, Any]]:
     else:
         for r in results:
             rewards = ", ".join(f"{k} {v:.3f}" for k, v in r["rewards"].items())
-            print(f"w={r['weights']}: {r['response']!r}" + (f"  [{rewards}]" if rewards else ""))
+            alpha = f" alpha={r['alpha']:g}" if "alpha" in r else ""  # as the JSONL rows record it
+            print(f"w={r['weights']}{alpha}: {r['response']!r}" + (f"  [{rewards}]" if rewards else ""))
     return results

@@ -236,6 +236,7 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
     if setup == "alpha":
         # --alpha steers the KL strength within alpha_range, and every row says which one it was given
         assert [r["alpha"] for r in rows] == [0.05] * 4
+        capsys.readouterr()
         rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
                       "--prompts", str(prompts), "--max_new_tokens", "4", "--alpha", "0.4"])
         alpha = torch.full((4,), 0.4)
@@ -243,6 +244,9 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
                                            do_sample=False, max_new_tokens=4)
         assert [r["response"] for r in rows] == module.policy.decode(ids, mask)
         assert [r["alpha"] for r in rows] == [0.4] * 4
+        # printed rows (no --output) say it too
+        printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("w=")]
+        assert len(printed) == 4 and all(" alpha=0.4: " in line for line in printed), printed
         import clp_lightning.steer as steer_module
 
         monkeypatch.setattr(steer_module, "load_module", lambda *a, **k: pytest.fail("loaded before refusing"))
