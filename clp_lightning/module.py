@@ -193,8 +193,11 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         if disable_dropout:  # before the reference is copied from it
             disable_dropout_in(self.policy.model)
         self.policy.freeze_reference()
-        if expert_checkpoints is not None:
-            self.policy.load_expert_copies([policy_state(path) for path in expert_checkpoints])
+        if expert_checkpoints is not None:  # checked as --ckpt_path is: other objectives (order) or mode stop here
+            experts = [(path, read_checkpoint(path)) for path in expert_checkpoints]
+            for path, checkpoint in experts:
+                self.check_checkpoint(checkpoint, f"expert checkpoint {str(path)!r}")
+            self.policy.load_expert_copies([policy_state(path, checkpoint) for path, checkpoint in experts])
         self.rewards = nn.ModuleList(rewards)
         self.normalizer = normalizer
         self.weight_seed = weight_seed

@@ -8,6 +8,7 @@ import pytest
 import torch
 from reward_helpers import HashedTextReward
 
+from clp_lightning.callbacks.checkpoint import CheckpointError
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings, OptimizerConfig, SamplerConfig
 from clp_lightning.data import SyntheticTLDRDataModule
@@ -111,3 +112,12 @@ def test_experts_that_differ_on_shared_weights_are_rejected(tmp_path):
         make_module(shared, experts=paths[:1])
     with pytest.raises(FileNotFoundError, match="checkpoint 'missing.ckpt' not found"):
         make_module(shared, experts=["missing.ckpt", paths[1]])
+
+
+def test_experts_trained_on_other_objectives_are_rejected(tmp_path):
+    # objectives in another order: copy i would silently come from the expert of another objective
+    paths = [train_expert(tmp_path, ATTENTION, i)[1] for i in (0, 1)]
+    with pytest.raises(CheckpointError, match=r"expert checkpoint .*expert0\.ckpt.* objectives \['first', 'second'\]"):
+        CLPModule(PolicyConfig("tiny:t5", ATTENTION, max_prompt_length=32),
+                  [HashedTextReward("second"), HashedTextReward("first")], samples_per_prompt=2,
+                  expert_checkpoints=paths, generation=GenerationSettings(max_new_tokens=4))

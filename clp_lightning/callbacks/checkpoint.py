@@ -145,11 +145,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def policy_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The policy's model parameters from a CLPModule checkpoint (read with :func:`read_checkpoint`), named as in the
-    model (Rewarded Soups loads its experts' from these)."""
+def policy_state(path: str | Path, checkpoint: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The policy's model parameters from a CLPModule checkpoint (read with :func:`read_checkpoint`, unless the caller
+    passes it already read as ``checkpoint``), named as in the model (Rewarded Soups loads its experts' from these)."""
     prefix = "policy.model."
-    return {k[len(prefix) :]: v for k, v in read_checkpoint(path)["state_dict"].items() if k.startswith(prefix)}
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
 def check_writable(directory: str | Path, what: str = "checkpoint directory", hint: str | None = None) -> None:
