@@ -269,7 +269,7 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
             "weights": w_rows, "alpha_rows": alpha_rows, "response_ids": response_ids, "response_mask": response_mask,
             "seq_logp": alg.sequence_log_probs(out.log_probs, response_mask),
             "seq_kl": alg.sequence_kl(out.log_probs.detach(), ref_logp, response_mask, "k1"),
-            "entropy": alg.masked_mean(out.entropy, response_mask),
+            "entropy": alg.masked_mean(out.entropy, response_mask, dim=-1),  # (N,): each sequence weighs the same
             "texts": self.policy.decode(response_ids, response_mask),
         }
         if self.kl_in_loss:
@@ -299,7 +299,7 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
     def _log_train(self, loss: Tensor, rollout: dict[str, Any], rewards: Tensor, stats: dict[str, Tensor]) -> None:
         """Means over the step's sequences: ``train/reward/<name>`` raw, ``train/reward_scalarized`` (and the progress
         bar's ``reward``) ``w . R`` of the normalised rewards, ``train/reward_total`` that minus the KL penalty (the
-        same with ``kl_in_loss``)."""
+        same with ``kl_in_loss``), ``train/entropy`` each response's mean next-token entropy over its tokens."""
         n = rewards.shape[0]
         metrics = {
             "train/loss": loss.detach(),

@@ -467,3 +467,28 @@ def test_shared_prompt_step_equals_the_unshared_step(arch):
     assert torch.allclose(shared_loss, full_loss, atol=1e-5), (shared_loss, full_loss)
     for name, grad in shared.items():
         assert (grad - full[name]).abs().max() <= 1e-4 * full[name].abs().max().clamp(min=1e-6), name
+
+
+def test_train_entropy_is_a_mean_over_sequences(monkeypatch):
+    # each response's mean token entropy, averaged over responses: a token mean over the micro-batch weighed long
+    # responses more, and depended on how the step's sequences were split over processes
+    data = make_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    k = 3
+    module = make_module(samples_per_prompt=k, generation=GenerationSettings(max_new_tokens=12))
+    seen, rollout = {}, module._rollout
+    monkeypatch.setattr(module, "_rollout", lambda b, g: seen.setdefault("rollout", rollout(b, g)))
+    monkeypatch.setattr(module, "log_dict", lambda metrics, **kwargs: seen.update(metrics))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    module.training_step(batch, 0)
+    r = seen["rollout"]
+    weights, alpha, mask = r["weights"][::k], r["alpha_rows"][::k], r["response_mask"]
+    with torch.no_grad():
+        out = module.policy(**module.policy.encode(batch["prompt"], weights, alpha), response_ids=r["response_ids"],
+                            response_mask=mask, weights=weights, alpha=alpha, return_entropy=True)
+    lengths = mask.sum(-1)
+    assert lengths.unique().numel() > 1  # else the two means agree
+    per_sequence = (out.entropy * mask).sum(-1) / lengths
+    assert torch.allclose(seen["train/entropy"], per_sequence.mean(), atol=1e-5)
+    assert not torch.allclose(seen["train/entropy"], out.entropy[mask.bool()].mean(), atol=1e-5)
