@@ -374,8 +374,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         self.check_checkpoint(checkpoint, f"checkpoint {str(trainer_path)!r}" if trainer_path else "the checkpoint")
         if "state_dict" in checkpoint:  # (a sharding strategy loads the weights itself first, and takes them out)
             current = super().state_dict()
-            for key in self._excluded_keys():  # keep strict loading: frozen weights come from this module's config
-                checkpoint["state_dict"].setdefault(key, current[key])
+            # keep strict loading: frozen weights come from this module's config, also where a checkpoint holds them
+            for key in self._excluded_keys():
+                checkpoint["state_dict"][key] = current[key]
         self.checkpoint_step = int(checkpoint.get("global_step", 0))  # reports of `validate` name the step
 
     def check_checkpoint(self, checkpoint: dict[str, Any], name: str) -> None:

@@ -492,3 +492,20 @@ def test_train_entropy_is_a_mean_over_sequences(monkeypatch):
     per_sequence = (out.entropy * mask).sum(-1) / lengths
     assert torch.allclose(seen["train/entropy"], per_sequence.mean(), atol=1e-5)
     assert not torch.allclose(seen["train/entropy"], out.entropy[mask.bool()].mean(), atol=1e-5)
+
+
+def test_frozen_weights_come_from_the_config_even_when_a_checkpoint_holds_them(tmp_path):
+    # a checkpoint supplies trained state only: a reward's or the reference's weights in it (a foreign or edited file)
+    # would otherwise replace the ones the config loads, changing what is rewarded or the KL anchor
+    module = make_module()
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": {}}
+    module.on_save_checkpoint(checkpoint)
+    frozen = sorted(module._excluded_keys())
+    reference = next(k for k in frozen if k.startswith("policy."))
+    reward = next(k for k in frozen if k.startswith("rewards.") and module.state_dict()[k].is_floating_point())
+    for key in (reference, reward):
+        checkpoint["state_dict"][key] = torch.zeros_like(module.state_dict()[key])
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    fresh = make_module().load_trained(str(tmp_path / "edited.ckpt"))
+    for key in (reference, reward):
+        assert torch.equal(fresh.state_dict()[key], module.state_dict()[key]), key
