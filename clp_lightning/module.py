@@ -24,6 +24,7 @@ from clp_lightning import algorithms as alg
 from clp_lightning.callbacks.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    check_expert,
     check_setup,
     policy_state,
     read_checkpoint,
@@ -195,8 +196,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         self.policy.freeze_reference()
         if expert_checkpoints is not None:  # checked as --ckpt_path is: other objectives (order) or mode stop here
             experts = [(path, read_checkpoint(path)) for path in expert_checkpoints]
-            for path, checkpoint in experts:
+            for i, (path, checkpoint) in enumerate(experts):
                 self.check_checkpoint(checkpoint, f"expert checkpoint {str(path)!r}")
+                check_expert(checkpoint, i, self.num_objectives, f"expert checkpoint {str(path)!r}")
             self.policy.load_expert_copies([policy_state(path, checkpoint) for path, checkpoint in experts])
         self.rewards = nn.ModuleList(rewards)
         self.normalizer = normalizer

@@ -121,3 +121,11 @@ def test_experts_trained_on_other_objectives_are_rejected(tmp_path):
         CLPModule(PolicyConfig("tiny:t5", ATTENTION, max_prompt_length=32),
                   [HashedTextReward("second"), HashedTextReward("first")], samples_per_prompt=2,
                   expert_checkpoints=paths, generation=GenerationSettings(max_new_tokens=4))
+
+
+def test_experts_in_another_order_are_rejected(tmp_path):
+    # expert 1 trained only its copy 1: as copy 0 of the soup it would be the untrained starting point
+    paths = [train_expert(tmp_path, LORA, i)[1] for i in (0, 1)]
+    with pytest.raises(CheckpointError, match=r"expert1\.ckpt' was trained at the weighting \[0\.0, 1\.0\], and "
+                                              r"expert_checkpoints\[0\] must be"):
+        make_module(LORA, experts=paths[::-1])

@@ -153,6 +153,30 @@ def policy_state(path: str | Path, checkpoint: dict[str, Any] | None = None) -> 
     return {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
 
+def check_expert(checkpoint: dict[str, Any], index: int, num_objectives: int, name: str) -> None:
+    """Refuse Rewarded Soups' expert ``index`` when its checkpoint records training at a fixed weighting other than
+    ``e_index``: its copy ``index`` would be the untrained starting point (the experts given in another order).
+
+    Only compares (the recorded sampler is never applied); a checkpoint that records no fixed weighting passes.
+
+    Raises:
+        CheckpointError: naming ``name``, the weighting it was trained at and the one expected.
+    """
+    sampler = (checkpoint.get("hyper_parameters") or {}).get("sampler")
+    if not isinstance(sampler, dict):
+        return
+    trained, stored_index = None, sampler.get("index")
+    if sampler.get("kind") == "one_hot" and type(stored_index) is int and 0 <= stored_index < num_objectives:
+        trained = [1.0 if i == stored_index else 0.0 for i in range(num_objectives)]
+    elif sampler.get("kind") == "fixed" and isinstance(sampler.get("weights"), (list, tuple)):
+        trained = list(sampler["weights"])
+    expected = [1.0 if i == index else 0.0 for i in range(num_objectives)]
+    if trained is not None and trained != expected:
+        raise CheckpointError(f"{name} was trained at the weighting {trained}, and expert_checkpoints[{index}] must be "
+                              f"the expert of objective {index}, trained at {expected}: list the experts in objective "
+                              "order")
+
+
 def check_writable(directory: str | Path, what: str = "checkpoint directory", hint: str | None = None) -> None:
     """Fail now, not after hours of training, if files cannot be created in ``directory`` (created if missing).
 
