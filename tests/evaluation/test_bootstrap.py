@@ -20,7 +20,13 @@ def test_one_objective_two_prompts_by_hand():
     # {1, 1} (1/4), {1, 3} (1/2) or {3, 3} (1/4), so the hypervolume is 1, 2 or 3 and the 95% interval is [1, 3].
     out = bootstrap_ci(report([[[1.0], [3.0]]]), num_resamples=4000, seed=1)
     assert out["hypervolume"] == 2.0 and out["ci"] == [1.0, 3.0]
-    assert out["num_prompts"] == 2 and out["level"] == 0.95 and 0.5 < out["standard_error"] < 0.9  # sqrt(1/2)
+    # the resampled hypervolume has variance 1/4 + 1/4 = 1/2: its std is sqrt(1/2), not the variance 1/2
+    assert out["num_prompts"] == 2 and out["level"] == 0.95
+    assert out["standard_error"] == pytest.approx(0.5**0.5, abs=0.03)
+    # the level sets the tails: a 60% interval (tails 0.2 and 0.8) still reaches 1 and 3, each a quarter of the mass,
+    # while a 30% one (tails 0.35 and 0.65) lies inside the middle half, all of it 2
+    assert bootstrap_ci(report([[[1.0], [3.0]]]), num_resamples=4000, level=0.6, seed=1)["ci"] == [1.0, 3.0]
+    assert bootstrap_ci(report([[[1.0], [3.0]]]), num_resamples=4000, level=0.3, seed=1)["ci"] == [2.0, 2.0]
 
 
 def test_prompts_that_agree_give_a_point_interval():
