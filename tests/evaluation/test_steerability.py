@@ -65,6 +65,9 @@ def test_monotonicity_m2_counts_consecutive_decreases():
     assert monotonicity_violations(weights, means, 0) == 2
     assert monotonicity_violations(weights, means, 0, tol=0.2) == 1  # 0.1 drop is within tolerance
     assert monotonicity_violations(weights, means, 1) == 1
+    # a plateau is no violation: only a strict decrease counts (3 flat steps here)
+    plateau = torch.tensor([0.0, 1, 1, 1, 2, 3, 3, 4, 5, 6, 7])
+    assert monotonicity_violations(weights, torch.stack([plateau, plateau.flip(0)], dim=-1), 0) == 0
     perm = torch.randperm(11, generator=torch.Generator().manual_seed(0))
     assert monotonicity_violations(weights[perm], means[perm], 0) == 2  # row order does not matter
     rho, violations = steerability(weights, means)
