@@ -115,6 +115,25 @@ def test_fit_writes_reports_and_tensorboard(fitted):
     assert any("val/samples" in t for t in events.Tags()["tensors"])
 
 
+def test_report_summary_by_hand():
+    # the fit above checks which keys a report has, never the numbers grid_report derives from its rewards.
+    # Grid e_b, (0.5, 0.5), e_a; objective a rises with w_a, objective b falls as w_b rises: only (3, 3) is on the
+    # front, and b's two steps onto it are violations. Reference (1, 2); reference point (0, 0) on purpose apart from
+    # it, so that a summary measured from the wrong one shows.
+    from clp_lightning.callbacks.grid_evaluation import grid_report
+
+    grid = torch.tensor([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    report = grid_report(["a", "b"], grid, rewards, torch.zeros(3), torch.tensor([1.0, 2.0]), torch.zeros(2),
+                         ref_point_from="config", epoch=0, step=1)
+    assert report["front_mask"] == [False, False, True]
+    assert report["hypervolume"] == pytest.approx(9.0)  # the box [0, 3] x [0, 3]
+    assert report["reference_hypervolume"] == pytest.approx(2.0)  # [0, 1] x [0, 2]
+    assert report["vertex_gain"] == pytest.approx({"a": 3.0 - 1.0, "b": 1.0 - 2.0})  # e_a is row 2, e_b row 0
+    assert report["steerability"] == pytest.approx({"a": 1.0, "b": -1.0})
+    assert report["monotonicity_violations"] == {"a": 0, "b": 2}
+
+
 def test_validate_on_checkpoint_reproduces_last_evaluation(fitted, tmp_path):
     fit_dir, trainer, callback = fitted
     last = callback.last
