@@ -222,10 +222,13 @@ def test_a_max_length_without_room_for_text_is_refused_at_construction(classifie
         SequenceClassifierReward(str(classifier_dir), pair=pair, max_length=max_length)
 
 
-def test_the_smallest_max_length_keeps_a_token_of_each_text_and_stays_within_it(classifier_dir):
+def test_the_smallest_max_length_keeps_a_token_of_each_text_and_stays_within_it(classifier_dir, minilm_tokenizer):
     reward = SequenceClassifierReward(str(classifier_dir), pair=True, max_length=5)
     enc = reward.encode(["a long source text here", "other"], ["resp one", "x y z"])
     assert enc["input_ids"].shape[1] == 5
+    # a width of 5 alone also held for a pair cut to [CLS] [SEP] x y [SEP]: the source's first token must be there
+    rows = [minilm_tokenizer.convert_ids_to_tokens(row) for row in enc["input_ids"].tolist()]
+    assert rows == [["[CLS]", "a", "[SEP]", "res", "[SEP]"], ["[CLS]", "other", "[SEP]", "x", "[SEP]"]]
 
 
 @pytest.mark.parametrize("pair_order", ["source_response", "response_source"])
