@@ -28,6 +28,7 @@ def test_validate_accepts_vector_batch_and_string():
         ([1.2, -0.2], "negative"),
         ([float("nan"), 1.0], "NaN"),
         ([0.4, 0.4], "sums to 0.8"),
+        ([0.3, 0.69], "sums to 0.99"),  # a rounding slip of 0.01 is no point on the simplex either
         ([[0.5, 0.5], [0.9, 0.3]], "[0.9, 0.3] sums to 1.2"),
         ([[[0.5, 0.5]]], "shape"),
     ],
