@@ -20,6 +20,7 @@ def test_two_process_fit_splits_data_and_syncs_metrics(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # each rank trained on its own prompts and drew its own weightings
+    assert ranks[0]["ids"] and ranks[1]["ids"]  # (disjoint sets would hold trivially if a rank recorded none)
     assert not set(ranks[0]["ids"]) & set(ranks[1]["ids"])
     assert ranks[0]["weights"] != ranks[1]["weights"]
     # DDP keeps the replicas identical
