@@ -139,9 +139,14 @@ def test_disable_dropout_makes_train_mode_deterministic(arch, overrides):
 
 
 def test_tiny_llama_is_causal_and_seeded():
-    a, b = build_tiny_model("llama", seed=3), build_tiny_model("llama", seed=3)
+    state = torch.get_rng_state()
+    a, b, other = (build_tiny_model("llama", seed=s) for s in (3, 3, 4))
     assert models.model_kind(a) == "causal"
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    pairs = list(zip(a.parameters(), b.parameters(), other.parameters(), strict=True))
+    assert pairs and all(torch.equal(p, q) for p, q, _ in pairs)
+    # the seed is what decides the weights (not a fixed one), and building leaves the global generator alone
+    assert not all(torch.equal(p, o) for p, _, o in pairs)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_synthetic_bpe_tokenizer_does_not_import_the_data_package(monkeypatch):
