@@ -25,9 +25,18 @@ def fit(output_dir, **optimizer) -> SFTModule:
 
 def test_saves_the_model_and_replaces_an_earlier_save(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    fit("~/sft/model")  # ~ is the user's home, not a folder named "~"
+    trained = fit("~/sft/model")  # ~ is the user's home, not a folder named "~"
     model = tmp_path / "sft" / "model"
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    # what was saved is the trained model, not the initial one
+    from transformers import AutoModelForSeq2SeqLM
+
+    from clp_lightning.models import build_tiny_model
+
+    saved, initial = AutoModelForSeq2SeqLM.from_pretrained(model).state_dict(), build_tiny_model("t5").state_dict()
+    assert saved.keys() == trained.policy.model.state_dict().keys()
+    assert all(torch.equal(saved[n], t) for n, t in trained.policy.model.state_dict().items())
+    assert not torch.equal(saved["shared.weight"], initial["shared.weight"])
     (model / "from_the_first_save.txt").write_text("x")
     fit(str(model))  # a model saved there before is replaced by the new one, as a whole
     assert (model / "config.json").is_file() and not (model / "from_the_first_save.txt").exists()
