@@ -6,7 +6,7 @@ import torch
 from clp_lightning.conditioning.config import ConditioningConfig, PolicyConfig
 from clp_lightning.config import GenerationSettings
 from clp_lightning.module import CLPModule
-from clp_lightning.rewards import LengthReward
+from clp_lightning.rewards import LengthReward, Reward
 
 BATCH = {"prompt": ["SUBREDDIT: r/a\n\nPOST: one post\n\nTL;DR:",
                     "SUBREDDIT: r/b\n\nPOST: another, longer post\n\nTL;DR:"],
@@ -15,10 +15,23 @@ GRID = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=4)
 
 
-def make_module(conditioning: ConditioningConfig, **kwargs) -> CLPModule:
+class WhichPrompt(Reward):
+    """``11 p`` for a response scored against prompt ``p``'s source and reference (``10 p + p``): a row scored
+    against another prompt's source, or a source and a reference of two prompts, reads as another number."""
+
+    def __init__(self) -> None:
+        super().__init__(name="which_prompt")
+        self.freeze()
+
+    def score(self, sources, responses, references):
+        return torch.tensor([10.0 * BATCH["source"].index(s) + BATCH["reference"].index(r)
+                             for s, r in zip(sources, references)])
+
+
+def make_module(conditioning: ConditioningConfig, rewards: list[Reward] | None = None, **kwargs) -> CLPModule:
     torch.manual_seed(0)
-    rewards = [LengthReward(name="brevity", unit="chars", scale=10.0),
-               LengthReward(name="words", unit="words")]
+    rewards = rewards or [LengthReward(name="brevity", unit="chars", scale=10.0),
+                          LengthReward(name="words", unit="words")]
     policy = PolicyConfig("tiny:t5", conditioning, max_prompt_length=48)
     return CLPModule(policy, rewards, samples_per_prompt=2, **kwargs).eval()
 
@@ -26,9 +39,19 @@ def make_module(conditioning: ConditioningConfig, **kwargs) -> CLPModule:
 @pytest.mark.parametrize("decoding", ["policy", "logit_mixture"])
 def test_samples_of_a_prompt_are_consecutive_rows(decoding):
     """Row ``(g * P + p) * k + s``: with greedy decoding every sample repeats the one response of (g, p)."""
-    module = make_module(ConditioningConfig(mode="mixing", options={"targets": "logits"}), decoding=decoding)
+    module = make_module(ConditioningConfig(mode="mixing", options={"targets": "logits"}),
+                         [WhichPrompt(), LengthReward(name="words", unit="words")], decoding=decoding)
+    # the initial tiny model answers every prompt at every weighting with the same text (and a log-ratio of 0),
+    # which any row order repeats: noise on its weights, a different one per logit copy, makes the rows differ
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for param in module.policy.parameters():
+            param.add_(3.0 * torch.randn(param.shape, generator=generator))
     one = module.evaluate_weightings(BATCH, GRID, GREEDY)
+    assert one["texts"][0] != one["texts"][1] and len(set(one["kl"].tolist())) == 6, one
     three = module.evaluate_weightings(BATCH, GRID, GREEDY, num_samples=3)
+    # each row scored against its own prompt's source and reference
+    assert three["rewards"][:, 0].tolist() == [11.0 * p for _ in range(3) for p in range(2) for _ in range(3)]
     assert len(three["texts"]) == 3 * 2 * 3 and three["rewards"].shape == (18, 2) and three["kl"].shape == (18,)
     assert three["texts"] == [t for t in one["texts"] for _ in range(3)]
     assert torch.equal(three["rewards"], one["rewards"].repeat_interleave(3, 0))
