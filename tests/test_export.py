@@ -67,6 +67,22 @@ def loaded_texts(policy: ConditionalPolicy, weights) -> list[str]:
     return [t for w in weights for t in policy.generate_text(PROMPTS, w, do_sample=False, max_new_tokens=6)]
 
 
+def assert_same_policy(loaded: ConditionalPolicy, module) -> None:
+    """The loaded policy holds the checkpoint's weights, each objective's copy or adapter where it was. A one-step
+    tiny run answers greedily with the same text at every weighting, so equal texts alone would pass a policy whose
+    conditioning was lost or whose objectives were swapped."""
+    state, expected = loaded.model.state_dict(), module.policy.model.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    conditioned = module.policy.mode.conditioned_state(module.policy.model)
+    per_objective = {n: t for n, t in conditioned.items() if "objective_" not in n}  # mixing: (m, ...) copies
+    assert all(not torch.equal(t[0], t[1]) for t in per_objective.values())
+    lora_b = [(t, conditioned[n.replace("objective_0", "objective_1")]) for n, t in conditioned.items()
+              if ".lora_B.objective_0." in n]
+    assert per_objective or (lora_b and all(not torch.equal(a, b) for a, b in lora_b))  # the objectives differ
+
+
 def test_export_and_load_generate_as_the_checkpoint(t5_run, tmp_path, capsys):
     config, ckpt = t5_run
     out = tmp_path / "exported"
@@ -83,6 +99,7 @@ def test_export_and_load_generate_as_the_checkpoint(t5_run, tmp_path, capsys):
     policy = ConditionalPolicy.from_pretrained(str(out))
     module = load_module([config], ckpt, [])
     assert loaded_texts(policy, W) == module_texts(module, W)
+    assert_same_policy(policy, module)
 
     card = (out / "README.md").read_text()
     front_matter = card.split("---")[1]
@@ -111,6 +128,7 @@ def test_export_of_a_causal_lora_policy_without_evaluation(gpt2_run, tmp_path, c
     policy = ConditionalPolicy.from_pretrained(str(out))
     module = load_module([config], ckpt, [])
     assert loaded_texts(policy, W) == module_texts(module, W)
+    assert_same_policy(policy, module)
     # one adapter through peft alone is the policy at that objective's vertex (prompt prefix included)
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(out)),
                                            str(out / "adapters" / "objective_0")).eval()
