@@ -175,7 +175,21 @@ def test_export_at_one_weighting_with_a_prompt_prefix_runs_in_a_pipeline(gpt2_ru
         ids = pipe(prefix + p, do_sample=False, max_new_tokens=6, return_tensors=True)[0]["generated_token_ids"]
         texts.append(pipe.tokenizer.decode(ids[len(pipe.tokenizer(prefix + p)["input_ids"]):],
                                            skip_special_tokens=True))
-    assert texts == module_texts(load_module([config], ckpt, []), [[0.25, 0.75]])
+    module = load_module([config], ckpt, [])
+    assert texts == module_texts(module, [[0.25, 0.75]])
+    # the greedy texts are the same at every weighting after one step: the log-probabilities of a response tell the
+    # weighting apart, from the policy's own adapters (not the merge the export does) against the plain model's
+    response = pipe.tokenizer(" a short reply", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for p in PROMPTS:
+            want, swapped = (module.policy(**module.policy.encode([p], torch.tensor([w])), response_ids=response,
+                                           response_mask=torch.ones_like(response), weights=torch.tensor([w])).log_probs
+                             for w in ([0.25, 0.75], [0.75, 0.25]))
+            ids = torch.cat([module.policy.encode([p], torch.tensor([[0.25, 0.75]]))["input_ids"], response], 1)
+            logits = pipe.model(ids).logits[:, -response.shape[1] - 1:-1]
+            got = torch.log_softmax(logits.float(), -1).gather(-1, response[..., None])[..., 0]
+            torch.testing.assert_close(got, want, rtol=0, atol=3e-6)  # measured 5e-7; objectives swapped: 3e-5
+            assert (swapped - want).abs().max() > 1e-4  # the other weighting is told apart at this tolerance
 
 
 def test_overwrite_replaces_a_previous_export(t5_run, tmp_path, capsys):
