@@ -237,8 +237,21 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
         # --alpha steers the KL strength within alpha_range, and every row says which one it was given
         assert [r["alpha"] for r in rows] == [0.05] * 4
         capsys.readouterr()
-        rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
-                      "--prompts", str(prompts), "--max_new_tokens", "4", "--alpha", "0.4"])
+        # the one-step policy answers alike at 0.05 and 0.4: what the policy is given is read where it takes it
+        from clp_lightning.conditioning.policy import ConditionalPolicy
+
+        given, encode = [], ConditionalPolicy.encode
+
+        def record(self, prompts, weights=None, alpha=None):
+            given.append(None if alpha is None else alpha.tolist())
+            return encode(self, prompts, weights, alpha)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ConditionalPolicy, "encode", record)
+            rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
+                          "--prompts", str(prompts), "--max_new_tokens", "4", "--alpha", "0.4"])
+        assert given and all(a == pytest.approx([0.4] * 4) for a in given if a is not None), given
+        assert any(a is not None for a in given)
         alpha = torch.full((4,), 0.4)
         ids, mask = module.policy.generate(**module.policy.encode(texts * 2, w, alpha), weights=w, alpha=alpha,
                                            do_sample=False, max_new_tokens=4)
