@@ -171,19 +171,36 @@ def alpha_run(tmp_path_factory):
     return path, tmp / "checkpoints" / "last.ckpt"
 
 
-def test_an_alpha_conditioned_export_generates_at_the_alpha_its_checkpoint_does(alpha_run, tmp_path):
+def test_an_alpha_conditioned_export_generates_at_the_alpha_its_checkpoint_does(alpha_run, tmp_path, monkeypatch):
     """Both paths give an alpha-conditioned policy the low end of its alpha_range (as grid evaluation does)."""
+    from clp_lightning.conditioning.policy import ConditionalPolicy
     from clp_lightning.export import main as export
 
+    # the one-step policy answers alike at every alpha: the alpha it is given is read where it takes it
+    given, encode = [], ConditionalPolicy.encode
+
+    def record(self, prompts, weights=None, alpha=None):
+        if alpha is not None:
+            given.append(torch.as_tensor(alpha).reshape(-1).tolist())
+        return encode(self, prompts, weights, alpha)
+
+    def alphas(generate, *args):
+        given.clear()
+        out = generate(PROMPT, *args)
+        return out, sorted({a for row in given for a in row})
+
+    monkeypatch.setattr(ConditionalPolicy, "encode", record)
     path, ckpt = alpha_run
     export(["--config", str(path), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "exported")])
     exported = from_directory(str(tmp_path / "exported"), [str(path)], MAX_NEW_TOKENS)
     assert exported.alpha == 0.05
     checkpointed, w = from_checkpoint([str(path)], str(ckpt), [], MAX_NEW_TOKENS), torch.tensor([0.7, 0.3])
-    assert exported.generate(PROMPT, w) == checkpointed.generate(PROMPT, w)
+    (out, at), (want, want_at) = alphas(exported.generate, w), alphas(checkpointed.generate, w)
+    assert out == want and at == want_at == [pytest.approx(0.05)]
     # a request may choose the KL strength within the trained range, through either path
     assert exported.alpha_range == checkpointed.alpha_range == (0.05, 0.5)
-    assert exported.generate(PROMPT, w, 0.3) == checkpointed.generate(PROMPT, w, 0.3)
+    (out, at), (want, want_at) = alphas(exported.generate, w, 0.3), alphas(checkpointed.generate, w, 0.3)
+    assert out == want and at == want_at == [pytest.approx(0.3)]
     with served(checkpointed) as address:
         assert request(address, "GET", "/api/info")[1]["alpha_range"] == [0.05, 0.5]
         status, out = request(address, "POST", "/generate", {"prompt": PROMPT, "weights": [0.7, 0.3], "alpha": 0.3})
