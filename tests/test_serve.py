@@ -101,7 +101,17 @@ def steered(run, tmp_path, weights):
 
 # ------------------------------------------------------------------------------------------------- the endpoints
 
-def test_generate_answers_as_clp_steer_does(run, backend, tmp_path):
+def test_generate_answers_as_clp_steer_does(run, backend, tmp_path, monkeypatch):
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    # the one-step policy answers alike at every weighting: the weighting it is given is read where it takes it
+    given, encode = [], ConditionalPolicy.encode
+
+    def record(self, prompts, weights=None, alpha=None):
+        given.append(None if weights is None else weights.tolist())
+        return encode(self, prompts, weights, alpha)
+
+    monkeypatch.setattr(ConditionalPolicy, "encode", record)
     with served(backend) as address:
         status, info = request(address, "GET", "/api/info")
         assert status == 200 and info["objectives"] == ["brevity", "length"]
@@ -114,6 +124,8 @@ def test_generate_answers_as_clp_steer_does(run, backend, tmp_path):
         assert front["front_mask"] == report["front_mask"] and "samples" not in front  # only what the page draws
         status, out = request(address, "POST", "/generate", {"prompt": PROMPT, "weights": [0.25, 0.75]})
     assert status == 200, out
+    weighted = [g for g in given if g is not None]  # the reference policy, if encoded, takes no weighting
+    assert weighted and all(g == [[0.25, 0.75]] for g in weighted), given
     expected = steered(run, tmp_path, [0.25, 0.75])
     assert out == {"response": expected["response"], "rewards": expected["rewards"], "weights": [0.25, 0.75]}
     assert set(out["rewards"]) == {"brevity", "length"}
