@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import TINY_CONFIG, write_config
 
 from clp_lightning.conditioning.config import PolicyConfig
@@ -53,16 +54,27 @@ def test_bad_inputs_are_refused_before_the_policy_loads(script, tmp_path, capsys
     assert exit_.value.code == 2 and message in err.splitlines()[-1], err[-2000:]
 
 
-def test_an_alpha_conditioned_policy_is_scored_at_the_evaluation_alpha(script, tmp_path, capsys):
+def test_an_alpha_conditioned_policy_is_scored_at_the_evaluation_alpha(script, tmp_path, capsys, monkeypatch):
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
     config = copy.deepcopy(TINY_CONFIG)
     config["model"]["init_args"]["policy"]["conditioning"].update(prompt=True, condition_on_alpha=True)
-    config["model"]["init_args"]["alpha_range"] = [0.05, 0.5]
+    # the low end differs from kl_coef (0.05) and from the high end: each would be another policy's answers
+    config["model"]["init_args"]["alpha_range"] = [0.1, 0.5]
     path = write_config(tmp_path / "config.yaml", config)
     out = tmp_path / "results" / "correlations.json"
     out.parent.mkdir()
+    given, encode = [], ConditionalPolicy.encode  # the alpha the policy is given, where it takes it
+
+    def record(self, prompts, weights=None, alpha=None):
+        given.extend([] if alpha is None else torch.as_tensor(alpha).reshape(-1).tolist())
+        return encode(self, prompts, weights, alpha)
+
+    monkeypatch.setattr(ConditionalPolicy, "encode", record)
     result = script.main(["--config", str(path), "--prompts", "2", "--samples", "2", "--out", str(out)])
-    assert result["alpha"] == 0.05 and result["prompts"] == 2 and "brevity vs length" in result["pairs"]
-    assert json.loads(out.read_text())["alpha"] == 0.05
+    assert given and given == pytest.approx([0.1] * len(given)), given
+    assert result["alpha"] == 0.1 and result["prompts"] == 2 and "brevity vs length" in result["pairs"]
+    assert json.loads(out.read_text())["alpha"] == 0.1
     assert [p.name for p in out.parent.iterdir()] == ["correlations.json"]  # no temporary file left behind
 
 
