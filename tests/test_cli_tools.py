@@ -190,7 +190,7 @@ STEER_SETUPS = {
     # prompt + alpha conditioning: generation must write alpha into the prefix, or the policy refuses the prompt
     "alpha": ({"policy": {"conditioning": {"prompt": True, "mode": "mixing", "options": {"targets": "logits"},
                                            "condition_on_alpha": True}},
-               "alpha_range": [0.05, 0.5]}, []),
+               "alpha_range": [0.1, 0.5]}, []),  # its low end is not kl_coef (0.05): which one is given shows
     # the evaluation-only baseline: steer must decode with the experts' mixed logits, as validate does
     "logit_mixture": ({"policy": {"conditioning": {"mode": "mixing", "options": {"targets": "attention"}}}},
                       ["--set=--model.init_args.decoding=logit_mixture"]),
@@ -219,13 +219,27 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
     ckpt = str(tmp_path / "checkpoints" / "last.ckpt")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("first post about soup\nsecond post about bikes\n")
-    rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
-                  "--prompts", str(prompts), "--max_new_tokens", "4", *overrides])
+    # the one-step policy answers alike at every alpha: the alpha it is given is read where it takes it
+    from clp_lightning.conditioning.policy import ConditionalPolicy
+
+    given, encode = [], ConditionalPolicy.encode
+
+    def record(self, prompts, weights=None, alpha=None):
+        given.append(None if alpha is None else alpha.tolist())
+        return encode(self, prompts, weights, alpha)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ConditionalPolicy, "encode", record)
+        rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
+                      "--prompts", str(prompts), "--max_new_tokens", "4", *overrides])
+    if setup == "alpha":
+        assert given and all(a == pytest.approx([0.1] * 4) for a in given if a is not None), given
+        assert any(a is not None for a in given)
 
     module = load_module([str(path)], ckpt, [o.removeprefix("--set=") for o in overrides])
     texts = ["first post about soup", "second post about bikes"]
     w = torch.tensor([[1.0, 0.0]] * 2 + [[0.3, 0.7]] * 2)
-    alpha = torch.full((4,), 0.05) if setup == "alpha" else None
+    alpha = torch.full((4,), 0.1) if setup == "alpha" else None
     enc = module.policy.encode(texts * 2, w, alpha)
     if setup == "logit_mixture":
         ids, mask = mixture_generate(module.policy, **enc, weights=w, do_sample=False, max_new_tokens=4)
@@ -235,17 +249,9 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
     assert [r["weights"] for r in rows] == w.tolist()
     if setup == "alpha":
         # --alpha steers the KL strength within alpha_range, and every row says which one it was given
-        assert [r["alpha"] for r in rows] == [0.05] * 4
+        assert [r["alpha"] for r in rows] == [0.1] * 4
         capsys.readouterr()
-        # the one-step policy answers alike at 0.05 and 0.4: what the policy is given is read where it takes it
-        from clp_lightning.conditioning.policy import ConditionalPolicy
-
-        given, encode = [], ConditionalPolicy.encode
-
-        def record(self, prompts, weights=None, alpha=None):
-            given.append(None if alpha is None else alpha.tolist())
-            return encode(self, prompts, weights, alpha)
-
+        given.clear()
         with monkeypatch.context() as patch:
             patch.setattr(ConditionalPolicy, "encode", record)
             rows = steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--weights", "0.3,0.7",
@@ -264,7 +270,7 @@ def test_steer_generates_as_the_module_does_for_every_kind_of_checkpoint(tmp_pat
 
         monkeypatch.setattr(steer_module, "load_module", lambda *a, **k: pytest.fail("loaded before refusing"))
         for bad in ("0.9", "nan"):
-            with pytest.raises(ValueError, match=rf"--alpha={bad} is outside alpha_range \[0.05, 0.5\]"):
+            with pytest.raises(ValueError, match=rf"--alpha={bad} is outside alpha_range \[0.1, 0.5\]"):
                 steer(["--config", str(path), "--ckpt_path", ckpt, "--weights", "1,0", "--prompts", str(prompts),
                        "--alpha", bad])
     else:
