@@ -52,8 +52,13 @@ def test_comparison_table_gives_kl_intervals_and_the_paired_difference():
     assert head[0] == "| run" and head[-3:] == ["KL", "HV 95% CI", "HV - a (95% CI) |"]
     assert a[-3] == "0.467" and a[-2].startswith("[") and a[-1] == "n/a |"  # no difference to itself
     difference = float(b[-1].split(" ")[0])
-    low = float(b[-1].split("[")[1].split(",")[0])
+    low, high = (float(x) for x in b[-1].split("[")[1].split("]")[0].split(","))
     assert difference > 0 and low > 0  # b is a moved up in both objectives, on the same prompts
+    assert difference == pytest.approx(float(b[1]) - float(a[1]), abs=2e-4)  # the two hypervolumes' difference
+    # paired, prompt by prompt: b's rows are a's plus 0.1, so the prompts' spread, which makes each run's own
+    # interval wide, cancels (resampled unpaired, the difference's interval is wider than either run's)
+    a_low, a_high = (float(x) for x in a[-2].strip("[]").split(","))
+    assert low <= difference <= high and high - low < 0.25 * (a_high - a_low)
     assert old[-3:] == ["n/a", "n/a", "n/a |"]  # an old report: no KL, no interval, no pairing
     assert overlay_figure([new_report(), old_report()], ["new", "old"]) is not None
 
