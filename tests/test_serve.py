@@ -176,6 +176,7 @@ def alpha_run(tmp_path_factory):
     config = copy.deepcopy(TINY_CONFIG)
     config["model"]["init_args"]["policy"]["conditioning"].update(prompt=True, condition_on_alpha=True)
     config["model"]["init_args"]["alpha_range"] = [0.05, 0.5]
+    config["model"]["init_args"]["kl_coef"] = 0.2  # not the range's low end: a default of kl_coef would show
     path = write_config(tmp / "config.yaml", config, default_root_dir=str(tmp), callbacks=[
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(tmp / "checkpoints"), "save_last": True}}])
