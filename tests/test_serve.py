@@ -131,10 +131,18 @@ def test_generate_answers_as_clp_steer_does(run, backend, tmp_path, monkeypatch)
     assert set(out["rewards"]) == {"brevity", "length"}
 
 
-def test_an_exported_policy_answers_as_its_checkpoint_does(run, backend, tmp_path):
+def test_an_exported_policy_answers_as_its_checkpoint_does(run, backend, tmp_path, monkeypatch):
     """``clp serve DIR`` on the directory ``clp export`` writes: the policy decodes itself, with the config's rewards
     when one is given, and the front is the directory's ``evaluation.json``."""
+    from clp_lightning.conditioning.policy import ConditionalPolicy
     from clp_lightning.export import main as export
+
+    # the one-step policy answers alike at every weighting: the weighting it is given is read where it takes it
+    given, encode = [], ConditionalPolicy.encode
+
+    def record(self, prompts, weights=None, alpha=None):
+        given.append(None if weights is None else weights.tolist())
+        return encode(self, prompts, weights, alpha)
 
     config, ckpt = run
     directory = tmp_path / "exported"
@@ -143,7 +151,11 @@ def test_an_exported_policy_answers_as_its_checkpoint_does(run, backend, tmp_pat
     unscored = from_directory(str(directory), [], MAX_NEW_TOKENS)
     assert scored.objectives == unscored.objectives == ["brevity", "length"]  # from the config, from the directory
     w = torch.tensor([0.25, 0.75])
-    assert scored.generate(PROMPT, w) == backend.generate(PROMPT, w)
+    monkeypatch.setattr(ConditionalPolicy, "encode", record)
+    out = scored.generate(PROMPT, w)
+    weighted = [g for g in given if g is not None]  # the reference policy, if encoded, takes no weighting
+    assert weighted and all(g == [[0.25, 0.75]] for g in weighted), given
+    assert out == backend.generate(PROMPT, w)
     assert unscored.generate(PROMPT, w) == {"response": backend.generate(PROMPT, w)["response"], "rewards": {}}
     with served(unscored) as address:
         assert request(address, "GET", "/api/front")[1]["grid"] == backend.front()["grid"]
