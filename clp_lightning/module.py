@@ -166,6 +166,9 @@ class CLPModule(GenerationAtWeightings, L.LightningModule):
         if kl_loss_estimator not in ("k2", "seq_k2"):
             raise ValueError(f"kl_loss_estimator must be 'k2' or 'seq_k2' (the gradients of a KL), got "
                              f"{kl_loss_estimator!r}")
+        if kl_loss_estimator != "k2" and not kl_in_loss:  # (the default k2 cannot be told from an explicit one)
+            raise ValueError(f"kl_loss_estimator={kl_loss_estimator!r} has no effect without kl_in_loss: true (the "
+                             "KL is then a k1 penalty on the reward)")
         self.kl_in_loss, self.kl_loss_estimator = kl_in_loss, kl_loss_estimator
         self.baseline, self.whiten_advantages = baseline, whiten_advantages
         self.generation = generation or GenerationSettings()

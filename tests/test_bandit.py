@@ -182,3 +182,10 @@ def test_only_unbiased_kl_forms_are_accepted():
     with pytest.raises(ValueError, match="kl_loss_estimator must be 'k2' or 'seq_k2'"):
         CLPModule(PolicyConfig("tiny:gpt2", logits), [HashedTextReward("r0", 0)],
                   kl_loss_estimator="k3")
+
+
+def test_a_kl_loss_estimator_without_kl_in_loss_is_refused():
+    # it would be ignored: without kl_in_loss the KL is the k1 penalty on the reward
+    logits = ConditioningConfig(mode="mixing", options={"targets": "logits"})
+    with pytest.raises(ValueError, match=r"kl_loss_estimator='seq_k2' has no effect without kl_in_loss: true"):
+        CLPModule(PolicyConfig("tiny:gpt2", logits), [HashedTextReward("r0", 0)], kl_loss_estimator="seq_k2")
