@@ -475,19 +475,26 @@ def test_fixed_report_has_the_keys_of_a_grid_evaluation_report(study, grid_evalu
     assert list(written) == list(report) and written == json.loads(json_text(returned))
 
 
-def test_a_fixed_report_cut_short_while_written_does_not_stop_the_resume(study, grid_evaluation_report,
-                                                                        monkeypatch, tmp_path):
-    """report.json marks a fixed-weighting run done: a write killed half-way must not leave half of one."""
-    monkeypatch.setattr(study, "cli", FakeCLI(grid_evaluation_report))
+def dies_half_way_writing(monkeypatch, name: str):
+    """Make ``Path.write_text`` of a file whose name holds ``name`` write half its text and raise KeyboardInterrupt (a
+    study killed while writing it); returns the real ``write_text``, to put back."""
     write_text = Path.write_text
 
     def dies_half_way(self, text, *args, **kwargs):
-        if "report.json" in self.name:
+        if name in self.name:
             write_text(self, text[: len(text) // 2], *args, **kwargs)
             raise KeyboardInterrupt
         return write_text(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", dies_half_way)
+    return write_text
+
+
+def test_a_fixed_report_cut_short_while_written_does_not_stop_the_resume(study, grid_evaluation_report,
+                                                                        monkeypatch, tmp_path):
+    """report.json marks a fixed-weighting run done: a write killed half-way must not leave half of one."""
+    monkeypatch.setattr(study, "cli", FakeCLI(grid_evaluation_report))
+    write_text = dies_half_way_writing(monkeypatch, "report.json")
     with pytest.raises(KeyboardInterrupt):
         new_study(study, tmp_path, steps=4).train("fixed", 0, 2e-4)
     monkeypatch.setattr(Path, "write_text", write_text)
@@ -504,15 +511,7 @@ def test_a_table_cut_short_while_written_leaves_the_earlier_one_whole(study, gri
     options = ["--out", str(tmp_path), "--variants", "all", "--seeds", "0", "--steps", "4", "--lr-factors", "1",
                "--bootstrap", "20"]
     table = study.main(options)
-    write_text = Path.write_text
-
-    def dies_half_way(self, text, *args, **kwargs):
-        if "table.md" in self.name:
-            write_text(self, text[: len(text) // 2], *args, **kwargs)
-            raise KeyboardInterrupt
-        return write_text(self, text, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    write_text = dies_half_way_writing(monkeypatch, "table.md")
     with pytest.raises(KeyboardInterrupt):
         study.main(options)
     monkeypatch.setattr(Path, "write_text", write_text)
